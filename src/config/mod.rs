@@ -1,0 +1,803 @@
+//! Configuration: `config/watchpost.toml` plus the probe files its `[agent].probes` globs
+//! find. Parse (serde, unknown keys rejected) → validate (cross references, files) → the
+//! typed [`Config`] the rest of the agent uses. Every problem becomes a [`Diagnostic`]
+//! pointing at `file:line:col`; loading never stops at the first bad file.
+//!
+//! Not here: anything that touches the network.
+
+pub mod duration;
+pub mod interp;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+pub use duration::Dur;
+pub use interp::{Interp, Secret};
+
+use crate::notify::NotifierConfig;
+use crate::probe::ProbeSpec;
+
+/// One configuration problem, printed as `file:line:col: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+    }
+}
+
+/// All problems found while loading; `Display` prints one per line.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<Diagnostic>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// An error found while building a typed value from a parsed file: a message and, where
+/// known, the byte span it concerns.
+#[derive(Debug, Clone)]
+pub struct SpanError {
+    pub span: Option<Range<usize>>,
+    pub message: String,
+}
+
+impl SpanError {
+    pub fn at(span: Range<usize>, message: impl Into<String>) -> Self {
+        SpanError { span: Some(span), message: message.into() }
+    }
+    pub fn new(message: impl Into<String>) -> Self {
+        SpanError { span: None, message: message.into() }
+    }
+}
+
+impl From<toml::de::Error> for SpanError {
+    fn from(e: toml::de::Error) -> Self {
+        SpanError { span: e.span(), message: e.message().trim().to_string() }
+    }
+}
+
+/// A source file kept for turning spans into line/column.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    pub fn diag(&self, span: Option<Range<usize>>, message: impl Into<String>) -> Diagnostic {
+        let (line, col) = match span {
+            Some(s) => line_col(&self.text, s.start),
+            None => (1, 1),
+        };
+        Diagnostic { file: self.path.clone(), line, col, message: message.into() }
+    }
+    pub fn err(&self, e: SpanError) -> Diagnostic {
+        self.diag(e.span, e.message)
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+// ---------------------------------------------------------------------------------------
+// File shapes
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MainFile {
+    #[serde(default)]
+    agent: AgentFile,
+    #[serde(default)]
+    defaults: Defaults,
+    #[serde(default)]
+    retention: Retention,
+    /// Components shown on status pages.
+    #[serde(default, rename = "component")]
+    components: Vec<ComponentConfig>,
+    /// Maintenance windows.
+    #[serde(default, rename = "maintenance")]
+    maintenance: Vec<crate::incident::MaintenanceConfig>,
+    /// Notifiers, read separately (their shape depends on `kind`).
+    #[serde(default, rename = "notifier")]
+    _notifiers: Option<serde::de::IgnoredAny>,
+}
+
+/// `[agent]`: the agent itself.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    /// Vantage point name shown in notifications (default: the host name).
+    location: Option<Interp>,
+    /// Data directory, relative to the config file; SQLite lives at `<data_dir>/watchpost.db`.
+    #[serde(default = "default_data_dir")]
+    data_dir: Interp,
+    /// Globs of probe files, relative to the config file.
+    #[serde(default = "default_probe_globs")]
+    probes: Vec<String>,
+    /// Address of the HTTP API, `/metrics` and dashboard; `""` turns it off.
+    #[serde(default = "default_listen")]
+    listen: Interp,
+    /// Environment variable holding the bearer token required by mutating API calls.
+    api_token_env: Option<String>,
+    /// How long in-flight runs may take to finish after SIGTERM/SIGINT.
+    #[serde(default = "default_shutdown_grace")]
+    shutdown_grace: Dur,
+    /// Most probe runs in flight at once.
+    #[serde(default = "default_max_concurrency")]
+    max_concurrency: usize,
+    /// Requests per second allowed per target host (0 = unlimited).
+    #[serde(default = "default_host_rate")]
+    host_rate_limit: u32,
+}
+
+impl Default for AgentFile {
+    fn default() -> Self {
+        AgentFile {
+            location: None,
+            data_dir: default_data_dir(),
+            probes: default_probe_globs(),
+            listen: default_listen(),
+            api_token_env: None,
+            shutdown_grace: default_shutdown_grace(),
+            max_concurrency: default_max_concurrency(),
+            host_rate_limit: default_host_rate(),
+        }
+    }
+}
+
+fn default_data_dir() -> Interp {
+    Interp::literal("data")
+}
+fn default_probe_globs() -> Vec<String> {
+    vec!["../probes/*.toml".into()]
+}
+fn default_listen() -> Interp {
+    Interp::literal("127.0.0.1:9464")
+}
+fn default_shutdown_grace() -> Dur {
+    Dur::secs(20)
+}
+fn default_max_concurrency() -> usize {
+    256
+}
+fn default_host_rate() -> u32 {
+    20
+}
+
+/// `[defaults]`: inherited by every probe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Time between runs (floor 1 s).
+    #[serde(default = "default_interval")]
+    pub interval: Dur,
+    /// Deadline of one attempt.
+    #[serde(default = "default_timeout")]
+    pub timeout: Dur,
+    /// Quick confirmation runs before a run counts as down.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Pause between confirmation runs.
+    #[serde(default = "default_retry_delay")]
+    pub retry_delay: Dur,
+    /// Up to this much random delay added to each planned start (0 = none).
+    #[serde(default = "default_jitter")]
+    pub jitter: Dur,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            interval: default_interval(),
+            timeout: default_timeout(),
+            retries: default_retries(),
+            retry_delay: default_retry_delay(),
+            jitter: default_jitter(),
+        }
+    }
+}
+
+fn default_interval() -> Dur {
+    Dur::secs(60)
+}
+fn default_timeout() -> Dur {
+    Dur::secs(5)
+}
+fn default_retries() -> u32 {
+    1
+}
+fn default_retry_delay() -> Dur {
+    Dur::secs(2)
+}
+fn default_jitter() -> Dur {
+    Dur::millis(500)
+}
+
+/// `[retention]`: how long stored data lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Individual runs.
+    #[serde(default = "default_ret_runs")]
+    pub runs: Dur,
+    /// Per-minute histograms; older ones are merged into hourly ones.
+    #[serde(default = "default_ret_minute")]
+    pub minute_histograms: Dur,
+    /// Hourly histograms.
+    #[serde(default = "default_ret_hourly")]
+    pub hourly_histograms: Dur,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            runs: default_ret_runs(),
+            minute_histograms: default_ret_minute(),
+            hourly_histograms: default_ret_hourly(),
+        }
+    }
+}
+
+fn default_ret_runs() -> Dur {
+    Dur::secs(7 * 86400)
+}
+fn default_ret_minute() -> Dur {
+    Dur::secs(48 * 3600)
+}
+fn default_ret_hourly() -> Dur {
+    Dur::secs(400 * 86400)
+}
+
+/// Latency budget of one phase.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Median over the budget window.
+    pub p50: Option<Dur>,
+    /// 95th percentile over the budget window.
+    pub p95: Option<Dur>,
+    /// 99th percentile over the budget window.
+    pub p99: Option<Dur>,
+    /// A single run over this is degraded.
+    pub run: Option<Dur>,
+}
+
+/// `[[component]]`: what a status page shows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentConfig {
+    /// Name shown on status pages and in notifications.
+    pub name: Spanned<String>,
+    /// Member series: probe names or `probe/sub-check`.
+    pub probes: Vec<Spanned<String>>,
+    /// Consecutive bad runs of a member before the component leaves operational.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// Consecutive good runs needed (with `recovery`) to resolve.
+    #[serde(default = "default_success_threshold")]
+    pub success_threshold: u32,
+    /// Time clear since the last bad run needed to resolve.
+    #[serde(default = "default_recovery")]
+    pub recovery: Dur,
+    /// Window over which latency budgets (p50/p95/p99) are judged.
+    #[serde(default = "default_budget_window")]
+    pub budget_window: Dur,
+    /// Fewest samples in the window before a budget can be judged.
+    #[serde(default = "default_budget_min_samples")]
+    pub budget_min_samples: u64,
+    /// Beyond this many incidents in an hour, stay in one incident marked flapping.
+    #[serde(default = "default_max_incidents_per_hour")]
+    pub max_incidents_per_hour: u32,
+    /// Notifier names.
+    #[serde(default)]
+    pub notify: Vec<Spanned<String>>,
+}
+
+fn default_failure_threshold() -> u32 {
+    2
+}
+fn default_success_threshold() -> u32 {
+    2
+}
+fn default_recovery() -> Dur {
+    Dur::secs(180)
+}
+fn default_budget_window() -> Dur {
+    Dur::secs(600)
+}
+fn default_budget_min_samples() -> u64 {
+    5
+}
+fn default_max_incidents_per_hour() -> u32 {
+    4
+}
+
+/// Keys every probe file may carry, whatever its kind.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeCommonFile {
+    /// Unique probe name (also its series name).
+    name: Spanned<String>,
+    /// Probe kind: http, websocket or listen.
+    kind: Spanned<String>,
+    /// Disabled probes are validated but never run.
+    #[serde(default = "yes")]
+    enabled: bool,
+    /// Free text shown in reports.
+    #[serde(default)]
+    description: String,
+    interval: Option<Spanned<Dur>>,
+    timeout: Option<Dur>,
+    retries: Option<u32>,
+    retry_delay: Option<Dur>,
+    jitter: Option<Dur>,
+    /// Per-phase latency budgets.
+    #[serde(default)]
+    budget: BTreeMap<String, Budget>,
+}
+
+const PROBE_COMMON_KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "enabled",
+    "description",
+    "interval",
+    "timeout",
+    "retries",
+    "retry_delay",
+    "jitter",
+    "budget",
+];
+
+fn yes() -> bool {
+    true
+}
+
+// ---------------------------------------------------------------------------------------
+// Validated config
+// ---------------------------------------------------------------------------------------
+
+/// The agent section after validation.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub location: String,
+    pub data_dir: PathBuf,
+    pub listen: Option<String>,
+    pub api_token: Option<Secret>,
+    pub shutdown_grace: Duration,
+    pub max_concurrency: usize,
+    pub host_rate_limit: u32,
+}
+
+/// One probe, validated.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub name: String,
+    pub file: PathBuf,
+    pub dir: PathBuf,
+    pub enabled: bool,
+    pub description: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub retry_delay: Duration,
+    pub jitter: Duration,
+    pub budget: BTreeMap<String, Budget>,
+    pub spec: ProbeSpec,
+}
+
+impl ProbeConfig {
+    pub fn kind(&self) -> &'static str {
+        self.spec.kind()
+    }
+}
+
+/// A named notifier.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    pub name: String,
+    pub config: NotifierConfig,
+}
+
+/// Everything the agent needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub dir: PathBuf,
+    pub agent: Agent,
+    pub defaults: Defaults,
+    pub retention: Retention,
+    pub probes: Vec<ProbeConfig>,
+    pub components: Vec<ComponentConfig>,
+    pub maintenance: Vec<crate::incident::MaintenanceConfig>,
+    pub notifiers: Vec<Notifier>,
+}
+
+impl Config {
+    pub fn probe(&self, name: &str) -> Option<&ProbeConfig> {
+        self.probes.iter().find(|p| p.name == name)
+    }
+    pub fn db_path(&self) -> PathBuf {
+        self.agent.data_dir.join("watchpost.db")
+    }
+}
+
+/// Load and validate the whole configuration; no network is touched.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let mut diags = Vec::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(ConfigErrors(vec![Diagnostic {
+                file: path.to_path_buf(),
+                line: 1,
+                col: 1,
+                message: format!("cannot read config file: {e}"),
+            }]))
+        }
+    };
+    let src = Source { path: path.to_path_buf(), text };
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+
+    let (main, notifiers) = match parse_main(&src) {
+        Ok(v) => v,
+        Err(mut d) => {
+            diags.append(&mut d);
+            (MainFile::default(), Vec::new())
+        }
+    };
+
+    let agent = build_agent(&main.agent, &dir, &src, &mut diags);
+
+    // Probe files.
+    let mut probes: Vec<ProbeConfig> = Vec::new();
+    let mut seen: HashMap<String, (PathBuf, usize, usize)> = HashMap::new();
+    for pattern in &main.agent.probes {
+        let full = dir.join(pattern);
+        let full_s = full.to_string_lossy().to_string();
+        let paths = match glob::glob(&full_s) {
+            Ok(p) => p,
+            Err(e) => {
+                diags.push(src.diag(find_span(&src.text, pattern), format!("invalid probe glob {pattern:?}: {e}")));
+                continue;
+            }
+        };
+        let mut matched = false;
+        for entry in paths {
+            matched = true;
+            let p = match entry {
+                Ok(p) => p,
+                Err(e) => {
+                    diags.push(src.diag(find_span(&src.text, pattern), format!("cannot read {}: {}", e.path().display(), e.error())));
+                    continue;
+                }
+            };
+            match load_probe(&p, &main.defaults) {
+                Ok((probe, pos)) => {
+                    if let Some((f, l, c)) = seen.get(&probe.name) {
+                        diags.push(Diagnostic {
+                            file: p.clone(),
+                            line: pos.0,
+                            col: pos.1,
+                            message: format!(
+                                "duplicate probe name {:?} (first defined at {}:{}:{})",
+                                probe.name,
+                                f.display(),
+                                l,
+                                c
+                            ),
+                        });
+                    } else {
+                        seen.insert(probe.name.clone(), (p.clone(), pos.0, pos.1));
+                        probes.push(probe);
+                    }
+                }
+                Err(mut d) => diags.append(&mut d),
+            }
+        }
+        if !matched && !pattern.contains('*') && !pattern.contains('?') {
+            diags.push(src.diag(find_span(&src.text, pattern), format!("probe file {} does not exist", full.display())));
+        }
+    }
+    probes.sort_by(|a, b| a.name.cmp(&b.name));
+
+    // Components: members and notifiers must exist.
+    let notifier_names: Vec<&str> = notifiers.iter().map(|n| n.name.as_str()).collect();
+    let mut comp_names = HashMap::new();
+    for c in &main.components {
+        if comp_names.insert(c.name.get_ref().clone(), ()).is_some() {
+            diags.push(src.diag(Some(c.name.span()), format!("duplicate component name {:?}", c.name.get_ref())));
+        }
+        if c.probes.is_empty() {
+            diags.push(src.diag(Some(c.name.span()), "component has no probes"));
+        }
+        for m in &c.probes {
+            let probe_name = m.get_ref().split('/').next().unwrap_or_default();
+            if !probes.iter().any(|p| p.name == probe_name) && !seen.contains_key(probe_name) {
+                diags.push(src.diag(Some(m.span()), format!("unknown probe {probe_name:?} in component {:?}", c.name.get_ref())));
+            }
+        }
+        for n in &c.notify {
+            if !notifier_names.contains(&n.get_ref().as_str()) {
+                diags.push(src.diag(
+                    Some(n.span()),
+                    format!("unknown notifier {:?} (defined: {})", n.get_ref(), list_or_none(&notifier_names)),
+                ));
+            }
+        }
+        if c.failure_threshold == 0 || c.success_threshold == 0 {
+            diags.push(src.diag(Some(c.name.span()), "failure_threshold and success_threshold must be at least 1"));
+        }
+    }
+    for m in &main.maintenance {
+        if let Err(e) = m.validate(&main.components) {
+            diags.push(src.err(e));
+        }
+    }
+
+    if !diags.is_empty() {
+        diags.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+        diags.dedup();
+        return Err(ConfigErrors(diags));
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        dir,
+        agent,
+        defaults: main.defaults,
+        retention: main.retention,
+        probes,
+        components: main.components,
+        maintenance: main.maintenance,
+        notifiers,
+    })
+}
+
+fn list_or_none(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn find_span(text: &str, needle: &str) -> Option<Range<usize>> {
+    text.find(&format!("\"{needle}\"")).map(|i| i..i + needle.len() + 2)
+}
+
+fn parse_main(src: &Source) -> Result<(MainFile, Vec<Notifier>), Vec<Diagnostic>> {
+    let main: MainFile = toml::from_str(&src.text).map_err(|e| vec![src.err(e.into())])?;
+    let doc = DeTable::parse(&src.text).map_err(|e| vec![src.err(e.into())])?;
+    let mut diags = Vec::new();
+    let mut notifiers = Vec::new();
+    if let Some(v) = doc.get_ref().get("notifier") {
+        if let DeValue::Table(t) = v.get_ref() {
+            for (name, body) in t.iter() {
+                let name = name.get_ref().to_string();
+                let DeValue::Table(body_t) = body.get_ref() else {
+                    diags.push(src.diag(Some(body.span()), format!("notifier.{name} must be a table")));
+                    continue;
+                };
+                let (kind, rest) = match take_kind(body_t, body.span()) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        diags.push(src.err(e));
+                        continue;
+                    }
+                };
+                match NotifierConfig::from_kind(kind.get_ref(), kind.span(), rest) {
+                    Ok(config) => notifiers.push(Notifier { name, config }),
+                    Err(e) => diags.push(src.err(e)),
+                }
+            }
+        }
+    }
+    if diags.is_empty() {
+        Ok((main, notifiers))
+    } else {
+        Err(diags)
+    }
+}
+
+/// Split `kind` out of a table: returns it and a deserializer over the remaining keys.
+fn take_kind<'a>(
+    table: &DeTable<'a>,
+    span: Range<usize>,
+) -> Result<(Spanned<String>, Rest<'a>), SpanError> {
+    let Some(kind) = table.get("kind") else {
+        return Err(SpanError::at(span, "missing field `kind`"));
+    };
+    let DeValue::String(k) = kind.get_ref() else {
+        return Err(SpanError::at(kind.span(), "`kind` must be a string"));
+    };
+    let kind = Spanned::new(kind.span(), k.to_string());
+    let mut rest = table.clone();
+    rest.remove("kind");
+    Ok((kind, Rest { table: rest, span }))
+}
+
+/// The keys of a table left after the generic ones were taken; deserialize the kind-specific
+/// struct from it (unknown keys are still reported with their position).
+pub struct Rest<'a> {
+    table: DeTable<'a>,
+    span: Range<usize>,
+}
+
+impl<'a> Rest<'a> {
+    pub fn parse<T: DeserializeOwned>(self) -> Result<T, SpanError> {
+        let de = toml::de::Deserializer::from(Spanned::new(self.span, self.table));
+        T::deserialize(de).map_err(SpanError::from)
+    }
+    pub fn span(&self) -> Range<usize> {
+        self.span.clone()
+    }
+}
+
+fn build_agent(a: &AgentFile, dir: &Path, src: &Source, diags: &mut Vec<Diagnostic>) -> Agent {
+    let location = a
+        .location
+        .as_ref()
+        .map(|l| l.to_string())
+        .unwrap_or_else(hostname);
+    let api_token = a.api_token_env.as_ref().and_then(|var| match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(Secret::new(var.clone(), v)),
+        _ => None,
+    });
+    if a.max_concurrency == 0 {
+        diags.push(src.diag(find_span(&src.text, "max_concurrency"), "max_concurrency must be at least 1"));
+    }
+    let listen = (!a.listen.is_empty()).then(|| a.listen.to_string());
+    if let Some(l) = &listen {
+        if l.parse::<std::net::SocketAddr>().is_err() {
+            diags.push(src.diag(
+                find_span(&src.text, l),
+                format!("listen = {l:?} is not an address like \"127.0.0.1:9464\""),
+            ));
+        }
+    }
+    Agent {
+        location,
+        data_dir: dir.join(a.data_dir.as_str()),
+        listen,
+        api_token,
+        shutdown_grace: a.shutdown_grace.0,
+        max_concurrency: a.max_concurrency.max(1),
+        host_rate_limit: a.host_rate_limit,
+    }
+}
+
+/// The machine's host name, for the default location.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Load one probe file; returns the probe and the position of its `name`.
+fn load_probe(path: &Path, defaults: &Defaults) -> Result<(ProbeConfig, (usize, usize)), Vec<Diagnostic>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 1,
+            col: 1,
+            message: format!("cannot read probe file: {e}"),
+        }]
+    })?;
+    let src = Source { path: path.to_path_buf(), text };
+    let doc = DeTable::parse(&src.text).map_err(|e| vec![src.err(e.into())])?;
+    let span = doc.span();
+    let doc = doc.into_inner();
+    let mut common_t = DeTable::new();
+    let mut rest_t = DeTable::new();
+    for (k, v) in doc.iter() {
+        if PROBE_COMMON_KEYS.contains(&k.get_ref().as_ref()) {
+            common_t.insert(k.clone(), v.clone());
+        } else {
+            rest_t.insert(k.clone(), v.clone());
+        }
+    }
+    let common: ProbeCommonFile = Rest { table: common_t, span: span.clone() }
+        .parse()
+        .map_err(|e| vec![src.err(e)])?;
+    let name = common.name.get_ref().clone();
+    let name_pos = line_col(&src.text, common.name.span().start);
+    let mut diags = Vec::new();
+    if name.is_empty()
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        diags.push(src.diag(
+            Some(common.name.span()),
+            format!("invalid probe name {name:?} (use letters, digits, '-', '_' and '.')"),
+        ));
+    }
+    let interval = common.interval.as_ref().map(|i| *i.get_ref()).unwrap_or(defaults.interval).0;
+    if interval < Duration::from_secs(1) {
+        let span = common.interval.as_ref().map(|i| i.span());
+        diags.push(src.diag(span, format!("interval {} is below the 1s floor", duration::human(interval))));
+    }
+    for phase in common.budget.keys() {
+        if phase.is_empty() {
+            diags.push(src.diag(find_span(&src.text, "budget"), "empty budget phase name"));
+        }
+    }
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let rest = Rest { table: rest_t, span };
+    let spec = match ProbeSpec::from_kind(common.kind.get_ref(), common.kind.span(), rest, &dir) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            diags.push(src.err(e));
+            None
+        }
+    };
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    let Some(spec) = spec else { return Err(diags) };
+    let timeout = common.timeout.unwrap_or(defaults.timeout).0;
+    Ok((
+        ProbeConfig {
+            name,
+            file: path.to_path_buf(),
+            dir,
+            enabled: common.enabled,
+            description: common.description,
+            interval,
+            timeout: spec.default_timeout().filter(|_| common.timeout.is_none()).unwrap_or(timeout),
+            retries: common.retries.unwrap_or(defaults.retries),
+            retry_delay: common.retry_delay.unwrap_or(defaults.retry_delay).0,
+            jitter: common.jitter.unwrap_or(defaults.jitter).0,
+            budget: common.budget,
+            spec,
+        },
+        name_pos,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_chars() {
+        let t = "a = 1\nbé = \"x\"\n";
+        assert_eq!(line_col(t, 0), (1, 1));
+        assert_eq!(line_col(t, 6), (2, 1));
+        assert_eq!(line_col(t, t.find('=').unwrap()), (1, 3));
+        let second_eq = t.rfind('=').unwrap();
+        assert_eq!(line_col(t, second_eq), (2, 4));
+    }
+}

@@ -1,0 +1,616 @@
+//! `kind = "http"`: one request, judged like a user and like an instrument.
+//!
+//! Phases: `ttfb` (request sent → response headers) and `total` (→ body read). The body is
+//! read under a size cap; JSON bodies follow the health contract (top-level `status`)
+//! unless `read_status = false`; `subchecks` turns a `{name: {status, latency_ms}}` object
+//! into series of their own. Each connection is fresh (no pooling), so every run pays and
+//! measures DNS, TCP and TLS the way a new user would.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::assert::{any_status, excerpt, json_path, JsonAssert, Re, StatusPattern};
+use super::{Attempt, Outcome, SubCheck};
+use crate::config::{duration::human, Interp, ProbeConfig, Rest, SpanError};
+
+/// The `User-Agent` every request carries.
+pub const USER_AGENT: &str = concat!("watchpost/", env!("CARGO_PKG_VERSION"));
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpFile {
+    /// http:// or https:// URL.
+    url: toml::Spanned<Interp>,
+    /// Request method.
+    #[serde(default = "default_method")]
+    method: toml::Spanned<String>,
+    /// Extra request headers (values may use `${ENV}`).
+    #[serde(default)]
+    headers: BTreeMap<String, Interp>,
+    /// Request body.
+    body: Option<Interp>,
+    /// Redirects followed before giving up (0 = none).
+    #[serde(default = "default_max_redirects")]
+    max_redirects: usize,
+    /// PEM file of extra CA certificates to trust, relative to the probe file.
+    ca_file: Option<toml::Spanned<String>>,
+    /// Largest body read, in bytes; larger is `body_too_large`.
+    #[serde(default = "default_max_body")]
+    max_body_bytes: u64,
+    /// Let a top-level JSON `status` decide the outcome (health contract).
+    #[serde(default = "yes")]
+    read_status: bool,
+    /// Dotted path of a `{name: {status, latency_ms | error}}` object to record as sub-checks.
+    subchecks: Option<String>,
+    /// What a good response looks like.
+    #[serde(default)]
+    expect: Expect,
+    /// What makes an otherwise good response degraded.
+    #[serde(default)]
+    degraded_when: DegradedWhen,
+}
+
+fn default_method() -> toml::Spanned<String> {
+    toml::Spanned::new(0..0, "GET".into())
+}
+fn default_max_redirects() -> usize {
+    5
+}
+fn default_max_body() -> u64 {
+    1024 * 1024
+}
+fn yes() -> bool {
+    true
+}
+fn default_status() -> Vec<StatusPattern> {
+    vec![StatusPattern::Class(2)]
+}
+
+/// `[expect]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Accepted status codes or classes (default `["2xx"]`).
+    #[serde(default = "default_status")]
+    pub status: Vec<StatusPattern>,
+    /// The body must contain this text.
+    pub body_contains: Option<String>,
+    /// The body must match this regex.
+    pub body_matches: Option<Re>,
+    /// JSON assertions.
+    #[serde(default)]
+    pub json: Vec<JsonAssert>,
+    /// The TLS certificate must be valid for at least this many more days.
+    pub cert_min_days: Option<i64>,
+}
+
+impl Default for Expect {
+    fn default() -> Self {
+        Expect { status: default_status(), body_contains: None, body_matches: None, json: vec![], cert_min_days: None }
+    }
+}
+
+/// `[degraded_when]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DegradedWhen {
+    /// Status codes or classes that mean degraded (207 always does).
+    #[serde(default)]
+    pub status: Vec<StatusPattern>,
+    /// The body contains this text.
+    pub body_contains: Option<String>,
+    /// Any of these JSON assertions holds.
+    #[serde(default)]
+    pub json: Vec<JsonAssert>,
+}
+
+/// A validated HTTP probe.
+#[derive(Debug, Clone)]
+pub struct HttpSpec {
+    pub url: String,
+    pub method: reqwest::Method,
+    pub headers: Vec<(String, Interp)>,
+    pub body: Option<Interp>,
+    pub max_redirects: usize,
+    pub ca_pem: Option<Arc<Vec<u8>>>,
+    pub max_body_bytes: u64,
+    pub read_status: bool,
+    pub subchecks: Option<String>,
+    pub expect: Expect,
+    pub degraded_when: DegradedWhen,
+}
+
+impl HttpSpec {
+    pub fn from_config(rest: Rest<'_>, dir: &Path) -> Result<Self, SpanError> {
+        let f: HttpFile = rest.parse()?;
+        let url_span = f.url.span();
+        let url = f.url.into_inner();
+        match url::Url::parse(&url) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            Ok(u) => {
+                return Err(SpanError::at(url_span, format!("url scheme {:?} is not http or https", u.scheme())))
+            }
+            Err(e) => return Err(SpanError::at(url_span, format!("invalid url {:?}: {e}", url.template()))),
+        }
+        let method = reqwest::Method::from_bytes(f.method.get_ref().to_ascii_uppercase().as_bytes())
+            .map_err(|_| SpanError::at(f.method.span(), format!("invalid method {:?}", f.method.get_ref())))?;
+        for (k, v) in &f.headers {
+            if HeaderName::from_bytes(k.as_bytes()).is_err() {
+                return Err(SpanError::new(format!("invalid header name {k:?}")));
+            }
+            if HeaderValue::from_str(v).is_err() {
+                return Err(SpanError::new(format!("invalid value for header {k:?}")));
+            }
+        }
+        let ca_pem = match &f.ca_file {
+            None => None,
+            Some(p) => {
+                let path = dir.join(p.get_ref());
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| SpanError::at(p.span(), format!("cannot read ca_file {}: {e}", path.display())))?;
+                if reqwest::Certificate::from_pem_bundle(&bytes).map(|v| v.is_empty()).unwrap_or(true) {
+                    return Err(SpanError::at(p.span(), format!("ca_file {} holds no PEM certificate", path.display())));
+                }
+                Some(Arc::new(bytes))
+            }
+        };
+        Ok(HttpSpec {
+            url: url.to_string(),
+            method,
+            headers: f.headers.into_iter().collect(),
+            body: f.body,
+            max_redirects: f.max_redirects,
+            ca_pem,
+            max_body_bytes: f.max_body_bytes,
+            read_status: f.read_status,
+            subchecks: f.subchecks,
+            expect: f.expect,
+            degraded_when: f.degraded_when,
+        })
+    }
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// An HTTP probe with its client built.
+pub struct HttpProbe {
+    name: String,
+    spec: HttpSpec,
+    client: reqwest::Client,
+    timeout: Duration,
+}
+
+impl HttpProbe {
+    pub fn new(cfg: &ProbeConfig, spec: &HttpSpec) -> anyhow::Result<Self> {
+        let mut headers = HeaderMap::new();
+        headers.insert(reqwest::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        for (k, v) in &spec.headers {
+            headers.insert(HeaderName::from_bytes(k.as_bytes())?, HeaderValue::from_str(v)?);
+        }
+        let redirect = if spec.max_redirects == 0 {
+            reqwest::redirect::Policy::none()
+        } else {
+            reqwest::redirect::Policy::limited(spec.max_redirects)
+        };
+        let mut b = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .default_headers(headers)
+            .redirect(redirect)
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout)
+            .pool_max_idle_per_host(0)
+            .tls_info(true);
+        if let Some(pem) = &spec.ca_pem {
+            for c in reqwest::Certificate::from_pem_bundle(pem)? {
+                b = b.add_root_certificate(c);
+            }
+        }
+        Ok(HttpProbe { name: cfg.name.clone(), spec: spec.clone(), client: b.build()?, timeout: cfg.timeout })
+    }
+
+    pub async fn run(&self) -> Attempt {
+        let mut a = Attempt::new();
+        let s = &self.spec;
+        let mut req = self.client.request(s.method.clone(), &s.url);
+        if let Some(body) = &s.body {
+            req = req.body(body.to_string());
+        }
+        let t0 = Instant::now();
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let (class, msg) = classify(&e, self.timeout, "request");
+                a.down(class, msg);
+                return a;
+            }
+        };
+        a.phase("ttfb", t0.elapsed());
+        let status = resp.status();
+        let code = status.as_u16();
+        a.detail("status", code);
+        if resp.url().as_str() != s.url {
+            a.detail("final_url", resp.url().as_str());
+        }
+        let cert_days = resp
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|t| t.peer_certificate())
+            .and_then(cert_days_left);
+        if let Some(days) = cert_days {
+            a.detail("cert_days_left", days);
+        }
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+
+        // Body, under the cap.
+        let body = match read_capped(resp, s.max_body_bytes, self.timeout).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge(n)) => {
+                a.phase("total", t0.elapsed());
+                a.down(
+                    "body_too_large",
+                    format!("response body exceeds the {} byte cap (read {n} bytes, stopped)", s.max_body_bytes),
+                );
+                return a;
+            }
+            Err(BodyError::Read(e)) => {
+                let (class, msg) = classify(&e, self.timeout, "body");
+                a.down(class, format!("HTTP {code}, then {msg}"));
+                return a;
+            }
+        };
+        a.phase("total", t0.elapsed());
+        a.detail("bytes", body.len() as u64);
+        let text = String::from_utf8_lossy(&body);
+
+        // JSON, when the server says so or it looks like it.
+        let looks_json = content_type.contains("json") || matches!(text.trim_start().chars().next(), Some('{' | '['));
+        let needs_json = !s.expect.json.is_empty() || !s.degraded_when.json.is_empty() || s.subchecks.is_some();
+        let json: Option<Value> = if looks_json || needs_json {
+            match serde_json::from_str::<Value>(&text) {
+                Ok(v) => Some(v),
+                Err(e) if content_type.contains("json") || needs_json => {
+                    let why = if text.trim().is_empty() { "an empty body".to_string() } else { format!("{e}") };
+                    a.down(
+                        "invalid_json",
+                        format!("HTTP {code} body is not valid JSON ({why}): {}", excerpt(&text, 120)),
+                    );
+                    return a;
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        let body_status = json.as_ref().and_then(|j| j.get("status")).and_then(Value::as_str).map(str::to_string);
+        let body_error = json.as_ref().and_then(body_error_text);
+
+        if let (Some(path), Some(j)) = (&s.subchecks, &json) {
+            a.subchecks = read_subchecks(&self.name, path, j);
+        }
+
+        // Status code.
+        if !any_status(&s.expect.status, code) && !any_status(&s.degraded_when.status, code) {
+            let mut msg = format!("HTTP {status}");
+            if let Some(st) = &body_status {
+                msg.push_str(&format!(", body status {st:?}"));
+            }
+            match &body_error {
+                Some(err) => msg.push_str(&format!(": {err}")),
+                None if json.is_none() && !text.trim().is_empty() => msg.push_str(&format!(": {}", excerpt(&text, 120))),
+                None => {}
+            }
+            a.down("http_status", msg);
+            return a;
+        }
+
+        // Body assertions.
+        if let Some(needle) = &s.expect.body_contains {
+            if !text.contains(needle.as_str()) {
+                a.down("assertion", format!("body does not contain {needle:?}"));
+                return a;
+            }
+        }
+        if let Some(re) = &s.expect.body_matches {
+            if !re.0.is_match(&text) {
+                a.down("assertion", format!("body does not match /{}/", re.0.as_str()));
+                return a;
+            }
+        }
+        if let Some(j) = &json {
+            for check in &s.expect.json {
+                if let Err(msg) = check.check(j) {
+                    a.down("assertion", msg);
+                    return a;
+                }
+            }
+        } else if !s.expect.json.is_empty() {
+            a.down("invalid_json", "body is not JSON, so the JSON assertions cannot hold");
+            return a;
+        }
+        if let Some(min) = s.expect.cert_min_days {
+            match cert_days {
+                Some(d) if d < min => {
+                    a.down("cert_expiry", format!("TLS certificate expires in {d} days (minimum {min})"));
+                    return a;
+                }
+                None if s.url.starts_with("https") => {
+                    a.down("cert_expiry", "could not read the TLS certificate's expiry date");
+                    return a;
+                }
+                _ => {}
+            }
+        }
+
+        // Health contract: the body's own word.
+        if s.read_status {
+            if let Some(st) = &body_status {
+                match Outcome::from_health_word(st) {
+                    Outcome::Down => {
+                        let mut msg = format!("service reports status {st:?}");
+                        if let Some(err) = &body_error {
+                            msg.push_str(&format!(": {err}"));
+                        }
+                        a.down("unhealthy", msg);
+                        return a;
+                    }
+                    Outcome::Degraded => {
+                        let mut msg = format!("service reports status {st:?}");
+                        if let Some(bad) = a.subchecks.iter().find(|c| c.outcome != Outcome::Up) {
+                            msg.push_str(&format!(" ({} is {})", bad.series, bad.outcome.as_str()));
+                        }
+                        a.degrade("degraded", msg);
+                    }
+                    Outcome::Up => {}
+                }
+            }
+        }
+        if code == 207 || any_status(&s.degraded_when.status, code) {
+            a.degrade("degraded", format!("HTTP {status} means degraded"));
+        }
+        if let Some(needle) = &s.degraded_when.body_contains {
+            if text.contains(needle.as_str()) {
+                a.degrade("degraded", format!("body contains {needle:?}"));
+            }
+        }
+        if let Some(j) = &json {
+            for check in &s.degraded_when.json {
+                if check.check(j).is_ok() {
+                    let v = json_path(j, &check.path).map(|v| v.to_string()).unwrap_or_default();
+                    a.degrade("degraded", format!("{} is {v}", check.path));
+                }
+            }
+        }
+        a
+    }
+}
+
+/// The human part of an error body: `error`, `message`, `err_msg` or `error.message`.
+fn body_error_text(j: &Value) -> Option<String> {
+    for key in ["error", "message", "err_msg", "detail", "reason"] {
+        match j.get(key) {
+            Some(Value::String(s)) => return Some(excerpt(s, 200)),
+            Some(Value::Object(o)) => {
+                if let Some(Value::String(s)) = o.get("message") {
+                    return Some(excerpt(s, 200));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Read `{name: {status, latency_ms | error}}` or `{name: "ok"}` into sub-checks.
+fn read_subchecks(probe: &str, path: &str, j: &Value) -> Vec<SubCheck> {
+    let Some(Value::Object(m)) = json_path(j, path) else { return Vec::new() };
+    m.iter()
+        .map(|(name, v)| {
+            let series = format!("{probe}/{path}.{name}");
+            let (status, latency, err) = match v {
+                Value::String(s) => (s.clone(), None, None),
+                Value::Bool(b) => ((if *b { "ok" } else { "fail" }).to_string(), None, None),
+                Value::Object(o) => (
+                    o.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string(),
+                    o.get("latency_ms").and_then(Value::as_f64),
+                    o.get("error").or_else(|| o.get("message")).and_then(Value::as_str).map(|s| excerpt(s, 200)),
+                ),
+                _ => ("unknown".to_string(), None, None),
+            };
+            let outcome = Outcome::from_health_word(&status);
+            let error = (outcome != Outcome::Up).then(|| super::ErrorInfo {
+                class: if outcome == Outcome::Down { "unhealthy".into() } else { "degraded".into() },
+                message: match err {
+                    Some(e) => format!("{name} reports {status:?}: {e}"),
+                    None => format!("{name} reports {status:?}"),
+                },
+            });
+            SubCheck {
+                series,
+                outcome,
+                latency: latency.filter(|l| l.is_finite() && *l >= 0.0).map(|l| Duration::from_secs_f64(l / 1000.0)),
+                error,
+            }
+        })
+        .collect()
+}
+
+enum BodyError {
+    TooLarge(u64),
+    Read(reqwest::Error),
+}
+
+async fn read_capped(mut resp: reqwest::Response, cap: u64, _timeout: Duration) -> Result<Vec<u8>, BodyError> {
+    if let Some(len) = resp.content_length() {
+        if len > cap {
+            return Err(BodyError::TooLarge(0));
+        }
+    }
+    let mut buf = Vec::new();
+    // The client's overall timeout also bounds this loop: a trickling body times out.
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Read)? {
+        if buf.len() as u64 + chunk.len() as u64 > cap {
+            return Err(BodyError::TooLarge(buf.len() as u64 + chunk.len() as u64));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+/// Map a transport error to a stable class and a sentence.
+fn classify(e: &reqwest::Error, timeout: Duration, stage: &str) -> (&'static str, String) {
+    let chain = error_chain(e);
+    let lower = chain.to_ascii_lowercase();
+    let io_kind = io_error_kind(e);
+    if e.is_timeout() {
+        let what = if stage == "body" { "body not complete" } else { "no response" };
+        return ("timeout", format!("{what} within the {} timeout", human(timeout)));
+    }
+    if e.is_redirect() {
+        return ("too_many_redirects", format!("redirect loop or too many redirects: {chain}"));
+    }
+    use std::io::ErrorKind as K;
+    let class = match io_kind {
+        Some(K::ConnectionRefused) => "connect_refused",
+        Some(K::ConnectionReset) | Some(K::ConnectionAborted) | Some(K::BrokenPipe) => "connection_reset",
+        Some(K::UnexpectedEof) => "connection_closed",
+        _ if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") => "tls",
+        _ if lower.contains("dns error") || lower.contains("failed to lookup") => "dns",
+        _ if lower.contains("connection closed") || lower.contains("incomplete") || lower.contains("unexpected eof") => "connection_closed",
+        _ if lower.contains("reset") => "connection_reset",
+        _ if e.is_connect() => "connect_failed",
+        _ if e.is_body() || e.is_decode() => "body_read",
+        _ => "http_error",
+    };
+    let sentence = match class {
+        "connect_refused" => format!("connection refused ({chain})"),
+        "connection_reset" => format!("connection reset by the server during the {stage} ({chain})"),
+        "connection_closed" => format!("server closed the connection during the {stage} ({chain})"),
+        "tls" => format!("TLS failed: {chain}"),
+        "dns" => format!("DNS lookup failed: {chain}"),
+        _ => chain,
+    };
+    (class, sentence)
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = cur {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = s.source();
+    }
+    None
+}
+
+/// Days until a DER certificate's notAfter (negative when expired).
+pub fn cert_days_left(der: &[u8]) -> Option<i64> {
+    let not_after = der_not_after(der)?;
+    Some((not_after - chrono::Utc::now()).num_days())
+}
+
+/// Minimal DER walk to `tbsCertificate.validity.notAfter`; avoids an X.509 crate for one field.
+fn der_not_after(der: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let tag = *b.first()?;
+        let first = *b.get(1)? as usize;
+        let (len, hdr) = if first < 0x80 {
+            (first, 2)
+        } else {
+            let n = first & 0x7f;
+            if n == 0 || n > 4 {
+                return None;
+            }
+            let mut l = 0usize;
+            for i in 0..n {
+                l = (l << 8) | *b.get(2 + i)? as usize;
+            }
+            (l, 2 + n)
+        };
+        let body = b.get(hdr..hdr + len)?;
+        Some((tag, body, &b[hdr + len..]))
+    }
+    let (_, cert, _) = tlv(der)?;
+    let (_, tbs, _) = tlv(cert)?;
+    let mut rest = tbs;
+    let (tag, _, r) = tlv(rest)?;
+    if tag == 0xa0 {
+        rest = r; // explicit version
+    }
+    let (_, _, r) = tlv(rest)?; // serial
+    let (_, _, r) = tlv(r)?; // signature algorithm
+    let (_, _, r) = tlv(r)?; // issuer
+    let (_, validity, _) = tlv(r)?;
+    let (_, _, r) = tlv(validity)?; // notBefore
+    let (tag, t, _) = tlv(r)?;
+    let s = std::str::from_utf8(t).ok()?;
+    let full = match tag {
+        0x17 => {
+            // UTCTime YYMMDDHHMMSSZ
+            let yy: i32 = s.get(0..2)?.parse().ok()?;
+            format!("{}{}", if yy >= 50 { 1900 + yy } else { 2000 + yy }, s.get(2..)?)
+        }
+        0x18 => s.to_string(),
+        _ => return None,
+    };
+    chrono::NaiveDateTime::parse_from_str(full.trim_end_matches('Z'), "%Y%m%d%H%M%S")
+        .ok()
+        .map(|n| n.and_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn subchecks_both_shapes() {
+        let j = json!({"status":"degraded","checks":{
+            "database":{"status":"ok","latency_ms":12},
+            "transcription":{"status":"fail","error":"upstream 503"}}});
+        let s = read_subchecks("api", "checks", &j);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].series, "api/checks.database");
+        assert_eq!(s[0].outcome, Outcome::Up);
+        assert_eq!(s[0].latency, Some(Duration::from_millis(12)));
+        assert_eq!(s[1].outcome, Outcome::Down);
+        assert!(s[1].error.as_ref().unwrap().message.contains("upstream 503"));
+        let j = json!({"status":"healthy","checks":{"api":"ok","db":"degraded"}});
+        let s = read_subchecks("x", "checks", &j);
+        assert_eq!(s[0].outcome, Outcome::Up);
+        assert_eq!(s[1].outcome, Outcome::Degraded);
+        assert!(read_subchecks("x", "nope", &j).is_empty());
+    }
+
+    #[test]
+    fn body_error_shapes() {
+        assert_eq!(body_error_text(&json!({"status":"down","error":"db timeout"})).as_deref(), Some("db timeout"));
+        assert_eq!(body_error_text(&json!({"error":{"code":"x","message":"bad"}})).as_deref(), Some("bad"));
+        assert_eq!(body_error_text(&json!({"status":"ok"})), None);
+    }
+}
