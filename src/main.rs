@@ -1,1 +1,309 @@
-fn main(){}
+//! The `watchpost` command line. Parses arguments and calls into the library; exit codes
+//! follow the Nagios plugin convention where it applies (3 = config or usage error).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use watchpost::{check, config, demo, incident, notify, report, store};
+
+#[derive(Parser)]
+#[command(name = "watchpost", version, about = "Synthetic monitoring for HTTP, WebSocket and realtime speech-to-text services")]
+struct Cli {
+    /// Main configuration file.
+    #[arg(short, long, global = true, default_value = "config/watchpost.toml", env = "WATCHPOST_CONFIG")]
+    config: PathBuf,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReportFormat {
+    Table,
+    Json,
+    Html,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The daemon: schedule, record, evaluate, notify, serve the API.
+    Run,
+    /// Run probes once now and print results (exit 0 up · 1 degraded · 2 down · 3 error).
+    Check {
+        /// Probes to run (default: every enabled probe).
+        probes: Vec<String>,
+        /// One JSON object per probe per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load and check config, probes, audio files and env secrets (no network).
+    Validate,
+    /// Latency-budget review from stored histograms.
+    Report {
+        /// How far back to look.
+        #[arg(long, default_value = "24h")]
+        window: String,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        format: ReportFormat,
+        /// Shorthand for --format json.
+        #[arg(long)]
+        json: bool,
+        /// Write to this file instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Incident history.
+    Incidents {
+        /// Only open incidents.
+        #[arg(long)]
+        open: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one clearly marked test event to a notifier.
+    NotifyTest { notifier: String },
+    /// Embedded demo services + agent + dashboard, one command.
+    Demo {
+        /// Dashboard address.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: String,
+        /// Stop by itself after this long (e.g. "2m"); default: until Ctrl-C.
+        #[arg(long = "for")]
+        duration: Option<String>,
+        /// Keep the demo's config and data here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ => ExitCode::from(3),
+            };
+        }
+    };
+    init_tracing(cli.log_format, matches!(cli.cmd, Cmd::Run | Cmd::Demo { .. }));
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WATCHPOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+/// Load config or print every problem as `file:line:col: message`.
+fn load(path: &std::path::Path) -> Result<config::Config, u8> {
+    config::load(path).map_err(|errs| {
+        for d in &errs.0 {
+            eprintln!("{d}");
+        }
+        eprintln!("{} configuration error(s)", errs.0.len());
+        3
+    })
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    match cli.cmd {
+        Cmd::Validate => {
+            let c = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            println!(
+                "{}: ok ({} probes, {} enabled, {} components, {} notifiers)",
+                cli.config.display(),
+                c.probes.len(),
+                c.probes.iter().filter(|p| p.enabled).count(),
+                c.components.len(),
+                c.notifiers.len()
+            );
+            Ok(0)
+        }
+        Cmd::Check { probes, json } => {
+            let c = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let results = match check::run_probes(&c, &probes).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return Ok(3);
+                }
+            };
+            for r in &results {
+                if json {
+                    println!("{}", r.to_json());
+                } else {
+                    println!("{}", r.summary());
+                }
+            }
+            Ok(check::exit_code(&results))
+        }
+        Cmd::Run => {
+            let c = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let listener = match &c.agent.listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?,
+                ),
+                None => None,
+            };
+            watchpost::run(Arc::new(c), listener, shutdown_signal()).await?;
+            Ok(0)
+        }
+        Cmd::Report { window, format, json, output } => {
+            let c = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let w = match config::duration::parse(&window) {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("error: --window: {e}");
+                    return Ok(3);
+                }
+            };
+            let now = chrono::Utc::now().timestamp_millis();
+            let r = match store::open_reader(&c.db_path())? {
+                Some(conn) => report::build(&c, &conn, w, now)?,
+                None => report::Report {
+                    window: window.clone(),
+                    since: String::new(),
+                    until: String::new(),
+                    rows: vec![],
+                },
+            };
+            let format = if json { ReportFormat::Json } else { format };
+            let text = match format {
+                ReportFormat::Table => report::render_table(&r),
+                ReportFormat::Json => serde_json::to_string_pretty(&r)? + "\n",
+                ReportFormat::Html => report::render_html(&r),
+            };
+            match output {
+                Some(p) => std::fs::write(&p, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(0)
+        }
+        Cmd::Incidents { open, json } => {
+            let c = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let list = match store::open_reader(&c.db_path())? {
+                Some(conn) => incident::list_incidents(&conn, open)?,
+                None => vec![],
+            };
+            if json {
+                for i in &list {
+                    println!("{i}");
+                }
+            } else {
+                print!("{}", incident::render_incidents(&list));
+            }
+            Ok(0)
+        }
+        Cmd::NotifyTest { notifier } => {
+            let c = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            match notify::notify_test(&c, &notifier).await {
+                Ok(()) => {
+                    println!("test event delivered to {notifier}");
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    Ok(1)
+                }
+            }
+        }
+        Cmd::Demo { listen, duration, dir } => {
+            let limit = match duration.as_deref().map(config::duration::parse).transpose() {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: --for: {e}");
+                    return Ok(3);
+                }
+            };
+            let stop = async move {
+                match limit {
+                    Some(d) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(d) => {}
+                            _ = shutdown_signal() => {}
+                        }
+                    }
+                    None => shutdown_signal().await,
+                }
+            };
+            demo::run(&listen, dir, stop).await?;
+            Ok(0)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

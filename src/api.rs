@@ -1,0 +1,168 @@
+//! The agent's own HTTP surface: `/health` (the same health contract it reads), `/metrics`
+//! (Prometheus), a small JSON API and a one-page dashboard. Read-only: every handler opens
+//! its own read connection; only the writer task writes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store;
+
+#[derive(Clone)]
+pub struct AppState {
+    config: Arc<Config>,
+    metrics: Metrics,
+    db: PathBuf,
+    started: Instant,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, metrics: Metrics, db: PathBuf) -> Self {
+        AppState { config, metrics, db, started: Instant::now() }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/api/runs/latest", get(latest))
+        .route("/api/incidents", get(incidents))
+        .route("/api/report", get(report))
+        .with_state(state)
+}
+
+fn no_store(mut r: Response) -> Response {
+    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r
+}
+
+fn internal(e: anyhow::Error) -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": format!("{e:#}")}))).into_response()
+}
+
+/// Run a blocking read on its own connection off the async threads.
+async fn read<T: Send + 'static>(
+    db: PathBuf,
+    f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<Option<T>> {
+    tokio::task::spawn_blocking(move || match store::open_reader(&db)? {
+        Some(c) => f(&c).map(Some),
+        None => Ok(None),
+    })
+    .await?
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    let t = Instant::now();
+    let db = read(s.db.clone(), |c| Ok(c.query_row("SELECT count(*) FROM runs", [], |r| r.get::<_, i64>(0))?)).await;
+    let db_ms = t.elapsed().as_secs_f64() * 1e3;
+    let store_check = match &db {
+        Ok(_) => json!({"status": "ok", "latency_ms": (db_ms * 100.0).round() / 100.0}),
+        Err(e) => json!({"status": "fail", "error": format!("{e:#}")}),
+    };
+    let status = if db.is_ok() { "ok" } else { "fail" };
+    let body = json!({
+        "status": status,
+        "service": "watchpost",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": s.started.elapsed().as_secs(),
+        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "checks": { "store": store_check },
+    });
+    let code = if status == "fail" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    no_store((code, Json(body)).into_response())
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    s.metrics.set("watchpost_uptime_seconds", &[], s.started.elapsed().as_secs_f64());
+    no_store(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response())
+}
+
+async fn latest(State(s): State<AppState>) -> Response {
+    match read(s.db.clone(), |c| Ok(store::latest_runs(c)?)).await {
+        Ok(v) => no_store(Json(json!({"runs": v.unwrap_or_default()})).into_response()),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct IncidentQuery {
+    #[serde(default)]
+    open: bool,
+}
+
+async fn incidents(State(s): State<AppState>, Query(q): Query<IncidentQuery>) -> Response {
+    match read(s.db.clone(), move |c| crate::incident::list_incidents(c, q.open)).await {
+        Ok(v) => no_store(Json(json!({"incidents": v.unwrap_or_default()})).into_response()),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    window: Option<String>,
+}
+
+async fn report(State(s): State<AppState>, Query(q): Query<ReportQuery>) -> Response {
+    let window = match q.window.as_deref().map(crate::config::duration::parse).unwrap_or(Ok(Duration::from_secs(86400))) {
+        Ok(w) => w,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response(),
+    };
+    let cfg = s.config.clone();
+    let now = chrono::Utc::now().timestamp_millis();
+    match read(s.db.clone(), move |c| crate::report::build(&cfg, c, window, now)).await {
+        Ok(Some(r)) => no_store(Json(r).into_response()),
+        Ok(None) => no_store(Json(Value::Null).into_response()),
+        Err(e) => internal(e),
+    }
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+const DASHBOARD: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>watchpost</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:2em;color:#222}
+h1{font-size:20px}table{border-collapse:collapse;margin-bottom:2em}
+td,th{padding:4px 10px;border-bottom:1px solid #eee;text-align:left}
+.up{color:#1a7f37}.degraded{color:#9a6700}.down{color:#cf222e;font-weight:bold}
+small{color:#777}
+</style></head><body>
+<h1>watchpost</h1><small id="ts"></small>
+<h2>Probes</h2><table id="runs"><tr><th>series</th><th>outcome</th><th>phases</th><th>error</th><th>at</th></tr></table>
+<h2>Incidents</h2><table id="inc"></table>
+<p><a href="/api/report?window=1h">report (1h, JSON)</a> · <a href="/metrics">metrics</a> · <a href="/health">health</a></p>
+<script>
+function esc(s){return String(s??'').replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
+async function tick(){
+  try{
+    const r=await (await fetch('/api/runs/latest')).json();
+    let h='<tr><th>series</th><th>outcome</th><th>phases</th><th>error</th><th>at</th></tr>';
+    for(const x of r.runs){
+      const ph=Object.entries(x.phases||{}).map(([k,v])=>k+' '+v.toFixed(1)+'ms').join(' · ');
+      h+=`<tr><td>${esc(x.probe)}</td><td class="${esc(x.outcome)}">${esc(x.outcome)}</td><td>${esc(ph)}</td><td>${esc(x.error_class?'['+x.error_class+'] '+x.error_message:'')}</td><td>${new Date(x.started_at).toLocaleTimeString()}</td></tr>`;
+    }
+    document.getElementById('runs').innerHTML=h;
+    const i=await (await fetch('/api/incidents')).json();
+    let g='';
+    for(const x of i.incidents.slice(0,20)){g+=`<tr><td><pre>${esc(JSON.stringify(x))}</pre></td></tr>`}
+    document.getElementById('inc').innerHTML=g||'<tr><td>none</td></tr>';
+    document.getElementById('ts').textContent='updated '+new Date().toLocaleTimeString();
+  }catch(e){document.getElementById('ts').textContent='agent unreachable: '+e}
+}
+tick();setInterval(tick,3000);
+</script></body></html>"#;
