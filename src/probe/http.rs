@@ -6,9 +6,9 @@
 //! into series of their own. Each connection is fresh (no pooling), so every run pays and
 //! measures DNS, TCP and TLS the way a new user would.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -184,7 +184,39 @@ pub struct HttpProbe {
     name: String,
     spec: HttpSpec,
     client: reqwest::Client,
+    headers: HeaderMap,
     timeout: Duration,
+}
+
+/// Clients shared by probes with the same redirect policy and trust roots. A reqwest client
+/// carries a parsed root store and TLS config; 10,000 probes must not hold 10,000 of them.
+/// Connections are never pooled, so sharing a client shares no connection state.
+fn shared_client(max_redirects: usize, ca_pem: Option<&Arc<Vec<u8>>>) -> anyhow::Result<reqwest::Client> {
+    type Key = (usize, Option<Vec<u8>>);
+    static CLIENTS: OnceLock<Mutex<HashMap<Key, reqwest::Client>>> = OnceLock::new();
+    let key: Key = (max_redirects, ca_pem.map(|p| p.as_ref().clone()));
+    let mut map = CLIENTS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = map.get(&key) {
+        return Ok(c.clone());
+    }
+    let redirect = if max_redirects == 0 {
+        reqwest::redirect::Policy::none()
+    } else {
+        reqwest::redirect::Policy::limited(max_redirects)
+    };
+    let mut b = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .redirect(redirect)
+        .pool_max_idle_per_host(0)
+        .tls_info(true);
+    if let Some(pem) = ca_pem {
+        for c in reqwest::Certificate::from_pem_bundle(pem)? {
+            b = b.add_root_certificate(c);
+        }
+    }
+    let client = b.build()?;
+    map.insert(key, client.clone());
+    Ok(client)
 }
 
 impl HttpProbe {
@@ -194,31 +226,19 @@ impl HttpProbe {
         for (k, v) in &spec.headers {
             headers.insert(HeaderName::from_bytes(k.as_bytes())?, HeaderValue::from_str(v)?);
         }
-        let redirect = if spec.max_redirects == 0 {
-            reqwest::redirect::Policy::none()
-        } else {
-            reqwest::redirect::Policy::limited(spec.max_redirects)
-        };
-        let mut b = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .default_headers(headers)
-            .redirect(redirect)
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.timeout)
-            .pool_max_idle_per_host(0)
-            .tls_info(true);
-        if let Some(pem) = &spec.ca_pem {
-            for c in reqwest::Certificate::from_pem_bundle(pem)? {
-                b = b.add_root_certificate(c);
-            }
-        }
-        Ok(HttpProbe { name: cfg.name.clone(), spec: spec.clone(), client: b.build()?, timeout: cfg.timeout })
+        Ok(HttpProbe {
+            name: cfg.name.clone(),
+            spec: spec.clone(),
+            client: shared_client(spec.max_redirects, spec.ca_pem.as_ref())?,
+            headers,
+            timeout: cfg.timeout,
+        })
     }
 
     pub async fn run(&self) -> Attempt {
         let mut a = Attempt::new();
         let s = &self.spec;
-        let mut req = self.client.request(s.method.clone(), &s.url);
+        let mut req = self.client.request(s.method.clone(), &s.url).headers(self.headers.clone()).timeout(self.timeout);
         if let Some(body) = &s.body {
             req = req.body(body.to_string());
         }

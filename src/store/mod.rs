@@ -98,7 +98,9 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
-type ExecFn = Box<dyn FnOnce(&Connection) + Send>;
+/// Called once the batch holding the operation has committed (`Ok`) or failed (`Err`).
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type ExecFn = Box<dyn FnOnce(&Connection) -> Reply + Send>;
 
 enum Op {
     Run(Box<RunResult>),
@@ -160,8 +162,8 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let (otx, orx) = oneshot::channel();
-        let op = Op::Exec(Box::new(move |conn: &Connection| {
+        let (otx, orx) = oneshot::channel::<anyhow::Result<T>>();
+        let op = Op::Exec(Box::new(move |conn: &Connection| -> Reply {
             let r = (|| {
                 conn.execute_batch("SAVEPOINT op")?;
                 match f(conn) {
@@ -175,10 +177,17 @@ impl Store {
                     }
                 }
             })();
-            let _ = otx.send(r);
+            // Answer only after the batch commits, so callers never see uncommitted writes.
+            Box::new(move |commit: Result<(), String>| {
+                let r = match commit {
+                    Ok(()) => r.map_err(anyhow::Error::from),
+                    Err(e) => Err(anyhow::anyhow!("store commit failed: {e}")),
+                };
+                let _ = otx.send(r);
+            })
         }));
         self.tx.send(op).await.map_err(|_| anyhow::anyhow!("store writer has stopped"))?;
-        Ok(orx.await.map_err(|_| anyhow::anyhow!("store writer dropped the operation"))??)
+        orx.await.map_err(|_| anyhow::anyhow!("store writer dropped the operation"))?
     }
 
     /// Wait until everything queued before this call is committed.
@@ -211,68 +220,91 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
 }
 
 fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> anyhow::Result<()> {
+    let mut replies: Vec<Reply> = Vec::new();
+    let result = apply_ops(conn, batch, &mut replies);
+    let outcome = result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}"));
+    for reply in replies {
+        reply(outcome.clone());
+    }
+    result
+}
+
+type HistKey = (String, String, i64);
+
+fn flush_hists(tx: &Connection, hists: &mut HashMap<HistKey, Vec<u64>>) -> rusqlite::Result<()> {
+    for ((series, phase, bucket), values) in hists.drain() {
+        hist::add_values(tx, &series, &phase, MINUTE, bucket, &values)?;
+    }
+    Ok(())
+}
+
+fn apply_ops(conn: &mut Connection, batch: &mut Vec<Op>, replies: &mut Vec<Reply>) -> anyhow::Result<()> {
     let tx = conn.transaction()?;
-    let mut hists: HashMap<(String, String, i64), Vec<u64>> = HashMap::new();
-    {
-        let mut ins = tx.prepare_cached(
-            "INSERT INTO runs (probe, kind, started_at, outcome, error_class, error_message, duration_ms, lag_ms, phases, details)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?;
-        for op in batch.drain(..) {
-            match op {
-                Op::Run(r) => {
-                    let started = r.started_at.timestamp_millis();
-                    let minute = started.div_euclid(MINUTE * 1000) * MINUTE * 1000;
-                    let phases: serde_json::Map<String, serde_json::Value> =
-                        r.phases.iter().map(|(n, d)| (n.clone(), serde_json::json!(ms(*d)))).collect();
-                    ins.execute(params![
-                        r.probe,
-                        r.kind,
-                        started,
-                        r.outcome.as_str(),
-                        r.error.as_ref().map(|e| e.class.as_str()),
-                        r.error.as_ref().map(|e| e.message.as_str()),
-                        ms(r.duration),
-                        r.lag.map(ms),
-                        serde_json::Value::Object(phases).to_string(),
-                        serde_json::Value::Object(r.details.clone()).to_string(),
-                    ])?;
-                    for (phase, d) in &r.phases {
-                        hists.entry((r.probe.clone(), phase.clone(), minute)).or_default().push(d.as_micros() as u64);
-                    }
-                    for s in &r.subchecks {
-                        let phases = match s.latency {
-                            Some(l) => {
-                                hists.entry((s.series.clone(), "latency".into(), minute)).or_default().push(l.as_micros() as u64);
-                                serde_json::json!({"latency": ms(l)})
-                            }
-                            None => serde_json::json!({}),
-                        };
-                        ins.execute(params![
-                            s.series,
-                            "subcheck",
-                            started,
-                            s.outcome.as_str(),
-                            s.error.as_ref().map(|e| e.class.as_str()),
-                            s.error.as_ref().map(|e| e.message.as_str()),
-                            s.latency.map(ms).unwrap_or(0.0),
-                            Option::<f64>::None,
-                            phases.to_string(),
-                            "{}",
-                        ])?;
-                    }
-                }
-                Op::Skip { probe, planned_at_ms } => {
-                    tx.execute("INSERT INTO skips (probe, planned_at) VALUES (?1, ?2)", params![probe, planned_at_ms])?;
-                }
-                Op::Exec(f) => f(&tx),
+    // Histogram updates are grouped per bucket and written before any operation that may read
+    // them, and at the end, so every operation sees the batch's earlier effects.
+    let mut hists: HashMap<HistKey, Vec<u64>> = HashMap::new();
+    for op in batch.drain(..) {
+        match op {
+            Op::Run(r) => insert_run(&tx, &r, &mut hists)?,
+            Op::Skip { probe, planned_at_ms } => {
+                tx.execute("INSERT INTO skips (probe, planned_at) VALUES (?1, ?2)", params![probe, planned_at_ms])?;
+            }
+            Op::Exec(f) => {
+                flush_hists(&tx, &mut hists)?;
+                replies.push(f(&tx));
             }
         }
     }
-    for ((series, phase, bucket), values) in hists {
-        hist::add_values(&tx, &series, &phase, MINUTE, bucket, &values)?;
-    }
+    flush_hists(&tx, &mut hists)?;
     tx.commit()?;
+    Ok(())
+}
+
+fn insert_run(tx: &Connection, r: &RunResult, hists: &mut HashMap<HistKey, Vec<u64>>) -> rusqlite::Result<()> {
+    let mut ins = tx.prepare_cached(
+        "INSERT INTO runs (probe, kind, started_at, outcome, error_class, error_message, duration_ms, lag_ms, phases, details)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?;
+    let started = r.started_at.timestamp_millis();
+    let minute = started.div_euclid(MINUTE * 1000) * MINUTE * 1000;
+    let phases: serde_json::Map<String, serde_json::Value> =
+        r.phases.iter().map(|(n, d)| (n.clone(), serde_json::json!(ms(*d)))).collect();
+    ins.execute(params![
+        r.probe,
+        r.kind,
+        started,
+        r.outcome.as_str(),
+        r.error.as_ref().map(|e| e.class.as_str()),
+        r.error.as_ref().map(|e| e.message.as_str()),
+        ms(r.duration),
+        r.lag.map(ms),
+        serde_json::Value::Object(phases).to_string(),
+        serde_json::Value::Object(r.details.clone()).to_string(),
+    ])?;
+    for (phase, d) in &r.phases {
+        hists.entry((r.probe.clone(), phase.clone(), minute)).or_default().push(d.as_micros() as u64);
+    }
+    for s in &r.subchecks {
+        let phases = match s.latency {
+            Some(l) => {
+                hists.entry((s.series.clone(), "latency".into(), minute)).or_default().push(l.as_micros() as u64);
+                serde_json::json!({"latency": ms(l)})
+            }
+            None => serde_json::json!({}),
+        };
+        ins.execute(params![
+            s.series,
+            "subcheck",
+            started,
+            s.outcome.as_str(),
+            s.error.as_ref().map(|e| e.class.as_str()),
+            s.error.as_ref().map(|e| e.message.as_str()),
+            s.latency.map(ms).unwrap_or(0.0),
+            Option::<f64>::None,
+            phases.to_string(),
+            "{}",
+        ])?;
+    }
     Ok(())
 }
 
