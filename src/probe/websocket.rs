@@ -1,37 +1,690 @@
-//! `kind = "websocket"`: connect, then a scripted list of send/expect steps. (stub)
+//! `kind = "websocket"`: connect (headers, subprotocols), then a scripted list of steps —
+//! send text / binary / JSON, expect a message matching JSON assertions, a regex or a
+//! substring within a deadline, wait, close. Phases: `connect` (TCP + TLS + upgrade), one per
+//! step (`step<N>` counting from 1, or the step's `name`) and `total`.
+//!
+//! Also the WebSocket plumbing the listen probe shares: connecting with frame and message
+//! size caps, turning a refused upgrade into `ws_rejected` with the body's error code, and
+//! classifying read errors and close frames. Not here: anything speech-specific.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Bytes, Message};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
+use super::assert::{excerpt, JsonAssert, Re};
 use super::Attempt;
-use crate::config::{Interp, ProbeConfig, Rest, SpanError};
+use crate::config::{duration::human, interp, Dur, Interp, ProbeConfig, Rest, SpanError};
+
+/// The connected socket type both WebSocket-based kinds use.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Default cap on one received frame and one received message (1 MiB): a broken or hostile
+/// server must not make the agent allocate without bound.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+fn default_connect_timeout() -> Dur {
+    Dur::secs(10)
+}
+fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+fn default_within() -> Dur {
+    Dur::secs(5)
+}
+fn yes() -> bool {
+    true
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared plumbing
+// ---------------------------------------------------------------------------------------
+
+/// A run-ending problem: class, sentence and the details worth keeping.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub class: &'static str,
+    pub message: String,
+    pub details: Vec<(&'static str, Value)>,
+}
+
+impl Failure {
+    pub fn new(class: &'static str, message: impl Into<String>) -> Self {
+        Failure { class, message: message.into(), details: Vec::new() }
+    }
+    /// Record this failure on an attempt (down).
+    pub fn apply(self, a: &mut Attempt) {
+        for (k, v) in self.details {
+            a.detail(k, v);
+        }
+        a.down(self.class, self.message);
+    }
+}
+
+/// How to open a socket.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    pub headers: Vec<(String, Interp)>,
+    pub subprotocols: Vec<String>,
+    pub max_message_bytes: usize,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// A socket after a successful upgrade.
+pub struct Connected {
+    pub ws: Ws,
+    /// Response headers of the upgrade (lower-case names).
+    pub headers: BTreeMap<String, String>,
+    /// TCP + TLS + upgrade.
+    pub elapsed: Duration,
+}
+
+/// Check header names and values at config time.
+pub fn validate_headers(headers: &BTreeMap<String, Interp>) -> Result<(), SpanError> {
+    for (k, v) in headers {
+        if HeaderName::from_bytes(k.as_bytes()).is_err() {
+            return Err(SpanError::new(format!("invalid header name {k:?}")));
+        }
+        if HeaderValue::from_str(v).is_err() {
+            return Err(SpanError::new(format!("invalid value for header {k:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// Check a ws:// or wss:// URL at config time.
+pub fn validate_ws_url(url: &toml::Spanned<Interp>) -> Result<url::Url, SpanError> {
+    match url::Url::parse(url.get_ref()) {
+        Ok(u) if u.scheme() == "ws" || u.scheme() == "wss" => Ok(u),
+        Ok(u) => Err(SpanError::at(url.span(), format!("url scheme {:?} is not ws or wss", u.scheme()))),
+        Err(e) => Err(SpanError::at(url.span(), format!("invalid url {:?}: {e}", url.get_ref().template()))),
+    }
+}
+
+/// Read a PEM CA bundle at config time.
+pub fn read_ca_file(dir: &Path, p: &Option<toml::Spanned<String>>) -> Result<Option<Arc<Vec<u8>>>, SpanError> {
+    let Some(p) = p else { return Ok(None) };
+    let path = dir.join(p.get_ref());
+    let bytes = std::fs::read(&path)
+        .map_err(|e| SpanError::at(p.span(), format!("cannot read ca_file {}: {e}", path.display())))?;
+    let mut rd = bytes.as_slice();
+    let n = rustls_pemfile::certs(&mut rd).filter(Result::is_ok).count();
+    if n == 0 {
+        return Err(SpanError::at(p.span(), format!("ca_file {} holds no PEM certificate", path.display())));
+    }
+    Ok(Some(Arc::new(bytes)))
+}
+
+/// TLS client config: the webpki roots plus any extra CA certificates. Built with the ring
+/// provider explicitly so it never depends on a process-wide default provider.
+pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_ca_pem {
+        let mut rd = pem;
+        for cert in rustls_pemfile::certs(&mut rd) {
+            roots.add(cert?)?;
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// Open the socket within `timeout` (TCP + TLS + upgrade).
+pub async fn connect(t: &Target, timeout: Duration) -> Result<Connected, Failure> {
+    let mut req = t
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Failure::new("config", format!("cannot build the upgrade request: {e}")))?;
+    let h = req.headers_mut();
+    h.insert("user-agent", HeaderValue::from_static(super::http::USER_AGENT));
+    for (k, v) in &t.headers {
+        let (Ok(name), Ok(value)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) else {
+            return Err(Failure::new("config", format!("invalid header {k:?}")));
+        };
+        h.insert(name, value);
+    }
+    if !t.subprotocols.is_empty() {
+        match HeaderValue::from_str(&t.subprotocols.join(", ")) {
+            Ok(v) => {
+                h.insert("sec-websocket-protocol", v);
+            }
+            Err(_) => return Err(Failure::new("config", "invalid subprotocol name")),
+        }
+    }
+    let cfg = WebSocketConfig::default()
+        .max_message_size(Some(t.max_message_bytes))
+        .max_frame_size(Some(t.max_message_bytes));
+    let connector = Connector::Rustls(t.tls.clone());
+    let t0 = Instant::now();
+    let fut = tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, Some(connector));
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => Err(Failure::new(
+            "timeout",
+            format!("no WebSocket upgrade within the {} connect timeout", human(timeout)),
+        )),
+        Ok(Err(e)) => Err(connect_error(e)),
+        Ok(Ok((ws, resp))) => {
+            let headers = resp
+                .headers()
+                .iter()
+                .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_ascii_lowercase(), v.to_string())))
+                .collect();
+            Ok(Connected { ws, headers, elapsed: t0.elapsed() })
+        }
+    }
+}
+
+fn connect_error(e: tungstenite::Error) -> Failure {
+    use tungstenite::Error as E;
+    match e {
+        E::Http(resp) => rejected(resp.status().as_u16(), resp.status().canonical_reason(), resp.body().as_deref()),
+        E::Io(io) => {
+            let text = io.to_string();
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                Failure::new("connect_refused", format!("connection refused: {text}"))
+            } else if text.contains("lookup") || text.contains("resolve") || text.contains("Name or service") {
+                Failure::new("dns", format!("cannot resolve the host: {text}"))
+            } else {
+                Failure::new("connect", format!("cannot connect: {text}"))
+            }
+        }
+        E::Tls(t) => Failure::new("tls", format!("TLS handshake failed: {t}")),
+        E::Url(u) => Failure::new("config", format!("bad url: {u}")),
+        E::Capacity(c) => Failure::new("protocol", format!("upgrade response too large: {c}")),
+        other => Failure::new("protocol", format!("WebSocket upgrade failed: {other}")),
+    }
+}
+
+/// A refused upgrade: keep the status and the vendor's error fields (Deepgram puts
+/// `err_code`, `err_msg`, `request_id` in a JSON body; others use `error`/`message`).
+pub fn rejected(status: u16, reason: Option<&str>, body: Option<&[u8]>) -> Failure {
+    let mut f = Failure::new("ws_rejected", String::new());
+    f.details.push(("http_status", Value::from(status)));
+    let mut msg = format!("upgrade refused with HTTP {status}");
+    if let Some(r) = reason {
+        msg.push_str(&format!(" {r}"));
+    }
+    let text = body.map(String::from_utf8_lossy).unwrap_or_default();
+    match serde_json::from_str::<Value>(&text) {
+        Ok(j) => {
+            let field = |names: &[&str]| -> Option<String> {
+                names.iter().find_map(|n| match super::assert::json_path(&j, n) {
+                    Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+                    Some(v @ Value::Number(_)) => Some(v.to_string()),
+                    _ => None,
+                })
+            };
+            let code = field(&["err_code", "error.code", "code"]);
+            let text = field(&["err_msg", "error.message", "message", "error", "detail"]);
+            let rid = field(&["request_id", "requestId"]);
+            if let Some(c) = &code {
+                msg.push_str(&format!(": {c}"));
+                f.details.push(("err_code", Value::from(c.clone())));
+            }
+            if let Some(t) = &text {
+                msg.push_str(if code.is_some() { " " } else { ": " });
+                msg.push_str(&excerpt(t, 200));
+                f.details.push(("err_msg", Value::from(t.clone())));
+            }
+            if let Some(r) = rid {
+                msg.push_str(&format!(" (request id {r})"));
+                f.details.push(("request_id", Value::from(r)));
+            }
+        }
+        Err(_) if !text.trim().is_empty() => msg.push_str(&format!(": {}", excerpt(&text, 160))),
+        Err(_) => {}
+    }
+    f.message = msg;
+    f
+}
+
+/// A read error after the upgrade, as class + sentence (`after` is time since connect).
+pub fn read_error(e: &tungstenite::Error, cap: usize, after: Duration) -> Failure {
+    use tungstenite::Error as E;
+    let at = secs(after);
+    match e {
+        E::Capacity(CapacityError::MessageTooLong { size, max_size }) => Failure::new(
+            "frame_too_large",
+            format!("server sent a {size} byte frame/message after {at}, over the {max_size} byte cap; refused"),
+        ),
+        E::Capacity(c) => Failure::new("frame_too_large", format!("refused an oversized message after {at}: {c}")),
+        E::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Failure::new(
+            "ws_closed",
+            format!("server dropped the connection without a close frame after {at}"),
+        ),
+        E::Protocol(p) => Failure::new("protocol", format!("WebSocket protocol violation after {at}: {p}")),
+        E::Utf8(_) => Failure::new("protocol", format!("server sent a text frame that is not UTF-8 after {at}")),
+        E::Io(io) => Failure::new("ws_closed", format!("connection failed after {at}: {io}")),
+        E::ConnectionClosed | E::AlreadyClosed => {
+            Failure::new("ws_closed", format!("connection closed after {at}"))
+        }
+        other => {
+            let _ = cap;
+            Failure::new("protocol", format!("WebSocket error after {at}: {other}"))
+        }
+    }
+}
+
+/// `1011 NET-0001`, `1000`, `1006 (no close frame)`.
+pub fn close_text(frame: &Option<CloseFrame>) -> (u16, String) {
+    match frame {
+        Some(f) => {
+            let code = u16::from(f.code);
+            let reason = f.reason.to_string();
+            let text = if reason.is_empty() { code.to_string() } else { format!("{code} {}", excerpt(&reason, 120)) };
+            (code, text)
+        }
+        None => (1005, "1005 (no status code)".into()),
+    }
+}
+
+/// Seconds for sentences: `10.2 s`.
+pub fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// Close politely and do not wait long for the peer's answer.
+pub async fn close_quietly(ws: &mut Ws, code: u16) {
+    let frame = CloseFrame { code: CloseCode::from(code), reason: "".into() };
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        if ws.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// kind = "websocket"
+// ---------------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WsSpec {
+struct WsFile {
     /// ws:// or wss:// URL.
-    pub url: Interp,
+    url: toml::Spanned<Interp>,
+    /// Extra upgrade request headers (values may use `${ENV}`).
+    #[serde(default)]
+    headers: BTreeMap<String, Interp>,
+    /// Subprotocols offered in `Sec-WebSocket-Protocol`, in order of preference.
+    #[serde(default)]
+    subprotocols: Vec<String>,
+    /// Deadline for TCP + TLS + upgrade.
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: Dur,
+    /// Largest frame or message accepted from the server, in bytes; larger is `frame_too_large`.
+    #[serde(default = "default_max_message_bytes")]
+    max_message_bytes: usize,
+    /// PEM file of extra CA certificates to trust, relative to the probe file.
+    ca_file: Option<toml::Spanned<String>>,
+    /// The script, run in order: `[[step]]` tables.
+    #[serde(default)]
+    step: Vec<toml::Spanned<StepFile>>,
+}
+
+/// One `[[step]]`: exactly one of `send`, `send_json`, `send_binary`, `expect`, `wait`, `close`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepFile {
+    /// Phase name for this step (default `step<N>`, counting from 1).
+    name: Option<String>,
+    /// Send this text frame (may use `${ENV}`).
+    send: Option<Interp>,
+    /// Send this value as a JSON text frame (strings may use `${ENV}`).
+    send_json: Option<Value>,
+    /// Send these bytes (base64) as a binary frame.
+    send_binary: Option<toml::Spanned<String>>,
+    /// Wait for a message like this.
+    expect: Option<ExpectFile>,
+    /// Pause this long.
+    wait: Option<Dur>,
+    /// Close the socket with this code (1000 = normal).
+    close: Option<u16>,
+}
+
+/// `expect = { … }` of a step: every given condition must hold for one message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectFile {
+    /// JSON assertions on the message (which must then be JSON).
+    #[serde(default)]
+    pub json: Vec<JsonAssert>,
+    /// The message text must match this regex.
+    pub matches: Option<Re>,
+    /// The message text must contain this.
+    pub contains: Option<String>,
+    /// Deadline for a matching message, from the start of the step.
+    #[serde(default = "default_within")]
+    pub within: Dur,
+    /// Skip messages that do not match (true) or fail on the first one that does not (false).
+    #[serde(default = "yes")]
+    pub skip_others: bool,
+}
+
+/// What a validated step does.
+#[derive(Debug, Clone)]
+pub enum Action {
+    SendText(String),
+    SendBinary(Bytes),
+    Expect(ExpectFile),
+    Wait(Duration),
+    Close(u16),
+}
+
+/// A validated step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: String,
+    pub action: Action,
+}
+
+/// A validated WebSocket probe.
+#[derive(Debug, Clone)]
+pub struct WsSpec {
+    pub url: String,
+    pub headers: Vec<(String, Interp)>,
+    pub subprotocols: Vec<String>,
+    pub connect_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub ca_pem: Option<Arc<Vec<u8>>>,
+    pub steps: Vec<Step>,
+}
+
+fn expand_json(v: Value) -> Result<Value, String> {
+    Ok(match v {
+        Value::String(s) => Value::String(interp::expand(&s)?),
+        Value::Array(a) => Value::Array(a.into_iter().map(expand_json).collect::<Result<_, _>>()?),
+        Value::Object(m) => {
+            Value::Object(m.into_iter().map(|(k, v)| Ok((k, expand_json(v)?))).collect::<Result<Map<_, _>, String>>()?)
+        }
+        other => other,
+    })
 }
 
 impl WsSpec {
-    pub fn from_config(rest: Rest<'_>, _dir: &Path) -> Result<Self, SpanError> {
-        rest.parse()
+    pub fn from_config(rest: Rest<'_>, dir: &Path) -> Result<Self, SpanError> {
+        let f: WsFile = rest.parse()?;
+        validate_ws_url(&f.url)?;
+        validate_headers(&f.headers)?;
+        for p in &f.subprotocols {
+            if p.is_empty() || !p.chars().all(|c| c.is_ascii_graphic() && c != ',') {
+                return Err(SpanError::new(format!("invalid subprotocol name {p:?}")));
+            }
+        }
+        if f.max_message_bytes < 125 {
+            return Err(SpanError::new("max_message_bytes must be at least 125"));
+        }
+        let ca_pem = read_ca_file(dir, &f.ca_file)?;
+        let mut steps = Vec::new();
+        for (i, s) in f.step.into_iter().enumerate() {
+            let span = s.span();
+            let s = s.into_inner();
+            let name = s.name.clone().unwrap_or_else(|| format!("step{}", i + 1));
+            if name.is_empty() || matches!(name.as_str(), "connect" | "total") {
+                return Err(SpanError::at(span, format!("step name {name:?} is empty or reserved")));
+            }
+            if steps.iter().any(|st: &Step| st.name == name) {
+                return Err(SpanError::at(span, format!("duplicate step name {name:?}")));
+            }
+            let mut actions = Vec::new();
+            if let Some(t) = s.send {
+                actions.push(Action::SendText(t.to_string()));
+            }
+            if let Some(j) = s.send_json {
+                let j = expand_json(j).map_err(|e| SpanError::at(span.clone(), e))?;
+                actions.push(Action::SendText(j.to_string()));
+            }
+            if let Some(b) = s.send_binary {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b.get_ref().trim())
+                    .map_err(|e| SpanError::at(b.span(), format!("send_binary is not valid base64: {e}")))?;
+                if bytes.is_empty() {
+                    return Err(SpanError::at(b.span(), "send_binary is empty"));
+                }
+                actions.push(Action::SendBinary(Bytes::from(bytes)));
+            }
+            if let Some(e) = s.expect {
+                if e.json.is_empty() && e.matches.is_none() && e.contains.is_none() {
+                    // An empty expectation means "any message".
+                }
+                actions.push(Action::Expect(e));
+            }
+            if let Some(w) = s.wait {
+                actions.push(Action::Wait(w.0));
+            }
+            if let Some(c) = s.close {
+                if !(c == 1000 || (3000..=4999).contains(&c) || (1001..=1003).contains(&c)) {
+                    return Err(SpanError::at(span, format!("close code {c} cannot be sent (use 1000, 1001 or 3000-4999)")));
+                }
+                actions.push(Action::Close(c));
+            }
+            if actions.len() != 1 {
+                return Err(SpanError::at(
+                    span,
+                    format!(
+                        "step {} needs exactly one of send, send_json, send_binary, expect, wait, close (found {})",
+                        i + 1,
+                        actions.len()
+                    ),
+                ));
+            }
+            steps.push(Step { name, action: actions.remove(0) });
+        }
+        Ok(WsSpec {
+            url: f.url.into_inner().to_string(),
+            headers: f.headers.into_iter().collect(),
+            subprotocols: f.subprotocols,
+            connect_timeout: f.connect_timeout.0,
+            max_message_bytes: f.max_message_bytes,
+            ca_pem,
+            steps,
+        })
     }
     pub fn url(&self) -> &str {
         &self.url
     }
 }
 
-pub struct WsProbe;
+/// A WebSocket probe ready to run.
+pub struct WsProbe {
+    spec: WsSpec,
+    target: Target,
+    timeout: Duration,
+}
 
 impl WsProbe {
-    pub fn new(_cfg: &ProbeConfig, _spec: &WsSpec) -> anyhow::Result<Self> {
-        Ok(WsProbe)
+    pub fn new(cfg: &ProbeConfig, spec: &WsSpec) -> anyhow::Result<Self> {
+        let target = Target {
+            url: spec.url.clone(),
+            headers: spec.headers.clone(),
+            subprotocols: spec.subprotocols.clone(),
+            max_message_bytes: spec.max_message_bytes,
+            tls: tls_config(spec.ca_pem.as_deref().map(Vec::as_slice))?,
+        };
+        Ok(WsProbe { spec: spec.clone(), target, timeout: cfg.timeout })
     }
+
     pub async fn run(&self) -> Attempt {
         let mut a = Attempt::new();
-        a.down("unsupported", "websocket probes are not implemented yet");
+        let t0 = Instant::now();
+        let deadline = t0 + self.timeout;
+        let c = match connect(&self.target, self.spec.connect_timeout.min(self.timeout)).await {
+            Ok(c) => c,
+            Err(f) => {
+                f.apply(&mut a);
+                return a;
+            }
+        };
+        a.phase("connect", c.elapsed);
+        if let Some(p) = c.headers.get("sec-websocket-protocol") {
+            a.detail("subprotocol", p.clone());
+        }
+        let mut ws = c.ws;
+        let connected_at = Instant::now();
+        let mut received = 0u64;
+        let mut closed = false;
+        for (i, step) in self.spec.steps.iter().enumerate() {
+            let st = Instant::now();
+            let label = format!("step {} ({})", i + 1, step.name);
+            let r = match &step.action {
+                Action::SendText(t) => send(&mut ws, Message::text(t.clone()), deadline, &label, connected_at).await,
+                Action::SendBinary(b) => send(&mut ws, Message::Binary(b.clone()), deadline, &label, connected_at).await,
+                Action::Wait(d) => {
+                    let until = (st + *d).min(deadline);
+                    tokio::time::sleep_until(until.into()).await;
+                    if until < st + *d {
+                        Err(Failure::new("timeout", format!("the {} timeout hit during {label}", human(self.timeout))))
+                    } else {
+                        Ok(())
+                    }
+                }
+                Action::Close(code) => {
+                    closed = true;
+                    close_quietly(&mut ws, *code).await;
+                    Ok(())
+                }
+                Action::Expect(e) => {
+                    expect(&mut ws, e, deadline, self.timeout, &label, connected_at, &mut received).await
+                }
+            };
+            if let Err(f) = r {
+                a.detail("failed_step", step.name.clone());
+                a.detail("messages_received", received);
+                f.apply(&mut a);
+                a.phase("total", t0.elapsed());
+                if !closed {
+                    close_quietly(&mut ws, 1000).await;
+                }
+                return a;
+            }
+            a.phase(&step.name, st.elapsed());
+        }
+        a.phase("total", t0.elapsed());
+        a.detail("messages_received", received);
+        if !closed {
+            close_quietly(&mut ws, 1000).await;
+        }
         a
+    }
+}
+
+async fn send(ws: &mut Ws, m: Message, deadline: Instant, label: &str, since: Instant) -> Result<(), Failure> {
+    match tokio::time::timeout_at(deadline.into(), ws.send(m)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            let mut f = read_error(&e, 0, since.elapsed());
+            f.message = format!("{label}: cannot send: {}", f.message);
+            Err(f)
+        }
+        Err(_) => Err(Failure::new("timeout", format!("{label}: the send did not complete before the timeout"))),
+    }
+}
+
+/// Why a message does not satisfy an expectation (None = it does).
+pub fn mismatch(e: &ExpectFile, text: &str) -> Option<String> {
+    if let Some(c) = &e.contains {
+        if !text.contains(c.as_str()) {
+            return Some(format!("does not contain {c:?}"));
+        }
+    }
+    if let Some(re) = &e.matches {
+        if !re.0.is_match(text) {
+            return Some(format!("does not match /{}/", re.0.as_str()));
+        }
+    }
+    if !e.json.is_empty() {
+        let j: Value = match serde_json::from_str(text) {
+            Ok(j) => j,
+            Err(_) => return Some("is not JSON".into()),
+        };
+        for check in &e.json {
+            if let Err(m) = check.check(&j) {
+                return Some(m);
+            }
+        }
+    }
+    None
+}
+
+async fn expect(
+    ws: &mut Ws,
+    e: &ExpectFile,
+    run_deadline: Instant,
+    run_timeout: Duration,
+    label: &str,
+    since: Instant,
+    received: &mut u64,
+) -> Result<(), Failure> {
+    let st = Instant::now();
+    let own = st + e.within.0;
+    let deadline = own.min(run_deadline);
+    let mut last: Option<(String, String)> = None;
+    loop {
+        let msg = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
+            Err(_) => {
+                let why = if own <= run_deadline {
+                    format!("within {}", human(e.within.0))
+                } else {
+                    format!("before the {} timeout", human(run_timeout))
+                };
+                return Err(match last {
+                    Some((text, reason)) => Failure::new(
+                        "assertion",
+                        format!("{label}: no matching message {why}; the last one {reason}: {}", excerpt(&text, 160)),
+                    ),
+                    None => Failure::new("timeout", format!("{label}: no message {why}")),
+                });
+            }
+            Ok(None) => {
+                return Err(Failure::new("ws_closed", format!("{label}: connection ended after {}", secs(since.elapsed()))))
+            }
+            Ok(Some(Err(err))) => {
+                let mut f = read_error(&err, 0, since.elapsed());
+                f.message = format!("{label}: {}", f.message);
+                return Err(f);
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t.to_string(),
+            Message::Binary(b) => String::from_utf8_lossy(&b).to_string(),
+            Message::Close(frame) => {
+                let (code, text) = close_text(&frame);
+                let mut f = Failure::new(
+                    "ws_closed",
+                    format!("{label}: server closed the socket with {text} after {}", secs(since.elapsed())),
+                );
+                f.details.push(("close_code", Value::from(code)));
+                return Err(f);
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+        };
+        *received += 1;
+        match mismatch(e, &text) {
+            None => return Ok(()),
+            Some(reason) if !e.skip_others => {
+                return Err(Failure::new("assertion", format!("{label}: message {reason}: {}", excerpt(&text, 160))));
+            }
+            Some(reason) => last = Some((text, reason)),
+        }
     }
 }
