@@ -860,6 +860,27 @@ impl ListenProbe {
             }
         };
 
+        // Deepgram closes right after Metadata: take the close code if it comes promptly.
+        if let End::Complete("Metadata") = end {
+            let wait = tokio::time::sleep(Duration::from_millis(300));
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    m = ws.next() => match m {
+                        Some(Ok(Message::Close(frame))) => {
+                            closed_by_server = true;
+                            a.detail("close_code", close_text(&frame).0);
+                            a.detail("close_reason", frame.as_ref().map(|f| f.reason.to_string()).unwrap_or_default());
+                            break;
+                        }
+                        Some(Ok(_)) => continue,
+                        _ => break,
+                    }
+                }
+            }
+        }
+
         // Judge.
         let last_frame = stats.last_frame_at.unwrap_or(connected_at);
         a.detail("frames", n as u64);

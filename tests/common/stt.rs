@@ -1,0 +1,483 @@
+//! In-process fake realtime STT servers for the listen and websocket tests: real
+//! WebSocket servers (tokio-tungstenite) on 127.0.0.1:0, each scripted with one behaviour —
+//! a well-behaved dialect server or one specific fault. Each connection's observations (frames,
+//! control messages, headers) are logged so tests can check what the agent sent.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// A Deepgram-style server's script.
+#[derive(Clone, Debug)]
+pub struct Dg {
+    /// What it "recognises".
+    pub transcript: String,
+    /// Send interim results while audio flows.
+    pub interim: bool,
+    /// Delay between CloseStream/Finalize and the final result.
+    pub final_delay: Duration,
+    /// After the final: Metadata and close 1000 (CloseStream). False = never closes.
+    pub finish: bool,
+    /// Never send a final result, only interims.
+    pub only_interim: bool,
+    /// Send WebSocket Ping frames before every result.
+    pub pings: bool,
+    /// Close with this code and reason after this many audio frames.
+    pub close_after: Option<(usize, u16, &'static str)>,
+    /// Require `Authorization: Token …`; otherwise answer 401.
+    pub require_token: bool,
+}
+
+impl Dg {
+    pub fn new(transcript: &str) -> Self {
+        Dg {
+            transcript: transcript.into(),
+            interim: true,
+            final_delay: Duration::from_millis(20),
+            finish: true,
+            only_interim: false,
+            pings: false,
+            close_after: None,
+            require_token: false,
+        }
+    }
+}
+
+/// What a server does with each connection.
+#[derive(Clone, Debug)]
+pub enum Behavior {
+    Deepgram(Dg),
+    /// Refuse the upgrade with this status and JSON body.
+    Reject { status: u16, body: String },
+    /// Accept, read everything, never answer, never close.
+    Silent,
+    /// Omi: growing segments while audio flows, the full text once audio stops; optional
+    /// `stt_degraded` / `stt_failed` status and `ping` text frames.
+    Omi { transcript: String, status: Option<&'static str>, pings: bool, wrapped: bool },
+    /// Generic JSON: `{"result":{"text","final"}}`; `{"op":"end"}` → final + close 1000.
+    Generic { transcript: String },
+    /// After the first audio frame, a text message that is not JSON.
+    Malformed,
+    /// After the first audio frame, raw bytes that are no WebSocket frame at all.
+    Garbage,
+    /// After the first audio frame, a well-formed binary message.
+    BinaryMessage,
+    /// After the first audio frame, a frame header declaring 100 MB, then a trickle of it.
+    HugeFrame,
+    /// Answer the upgrade one byte every 100 ms.
+    Trickle,
+    /// WebSocket echo: greets with `{"hello":"watchpost-test"}`, echoes text and binary.
+    Echo,
+}
+
+/// What one connection saw.
+#[derive(Debug, Default, Clone)]
+pub struct Log {
+    pub authorization: Option<String>,
+    pub path: String,
+    pub subprotocol: Option<String>,
+    pub frames: usize,
+    pub bytes: usize,
+    pub empty_frames: usize,
+    pub keepalives: usize,
+    pub texts: Vec<String>,
+    /// Arrival time of every binary frame.
+    pub frame_times: Vec<Instant>,
+}
+
+pub struct Server {
+    pub port: u16,
+    pub logs: Arc<Mutex<Vec<Arc<Mutex<Log>>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Server {
+    pub async fn start(b: Behavior) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local addr").port();
+        let logs: Arc<Mutex<Vec<Arc<Mutex<Log>>>>> = Arc::default();
+        let l2 = logs.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let log = Arc::new(Mutex::new(Log::default()));
+                l2.lock().unwrap().push(log.clone());
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(60), handle(sock, b, log)).await;
+                });
+            }
+        });
+        Server { port, logs, task }
+    }
+
+    /// `ws://127.0.0.1:<port><path_and_query>`.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("ws://127.0.0.1:{}{}", self.port, path_and_query)
+    }
+
+    /// The log of the `i`th connection.
+    pub fn log(&self, i: usize) -> Log {
+        self.logs.lock().unwrap()[i].lock().unwrap().clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.logs.lock().unwrap().len()
+    }
+}
+
+async fn read_request(sock: &mut TcpStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match sock.read(&mut b).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&b[..n]),
+        }
+    }
+    buf
+}
+
+fn status_text(code: u16) -> &'static str {
+    match code {
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        429 => "Too Many Requests",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+async fn accept(sock: TcpStream, log: &Arc<Mutex<Log>>, require_token: bool) -> Option<WebSocketStream<TcpStream>> {
+    let log2 = log.clone();
+    let cb = move |req: &Request, mut resp: Response| {
+        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let proto = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_string);
+        {
+            let mut l = log2.lock().unwrap();
+            l.authorization = auth.clone();
+            l.path = req.uri().to_string();
+            l.subprotocol = proto.clone();
+        }
+        if require_token && !auth.as_deref().is_some_and(|a| a.starts_with("Token ") && a.len() > 6) {
+            let body = r#"{"err_code":"INVALID_AUTH","err_msg":"Invalid credentials.","request_id":"req-401"}"#;
+            let mut r = tokio_tungstenite::tungstenite::http::Response::new(Some(body.to_string()));
+            *r.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::UNAUTHORIZED;
+            return Err(r);
+        }
+        resp.headers_mut().insert("dg-request-id", HeaderValue::from_static("req-fake-0001"));
+        if let Some(p) = proto {
+            if let Some(first) = p.split(',').next() {
+                if let Ok(v) = HeaderValue::from_str(first.trim()) {
+                    resp.headers_mut().insert("sec-websocket-protocol", v);
+                }
+            }
+        }
+        Ok(resp)
+    };
+    tokio_tungstenite::accept_hdr_async(sock, cb).await.ok()
+}
+
+fn results(text: &str, is_final: bool) -> Message {
+    Message::text(
+        json!({
+            "type": "Results", "channel_index": [0, 1], "start": 0.0, "duration": 1.0,
+            "is_final": is_final, "speech_final": is_final, "from_finalize": is_final,
+            "channel": {"alternatives": [{"transcript": text, "confidence": 0.98}]},
+            "metadata": {"request_id": "req-fake-0001"}
+        })
+        .to_string(),
+    )
+}
+
+fn prefix(text: &str, frames: usize) -> String {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let k = (frames / 4).clamp(1, words.len().max(1));
+    words[..k.min(words.len())].join(" ")
+}
+
+fn record_frame(log: &Arc<Mutex<Log>>, b: &Bytes) {
+    let mut l = log.lock().unwrap();
+    l.frames += 1;
+    l.bytes += b.len();
+    l.frame_times.push(Instant::now());
+    if b.is_empty() {
+        l.empty_frames += 1;
+    }
+}
+
+async fn close(ws: &mut WebSocketStream<TcpStream>, code: u16, reason: &str) {
+    let _ = ws.send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() }))).await;
+}
+
+async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
+    match b {
+        Behavior::Reject { status, body } => {
+            read_request(&mut sock).await;
+            let resp = format!(
+                "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                status_text(status),
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        }
+        Behavior::Trickle => {
+            read_request(&mut sock).await;
+            let resp = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: xxxxxxxxxxxxxxxxxxxxxxxxxxx=\r\n\r\n";
+            for byte in resp {
+                if sock.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Behavior::Deepgram(dg) => {
+            let Some(mut ws) = accept(sock, &log, dg.require_token).await else { return };
+            deepgram(&mut ws, &dg, &log).await;
+        }
+        Behavior::Silent => {
+            let Some(mut ws) = accept(sock, &log, false).await else { return };
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Binary(b) = &m {
+                    record_frame(&log, b);
+                }
+            }
+        }
+        Behavior::Omi { transcript, status, pings, wrapped } => {
+            let Some(mut ws) = accept(sock, &log, false).await else { return };
+            omi(&mut ws, &transcript, status, pings, wrapped, &log).await;
+        }
+        Behavior::Generic { transcript } => {
+            let Some(mut ws) = accept(sock, &log, false).await else { return };
+            generic(&mut ws, &transcript, &log).await;
+        }
+        Behavior::Echo => {
+            let Some(mut ws) = accept(sock, &log, false).await else { return };
+            let _ = ws.send(Message::text(r#"{"hello":"watchpost-test"}"#)).await;
+            while let Some(Ok(m)) = ws.next().await {
+                match m {
+                    Message::Text(t) => {
+                        log.lock().unwrap().texts.push(t.to_string());
+                        if t.as_str() == "close-me" {
+                            close(&mut ws, 4000, "asked to").await;
+                            continue;
+                        }
+                        let _ = ws.send(Message::text(format!(r#"{{"echo":{}}}"#, Value::from(t.as_str())))).await;
+                    }
+                    Message::Binary(b) => {
+                        record_frame(&log, &b);
+                        let _ = ws.send(Message::Binary(b)).await;
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+        }
+        Behavior::Malformed | Behavior::Garbage | Behavior::BinaryMessage | Behavior::HugeFrame => {
+            let Some(mut ws) = accept(sock, &log, false).await else { return };
+            // Wait for the first audio frame.
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(bytes))) => {
+                        record_frame(&log, &bytes);
+                        break;
+                    }
+                    Some(Ok(_)) => continue,
+                    _ => return,
+                }
+            }
+            match b {
+                Behavior::Malformed => {
+                    let _ = ws.send(Message::text(r#"{"type":"Results","channel":{"alternatives":[{"transcript":"#)).await;
+                }
+                Behavior::BinaryMessage => {
+                    let _ = ws.send(Message::Binary(Bytes::from_static(&[0xde, 0xad, 0xbe, 0xef, 0x00, 0x01]))).await;
+                }
+                Behavior::Garbage => {
+                    // RSV bits set, bogus opcode: not a WebSocket frame.
+                    let _ = ws.get_mut().write_all(&[0xff, 0xfe, 0x13, 0x37, 0x42, 0x00, 0x99, 0x10]).await;
+                }
+                _ => {
+                    // A binary frame header declaring 100 MiB (64-bit length), then a
+                    // trickle of payload: the test never allocates the 100 MB.
+                    let mut header = vec![0x82u8, 127];
+                    header.extend_from_slice(&(100u64 * 1024 * 1024).to_be_bytes());
+                    let s = ws.get_mut();
+                    let _ = s.write_all(&header).await;
+                    let chunk = vec![0u8; 64 * 1024];
+                    for _ in 0..16 {
+                        if s.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            // Keep the socket open and drain whatever comes.
+            let s = ws.get_mut();
+            let mut buf = [0u8; 4096];
+            while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn deepgram(ws: &mut WebSocketStream<TcpStream>, dg: &Dg, log: &Arc<Mutex<Log>>) {
+    let mut frames = 0usize;
+    while let Some(Ok(m)) = ws.next().await {
+        match m {
+            Message::Binary(b) => {
+                record_frame(log, &b);
+                frames += 1;
+                if let Some((after, code, reason)) = dg.close_after {
+                    if frames >= after {
+                        close(ws, code, reason).await;
+                        // Drain until the client answers the close.
+                        while let Some(Ok(_)) = ws.next().await {}
+                        return;
+                    }
+                }
+                if dg.interim && frames % 4 == 0 {
+                    if dg.pings {
+                        let _ = ws.send(Message::Ping(Bytes::from_static(b"hi"))).await;
+                    }
+                    let _ = ws.send(results(&prefix(&dg.transcript, frames), false)).await;
+                }
+            }
+            Message::Text(t) => {
+                let kind = serde_json::from_str::<Value>(&t)
+                    .ok()
+                    .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string))
+                    .unwrap_or_default();
+                log.lock().unwrap().texts.push(t.to_string());
+                match kind.as_str() {
+                    "KeepAlive" => log.lock().unwrap().keepalives += 1,
+                    "Finalize" | "CloseStream" => {
+                        if dg.only_interim {
+                            let _ = ws.send(results(&dg.transcript, false)).await;
+                            continue;
+                        }
+                        tokio::time::sleep(dg.final_delay).await;
+                        if dg.pings {
+                            let _ = ws.send(Message::Ping(Bytes::from_static(b"hi"))).await;
+                        }
+                        let _ = ws.send(results(&dg.transcript, true)).await;
+                        if kind == "CloseStream" && dg.finish {
+                            let meta = json!({"type": "Metadata", "request_id": "req-fake-0001", "duration": 2.0, "channels": 1});
+                            let _ = ws.send(Message::text(meta.to_string())).await;
+                            close(ws, 1000, "").await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+}
+
+async fn omi(
+    ws: &mut WebSocketStream<TcpStream>,
+    transcript: &str,
+    status: Option<&'static str>,
+    pings: bool,
+    wrapped: bool,
+    log: &Arc<Mutex<Log>>,
+) {
+    let seg = |text: &str| {
+        let segs = json!([{"id": "seg-1", "text": text, "speaker": "SPEAKER_00", "speaker_id": 0, "is_user": false, "start": 0.0, "end": 1.0}]);
+        let v = if wrapped { json!({"type": "segments", "segments": segs}) } else { segs };
+        Message::text(v.to_string())
+    };
+    let _ = ws.send(Message::text(r#"{"type":"service_status","status":"ready"}"#)).await;
+    let mut frames = 0usize;
+    let mut sent_full = false;
+    loop {
+        let m = match tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
+            Err(_) => {
+                // Quiet for 300 ms: the audio is over; send the whole utterance once.
+                if frames > 0 && !sent_full {
+                    sent_full = true;
+                    if status == Some("stt_failed") {
+                        let _ = ws
+                            .send(Message::text(r#"{"type":"service_status","status":"stt_failed","status_text":"provider down"}"#))
+                            .await;
+                        close(ws, 1011, "transcription_service_unavailable").await;
+                        continue;
+                    }
+                    let _ = ws.send(seg(transcript)).await;
+                }
+                continue;
+            }
+            Ok(Some(Ok(m))) => m,
+            Ok(_) => return,
+        };
+        match m {
+            Message::Binary(b) => {
+                record_frame(log, &b);
+                frames += 1;
+                if frames == 1 && status == Some("stt_degraded") {
+                    let _ = ws
+                        .send(Message::text(
+                            r#"{"type":"service_status","status":"stt_degraded","status_text":"falling back to batch mode"}"#,
+                        ))
+                        .await;
+                }
+                if pings && frames % 3 == 0 {
+                    let _ = ws.send(Message::text("ping")).await;
+                }
+                if frames % 5 == 0 {
+                    let _ = ws.send(seg(&prefix(transcript, frames))).await;
+                }
+            }
+            Message::Close(_) => return,
+            _ => {}
+        }
+    }
+}
+
+async fn generic(ws: &mut WebSocketStream<TcpStream>, transcript: &str, log: &Arc<Mutex<Log>>) {
+    let mut frames = 0usize;
+    while let Some(Ok(m)) = ws.next().await {
+        match m {
+            Message::Binary(b) => {
+                record_frame(log, &b);
+                frames += 1;
+                if frames % 4 == 0 {
+                    let v = json!({"result": {"text": prefix(transcript, frames), "final": false}});
+                    let _ = ws.send(Message::text(v.to_string())).await;
+                }
+            }
+            Message::Text(t) => {
+                log.lock().unwrap().texts.push(t.to_string());
+                if t.contains("\"end\"") {
+                    let v = json!({"result": {"text": transcript, "final": true}});
+                    let _ = ws.send(Message::text(v.to_string())).await;
+                    close(ws, 1000, "bye").await;
+                }
+            }
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+}
