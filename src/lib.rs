@@ -7,6 +7,7 @@ pub mod api;
 pub mod check;
 pub mod config;
 pub mod demo;
+pub mod demo_stt;
 pub mod incident;
 pub mod metrics;
 pub mod notify;
