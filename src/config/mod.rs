@@ -549,11 +549,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             }
         }
         for n in &c.notify {
-            if !notifier_names.contains(&n.get_ref().as_str()) {
-                diags.push(src.diag(
+            match notifiers.iter().find(|x| &x.name == n.get_ref()) {
+                None => diags.push(src.diag(
                     Some(n.span()),
                     format!("unknown notifier {:?} (defined: {})", n.get_ref(), list_or_none(&notifier_names)),
-                ));
+                )),
+                Some(x) => {
+                    if let Err(m) = x.config.check_component(c.name.get_ref()) {
+                        diags.push(src.diag(Some(n.span()), format!("notifier {:?} {m}", n.get_ref())));
+                    }
+                }
             }
         }
         if c.failure_threshold == 0 || c.success_threshold == 0 {

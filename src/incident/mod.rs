@@ -1,58 +1,775 @@
-//! Components and incidents: the evaluator that turns runs into component status and
-//! incident transitions (written with their outbox rows in one transaction). (stub)
+//! Components and incidents: the [`Evaluator`] turns runs into component status and
+//! incident transitions, and writes each transition, its timeline entry, the component's
+//! state and its notification outbox rows in ONE transaction; the notifier dispatcher
+//! delivers them afterwards. State survives restarts (it is read back from SQLite), so an
+//! incident opened before a restart is updated and resolved after it.
+//!
+//! The rules themselves are pure functions in [`state`]; maintenance calendars are in
+//! [`maintenance`]. Not here: delivering notifications (see `crate::notify`).
 
+pub mod maintenance;
+pub mod state;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 
-use serde::Deserialize;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ComponentConfig, Config, SpanError};
+use crate::config::{Config, ProbeConfig};
 use crate::metrics::Metrics;
-use crate::probe::RunResult;
+use crate::notify::event::{human_span, iso, Event};
+use crate::notify::{outbox, NotifierConfig};
+use crate::probe::{ms, Outcome, RunResult};
 use crate::store::Store;
+pub use maintenance::MaintenanceConfig;
+pub use state::{Cause, ComponentState, EventKind, Input, Rules, Status, Transition};
 
-/// `[[maintenance]]`: a window in which incidents are suppressed.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MaintenanceConfig {
-    /// Components in maintenance during the window.
-    pub components: Vec<String>,
-}
+/// Schema of incidents, their timeline, component state, the notification outbox and
+/// notifier references (migration 2 in `crate::store::MIGRATIONS`).
+pub const MIGRATION: &str = "
+CREATE TABLE incidents (
+    id INTEGER PRIMARY KEY,
+    component TEXT NOT NULL,
+    status TEXT NOT NULL,
+    worst_status TEXT NOT NULL,
+    opened_at INTEGER NOT NULL,
+    resolved_at INTEGER,
+    flapping INTEGER NOT NULL DEFAULT 0,
+    cause_member TEXT,
+    cause_class TEXT,
+    cause_message TEXT
+);
+CREATE INDEX incidents_component ON incidents(component, opened_at);
+CREATE INDEX incidents_open ON incidents(resolved_at);
+CREATE TABLE incident_events (
+    id INTEGER PRIMARY KEY,
+    component TEXT NOT NULL,
+    incident_id INTEGER,
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    from_status TEXT NOT NULL,
+    to_status TEXT NOT NULL,
+    member TEXT,
+    error_class TEXT,
+    message TEXT,
+    note TEXT
+);
+CREATE INDEX incident_events_incident ON incident_events(incident_id, id);
+CREATE TABLE component_state (
+    component TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    incident_id INTEGER,
+    state TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    notifier TEXT NOT NULL,
+    component TEXT NOT NULL,
+    incident_id INTEGER,
+    kind TEXT NOT NULL,
+    event TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_error TEXT,
+    finished_at INTEGER
+);
+CREATE INDEX outbox_pending ON outbox(notifier, status, id);
+CREATE INDEX outbox_incident ON outbox(incident_id);
+CREATE TABLE notifier_refs (
+    notifier TEXT NOT NULL,
+    incident_id INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (notifier, incident_id, key)
+) WITHOUT ROWID;
+";
 
-impl MaintenanceConfig {
-    pub fn validate(&self, _components: &[ComponentConfig]) -> Result<(), SpanError> {
-        Ok(())
-    }
+/// Largest run detail blob kept for notifications (bytes of JSON).
+const MAX_DETAILS: usize = 4096;
+
+/// One component at run time.
+struct Comp {
+    name: String,
+    rules: Rules,
+    members: Vec<String>,
+    state: ComponentState,
+    notify: Vec<(String, NotifierConfig)>,
+    budget_window_ms: i64,
+    budget_min_samples: u64,
 }
 
 /// Consumes runs, keeps per-component state, opens/updates/resolves incidents.
 pub struct Evaluator {
-    _config: Arc<Config>,
-    _store: Store,
-    _metrics: Metrics,
+    config: Arc<Config>,
+    store: Store,
+    metrics: Metrics,
+    comps: Vec<Comp>,
+    next_id: i64,
+    tick: Duration,
+    reader: Option<Connection>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn describe_metrics(m: &Metrics) {
+    m.describe(
+        "watchpost_component_status",
+        "gauge",
+        "1 for the component's current status, 0 for the others.",
+    );
+    m.describe(
+        "watchpost_incidents_opened_total",
+        "counter",
+        "Incidents opened, by component.",
+    );
+    m.describe(
+        "watchpost_incident_open",
+        "gauge",
+        "1 while the component has an open incident.",
+    );
 }
 
 impl Evaluator {
+    /// Build the evaluator and restore component state from the database.
     pub fn new(config: Arc<Config>, store: Store, metrics: Metrics) -> anyhow::Result<Self> {
-        Ok(Evaluator { _config: config, _store: store, _metrics: metrics })
+        describe_metrics(&metrics);
+        let reader = store.reader()?;
+        let mut saved: HashMap<String, String> = HashMap::new();
+        {
+            let mut st = reader.prepare("SELECT component, state FROM component_state")?;
+            let rows =
+                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (c, s) = row?;
+                saved.insert(c, s);
+            }
+        }
+        let max_id: i64 =
+            reader.query_row("SELECT coalesce(max(id), 0) FROM incidents", [], |r| {
+                r.get(0)
+            })?;
+        let mut comps = Vec::new();
+        for c in &config.components {
+            let name = c.name.get_ref().clone();
+            let members: Vec<String> = c.probes.iter().map(|p| p.get_ref().clone()).collect();
+            let mut state = match saved
+                .remove(&name)
+                .map(|s| serde_json::from_str::<ComponentState>(&s))
+            {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    tracing::warn!(component = %name, error = %e, "stored component state unreadable; starting fresh");
+                    ComponentState::new(&members)
+                }
+                None => ComponentState::new(&members),
+            };
+            state.sync_members(&members);
+            if let Some(inc) = &state.incident {
+                tracing::info!(component = %name, incident = inc.id, status = state.status.as_str(), "resuming open incident");
+            }
+            let notify = c
+                .notify
+                .iter()
+                .filter_map(|n| config.notifiers.iter().find(|x| &x.name == n.get_ref()))
+                .map(|n| (n.name.clone(), n.config.clone()))
+                .collect();
+            comps.push(Comp {
+                name,
+                rules: Rules {
+                    failure_threshold: c.failure_threshold.max(1),
+                    success_threshold: c.success_threshold.max(1),
+                    recovery_ms: c.recovery.0.as_millis() as i64,
+                    max_incidents_per_hour: c.max_incidents_per_hour,
+                },
+                members,
+                state,
+                notify,
+                budget_window_ms: c.budget_window.0.as_millis() as i64,
+                budget_min_samples: c.budget_min_samples,
+            });
+        }
+        for (name, s) in saved {
+            if serde_json::from_str::<ComponentState>(&s)
+                .map(|s| s.incident.is_some())
+                .unwrap_or(false)
+            {
+                tracing::warn!(component = %name, "component removed from the config has an open incident; it stays open");
+            }
+        }
+        // Recovery and maintenance are checked on a tick; fine enough for the shortest
+        // recovery hold, never busier than 20 times a second.
+        let shortest = comps
+            .iter()
+            .map(|c| c.rules.recovery_ms)
+            .min()
+            .unwrap_or(1000);
+        let tick = Duration::from_millis((shortest / 10).clamp(50, 1000) as u64);
+        let ev = Evaluator {
+            config,
+            store,
+            metrics,
+            comps,
+            next_id: max_id + 1,
+            tick,
+            reader: Some(reader),
+        };
+        for i in 0..ev.comps.len() {
+            ev.export(i);
+        }
+        Ok(ev)
     }
 
     /// Runs until `runs` closes (the scheduler has drained); `shutdown` is informational.
-    pub async fn run(self, mut runs: mpsc::Receiver<RunResult>, _shutdown: CancellationToken) {
-        while runs.recv().await.is_some() {}
+    pub async fn run(mut self, mut runs: mpsc::Receiver<RunResult>, _shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                r = runs.recv() => match r {
+                    Some(run) => self.on_run(&run).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::warn!(error = %format!("{e:#}"), "evaluator: final flush failed");
+        }
+    }
+
+    /// Feed one run (also usable directly, e.g. by rehearsals and tests).
+    pub async fn on_run(&mut self, run: &RunResult) {
+        let now = now_ms();
+        let at = run.started_at.timestamp_millis();
+        for ci in 0..self.comps.len() {
+            let inputs = member_inputs(&self.comps[ci].members, run, at);
+            if inputs.is_empty() {
+                continue;
+            }
+            let rules = self.comps[ci].rules;
+            for i in inputs {
+                self.comps[ci].state.apply(&rules, i);
+            }
+            if self.comps[ci].members.iter().any(|m| m == &run.probe) {
+                if let Some(input) = self.budget_input(ci, &run.probe, now) {
+                    self.comps[ci].state.apply(&rules, input);
+                }
+            }
+            let t = self.evaluate(ci, now);
+            self.persist(ci, t, now).await;
+        }
+    }
+
+    /// Time passing: recovery holds, maintenance windows.
+    pub async fn on_tick(&mut self) {
+        let now = now_ms();
+        for ci in 0..self.comps.len() {
+            if let Some(t) = self.evaluate(ci, now) {
+                self.persist(ci, Some(t), now).await;
+            }
+        }
+    }
+
+    fn evaluate(&mut self, ci: usize, now: i64) -> Option<Transition> {
+        let now_dt = chrono::DateTime::from_timestamp_millis(now).unwrap_or_default();
+        let reason =
+            maintenance::active_reason(&self.config.maintenance, &self.comps[ci].name, now_dt)
+                .map(str::to_string);
+        let next_id = &mut self.next_id;
+        let comp = &mut self.comps[ci];
+        comp.state
+            .evaluate(&comp.rules, now, reason.as_deref(), &mut || {
+                let id = *next_id;
+                *next_id += 1;
+                id
+            })
+    }
+
+    /// Judge a probe's latency budgets (p50/p95/p99 of each phase over the component's
+    /// budget window, with a minimum sample count).
+    fn budget_input(&mut self, ci: usize, probe: &str, now: i64) -> Option<Input> {
+        let p: &ProbeConfig = self.config.probe(probe)?;
+        if !p
+            .budget
+            .values()
+            .any(|b| b.p50.is_some() || b.p95.is_some() || b.p99.is_some())
+        {
+            return None;
+        }
+        if self.reader.is_none() {
+            self.reader = self.store.reader().ok();
+        }
+        let conn = self.reader.as_ref()?;
+        let comp = &self.comps[ci];
+        match budget_breach(conn, p, comp.budget_window_ms, comp.budget_min_samples, now) {
+            Ok(breach) => Some(Input::Budget {
+                member: probe.to_string(),
+                at: now,
+                breach,
+            }),
+            Err(e) => {
+                tracing::warn!(probe, error = %e, "cannot read histograms for the latency budget");
+                self.reader = None;
+                None
+            }
+        }
+    }
+
+    async fn persist(&mut self, ci: usize, t: Option<Transition>, now: i64) {
+        let comp = &self.comps[ci];
+        let state_json = match serde_json::to_string(&comp.state) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(component = %comp.name, error = %e, "cannot encode component state");
+                return;
+            }
+        };
+        let name = comp.name.clone();
+        let status = comp.state.status;
+        let open_id = comp.state.incident.as_ref().map(|i| i.id);
+        let mut rows: Vec<(String, Event)> = Vec::new();
+        let tr = t.map(|t| {
+            let details = t
+                .cause
+                .as_ref()
+                .and_then(|c| comp.state.members.get(&c.member))
+                .and_then(|m| m.last_details.clone());
+            let ev = Event {
+                kind: t.kind,
+                component: name.clone(),
+                status: t.to,
+                previous: t.from,
+                incident_id: t.incident.as_ref().map(|i| i.id),
+                opened_at: t.incident.as_ref().map(|i| i.opened_at),
+                at: now,
+                flapping: t.incident.as_ref().is_some_and(|i| i.flapping),
+                cause: t.cause.clone(),
+                note: t.note.clone(),
+                location: self.config.agent.location.clone(),
+                details,
+                test: false,
+            };
+            if t.notify {
+                for (n, cfg) in &comp.notify {
+                    if cfg.accepts(&ev) {
+                        rows.push((n.clone(), ev.clone()));
+                    }
+                }
+            }
+            (t, ev)
+        });
+        if let Some((t, ev)) = &tr {
+            tracing::info!(
+                component = %name, event = t.kind.as_str(), from = t.from.as_str(), to = t.to.as_str(),
+                incident = ?ev.incident_id, member = ?t.cause.as_ref().map(|c| c.member.clone()),
+                notifications = rows.len(), "component status changed"
+            );
+            if t.kind == EventKind::Opened {
+                self.metrics
+                    .inc("watchpost_incidents_opened_total", &[("component", &name)]);
+            }
+        }
+        let has_transition = tr.is_some();
+        let r = self
+            .store
+            .write(move |conn| {
+                if let Some((t, ev)) = &tr {
+                    write_transition(conn, &name, t, ev)?;
+                    for (n, ev) in &rows {
+                        outbox::enqueue(conn, n, ev, now)?;
+                    }
+                }
+                conn.execute(
+                    "INSERT INTO component_state (component, status, incident_id, state, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (component) DO UPDATE SET status = excluded.status, incident_id = excluded.incident_id,
+                     state = excluded.state, updated_at = excluded.updated_at",
+                    params![name, status.as_str(), open_id, state_json, now],
+                )?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(component = %self.comps[ci].name, error = %format!("{e:#}"), "cannot store the component's state");
+            return;
+        }
+        if has_transition {
+            // Make the rows visible to the dispatcher's readers before ringing.
+            if let Err(e) = self.store.flush().await {
+                tracing::error!(error = %format!("{e:#}"), "cannot commit the transition");
+            }
+            outbox::ring(self.store.path());
+            self.export(ci);
+        }
+    }
+
+    fn export(&self, ci: usize) {
+        let c = &self.comps[ci];
+        for s in Status::ALL {
+            let v = if c.state.status == s { 1.0 } else { 0.0 };
+            self.metrics.set(
+                "watchpost_component_status",
+                &[("component", &c.name), ("status", s.as_str())],
+                v,
+            );
+        }
+        let open = if c.state.incident.is_some() { 1.0 } else { 0.0 };
+        self.metrics
+            .set("watchpost_incident_open", &[("component", &c.name)], open);
+    }
+
+    /// Current status of each component (for the API and dashboard).
+    pub fn statuses(&self) -> Vec<(String, Status)> {
+        self.comps
+            .iter()
+            .map(|c| (c.name.clone(), c.state.status))
+            .collect()
     }
 }
 
-/// Incidents as JSON objects, newest first (for the CLI and the API).
-pub fn list_incidents(_conn: &rusqlite::Connection, _open_only: bool) -> anyhow::Result<Vec<serde_json::Value>> {
-    Ok(Vec::new())
+/// The inputs a run gives to a component's members: the probe itself, and its sub-checks
+/// (a sub-check missing from a failed run counts as failed with the run's error).
+fn member_inputs(members: &[String], run: &RunResult, at: i64) -> Vec<Input> {
+    let mut out = Vec::new();
+    for m in members {
+        if m == &run.probe {
+            out.push(Input::Run {
+                member: m.clone(),
+                outcome: run.outcome,
+                at,
+                error: run
+                    .error
+                    .as_ref()
+                    .map(|e| (e.class.clone(), e.message.clone())),
+                details: run_details(run),
+            });
+        } else if m
+            .strip_prefix(run.probe.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+        {
+            match run.subchecks.iter().find(|s| &s.series == m) {
+                Some(s) => out.push(Input::Run {
+                    member: m.clone(),
+                    outcome: s.outcome,
+                    at,
+                    error: s
+                        .error
+                        .as_ref()
+                        .map(|e| (e.class.clone(), e.message.clone())),
+                    details: s.latency.map(|l| json!({"latency_ms": ms(l)})),
+                }),
+                None if run.outcome != Outcome::Up => out.push(Input::Run {
+                    member: m.clone(),
+                    outcome: run.outcome,
+                    at,
+                    error: run.error.as_ref().map(|e| {
+                        (
+                            e.class.clone(),
+                            format!("{} (sub-check not reported)", e.message),
+                        )
+                    }),
+                    details: run_details(run),
+                }),
+                None => {}
+            }
+        }
+    }
+    out
+}
+
+/// Phases and details of a run, for notifications; bounded.
+fn run_details(run: &RunResult) -> Option<Value> {
+    if run.outcome == Outcome::Up {
+        return None;
+    }
+    let phases: serde_json::Map<String, Value> = run
+        .phases
+        .iter()
+        .map(|(n, d)| (n.clone(), json!(ms(*d))))
+        .collect();
+    let mut v = json!({"probe": run.probe, "duration_ms": ms(run.duration), "phases": phases, "details": run.details});
+    if v.to_string().len() > MAX_DETAILS {
+        v["details"] = json!("(omitted: too large)");
+    }
+    Some(v)
+}
+
+/// A latency-budget breach of `probe` over `[now - window, now]`, if any.
+pub fn budget_breach(
+    conn: &Connection,
+    probe: &ProbeConfig,
+    window_ms: i64,
+    min_samples: u64,
+    now: i64,
+) -> rusqlite::Result<Option<Cause>> {
+    for (phase, b) in &probe.budget {
+        let limits = [
+            ("p50", 50.0, b.p50),
+            ("p95", 95.0, b.p95),
+            ("p99", 99.0, b.p99),
+        ];
+        if limits.iter().all(|l| l.2.is_none()) {
+            continue;
+        }
+        let h = crate::store::hist::series_window(
+            conn,
+            &probe.name,
+            phase,
+            now - window_ms,
+            now + 60_000,
+        )?;
+        if h.len() < min_samples.max(1) {
+            continue;
+        }
+        for (label, q, limit) in limits {
+            let Some(limit) = limit else { continue };
+            let v_us = h.value_at_percentile(q);
+            if v_us > limit.0.as_micros() as u64 {
+                return Ok(Some(Cause {
+                    member: probe.name.clone(),
+                    class: "latency_budget".into(),
+                    message: format!(
+                        "{label} of {phase} is {} over its {} budget (last {}, {} runs)",
+                        human_ms_us(v_us),
+                        crate::config::duration::human(limit.0),
+                        crate::config::duration::human(Duration::from_millis(
+                            window_ms.max(0) as u64
+                        )),
+                        h.len()
+                    ),
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn human_ms_us(us: u64) -> String {
+    if us >= 10_000 {
+        format!("{}ms", us / 1000)
+    } else {
+        format!("{:.1}ms", us as f64 / 1000.0)
+    }
+}
+
+fn write_transition(
+    conn: &Connection,
+    component: &str,
+    t: &Transition,
+    ev: &Event,
+) -> rusqlite::Result<()> {
+    let (member, class, message) = match &t.cause {
+        Some(c) => (
+            Some(c.member.as_str()),
+            Some(c.class.as_str()),
+            Some(c.message.as_str()),
+        ),
+        None => (None, None, None),
+    };
+    let inc = t.incident.as_ref();
+    let flapping = inc.is_some_and(|i| i.flapping);
+    match (t.kind, inc) {
+        (EventKind::Opened, Some(i)) => {
+            conn.execute(
+                "INSERT INTO incidents (id, component, status, worst_status, opened_at, flapping, cause_member, cause_class, cause_message)
+                 VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![i.id, component, t.to.as_str(), i.opened_at, flapping, member, class, message],
+            )?;
+        }
+        (EventKind::Escalated | EventKind::Deescalated, Some(i)) => {
+            conn.execute(
+                "UPDATE incidents SET status = ?2, flapping = ?4,
+                   worst_status = CASE WHEN ?3 > (CASE worst_status WHEN 'major_outage' THEN 3 WHEN 'partial_outage' THEN 2
+                                                  WHEN 'degraded' THEN 1 ELSE 0 END) THEN ?2 ELSE worst_status END
+                 WHERE id = ?1",
+                params![i.id, t.to.as_str(), t.to.severity(), flapping],
+            )?;
+        }
+        (EventKind::Resolved, Some(i)) => {
+            conn.execute(
+                "UPDATE incidents SET status = 'resolved', resolved_at = ?2, flapping = ?3 WHERE id = ?1",
+                params![i.id, ev.at, flapping],
+            )?;
+        }
+        _ => {}
+    }
+    conn.execute(
+        "INSERT INTO incident_events (component, incident_id, at, kind, from_status, to_status, member, error_class, message, note)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![component, inc.map(|i| i.id), ev.at, t.kind.as_str(), t.from.as_str(), t.to.as_str(), member, class, message, t.note],
+    )?;
+    Ok(())
+}
+
+fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |_| Ok(()),
+    )
+    .optional()
+    .map(|r| r.is_some())
+}
+
+/// Incidents as JSON objects, newest first (for the CLI and the API), each with its
+/// timeline and notifications.
+pub fn list_incidents(conn: &Connection, open_only: bool) -> anyhow::Result<Vec<Value>> {
+    if !table_exists(conn, "incidents")? {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT id, component, status, worst_status, opened_at, resolved_at, flapping, cause_member, cause_class, cause_message
+         FROM incidents {} ORDER BY opened_at DESC, id DESC LIMIT 500",
+        if open_only { "WHERE resolved_at IS NULL" } else { "" }
+    );
+    let mut st = conn.prepare(&sql)?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, Option<i64>>(5)?,
+            r.get::<_, bool>(6)?,
+            r.get::<_, Option<String>>(7)?,
+            r.get::<_, Option<String>>(8)?,
+            r.get::<_, Option<String>>(9)?,
+        ))
+    })?;
+    let mut ev_st = conn.prepare(
+        "SELECT at, kind, from_status, to_status, member, error_class, message, note FROM incident_events WHERE incident_id = ?1 ORDER BY id",
+    )?;
+    let mut out_st = conn.prepare(
+        "SELECT id, notifier, kind, status, attempts, last_error, created_at, finished_at FROM outbox WHERE incident_id = ?1 ORDER BY id",
+    )?;
+    let now = now_ms();
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, component, status, worst, opened, resolved, flapping, member, class, message) =
+            row?;
+        let timeline: Vec<Value> = ev_st
+            .query_map([id], |r| {
+                Ok(json!({
+                    "at": iso(r.get::<_, i64>(0)?),
+                    "kind": r.get::<_, String>(1)?,
+                    "from": r.get::<_, String>(2)?,
+                    "to": r.get::<_, String>(3)?,
+                    "member": r.get::<_, Option<String>>(4)?,
+                    "class": r.get::<_, Option<String>>(5)?,
+                    "message": r.get::<_, Option<String>>(6)?,
+                    "note": r.get::<_, Option<String>>(7)?,
+                }))
+            })?
+            .collect::<Result<_, _>>()?;
+        let notifications: Vec<Value> = out_st
+            .query_map([id], |r| {
+                Ok(json!({
+                    "id": r.get::<_, i64>(0)?,
+                    "notifier": r.get::<_, String>(1)?,
+                    "event": r.get::<_, String>(2)?,
+                    "status": r.get::<_, String>(3)?,
+                    "attempts": r.get::<_, i64>(4)?,
+                    "last_error": r.get::<_, Option<String>>(5)?,
+                    "queued_at": iso(r.get::<_, i64>(6)?),
+                    "finished_at": r.get::<_, Option<i64>>(7)?.map(iso),
+                }))
+            })?
+            .collect::<Result<_, _>>()?;
+        let cause = member.map(|m| json!({"member": m, "class": class, "message": message}));
+        out.push(json!({
+            "id": id,
+            "component": component,
+            "status": status,
+            "worst_status": worst,
+            "open": resolved.is_none(),
+            "opened_at": iso(opened),
+            "resolved_at": resolved.map(iso),
+            "duration_seconds": (resolved.unwrap_or(now) - opened).max(0) / 1000,
+            "flapping": flapping,
+            "cause": cause,
+            "timeline": timeline,
+            "notifications": notifications,
+        }));
+    }
+    Ok(out)
 }
 
 /// Human table of incidents for `watchpost incidents`.
-pub fn render_incidents(list: &[serde_json::Value]) -> String {
+pub fn render_incidents(list: &[Value]) -> String {
     if list.is_empty() {
         return "no incidents\n".into();
     }
-    list.iter().map(|v| format!("{v}\n")).collect()
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<5} {:<24} {:<16} {:<24} {:<10} CAUSE",
+        "ID", "COMPONENT", "STATUS", "OPENED", "DURATION"
+    );
+    for v in list {
+        let open = v.get("open").and_then(Value::as_bool).unwrap_or(false);
+        let status = if open {
+            s(v, "status")
+        } else {
+            format!("resolved ({})", s(v, "worst_status"))
+        };
+        let dur = human_span(
+            v.get("duration_seconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                * 1000,
+        );
+        let cause = v
+            .get("cause")
+            .filter(|c| !c.is_null())
+            .map(|c| format!("{} [{}] {}", s(c, "member"), s(c, "class"), s(c, "message")))
+            .unwrap_or_default();
+        let flap = if v.get("flapping").and_then(Value::as_bool).unwrap_or(false) {
+            " (flapping)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<24} {:<16} {:<24} {:<10} {}{flap}",
+            v.get("id").and_then(Value::as_i64).unwrap_or(0),
+            crate::notify::event::truncate(&s(v, "component"), 24),
+            status,
+            s(v, "opened_at"),
+            if open { format!("{dur}+") } else { dur },
+            crate::notify::event::truncate(&cause, 100),
+        );
+        let notes = v
+            .get("notifications")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for n in notes.iter().filter(|n| s(n, "status") != "delivered") {
+            let _ = writeln!(
+                out,
+                "      ↳ {} {}: {} after {} attempt(s){}",
+                s(n, "notifier"),
+                s(n, "event"),
+                s(n, "status"),
+                n.get("attempts").and_then(Value::as_i64).unwrap_or(0),
+                n.get("last_error")
+                    .and_then(Value::as_str)
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    out
 }

@@ -1,39 +1,773 @@
-//! Notifiers: destinations for incident transitions, fed from the SQLite outbox. (stub)
+//! Notifiers: destinations for incident transitions (Instatus, PagerDuty, e-mail, webhook),
+//! fed from the SQLite outbox by one worker per notifier.
+//!
+//! The evaluator writes each transition and its outbox rows in one transaction; the
+//! [`Dispatcher`] then delivers them: per notifier a worker with its own rate limit
+//! (governor), retry policy ([`retry`]: exponential backoff with jitter, `Retry-After`
+//! honoured, other 4xx dead-lettered) and circuit breaker ([`breaker`]). Workers run
+//! concurrently, so one slow or dead notifier never delays another; within a notifier rows
+//! are delivered in order per component. Rows stay pending until delivered, so a restart
+//! picks up where the last run stopped.
+//!
+//! Adding a notifier: a new file with a config struct implementing [`Spec`] and a runtime
+//! type implementing [`Destination`], plus one line in [`KINDS`].
+//!
+//! Not here: deciding when to notify (see `crate::incident`).
 
+pub mod breaker;
+pub mod email;
+pub mod event;
+pub mod instatus;
+pub mod outbox;
+pub mod pagerduty;
+pub mod retry;
+pub mod webhook;
+
+use std::fmt;
+use std::future::Future;
+use std::num::NonZeroU32;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Rest, SpanError};
+use crate::config::{Config, Dur, Rest, SpanError};
 use crate::metrics::Metrics;
 use crate::store::Store;
+pub use event::{Event, EventKind, Status};
+pub use retry::{DeliveryError, Retry};
 
-/// Kind-specific notifier configuration.
+/// A boxed future, for object-safe async trait methods.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Parses one notifier kind's keys (everything but `kind`).
+type Parse = fn(Rest<'_>) -> Result<Arc<dyn Spec>, SpanError>;
+
+/// The notifier kinds: one registration line each.
+pub const KINDS: &[(&str, Parse)] = &[
+    ("instatus", instatus::parse),
+    ("pagerduty", pagerduty::parse),
+    ("email", email::parse),
+    ("webhook", webhook::parse),
+];
+
+/// A notifier's validated configuration.
+pub trait Spec: fmt::Debug + Send + Sync {
+    fn kind(&self) -> &'static str;
+    /// Retry, rate and timeout settings.
+    fn delivery(&self) -> &DeliveryOptions;
+    /// Requests per second when `delivery.rate_limit` is not set.
+    fn default_rate(&self) -> f64 {
+        5.0
+    }
+    /// Whether this notifier wants the event (decided when the outbox row would be written).
+    fn accepts(&self, ev: &Event) -> bool;
+    /// Whether the notifier can serve `component` (e.g. Instatus needs its component id).
+    fn check_component(&self, _component: &str) -> Result<(), String> {
+        Ok(())
+    }
+    /// Build the runtime side (clients, transports).
+    fn build(&self) -> anyhow::Result<Arc<dyn Destination>>;
+}
+
+/// A notifier at run time.
+pub trait Destination: Send + Sync {
+    /// Deliver one event. Must be idempotent per (notifier, outbox row): a retry after a
+    /// partial success must not repeat the parts already done (use [`Ctx::once`]).
+    fn deliver<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        ev: &'a Event,
+    ) -> BoxFuture<'a, Result<(), DeliveryError>>;
+    /// `watchpost notify-test`: send one event marked as a test; returns what was done.
+    fn test<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, Result<String, DeliveryError>>;
+}
+
+/// Kind-specific notifier configuration (a validated [`Spec`]).
 #[derive(Debug, Clone)]
-pub enum NotifierConfig {}
+pub struct NotifierConfig(pub Arc<dyn Spec>);
 
 impl NotifierConfig {
-    pub fn from_kind(kind: &str, span: Range<usize>, _rest: Rest<'_>) -> Result<Self, SpanError> {
-        Err(SpanError::at(span, format!("unknown notifier kind {kind:?}")))
+    /// Parse a `[notifier.NAME]` table whose `kind` was `kind`.
+    pub fn from_kind(kind: &str, span: Range<usize>, rest: Rest<'_>) -> Result<Self, SpanError> {
+        match KINDS.iter().find(|(k, _)| *k == kind) {
+            Some((_, parse)) => parse(rest).map(NotifierConfig),
+            None => {
+                let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+                Err(SpanError::at(
+                    span,
+                    format!(
+                        "unknown notifier kind {kind:?} (expected {})",
+                        known.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+
+    pub fn accepts(&self, ev: &Event) -> bool {
+        self.0.accepts(ev)
+    }
+
+    pub fn check_component(&self, component: &str) -> Result<(), String> {
+        self.0.check_component(component)
     }
 }
 
-/// Delivers outbox rows to notifiers.
-pub struct Dispatcher;
+fn default_timeout() -> Dur {
+    Dur::secs(10)
+}
+fn default_retry_initial() -> Dur {
+    Dur::secs(1)
+}
+fn default_retry_max() -> Dur {
+    Dur::secs(300)
+}
+fn default_give_up() -> Dur {
+    Dur::secs(24 * 3600)
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> Dur {
+    Dur::secs(30)
+}
 
-impl Dispatcher {
-    pub fn new(_config: Arc<Config>, _store: Store, _metrics: Metrics) -> anyhow::Result<Self> {
-        Ok(Dispatcher)
+/// `[notifier.NAME.delivery]`: how hard to try. Every key is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryOptions {
+    /// Deadline of one request (connect, send, answer).
+    #[serde(default = "default_timeout")]
+    pub timeout: Dur,
+    /// Most requests per second to this notifier (default: instatus 1, pagerduty 2, others 5).
+    pub rate_limit: Option<f64>,
+    /// First retry delay; it doubles per failed attempt (with jitter) up to `retry_max`.
+    #[serde(default = "default_retry_initial")]
+    pub retry_initial: Dur,
+    /// Longest delay between retries.
+    #[serde(default = "default_retry_max")]
+    pub retry_max: Dur,
+    /// A notification still failing this long after it was queued is dead-lettered.
+    #[serde(default = "default_give_up")]
+    pub give_up_after: Dur,
+    /// Consecutive failed attempts that open the circuit breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker waits before one probing attempt (doubles while it fails).
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown: Dur,
+}
+
+impl Default for DeliveryOptions {
+    fn default() -> Self {
+        DeliveryOptions {
+            timeout: default_timeout(),
+            rate_limit: None,
+            retry_initial: default_retry_initial(),
+            retry_max: default_retry_max(),
+            give_up_after: default_give_up(),
+            breaker_failures: default_breaker_failures(),
+            breaker_cooldown: default_breaker_cooldown(),
+        }
+    }
+}
+
+impl DeliveryOptions {
+    /// Check values; `span` is the notifier table.
+    pub fn validate(&self, span: Range<usize>) -> Result<(), SpanError> {
+        if let Some(r) = self.rate_limit {
+            if !(r.is_finite() && r > 0.0 && r <= 1000.0) {
+                return Err(SpanError::at(
+                    span,
+                    format!(
+                        "delivery.rate_limit = {r} must be between 0 and 1000 requests per second"
+                    ),
+                ));
+            }
+        }
+        if self.timeout.0.is_zero() {
+            return Err(SpanError::at(span, "delivery.timeout must be above zero"));
+        }
+        if self.retry_initial.0.is_zero() || self.retry_max.0 < self.retry_initial.0 {
+            return Err(SpanError::at(
+                span,
+                "delivery.retry_initial must be above zero and at most retry_max",
+            ));
+        }
+        if self.breaker_failures == 0 {
+            return Err(SpanError::at(
+                span,
+                "delivery.breaker_failures must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a notifier needs while delivering: an HTTP client with its deadline, the rate
+/// limiter, and (in the daemon) the store for references that survive restarts.
+#[derive(Clone)]
+pub struct Ctx {
+    pub notifier: String,
+    pub client: reqwest::Client,
+    pub limiter: Arc<DefaultDirectRateLimiter>,
+    pub timeout: Duration,
+    pub store: Option<Store>,
+    /// The outbox row being delivered (a stable delivery id for receivers).
+    pub delivery_id: Option<i64>,
+    /// `[agent].location`, for test events.
+    pub location: String,
+}
+
+/// Largest response body read from a notifier endpoint.
+const MAX_BODY: usize = 64 * 1024;
+
+impl Ctx {
+    /// Build a context for notifier `name` (no store: nothing persists, e.g. notify-test).
+    pub fn new(
+        name: &str,
+        spec: &dyn Spec,
+        store: Option<Store>,
+        location: &str,
+    ) -> anyhow::Result<Ctx> {
+        let opts = spec.delivery();
+        let timeout = opts.timeout.0;
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("watchpost/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("building HTTP client")?;
+        let rate = opts.rate_limit.unwrap_or_else(|| spec.default_rate());
+        let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::MIN);
+        Ok(Ctx {
+            notifier: name.to_string(),
+            client,
+            limiter: Arc::new(RateLimiter::direct(quota)),
+            timeout,
+            store,
+            delivery_id: None,
+            location: location.to_string(),
+        })
     }
 
-    /// Deliver until `shutdown` is cancelled.
+    /// Wait for the rate limiter.
+    pub async fn turn(&self) {
+        self.limiter.until_ready().await;
+    }
+
+    /// Send one HTTP request (after the rate limiter) and return the body of a 2xx answer;
+    /// anything else becomes a [`DeliveryError`] carrying the status and `Retry-After`.
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<String, DeliveryError> {
+        self.turn().await;
+        let t = self.timeout;
+        let resp = match tokio::time::timeout(t, req.send()).await {
+            Err(_) => return Err(DeliveryError::Timeout(t)),
+            Ok(Err(e)) if e.is_timeout() => return Err(DeliveryError::Timeout(t)),
+            Ok(Err(e)) => return Err(DeliveryError::Network(error_chain(&e))),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry::parse_retry_after(v, chrono::Utc::now()));
+        let body = match tokio::time::timeout(t, read_capped(resp)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) if (200..300).contains(&status) => {
+                return Err(DeliveryError::Network(error_chain(&e)))
+            }
+            Ok(Err(_)) => String::new(),
+            Err(_) => return Err(DeliveryError::Timeout(t)),
+        };
+        if (200..300).contains(&status) {
+            Ok(body)
+        } else {
+            Err(DeliveryError::Status {
+                status,
+                body: event::truncate(body.trim(), 300),
+                retry_after,
+            })
+        }
+    }
+
+    /// A stored reference (e.g. the Instatus incident id) for `scope` (an incident id).
+    pub async fn get_ref(&self, scope: i64, key: &str) -> Result<Option<String>, DeliveryError> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let (n, k) = (self.notifier.clone(), key.to_string());
+        store
+            .write(move |c| outbox::get_ref(c, &n, scope, &k))
+            .await
+            .map_err(|e| DeliveryError::Transient(format!("reading notifier state: {e:#}")))
+    }
+
+    /// Store a reference; committed before this returns.
+    pub async fn set_ref(&self, scope: i64, key: &str, value: &str) -> Result<(), DeliveryError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let (n, k, v) = (self.notifier.clone(), key.to_string(), value.to_string());
+        let now = chrono::Utc::now().timestamp_millis();
+        let r = store
+            .write(move |c| outbox::set_ref(c, &n, scope, &k, &v, now))
+            .await;
+        let r = match r {
+            Ok(()) => store.flush().await,
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| DeliveryError::Transient(format!("storing notifier state: {e:#}")))
+    }
+
+    /// Run one step of a multi-request delivery at most once per outbox row, across retries
+    /// and restarts (a resolve that posted the incident update but failed to reset the
+    /// component does not post the update again).
+    pub async fn once<F>(&self, step: &str, f: F) -> Result<(), DeliveryError>
+    where
+        F: Future<Output = Result<(), DeliveryError>>,
+    {
+        let Some(id) = self.delivery_id else {
+            return f.await;
+        };
+        // Steps are scoped by the negated outbox id so they never collide with incident ids.
+        let key = format!("step:{step}");
+        if self.get_ref(-id, &key).await?.is_some() {
+            return Ok(());
+        }
+        f.await?;
+        self.set_ref(-id, &key, "done").await
+    }
+}
+
+async fn read_capped(mut resp: reqwest::Response) -> Result<String, reqwest::Error> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = MAX_BODY.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= MAX_BODY {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        let t = x.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = x.source();
+    }
+    s
+}
+
+/// Parse a notifier's keys with `T` and validate them.
+pub(crate) fn parse_with<T, F>(rest: Rest<'_>, validate: F) -> Result<Arc<dyn Spec>, SpanError>
+where
+    T: serde::de::DeserializeOwned + Spec + 'static,
+    F: FnOnce(&T, Range<usize>) -> Result<(), SpanError>,
+{
+    let span = rest.span();
+    let spec: T = rest.parse()?;
+    spec.delivery().validate(span.clone())?;
+    validate(&spec, span)?;
+    Ok(Arc::new(spec))
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatcher
+// ---------------------------------------------------------------------------------------
+
+/// How often workers look at the outbox when nobody rings the bell.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Delivers outbox rows to notifiers: one concurrent worker per notifier.
+pub struct Dispatcher {
+    workers: Vec<Worker>,
+    store: Store,
+    metrics: Metrics,
+}
+
+struct Worker {
+    name: String,
+    dest: Arc<dyn Destination>,
+    ctx: Ctx,
+    opts: DeliveryOptions,
+    store: Store,
+    metrics: Metrics,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Describe the notification metrics (HELP/TYPE lines).
+pub fn describe_metrics(m: &Metrics) {
+    m.describe(
+        "watchpost_outbox_pending",
+        "gauge",
+        "Notifications queued and not yet delivered, by notifier.",
+    );
+    m.describe(
+        "watchpost_outbox_dead_letters",
+        "gauge",
+        "Notifications given up on (dead-lettered), by notifier.",
+    );
+    m.describe(
+        "watchpost_notifications_total",
+        "counter",
+        "Delivery attempts by notifier and result (delivered, retry, dead_letter).",
+    );
+    m.describe(
+        "watchpost_notifier_circuit_open",
+        "gauge",
+        "1 while the notifier's circuit breaker is open.",
+    );
+    m.describe(
+        "watchpost_notification_delay_seconds",
+        "histogram",
+        "Time from the transition to the delivered notification.",
+    );
+}
+
+impl Dispatcher {
+    pub fn new(config: Arc<Config>, store: Store, metrics: Metrics) -> anyhow::Result<Self> {
+        describe_metrics(&metrics);
+        let mut workers = Vec::new();
+        for n in &config.notifiers {
+            let spec = n.config.0.as_ref();
+            let dest = spec
+                .build()
+                .with_context(|| format!("notifier {}", n.name))?;
+            let ctx = Ctx::new(&n.name, spec, Some(store.clone()), &config.agent.location)
+                .with_context(|| format!("notifier {}", n.name))?;
+            workers.push(Worker {
+                name: n.name.clone(),
+                dest,
+                ctx,
+                opts: spec.delivery().clone(),
+                store: store.clone(),
+                metrics: metrics.clone(),
+            });
+        }
+        Ok(Dispatcher {
+            workers,
+            store,
+            metrics,
+        })
+    }
+
+    /// Deliver until `shutdown` is cancelled. A delivery in progress is finished (it has its
+    /// own deadline); what is still pending is delivered after the next start.
     pub async fn run(self, shutdown: CancellationToken) {
-        shutdown.cancelled().await;
+        let names: Vec<String> = self.workers.iter().map(|w| w.name.clone()).collect();
+        self.report_orphans(&names);
+        let mut set = tokio::task::JoinSet::new();
+        for w in self.workers {
+            set.spawn(w.run(shutdown.clone()));
+        }
+        while let Some(r) = set.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "notifier worker failed");
+            }
+        }
+    }
+
+    fn report_orphans(&self, names: &[String]) {
+        let Ok(conn) = self.store.reader() else {
+            return;
+        };
+        let Ok(counts) = outbox::counts(&conn) else {
+            return;
+        };
+        for (n, (pending, dead)) in counts {
+            if names.contains(&n) {
+                self.metrics.set(
+                    "watchpost_outbox_dead_letters",
+                    &[("notifier", &n)],
+                    dead as f64,
+                );
+            } else if pending > 0 {
+                tracing::warn!(notifier = %n, pending, "outbox rows for a notifier that is no longer configured stay undelivered");
+            }
+        }
+    }
+}
+
+impl Worker {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut bell = outbox::subscribe(self.store.path());
+        let mut breaker =
+            breaker::Breaker::new(self.opts.breaker_failures, self.opts.breaker_cooldown.0);
+        let mut reader = None;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            bell.borrow_and_update();
+            if reader.is_none() {
+                reader = self.store.reader().map_err(|e| tracing::warn!(notifier = %self.name, error = %format!("{e:#}"), "cannot read the outbox")).ok();
+            }
+            let rows = match reader.as_ref().map(|c| outbox::pending(c, &self.name)) {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    tracing::warn!(notifier = %self.name, error = %e, "cannot read the outbox");
+                    reader = None;
+                    Vec::new()
+                }
+                None => Vec::new(),
+            };
+            self.metrics.set(
+                "watchpost_outbox_pending",
+                &[("notifier", &self.name)],
+                rows.len() as f64,
+            );
+            let now = now_ms();
+            let heads = outbox::heads(&rows);
+            let due: Vec<&outbox::Row> = heads
+                .iter()
+                .copied()
+                .filter(|r| r.next_attempt_at <= now)
+                .collect();
+            if due.is_empty() {
+                let next = heads.iter().map(|r| r.next_attempt_at).min();
+                let wait = next.map_or(POLL, |t| {
+                    Duration::from_millis((t - now).clamp(1, POLL.as_millis() as i64) as u64)
+                });
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = bell.changed() => {}
+                }
+                continue;
+            }
+            for row in due {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                if let Err(until) = breaker.allow(Instant::now()) {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep_until(until.into()) => {}
+                    }
+                    break;
+                }
+                self.attempt(row, &mut breaker).await;
+                self.metrics.set(
+                    "watchpost_notifier_circuit_open",
+                    &[("notifier", &self.name)],
+                    if breaker.is_open() { 1.0 } else { 0.0 },
+                );
+            }
+        }
+    }
+
+    async fn attempt(&self, row: &outbox::Row, breaker: &mut breaker::Breaker) {
+        let attempts = row.attempts.saturating_add(1);
+        let ev = match &row.event {
+            Ok(ev) => ev,
+            Err(msg) => {
+                self.dead(row, attempts, msg).await;
+                return;
+            }
+        };
+        let mut ctx = self.ctx.clone();
+        ctx.delivery_id = Some(row.id);
+        // The notifier's own requests have deadlines; this outer one bounds a delivery that
+        // makes several requests (and waits for the rate limiter between them).
+        let outer = self.opts.timeout.0 * 4 + Duration::from_secs(10);
+        let result = match tokio::time::timeout(outer, self.dest.deliver(&ctx, ev)).await {
+            Ok(r) => r,
+            Err(_) => Err(DeliveryError::Timeout(outer)),
+        };
+        let now = now_ms();
+        match result {
+            Ok(()) => {
+                breaker.success();
+                self.metrics.inc(
+                    "watchpost_notifications_total",
+                    &[("notifier", &self.name), ("result", "delivered")],
+                );
+                self.metrics.observe(
+                    "watchpost_notification_delay_seconds",
+                    &[("notifier", &self.name)],
+                    (now - row.created_at).max(0) as f64 / 1000.0,
+                );
+                tracing::info!(notifier = %self.name, component = %row.component, event = ev.kind.as_str(), id = row.id, attempts, "notification delivered");
+                let id = row.id;
+                self.commit(move |c| outbox::mark_delivered(c, id, attempts, now))
+                    .await;
+            }
+            Err(e) => match e.retry() {
+                Retry::Never => {
+                    self.dead(
+                        row,
+                        attempts,
+                        &format!("{e} (not retried: the notifier rejected it)"),
+                    )
+                    .await
+                }
+                Retry::Later(retry_after) => {
+                    if breaker.failure(Instant::now()) {
+                        tracing::warn!(notifier = %self.name, cooldown = ?self.opts.breaker_cooldown, "circuit breaker open: pausing deliveries to this notifier");
+                    }
+                    let age = Duration::from_millis((now - row.created_at).max(0) as u64);
+                    if age >= self.opts.give_up_after.0 {
+                        self.dead(
+                            row,
+                            attempts,
+                            &format!(
+                                "{e} (gave up after {} of retries)",
+                                crate::config::duration::human(age)
+                            ),
+                        )
+                        .await;
+                        return;
+                    }
+                    let delay = retry::next_delay(
+                        retry_after,
+                        attempts,
+                        self.opts.retry_initial.0,
+                        self.opts.retry_max.0,
+                        rand::random::<f64>(),
+                    );
+                    self.metrics.inc(
+                        "watchpost_notifications_total",
+                        &[("notifier", &self.name), ("result", "retry")],
+                    );
+                    tracing::warn!(
+                        notifier = %self.name, component = %row.component, id = row.id, attempts,
+                        class = e.class(), error = %e, retry_in = ?delay, "notification failed; will retry"
+                    );
+                    let (id, msg, next) = (row.id, e.to_string(), now + delay.as_millis() as i64);
+                    self.commit(move |c| outbox::mark_retry(c, id, attempts, next, &msg))
+                        .await;
+                }
+            },
+        }
+    }
+
+    async fn dead(&self, row: &outbox::Row, attempts: u32, reason: &str) {
+        self.metrics.inc(
+            "watchpost_notifications_total",
+            &[("notifier", &self.name), ("result", "dead_letter")],
+        );
+        tracing::error!(
+            notifier = %self.name, component = %row.component, id = row.id, attempts, error = %reason,
+            "notification dead-lettered: it will not be retried (see `watchpost incidents`)"
+        );
+        let (id, msg, now) = (row.id, reason.to_string(), now_ms());
+        self.commit(move |c| outbox::mark_dead(c, id, attempts, &msg, now))
+            .await;
+        if let Ok(conn) = self.store.reader() {
+            if let Ok(counts) = outbox::counts(&conn) {
+                let dead = counts.get(&self.name).map_or(0, |c| c.1);
+                self.metrics.set(
+                    "watchpost_outbox_dead_letters",
+                    &[("notifier", &self.name)],
+                    dead as f64,
+                );
+            }
+        }
+    }
+
+    /// Write and wait for the commit, so the next outbox read sees it.
+    async fn commit<F>(&self, f: F)
+    where
+        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<()> + Send + 'static,
+    {
+        let r = match self.store.write(f).await {
+            Ok(()) => self.store.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            tracing::error!(notifier = %self.name, error = %format!("{e:#}"), "cannot update the outbox");
+            tokio::time::sleep(POLL).await;
+        }
     }
 }
 
 /// `watchpost notify-test NOTIFIER`: send one event marked as a test.
-pub async fn notify_test(_config: &Config, name: &str) -> anyhow::Result<()> {
-    anyhow::bail!("unknown notifier {name:?}")
+pub async fn notify_test(config: &Config, name: &str) -> anyhow::Result<()> {
+    let Some(n) = config.notifiers.iter().find(|n| n.name == name) else {
+        let known: Vec<&str> = config.notifiers.iter().map(|n| n.name.as_str()).collect();
+        anyhow::bail!(
+            "unknown notifier {name:?} (configured: {})",
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    let spec = n.config.0.as_ref();
+    let dest = spec.build().with_context(|| format!("notifier {name}"))?;
+    let ctx = Ctx::new(name, spec, None, &config.agent.location)?;
+    match dest.test(&ctx).await {
+        Ok(what) => {
+            println!("{name} ({}): {what}", spec.kind());
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "{name} ({}): test notification failed: {e}",
+            spec.kind()
+        )),
+    }
+}
+
+/// The notifier names `component` sends to, checked against the configured notifiers.
+pub fn component_notifiers<'a>(
+    config: &'a Config,
+    component: &str,
+) -> Vec<&'a crate::config::Notifier> {
+    let Some(c) = config
+        .components
+        .iter()
+        .find(|c| c.name.get_ref() == component)
+    else {
+        return Vec::new();
+    };
+    c.notify
+        .iter()
+        .filter_map(|n| config.notifiers.iter().find(|x| &x.name == n.get_ref()))
+        .collect()
+}
+
+/// Lowercase hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `url` is a usable http(s) URL; the message says why not.
+pub(crate) fn check_http_url(url: &str) -> Result<(), String> {
+    match url::Url::parse(url) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host_str().is_some() => {
+            Ok(())
+        }
+        Ok(u) => Err(format!(
+            "URL {url:?} must be http:// or https:// with a host (got scheme {:?})",
+            u.scheme()
+        )),
+        Err(e) => Err(format!("invalid URL {url:?}: {e}")),
+    }
 }

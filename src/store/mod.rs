@@ -49,6 +49,8 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX histograms_time ON histograms(resolution, bucket_start);
     CREATE TABLE skips (probe TEXT NOT NULL, planned_at INTEGER NOT NULL);
     CREATE INDEX skips_time ON skips(planned_at);",
+    // 2: incidents, timeline, component state, notification outbox, notifier references
+    crate::incident::MIGRATION,
 ];
 
 /// Seconds per minute bucket and per hourly bucket (the `resolution` column).

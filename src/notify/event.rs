@@ -1,0 +1,317 @@
+//! The notification event: what the evaluator writes into the outbox (as JSON) and every
+//! notifier renders in its own wire shape. Also the texts people read (titles, bodies), so
+//! every notifier says the same thing the same way.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use crate::incident::state::{Cause, EventKind, Status};
+
+/// One notification: a component transition, or a test.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    pub component: String,
+    /// Status after the transition.
+    pub status: Status,
+    /// Status before it.
+    pub previous: Status,
+    pub incident_id: Option<i64>,
+    /// When the incident opened (ms since the epoch).
+    pub opened_at: Option<i64>,
+    /// When the transition happened (ms since the epoch).
+    pub at: i64,
+    #[serde(default)]
+    pub flapping: bool,
+    /// The member and error behind the status (for resolves: the last error seen).
+    pub cause: Option<Cause>,
+    /// Free text: maintenance reason, flapping note.
+    pub note: Option<String>,
+    /// Vantage point (`[agent].location`).
+    pub location: String,
+    /// Phases and details of the causing run (WER, transcript, latency…).
+    #[serde(default)]
+    pub details: Option<Value>,
+    /// Sent by `watchpost notify-test`.
+    #[serde(default)]
+    pub test: bool,
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn iso(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// `7m 12s`, `1h 3m`, `45s`, `1d 2h`.
+pub fn human_span(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    let (d, h, m, sec) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{sec}s"),
+        (0, 0, _) => format!("{m}m {sec}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+/// Cut `s` to at most `max` characters, marking the cut.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+impl Event {
+    /// A test event for `notify-test`.
+    pub fn test(location: &str, now_ms: i64) -> Event {
+        Event {
+            kind: EventKind::Test,
+            component: "watchpost notify-test".into(),
+            status: Status::Degraded,
+            previous: Status::Operational,
+            incident_id: None,
+            opened_at: Some(now_ms),
+            at: now_ms,
+            flapping: false,
+            cause: Some(Cause {
+                member: "notify-test".into(),
+                class: "test".into(),
+                message: "This is a test notification sent by `watchpost notify-test`; no action is needed.".into(),
+            }),
+            note: Some("TEST".into()),
+            location: location.to_string(),
+            details: None,
+            test: true,
+        }
+    }
+
+    /// Stable per incident, across restarts: `watchpost/<component>/<incident id>` (≤ 255).
+    pub fn dedup_key(&self) -> String {
+        let key = match (self.test, self.incident_id) {
+            (true, _) | (false, None) => format!("watchpost/test/{}", self.at),
+            (false, Some(id)) => format!("watchpost/{}/{}", self.component, id),
+        };
+        truncate(&key, 255)
+    }
+
+    /// Whether the event ends the incident.
+    pub fn is_resolve(&self) -> bool {
+        self.kind == EventKind::Resolved
+    }
+
+    /// `DOWN`, `DEGRADED`, `RESOLVED`, `MAINTENANCE`, `TEST`…
+    pub fn tag(&self) -> &'static str {
+        match self.kind {
+            EventKind::Test => "TEST",
+            EventKind::Resolved => "RESOLVED",
+            EventKind::MaintenanceStarted => "MAINTENANCE",
+            EventKind::MaintenanceEnded => "OPERATIONAL",
+            _ => match self.status {
+                Status::MajorOutage | Status::PartialOutage => "DOWN",
+                Status::Degraded => "DEGRADED",
+                Status::Maintenance => "MAINTENANCE",
+                Status::Operational => "OPERATIONAL",
+            },
+        }
+    }
+
+    /// How long the incident lasted (resolves) or has lasted so far.
+    pub fn duration_ms(&self) -> Option<i64> {
+        self.opened_at.map(|o| (self.at - o).max(0))
+    }
+
+    /// `listen-deepgram: server closed the socket with 1011` (or the member alone).
+    pub fn cause_text(&self) -> Option<String> {
+        self.cause
+            .as_ref()
+            .map(|c| format!("{}: {}", c.member, c.message))
+    }
+
+    /// One line: `[DOWN] Realtime Transcription: listen-deepgram: closed with 1011`,
+    /// `[RESOLVED] Realtime Transcription after 7m 12s`.
+    pub fn title(&self) -> String {
+        let t = match self.kind {
+            EventKind::Resolved => {
+                format!(
+                    "[RESOLVED] {} after {}",
+                    self.component,
+                    human_span(self.duration_ms().unwrap_or(0))
+                )
+            }
+            EventKind::MaintenanceStarted => {
+                format!(
+                    "[MAINTENANCE] {}: {}",
+                    self.component,
+                    self.note.as_deref().unwrap_or("scheduled maintenance")
+                )
+            }
+            EventKind::MaintenanceEnded => {
+                format!("[OPERATIONAL] {}: maintenance over", self.component)
+            }
+            EventKind::Test => {
+                "[TEST] watchpost notify-test: this is a test, no action needed".to_string()
+            }
+            _ => match self.cause_text() {
+                Some(c) => format!("[{}] {}: {}", self.tag(), self.component, c),
+                None => format!(
+                    "[{}] {} is {}",
+                    self.tag(),
+                    self.component,
+                    self.status.human()
+                ),
+            },
+        };
+        truncate(&t, 200)
+    }
+
+    /// A few lines for people: what, since when, why, from where.
+    pub fn body_text(&self) -> String {
+        let mut lines = Vec::new();
+        let what = match self.kind {
+            EventKind::Opened => format!(
+                "{} is {} (new incident).",
+                self.component,
+                self.status.human()
+            ),
+            EventKind::Escalated => format!(
+                "{} got worse: {} → {}.",
+                self.component,
+                self.previous.human(),
+                self.status.human()
+            ),
+            EventKind::Deescalated => format!(
+                "{} improved: {} → {}.",
+                self.component,
+                self.previous.human(),
+                self.status.human()
+            ),
+            EventKind::Resolved => format!(
+                "{} is operational again after {}.",
+                self.component,
+                human_span(self.duration_ms().unwrap_or(0))
+            ),
+            EventKind::MaintenanceStarted => format!("{} is under maintenance.", self.component),
+            EventKind::MaintenanceEnded => format!(
+                "{}: maintenance is over; it is operational.",
+                self.component
+            ),
+            EventKind::Test => {
+                "This is a test notification sent by `watchpost notify-test`. No action is needed."
+                    .to_string()
+            }
+        };
+        lines.push(what);
+        if let Some(c) = &self.cause {
+            let label = if self.is_resolve() {
+                "Last error"
+            } else {
+                "Cause"
+            };
+            lines.push(format!("{label}: {} [{}] {}", c.member, c.class, c.message));
+        }
+        if let Some(n) = &self.note {
+            if !self.test {
+                lines.push(format!("Note: {n}"));
+            }
+        }
+        if self.flapping {
+            lines.push(
+                "The component is flapping: it stays in one incident until it settles.".into(),
+            );
+        }
+        if let Some(o) = self.opened_at {
+            if !self.test {
+                lines.push(format!("Incident opened: {}", iso(o)));
+            }
+        }
+        if let Some(id) = self.incident_id {
+            lines.push(format!("Incident: #{id} ({})", self.dedup_key()));
+        }
+        lines.push(format!("Seen from: {} at {}", self.location, iso(self.at)));
+        lines.join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: EventKind, status: Status) -> Event {
+        Event {
+            kind,
+            component: "Realtime Transcription".into(),
+            status,
+            previous: Status::Operational,
+            incident_id: Some(7),
+            opened_at: Some(1_000),
+            at: 1_000 + 432_000,
+            flapping: false,
+            cause: Some(Cause {
+                member: "listen-deepgram".into(),
+                class: "ws_closed".into(),
+                message: "closed with 1011".into(),
+            }),
+            note: None,
+            location: "eu-west-1".into(),
+            details: None,
+            test: false,
+        }
+    }
+
+    #[test]
+    fn titles() {
+        let table = [
+            (
+                EventKind::Opened,
+                Status::MajorOutage,
+                "[DOWN] Realtime Transcription: listen-deepgram: closed with 1011",
+            ),
+            (
+                EventKind::Escalated,
+                Status::PartialOutage,
+                "[DOWN] Realtime Transcription: listen-deepgram: closed with 1011",
+            ),
+            (
+                EventKind::Opened,
+                Status::Degraded,
+                "[DEGRADED] Realtime Transcription: listen-deepgram: closed with 1011",
+            ),
+            (
+                EventKind::Resolved,
+                Status::Operational,
+                "[RESOLVED] Realtime Transcription after 7m 12s",
+            ),
+        ];
+        for (k, s, want) in table {
+            assert_eq!(ev(k, s).title(), want);
+        }
+        assert_eq!(
+            ev(EventKind::Opened, Status::MajorOutage).dedup_key(),
+            "watchpost/Realtime Transcription/7"
+        );
+    }
+
+    #[test]
+    fn spans_and_truncation() {
+        for (ms, want) in [
+            (0, "0s"),
+            (45_000, "45s"),
+            (432_000, "7m 12s"),
+            (3_780_000, "1h 3m"),
+            (93_600_000, "1d 2h"),
+        ] {
+            assert_eq!(human_span(ms), want);
+        }
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("abc", 4), "abc");
+        assert!(Event::test("x", 5)
+            .dedup_key()
+            .starts_with("watchpost/test/"));
+    }
+}

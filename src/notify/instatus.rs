@@ -1,0 +1,391 @@
+//! Instatus status pages, in one of two modes:
+//!
+//! - **API** (`page_id`, `api_key_env`, `components`): the component's status follows the
+//!   evaluator (`PUT /v1/{page}/components/{id}`), an incident is opened
+//!   (`POST /v1/{page}/incidents`, INVESTIGATING, with `statuses`), updated on escalation and
+//!   de-escalation, and resolved (`POST …/incident-updates` RESOLVED, component back to
+//!   OPERATIONAL). Maintenance windows set UNDERMAINTENANCE. The Instatus incident id is
+//!   stored in SQLite, so updates and the resolve reach the same incident after a restart.
+//! - **Integration** (`webhooks`): per-component monitoring-integration webhooks, no API key:
+//!   `{"trigger":"down"}` when an incident opens and `{"trigger":"up"}` when it resolves.
+//!
+//! Requests are rate limited (default 1/s: Instatus's limits are unconfirmed) and a delivery
+//! that makes several requests records each finished step, so a retry never opens a second
+//! incident or posts the same update twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::event::{iso, Event, EventKind, Status};
+use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
+use crate::config::{Interp, Rest, Secret, SpanError};
+
+fn default_base_url() -> Interp {
+    Interp::literal("https://api.instatus.com")
+}
+fn yes() -> bool {
+    true
+}
+
+/// `[notifier.NAME]` with `kind = "instatus"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstatusConfig {
+    /// API mode: the status page id.
+    pub page_id: Option<Interp>,
+    /// API mode: environment variable holding the Instatus API key.
+    pub api_key_env: Option<Secret>,
+    /// API base URL (overridable for tests).
+    #[serde(default = "default_base_url")]
+    pub base_url: Interp,
+    /// API mode: watchpost component name → Instatus component id.
+    #[serde(default)]
+    pub components: BTreeMap<String, Interp>,
+    /// Integration mode: watchpost component name → monitoring-integration webhook (the full
+    /// `https://api.instatus.com/v3/integrations/webhook/…` URL, or just its id).
+    #[serde(default)]
+    pub webhooks: BTreeMap<String, Interp>,
+    /// API mode: open status-page incidents (false: only component statuses change).
+    #[serde(default = "yes")]
+    pub incidents: bool,
+    /// API mode: let Instatus notify the page's subscribers about incidents and updates.
+    #[serde(default = "yes")]
+    pub notify_subscribers: bool,
+    /// Retry, rate limit (default 1/s) and timeout settings.
+    #[serde(default)]
+    pub delivery: DeliveryOptions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Api,
+    Integration,
+}
+
+pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
+    super::parse_with::<InstatusConfig, _>(rest, |c, span| {
+        let err = |m: &str| SpanError::at(span.clone(), m.to_string());
+        let api = c.page_id.is_some() || c.api_key_env.is_some() || !c.components.is_empty();
+        let integration = !c.webhooks.is_empty();
+        match (api, integration) {
+            (true, true) => return Err(err("use either the API (page_id, api_key_env, components) or integration webhooks (webhooks), not both")),
+            (false, false) => return Err(err("needs page_id, api_key_env and components (API mode) or webhooks (integration mode)")),
+            (true, false) => {
+                if c.page_id.as_deref().map_or(true, str::is_empty) {
+                    return Err(err("API mode needs page_id"));
+                }
+                if c.api_key_env.is_none() {
+                    return Err(err("API mode needs api_key_env"));
+                }
+                if c.components.is_empty() {
+                    return Err(err("API mode needs components = { \"<watchpost component>\" = \"<Instatus component id>\" }"));
+                }
+            }
+            (false, true) => {}
+        }
+        super::check_http_url(&c.base_url).map_err(|m| err(&format!("base_url: {m}")))?;
+        for (name, w) in &c.webhooks {
+            if w.starts_with("http") {
+                super::check_http_url(w).map_err(|m| err(&format!("webhooks.{name:?}: {m}")))?;
+            } else if w.is_empty() || w.contains('/') {
+                return Err(err(&format!(
+                    "webhooks.{name:?}: expected a webhook URL or id"
+                )));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Instatus component status for a watchpost status.
+pub fn component_status(s: Status) -> &'static str {
+    match s {
+        Status::Operational => "OPERATIONAL",
+        Status::Maintenance => "UNDERMAINTENANCE",
+        Status::Degraded => "DEGRADEDPERFORMANCE",
+        Status::PartialOutage => "PARTIALOUTAGE",
+        Status::MajorOutage => "MAJOROUTAGE",
+    }
+}
+
+impl InstatusConfig {
+    fn mode(&self) -> Mode {
+        if self.webhooks.is_empty() {
+            Mode::Api
+        } else {
+            Mode::Integration
+        }
+    }
+
+    fn api(&self, path: &str) -> String {
+        format!(
+            "{}/v1/{}{path}",
+            self.base_url.trim_end_matches('/'),
+            self.page_id.as_deref().unwrap_or("")
+        )
+    }
+
+    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key_env {
+            Some(k) => req.bearer_auth(k.expose()),
+            None => req,
+        }
+    }
+
+    fn webhook_url(&self, component: &str) -> Option<String> {
+        let w = self.webhooks.get(component)?;
+        Some(if w.starts_with("http") {
+            w.to_string()
+        } else {
+            format!(
+                "{}/v3/integrations/webhook/{}",
+                self.base_url.trim_end_matches('/'),
+                w.as_str()
+            )
+        })
+    }
+
+    async fn put_component(
+        &self,
+        ctx: &Ctx,
+        cid: &str,
+        status: Status,
+    ) -> Result<(), DeliveryError> {
+        let req = self
+            .auth(ctx.client.put(self.api(&format!("/components/{cid}"))))
+            .json(&json!({"status": component_status(status)}));
+        ctx.send(req).await.map(|_| ())
+    }
+
+    /// Open the status-page incident (once per watchpost incident) and remember its id.
+    async fn open(
+        &self,
+        ctx: &Ctx,
+        ev: &Event,
+        cid: &str,
+        incident: i64,
+    ) -> Result<(), DeliveryError> {
+        if ctx.get_ref(incident, "incident").await?.is_some() {
+            return Ok(());
+        }
+        let body = json!({
+            "name": format!("{} {}", ev.component, ev.status.human()),
+            "message": ev.body_text(),
+            "components": [cid],
+            "started": iso(ev.opened_at.unwrap_or(ev.at)),
+            "status": "INVESTIGATING",
+            "notify": self.notify_subscribers,
+            "statuses": [{"id": cid, "status": component_status(ev.status)}],
+        });
+        let text = ctx
+            .send(
+                self.auth(ctx.client.post(self.api("/incidents")))
+                    .json(&body),
+            )
+            .await?;
+        match serde_json::from_str::<Value>(&text)
+            .ok()
+            .as_ref()
+            .and_then(|v| v.get("id"))
+        {
+            Some(Value::String(id)) => ctx.set_ref(incident, "incident", id).await,
+            Some(Value::Number(n)) => ctx.set_ref(incident, "incident", &n.to_string()).await,
+            _ => {
+                // Opened, but we cannot follow it up: say so; updates fall back to components.
+                tracing::warn!(notifier = %ctx.notifier, component = %ev.component, "Instatus answered without an incident id; later updates only set the component status");
+                ctx.set_ref(incident, "incident", "").await
+            }
+        }
+    }
+
+    async fn update(
+        &self,
+        ctx: &Ctx,
+        ev: &Event,
+        cid: &str,
+        incident: i64,
+        status: &str,
+        comp: Status,
+    ) -> Result<(), DeliveryError> {
+        let Some(sid) = ctx
+            .get_ref(incident, "incident")
+            .await?
+            .filter(|s| !s.is_empty())
+        else {
+            tracing::warn!(notifier = %ctx.notifier, component = %ev.component, incident, "no Instatus incident recorded for this incident; only the component status is set");
+            return Ok(());
+        };
+        let body = json!({
+            "message": ev.body_text(),
+            "components": [cid],
+            "started": iso(ev.at),
+            "status": status,
+            "notify": self.notify_subscribers,
+            "statuses": [{"id": cid, "status": component_status(comp)}],
+        });
+        ctx.send(
+            self.auth(
+                ctx.client
+                    .post(self.api(&format!("/incidents/{sid}/incident-updates"))),
+            )
+            .json(&body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn deliver_api(&self, ctx: &Ctx, ev: &Event) -> Result<(), DeliveryError> {
+        let Some(cid) = self.components.get(&ev.component) else {
+            return Err(DeliveryError::Invalid(format!(
+                "no Instatus component id for {:?}",
+                ev.component
+            )));
+        };
+        let cid = cid.as_str();
+        let incident = ev.incident_id.filter(|_| self.incidents);
+        match (ev.kind, incident) {
+            (EventKind::Opened, Some(i)) => {
+                ctx.once("open", self.open(ctx, ev, cid, i)).await?;
+            }
+            (EventKind::Escalated, Some(i)) => {
+                ctx.once(
+                    "update",
+                    self.update(ctx, ev, cid, i, "INVESTIGATING", ev.status),
+                )
+                .await?;
+            }
+            (EventKind::Deescalated, Some(i)) => {
+                ctx.once(
+                    "update",
+                    self.update(ctx, ev, cid, i, "MONITORING", ev.status),
+                )
+                .await?;
+            }
+            (EventKind::Resolved, Some(i)) => {
+                ctx.once(
+                    "update",
+                    self.update(ctx, ev, cid, i, "RESOLVED", Status::Operational),
+                )
+                .await?;
+            }
+            _ => {}
+        }
+        // Set the component explicitly too: the incident's `statuses` may be ignored, and
+        // without incidents this is the only signal.
+        self.put_component(ctx, cid, ev.status).await
+    }
+
+    async fn deliver_integration(&self, ctx: &Ctx, ev: &Event) -> Result<(), DeliveryError> {
+        let Some(url) = self.webhook_url(&ev.component) else {
+            return Err(DeliveryError::Invalid(format!(
+                "no Instatus webhook for {:?}",
+                ev.component
+            )));
+        };
+        let trigger = if ev.is_resolve() { "up" } else { "down" };
+        ctx.send(ctx.client.post(url).json(&json!({"trigger": trigger})))
+            .await
+            .map(|_| ())
+    }
+}
+
+impl Spec for InstatusConfig {
+    fn kind(&self) -> &'static str {
+        "instatus"
+    }
+    fn delivery(&self) -> &DeliveryOptions {
+        &self.delivery
+    }
+    fn default_rate(&self) -> f64 {
+        1.0
+    }
+    fn accepts(&self, ev: &Event) -> bool {
+        match self.mode() {
+            Mode::Api => self.components.contains_key(&ev.component) && ev.kind != EventKind::Test,
+            Mode::Integration => {
+                self.webhooks.contains_key(&ev.component)
+                    && matches!(ev.kind, EventKind::Opened | EventKind::Resolved)
+            }
+        }
+    }
+    fn check_component(&self, component: &str) -> Result<(), String> {
+        let (map, what) = match self.mode() {
+            Mode::Api => (&self.components, "components"),
+            Mode::Integration => (&self.webhooks, "webhooks"),
+        };
+        if map.contains_key(component) {
+            Ok(())
+        } else {
+            Err(format!(
+                "has no entry for component {component:?} in its {what} table"
+            ))
+        }
+    }
+    fn build(&self) -> anyhow::Result<Arc<dyn Destination>> {
+        Ok(Arc::new(self.clone()))
+    }
+}
+
+impl Destination for InstatusConfig {
+    fn deliver<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        ev: &'a Event,
+    ) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        Box::pin(async move {
+            match self.mode() {
+                Mode::Api => self.deliver_api(ctx, ev).await,
+                Mode::Integration => self.deliver_integration(ctx, ev).await,
+            }
+        })
+    }
+
+    /// A status page is public: the test changes nothing. In API mode it reads the page's
+    /// components (checking the key, the page id and every mapped component id); integration
+    /// webhooks have no harmless request, so the test refuses.
+    fn test<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, Result<String, DeliveryError>> {
+        Box::pin(async move {
+            if self.mode() == Mode::Integration {
+                return Err(DeliveryError::Invalid(
+                    "integration webhooks have no test event: \"down\" or \"up\" would change the public status page; \
+                     check the webhook URLs in the Instatus dashboard instead"
+                        .into(),
+                ));
+            }
+            let text = ctx
+                .send(self.auth(ctx.client.get(self.api("/components"))))
+                .await?;
+            let list: Value = serde_json::from_str(&text).map_err(|e| {
+                DeliveryError::Invalid(format!("unexpected components answer: {e}"))
+            })?;
+            let ids: Vec<&str> = list
+                .as_array()
+                .or_else(|| list.get("components").and_then(Value::as_array))
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c.get("id").and_then(Value::as_str))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let missing: Vec<String> = self
+                .components
+                .iter()
+                .filter(|(_, id)| !ids.contains(&id.as_str()))
+                .map(|(name, id)| format!("{name:?} → {}", id.as_str()))
+                .collect();
+            if !missing.is_empty() {
+                return Err(DeliveryError::Invalid(format!(
+                    "component ids not found on the page: {}",
+                    missing.join(", ")
+                )));
+            }
+            Ok(format!(
+                "API key and page are valid; all {} mapped components exist (nothing was changed on the public page)",
+                self.components.len()
+            ))
+        })
+    }
+}

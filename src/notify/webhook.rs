@@ -1,0 +1,334 @@
+//! Webhook: a JSON `POST` per event to your own endpoint (e.g. a mitigation hook that pauses
+//! outbound calls while a component is down and resumes them on resolve), in one of two
+//! formats:
+//!
+//! - `watchpost`: the documented event below;
+//! - `grafana`: the Grafana webhook contact-point shape (`status: firing|resolved`, `alerts`,
+//!   stable `groupKey`/`fingerprint` per incident), so Grafana-style receivers — including
+//!   Instatus's Grafana integration — accept it.
+//!
+//! Headers on every request:
+//! - `Content-Type: application/json`
+//! - `X-Watchpost-Event`: the event kind (`opened`, `escalated`, `deescalated`, `resolved`,
+//!   `maintenance_started`, `maintenance_ended`, `test`)
+//! - `X-Watchpost-Delivery`: a delivery id, stable across retries of the same notification
+//!   (use it to ignore duplicates)
+//! - `X-Watchpost-Signature: sha256=<hex>` (when `secret_env` is set): HMAC-SHA256 of the raw
+//!   request body with the secret as key. Verify it over the exact bytes received, before
+//!   parsing, with a constant-time comparison.
+//!
+//! The `watchpost` format:
+//! ```json
+//! {"version": 1, "event": "incident.opened", "delivery_id": 42, "test": false,
+//!  "component": "Realtime Transcription", "status": "major_outage",
+//!  "previous_status": "operational",
+//!  "incident": {"id": 7, "key": "watchpost/Realtime Transcription/7",
+//!               "opened_at": "2026-05-01T10:00:00.000Z", "resolved_at": null,
+//!               "duration_seconds": 0, "flapping": false},
+//!  "cause": {"member": "listen-deepgram", "class": "ws_closed", "message": "…"},
+//!  "note": null, "title": "[DOWN] Realtime Transcription: listen-deepgram: …",
+//!  "text": "…", "location": "eu-west-1", "timestamp": "2026-05-01T10:00:00.000Z",
+//!  "details": {…}}
+//! ```
+//! `event` is `incident.opened|escalated|deescalated|resolved`,
+//! `component.maintenance_started|maintenance_ended`, or `test`; `incident` is null for
+//! maintenance and test events.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::event::{iso, Event, EventKind};
+use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
+use crate::config::{Interp, Rest, Secret, SpanError};
+
+/// Body format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// The documented watchpost event.
+    #[default]
+    Watchpost,
+    /// The Grafana webhook contact-point shape.
+    Grafana,
+}
+
+fn default_signature_header() -> String {
+    "X-Watchpost-Signature".into()
+}
+
+/// `[notifier.NAME]` with `kind = "webhook"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Endpoint receiving the `POST`s.
+    pub url: Interp,
+    /// Environment variable holding the HMAC-SHA256 signing secret (recommended).
+    pub secret_env: Option<Secret>,
+    /// Header carrying the signature `sha256=<hex>`.
+    #[serde(default = "default_signature_header")]
+    pub signature_header: String,
+    /// Body format: `watchpost` (default) or `grafana`.
+    #[serde(default)]
+    pub format: Format,
+    /// Extra request headers, e.g. `{ Authorization = "Bearer ${HOOK_TOKEN}" }`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Interp>,
+    /// Only these events (`opened`, `escalated`, `deescalated`, `resolved`,
+    /// `maintenance_started`, `maintenance_ended`); default: all.
+    pub events: Option<Vec<String>>,
+    /// Sent as Grafana's `externalURL`/`generatorURL` (e.g. your watchpost dashboard).
+    pub external_url: Option<Interp>,
+    /// Retry, rate limit and timeout settings.
+    #[serde(default)]
+    pub delivery: DeliveryOptions,
+}
+
+const EVENT_NAMES: &[&str] = &[
+    "opened",
+    "escalated",
+    "deescalated",
+    "resolved",
+    "maintenance_started",
+    "maintenance_ended",
+];
+
+pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
+    super::parse_with::<WebhookConfig, _>(rest, |c, span| {
+        let err = |m: String| SpanError::at(span.clone(), m);
+        super::check_http_url(&c.url).map_err(|m| err(format!("url: {m}")))?;
+        for e in c.events.iter().flatten() {
+            if !EVENT_NAMES.contains(&e.as_str()) {
+                return Err(err(format!(
+                    "unknown event {e:?} in events (expected {})",
+                    EVENT_NAMES.join(", ")
+                )));
+            }
+        }
+        for k in c.headers.keys().chain(std::iter::once(&c.signature_header)) {
+            if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                return Err(err(format!("invalid header name {k:?}")));
+            }
+        }
+        for (k, v) in &c.headers {
+            if reqwest::header::HeaderValue::from_str(v).is_err() {
+                return Err(err(format!("invalid value for header {k:?}")));
+            }
+        }
+        Ok(())
+    })
+}
+
+impl Spec for WebhookConfig {
+    fn kind(&self) -> &'static str {
+        "webhook"
+    }
+    fn delivery(&self) -> &DeliveryOptions {
+        &self.delivery
+    }
+    fn accepts(&self, ev: &Event) -> bool {
+        if ev.kind == EventKind::Test {
+            return true;
+        }
+        if self.format == Format::Grafana
+            && matches!(
+                ev.kind,
+                EventKind::MaintenanceStarted | EventKind::MaintenanceEnded
+            )
+        {
+            // Grafana receivers only know firing and resolved; maintenance is neither.
+            return false;
+        }
+        match &self.events {
+            Some(list) => list.iter().any(|e| e == ev.kind.as_str()),
+            None => true,
+        }
+    }
+    fn build(&self) -> anyhow::Result<Arc<dyn Destination>> {
+        Ok(Arc::new(self.clone()))
+    }
+}
+
+/// `sha256=<hex>` HMAC of `body` with `secret`.
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    // HMAC accepts keys of any length; this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(body);
+    format!("sha256={}", super::hex(&mac.finalize().into_bytes()))
+}
+
+/// The `watchpost` webhook body.
+pub fn watchpost_body(ev: &Event, delivery_id: Option<i64>) -> Value {
+    let event = match ev.kind {
+        EventKind::Test => "test".to_string(),
+        EventKind::MaintenanceStarted | EventKind::MaintenanceEnded => {
+            format!("component.{}", ev.kind.as_str())
+        }
+        k => format!("incident.{}", k.as_str()),
+    };
+    let incident = match (ev.incident_id, ev.test) {
+        (Some(id), false) => json!({
+            "id": id,
+            "key": ev.dedup_key(),
+            "opened_at": ev.opened_at.map(iso),
+            "resolved_at": ev.is_resolve().then(|| iso(ev.at)),
+            "duration_seconds": ev.duration_ms().map(|d| d / 1000),
+            "flapping": ev.flapping,
+        }),
+        _ => Value::Null,
+    };
+    json!({
+        "version": 1,
+        "event": event,
+        "delivery_id": delivery_id,
+        "test": ev.test,
+        "component": ev.component,
+        "status": ev.status.as_str(),
+        "previous_status": ev.previous.as_str(),
+        "incident": incident,
+        "cause": ev.cause,
+        "note": ev.note,
+        "title": ev.title(),
+        "text": ev.body_text(),
+        "location": ev.location,
+        "timestamp": iso(ev.at),
+        "details": ev.details,
+    })
+}
+
+/// The Grafana-shaped body; `receiver` is the notifier name.
+pub fn grafana_body(ev: &Event, receiver: &str, external_url: &str) -> Value {
+    let resolved = ev.is_resolve();
+    let status = if resolved { "resolved" } else { "firing" };
+    let key = ev.dedup_key();
+    let fingerprint = super::hex(&Sha256::digest(key.as_bytes())[..8]);
+    let mut labels = json!({
+        "alertname": ev.component,
+        "component": ev.component,
+        "severity": super::pagerduty::severity(ev.status),
+        "status": ev.status.as_str(),
+        "location": ev.location,
+        "source": "watchpost",
+    });
+    if let Some(c) = &ev.cause {
+        labels["member"] = json!(c.member);
+        labels["class"] = json!(c.class);
+    }
+    let annotations = json!({"summary": ev.title(), "description": ev.body_text()});
+    let alert = json!({
+        "status": status,
+        "labels": labels,
+        "annotations": annotations,
+        "startsAt": iso(ev.opened_at.unwrap_or(ev.at)),
+        "endsAt": if resolved { iso(ev.at) } else { "0001-01-01T00:00:00Z".to_string() },
+        "generatorURL": external_url,
+        "fingerprint": fingerprint,
+    });
+    json!({
+        "receiver": receiver,
+        "status": status,
+        "orgId": 1,
+        "alerts": [alert],
+        "groupLabels": {"alertname": ev.component},
+        "commonLabels": labels,
+        "commonAnnotations": annotations,
+        "externalURL": external_url,
+        "version": "1",
+        "groupKey": key,
+        "truncatedAlerts": 0,
+        "title": format!("[{}] {}", status.to_uppercase(), ev.component),
+        "state": if resolved { "ok" } else { "alerting" },
+        "message": ev.body_text(),
+    })
+}
+
+impl WebhookConfig {
+    async fn post(&self, ctx: &Ctx, ev: &Event) -> Result<(), DeliveryError> {
+        let ext = self.external_url.as_deref().unwrap_or("");
+        let body = match self.format {
+            Format::Watchpost => watchpost_body(ev, ctx.delivery_id),
+            Format::Grafana => grafana_body(ev, &ctx.notifier, ext),
+        };
+        let bytes = serde_json::to_vec(&body)
+            .map_err(|e| DeliveryError::Invalid(format!("encoding body: {e}")))?;
+        let delivery = match ctx.delivery_id {
+            Some(id) => format!("{}-{id}", ctx.notifier),
+            None => format!("{}-test-{}", ctx.notifier, ev.at),
+        };
+        let mut req = ctx
+            .client
+            .post(self.url.as_str())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("X-Watchpost-Event", ev.kind.as_str())
+            .header("X-Watchpost-Delivery", delivery);
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        if let Some(secret) = &self.secret_env {
+            req = req.header(
+                self.signature_header.as_str(),
+                signature(secret.expose().as_bytes(), &bytes),
+            );
+        }
+        ctx.send(req.body(bytes)).await.map(|_| ())
+    }
+}
+
+impl Destination for WebhookConfig {
+    fn deliver<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        ev: &'a Event,
+    ) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        Box::pin(self.post(ctx, ev))
+    }
+
+    fn test<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, Result<String, DeliveryError>> {
+        Box::pin(async move {
+            let ev = Event::test(&ctx.location, chrono::Utc::now().timestamp_millis());
+            self.post(ctx, &ev).await?;
+            Ok(format!("posted a test event to {}", self.url.as_str()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc4231_case_2() {
+        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn grafana_pair_keeps_keys() {
+        let mut ev = Event::test("here", 1000);
+        ev.test = false;
+        ev.kind = EventKind::Opened;
+        ev.incident_id = Some(3);
+        ev.component = "API".into();
+        let open = grafana_body(&ev, "hook", "");
+        ev.kind = EventKind::Resolved;
+        ev.at = 5000;
+        let res = grafana_body(&ev, "hook", "");
+        assert_eq!(open["status"], "firing");
+        assert_eq!(res["status"], "resolved");
+        assert_eq!(open["groupKey"], res["groupKey"]);
+        assert_eq!(
+            open["alerts"][0]["fingerprint"],
+            res["alerts"][0]["fingerprint"]
+        );
+        assert_eq!(open["alerts"][0]["endsAt"], "0001-01-01T00:00:00Z");
+        assert_eq!(res["alerts"][0]["endsAt"], "1970-01-01T00:00:05.000Z");
+    }
+}
