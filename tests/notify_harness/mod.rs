@@ -1,0 +1,228 @@
+//! Harness for the incident and notifier tests: writes a config (disabled probe files plus
+//! a component and notifiers pointing at local recorders), starts the store, the evaluator
+//! and the dispatcher the way `watchpost::run` wires them, and feeds synthetic runs (the
+//! evaluator is the unit under test; probes are tested elsewhere).
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use watchpost::config::{self, Config};
+use watchpost::incident::Evaluator;
+use watchpost::metrics::Metrics;
+use watchpost::notify::Dispatcher;
+use watchpost::probe::{ErrorInfo, Outcome, RunResult, SubCheck};
+use watchpost::store::{Store, WriterHandle};
+
+pub const PD_KEY: &str = "pd-routing-key-0123";
+pub const INSTATUS_KEY: &str = "instatus-api-key-4567";
+pub const HOOK_SECRET: &str = "hook-secret-89";
+pub const SMTP_USER: &str = "mailer";
+pub const SMTP_PASS: &str = "s3cret";
+
+pub fn env() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::env::set_var("WPT_PD_KEY", PD_KEY);
+        std::env::set_var("WPT_INSTATUS_KEY", INSTATUS_KEY);
+        std::env::set_var("WPT_HOOK_SECRET", HOOK_SECRET);
+        std::env::set_var("WPT_SMTP_USER", SMTP_USER);
+        std::env::set_var("WPT_SMTP_PASS", SMTP_PASS);
+    });
+}
+
+/// Fast retries for tests.
+pub const FAST: &str = r#"delivery = { retry_initial = "50ms", retry_max = "400ms", timeout = "2s", rate_limit = 50 }"#;
+
+/// Where the notifiers point; `None` leaves a notifier out.
+#[derive(Default, Clone)]
+pub struct Targets {
+    pub instatus: Option<String>,
+    pub pagerduty: Option<String>,
+    pub webhook: Option<String>,
+    pub smtp: Option<String>,
+    /// Extra lines in every notifier table (default: [`FAST`]).
+    pub delivery: Option<String>,
+}
+
+pub const THRESHOLDS: &str = "failure_threshold = 2\nsuccess_threshold = 2\nrecovery = \"300ms\"";
+
+/// The notifier tables for `t` and their names.
+pub fn notifiers_toml(t: &Targets) -> (String, Vec<&'static str>) {
+    let d = t.delivery.clone().unwrap_or_else(|| FAST.to_string());
+    let mut s = String::new();
+    let mut names = Vec::new();
+    if let Some(u) = &t.instatus {
+        names.push("statuspage");
+        s += &format!(
+            "[notifier.statuspage]\nkind = \"instatus\"\npage_id = \"page1\"\napi_key_env = \"WPT_INSTATUS_KEY\"\nbase_url = \"{u}\"\ncomponents = {{ \"API\" = \"comp-api\" }}\n{d}\n\n"
+        );
+    }
+    if let Some(u) = &t.pagerduty {
+        names.push("pager");
+        s += &format!(
+            "[notifier.pager]\nkind = \"pagerduty\"\nrouting_key_env = \"WPT_PD_KEY\"\nevents_url = \"{u}/v2/enqueue\"\nclient_url = \"http://dash.example/\"\n{d}\n\n"
+        );
+    }
+    if let Some(u) = &t.webhook {
+        names.push("mitigate");
+        s += &format!("[notifier.mitigate]\nkind = \"webhook\"\nurl = \"{u}/hooks/watchpost\"\nsecret_env = \"WPT_HOOK_SECRET\"\n{d}\n\n");
+    }
+    if let Some(u) = &t.smtp {
+        names.push("oncall");
+        s += &format!(
+            "[notifier.oncall]\nkind = \"email\"\nsmtp_url = \"{u}\"\nusername_env = \"WPT_SMTP_USER\"\npassword_env = \"WPT_SMTP_PASS\"\nfrom = \"watchpost <watchpost@example.com>\"\nto = [\"oncall@example.com\"]\n{d}\n\n"
+        );
+    }
+    (s, names)
+}
+
+/// Write `watchpost.toml` (component "API" = probes `api` and `db`) into `dir` and load it.
+/// `component` holds the threshold lines, `extra` anything else (e.g. maintenance).
+pub fn write_config(dir: &Path, t: &Targets, component: &str, extra: &str) -> Arc<Config> {
+    env();
+    let probes = dir.join("probes");
+    std::fs::create_dir_all(&probes).unwrap();
+    for name in ["api", "db"] {
+        std::fs::write(
+            probes.join(format!("{name}.toml")),
+            format!("name = \"{name}\"\nkind = \"http\"\nenabled = false\nurl = \"http://127.0.0.1:9/{name}\"\n"),
+        )
+        .unwrap();
+    }
+    let (notifiers, names) = notifiers_toml(t);
+    let notify: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    let text = format!(
+        "[agent]\nlocation = \"test-vantage\"\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n\n\
+         [[component]]\nname = \"API\"\nprobes = [\"api\", \"db\"]\n{component}\nnotify = [{}]\n\n{extra}\n\n{notifiers}",
+        notify.join(", ")
+    );
+    let path = dir.join("watchpost.toml");
+    std::fs::write(&path, text).unwrap();
+    match config::load(&path) {
+        Ok(c) => Arc::new(c),
+        Err(e) => panic!("test config invalid:\n{e}"),
+    }
+}
+
+/// A run of `probe` with `outcome` (an error class and message when not up).
+pub fn run(probe: &str, outcome: Outcome) -> RunResult {
+    let error = match outcome {
+        Outcome::Up => None,
+        Outcome::Degraded => Some(ErrorInfo { class: "http_status".into(), message: "answered 207 (degraded)".into() }),
+        Outcome::Down => Some(ErrorInfo { class: "connect_refused".into(), message: "connection refused by 127.0.0.1:9".into() }),
+    };
+    RunResult {
+        probe: probe.to_string(),
+        kind: "http",
+        started_at: chrono::Utc::now(),
+        duration: Duration::from_millis(3),
+        lag: None,
+        outcome,
+        error,
+        phases: vec![("total".into(), Duration::from_millis(3))],
+        details: serde_json::Map::new(),
+        subchecks: Vec::<SubCheck>::new(),
+    }
+}
+
+/// Store + evaluator (+ dispatcher) as `watchpost::run` wires them.
+pub struct Agent {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub metrics: Metrics,
+    writer: WriterHandle,
+    tx: mpsc::Sender<RunResult>,
+    token: CancellationToken,
+    eval: tokio::task::JoinHandle<()>,
+    dispatch: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    pub async fn start(config: Arc<Config>, dispatcher: bool) -> Agent {
+        let (store, writer) = Store::start(&config.db_path()).unwrap();
+        let metrics = Metrics::new();
+        let token = CancellationToken::new();
+        let (tx, rx) = mpsc::channel(64);
+        let ev = Evaluator::new(config.clone(), store.clone(), metrics.clone()).unwrap();
+        let eval = tokio::spawn(ev.run(rx, token.clone()));
+        let dispatch = dispatcher.then(|| {
+            let d = Dispatcher::new(config.clone(), store.clone(), metrics.clone()).unwrap();
+            tokio::spawn(d.run(token.clone()))
+        });
+        Agent { config, store, metrics, writer, tx, token, eval, dispatch }
+    }
+
+    pub async fn send(&self, r: RunResult) {
+        self.tx.send(r).await.unwrap();
+    }
+
+    /// Send runs of both members.
+    pub async fn both(&self, o: Outcome) {
+        self.send(run("api", o)).await;
+        self.send(run("db", o)).await;
+    }
+
+    /// A clean stop: evaluator drained, dispatcher stopped, writer flushed.
+    pub async fn stop(self) {
+        drop(self.tx);
+        let _ = self.eval.await;
+        self.token.cancel();
+        if let Some(d) = self.dispatch {
+            let _ = d.await;
+        }
+        drop(self.store);
+        self.writer.join().await;
+    }
+
+    /// A crash: tasks aborted where they are (nothing after the last commit happens).
+    pub async fn kill(self) {
+        self.eval.abort();
+        if let Some(d) = &self.dispatch {
+            d.abort();
+        }
+        let _ = self.eval.await;
+        if let Some(d) = self.dispatch {
+            let _ = d.await;
+        }
+        drop(self.tx);
+        drop(self.store);
+        self.writer.join().await;
+    }
+
+    pub fn incidents(&self, open_only: bool) -> Vec<serde_json::Value> {
+        let conn = self.store.reader().unwrap();
+        watchpost::incident::list_incidents(&conn, open_only).unwrap()
+    }
+
+    /// Outbox rows: (notifier, kind, status, attempts).
+    pub fn outbox(&self) -> Vec<(String, String, String, i64)> {
+        let conn = self.store.reader().unwrap();
+        let mut st = conn.prepare("SELECT notifier, kind, status, attempts FROM outbox ORDER BY id").unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).unwrap().map(Result::unwrap).collect()
+    }
+
+    /// Wait until no outbox row is pending.
+    pub async fn drained(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.outbox().iter().all(|r| r.2 != "pending") {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "outbox not drained: {:?}", self.outbox());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Wait until `f` is true (polling), or panic with `what`.
+pub async fn until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
