@@ -1,0 +1,138 @@
+//! Scheduler load benchmark: N HTTP probes (default 10,000) at a 60 s interval against a
+//! local HTTP server running in a child process, for a fixed duration (default 180 s).
+//! Reports schedule lag (actual − planned start) p50/p99/max, CPU seconds per 1,000 runs,
+//! average cores, peak RSS and SQLite bytes per 1,000 runs of the agent process only.
+//!
+//!     cargo bench --bench schedule_load -- --probes 10000 --seconds 180
+//!
+//! Bounded: the agent stops itself after `--seconds`; the server child is killed at the end.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// utime + stime of this process, in seconds (clock ticks of 10 ms on Linux).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn status_kb(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn serve() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("LISTENING {}", l.local_addr().unwrap().port());
+        std::io::stdout().flush().unwrap();
+        let app = axum::Router::new().route(
+            "/health",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"status":"ok","service":"bench"})) }),
+        );
+        axum::serve(l, app).await.unwrap();
+    });
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--serve") {
+        return serve();
+    }
+    let probes = arg("--probes", 10_000);
+    let seconds = arg("--seconds", 180);
+
+    let mut server = Command::new(std::env::current_exe().unwrap())
+        .arg("--serve")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start server child");
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port: u16 = line.trim().strip_prefix("LISTENING ").unwrap().parse().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let pdir = dir.path().join("probes");
+    std::fs::create_dir_all(&pdir).unwrap();
+    std::fs::write(
+        dir.path().join("watchpost.toml"),
+        "[agent]\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\nhost_rate_limit = 0\nshutdown_grace = \"5s\"\n\
+         [defaults]\ninterval = \"60s\"\ntimeout = \"5s\"\nretries = 0\njitter = \"0s\"\n",
+    )
+    .unwrap();
+    for i in 0..probes {
+        std::fs::write(
+            pdir.join(format!("p{i}.toml")),
+            format!("name = \"p{i}\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/health\"\n"),
+        )
+        .unwrap();
+    }
+    let config = watchpost::config::load(&dir.path().join("watchpost.toml")).expect("bench config");
+    let db = config.db_path();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    rt.block_on(async { watchpost::run(Arc::new(config), None, tokio::time::sleep(Duration::from_secs(seconds))).await }).unwrap();
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    let peak_rss_mb = status_kb("VmHWM:") as f64 / 1024.0;
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mut lags: Vec<f64> = conn
+        .prepare("SELECT lag_ms FROM runs WHERE lag_ms IS NOT NULL")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let runs = lags.len() as f64;
+    let down: i64 = conn.query_row("SELECT count(*) FROM runs WHERE outcome != 'up'", [], |r| r.get(0)).unwrap();
+    drop(conn);
+    let db_bytes: u64 = ["", "-wal"]
+        .iter()
+        .filter_map(|s| std::fs::metadata(format!("{}{s}", db.display())).ok())
+        .map(|m| m.len())
+        .sum();
+    println!("probes={probes} interval=60s duration={seconds}s wall={wall:.1}s");
+    println!("runs={runs} not_up={down}");
+    println!(
+        "schedule lag ms: p50={:.3} p99={:.3} max={:.3}",
+        percentile(&lags, 0.50),
+        percentile(&lags, 0.99),
+        lags.last().copied().unwrap_or(f64::NAN)
+    );
+    println!("cpu seconds={cpu:.2} per 1000 runs={:.3} average cores={:.3}", cpu / runs * 1000.0, cpu / wall);
+    println!("peak RSS MB={peak_rss_mb:.1}");
+    println!("sqlite bytes per 1000 runs={:.0} (db+wal {db_bytes} bytes)", db_bytes as f64 / runs * 1000.0);
+}
