@@ -83,6 +83,22 @@ pub fn notifiers_toml(t: &Targets) -> (String, Vec<&'static str>) {
 /// Write `watchpost.toml` (component "API" = probes `api` and `db`) into `dir` and load it.
 /// `component` holds the threshold lines, `extra` anything else (e.g. maintenance).
 pub fn write_config(dir: &Path, t: &Targets, component: &str, extra: &str) -> Arc<Config> {
+    let (notifiers, names) = notifiers_toml(t);
+    write_config_raw(dir, &names, &notifiers, component, extra)
+}
+
+/// Like [`write_config`] with hand-written notifier tables; `notify` names the ones the
+/// component sends to.
+pub fn write_config_raw(dir: &Path, notify: &[&str], notifiers: &str, component: &str, extra: &str) -> Arc<Config> {
+    let path = write_config_file(dir, notify, notifiers, component, extra);
+    match config::load(&path) {
+        Ok(c) => Arc::new(c),
+        Err(e) => panic!("test config invalid:\n{e}"),
+    }
+}
+
+/// Write the files only (for tests of validation errors); returns the config path.
+pub fn write_config_file(dir: &Path, notify: &[&str], notifiers: &str, component: &str, extra: &str) -> std::path::PathBuf {
     env();
     let probes = dir.join("probes");
     std::fs::create_dir_all(&probes).unwrap();
@@ -93,8 +109,7 @@ pub fn write_config(dir: &Path, t: &Targets, component: &str, extra: &str) -> Ar
         )
         .unwrap();
     }
-    let (notifiers, names) = notifiers_toml(t);
-    let notify: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    let notify: Vec<String> = notify.iter().map(|n| format!("\"{n}\"")).collect();
     let text = format!(
         "[agent]\nlocation = \"test-vantage\"\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n\n\
          [[component]]\nname = \"API\"\nprobes = [\"api\", \"db\"]\n{component}\nnotify = [{}]\n\n{extra}\n\n{notifiers}",
@@ -102,10 +117,7 @@ pub fn write_config(dir: &Path, t: &Targets, component: &str, extra: &str) -> Ar
     );
     let path = dir.join("watchpost.toml");
     std::fs::write(&path, text).unwrap();
-    match config::load(&path) {
-        Ok(c) => Arc::new(c),
-        Err(e) => panic!("test config invalid:\n{e}"),
-    }
+    path
 }
 
 /// A run of `probe` with `outcome` (an error class and message when not up).
