@@ -1,7 +1,8 @@
 //! `watchpost demo`: everything a newcomer needs to see watchpost work, in one command.
 //! Starts small health services on 127.0.0.1 (one steady, one that cycles
-//! ok → degraded → down → ok, one slow), writes a config for them into a fresh data
-//! directory, and runs the real agent against them with the dashboard on.
+//! ok → degraded → down → ok, one slow) and an embedded realtime STT service speaking the
+//! Deepgram dialect, writes a config for them into a fresh data directory, and runs the real
+//! agent against them with the dashboard on.
 //!
 //! Not a test fixture: the services are deliberately simple and loud.
 
@@ -73,8 +74,12 @@ pub fn services_router() -> Router {
         .with_state(Instant::now())
 }
 
-/// Write the demo config and probes under `dir`; returns the config path.
-pub fn write_config(dir: &Path, services: &str, api_listen: &str, interval: &str) -> std::io::Result<PathBuf> {
+const DEMO_WAV: &[u8] = include_bytes!("../probes/audio/testing-one-two-three.wav");
+const DEMO_MANIFEST: &str = include_str!("../probes/audio/manifest.toml");
+
+/// Write the demo config and probes under `dir`; returns the config path. `stt` is the
+/// address of the embedded Deepgram-dialect service.
+pub fn write_config(dir: &Path, services: &str, stt: &str, api_listen: &str, interval: &str) -> std::io::Result<PathBuf> {
     let probes = dir.join("probes");
     std::fs::create_dir_all(&probes)?;
     std::fs::write(
@@ -93,19 +98,59 @@ interval = "{interval}"
 timeout = "3s"
 retries = 0
 jitter = "0s"
+
+# The cycling service opens an incident when it goes down and resolves it on recovery.
+[[component]]
+name = "Cycling API"
+probes = ["cycling"]
+failure_threshold = 2
+success_threshold = 2
+recovery = "20s"
+
+[[component]]
+name = "Realtime Transcription"
+probes = ["listen-demo"]
+failure_threshold = 2
+success_threshold = 1
+recovery = "30s"
 "#
         ),
     )?;
-    let probe = |name: &str, path: &str, extra: &str| {
+    // Fixed small offsets: a newcomer sees every probe's first run within a second or two.
+    let probe = |name: &str, offset: &str, extra: &str| {
         format!(
-            "name = \"{name}\"\nkind = \"http\"\nurl = \"http://{services}/{path}/health\"\nsubchecks = \"checks\"\n{extra}"
+            "name = \"{name}\"\nkind = \"http\"\nurl = \"http://{services}/{name}/health\"\noffset = \"{offset}\"\nsubchecks = \"checks\"\n{extra}"
         )
     };
-    std::fs::write(probes.join("steady.toml"), probe("steady", "steady", ""))?;
-    std::fs::write(probes.join("cycling.toml"), probe("cycling", "cycling", ""))?;
+    std::fs::write(probes.join("steady.toml"), probe("steady", "0s", ""))?;
+    std::fs::write(probes.join("cycling.toml"), probe("cycling", "200ms", ""))?;
     std::fs::write(
         probes.join("slow.toml"),
-        probe("slow", "slow", "\n[budget]\ntotal = { p95 = \"1s\", run = \"1s\" }\n"),
+        probe("slow", "400ms", "\n[budget]\ntotal = { p95 = \"1s\", run = \"1s\" }\n"),
+    )?;
+    let audio = probes.join("audio");
+    std::fs::create_dir_all(&audio)?;
+    std::fs::write(audio.join("testing-one-two-three.wav"), DEMO_WAV)?;
+    std::fs::write(audio.join("manifest.toml"), DEMO_MANIFEST)?;
+    std::fs::write(
+        probes.join("listen-demo.toml"),
+        format!(
+            r#"# Streams a shipped utterance to the embedded Deepgram-dialect service and judges the transcript.
+name = "listen-demo"
+kind = "listen"
+dialect = "deepgram"
+url = "ws://{stt}/v1/listen?encoding=linear16&sample_rate=16000&channels=1&interim_results=true"
+headers = {{ Authorization = "Token demo" }}
+audio = "audio/testing-one-two-three.wav"
+max_wer = 0.2
+interval = "15s"
+offset = "600ms"
+timeout = "20s"
+
+[budget]
+final = {{ p95 = "1s", run = "2s" }}
+"#
+        ),
     )?;
     Ok(dir.join("watchpost.toml"))
 }
@@ -120,6 +165,10 @@ pub async fn run(api_listen: &str, dir: Option<PathBuf>, stop: impl std::future:
         let _ = axum::serve(svc, services_router()).with_graceful_shutdown(t.cancelled_owned()).await;
     });
 
+    let stt = TcpListener::bind("127.0.0.1:0").await?;
+    let stt_addr = stt.local_addr()?;
+    let stt_task = tokio::spawn(crate::demo_stt::serve(stt, token.clone()));
+
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("watchpost-demo-{}", std::process::id())));
     let api = match TcpListener::bind(api_listen).await {
         Ok(l) => l,
@@ -129,17 +178,19 @@ pub async fn run(api_listen: &str, dir: Option<PathBuf>, stop: impl std::future:
         }
     };
     let api_addr = api.local_addr()?;
-    let path = write_config(&dir, &svc_addr.to_string(), &api_addr.to_string(), "10s")?;
+    let path = write_config(&dir, &svc_addr.to_string(), &stt_addr.to_string(), &api_addr.to_string(), "10s")?;
     let config = crate::config::load(&path).map_err(|e| anyhow::anyhow!("demo config is invalid:\n{e}"))?;
     println!("watchpost demo");
     println!("  demo services   http://{svc_addr}/{{steady,cycling,slow}}/health");
     println!("                  cycling: ok → degraded → down → ok, {}s per stage", STAGE.as_secs());
+    println!("  demo STT        ws://{stt_addr}/v1/listen   (Deepgram dialect; ~1 in 15 sessions faults)");
     println!("  config          {}", path.display());
     println!("  dashboard       http://{api_addr}/   (metrics: /metrics, report: /api/report)");
     println!("  every run is logged below; Ctrl-C stops\n");
     let result = crate::run(Arc::new(config), Some(api), stop).await;
     token.cancel();
     let _ = svc_task.await;
+    let _ = stt_task.await;
     println!("\ndemo data kept in {} (try: watchpost -c {} report --window 1h)", dir.display(), path.display());
     result
 }

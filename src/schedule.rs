@@ -61,7 +61,8 @@ pub struct Plan {
 
 impl Plan {
     pub fn for_probe(p: &ProbeConfig) -> Plan {
-        Plan { interval: p.interval, offset: phase_offset(&p.name, p.interval), jitter: p.jitter }
+        let offset = p.offset.unwrap_or_else(|| phase_offset(&p.name, p.interval));
+        Plan { interval: p.interval, offset, jitter: p.jitter }
     }
     fn planned(&self, origin: Instant, k: u64) -> Instant {
         origin + self.offset + self.interval.saturating_mul(k.min(u32::MAX as u64) as u32)

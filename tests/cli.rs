@@ -421,26 +421,25 @@ async fn demo_for_3s_exits_0() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: demo's first runs are phase-offset 4.9–6.3s into a 10s interval, so `demo --for 3s` records nothing"]
-async fn demo_for_3s_reports_the_three_demo_probes() {
+async fn demo_for_3s_reports_the_three_demo_http_probes() {
     let dir = tempfile::tempdir().unwrap();
     let (o, _) = demo(dir.path(), "3s").await;
     assert_eq!(code(&o), 0, "stderr: {}", stderr(&o));
-    assert_eq!(
-        demo_report_series(dir.path()).await,
-        ["cycling", "slow", "steady"]
-    );
+    let series = demo_report_series(dir.path()).await;
+    for s in ["cycling", "slow", "steady"] {
+        assert!(series.iter().any(|x| x == s), "{s} missing from {series:?}");
+    }
 }
 
 #[tokio::test]
 async fn demo_reports_the_three_demo_probes_after_their_first_runs() {
     let dir = tempfile::tempdir().unwrap();
-    // The demo's 10s interval puts the first runs 4.9–6.3s in; the slow service answers in 1.2s.
+    // The listen probe streams 2.25 s of speech after a 600 ms offset.
     let (o, _) = demo(dir.path(), "7s").await;
     assert_eq!(code(&o), 0, "stderr: {}", stderr(&o));
     assert_eq!(
         demo_report_series(dir.path()).await,
-        ["cycling", "slow", "steady"]
+        ["cycling", "listen-demo", "slow", "steady"]
     );
     let o = wp(
         &dir.path().join("watchpost.toml"),

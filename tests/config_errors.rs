@@ -297,7 +297,6 @@ fn interval_below_the_floor() {
 }
 
 #[test]
-#[ignore = "BUG: an interval inherited from [defaults] below 1s is reported at probe-file:1:1, not at [defaults].interval"]
 fn inherited_interval_below_the_floor_points_at_defaults() {
     let (t, _) = with_probe(GOOD_PROBE);
     let main = t.write(
@@ -333,7 +332,6 @@ fn errors_in_several_files_are_reported_at_once() {
 }
 
 #[test]
-#[ignore = "BUG: any error in the main file replaces it with MainFile::default(), so the configured probe globs are never read"]
 fn an_error_in_the_main_file_does_not_hide_probe_file_errors() {
     let t = TestConfig::with_probe("a.toml", &format!("{GOOD_PROBE}timeout = \"5 parsecs\"\n"));
     let main = t.write(

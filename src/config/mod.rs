@@ -361,6 +361,8 @@ struct ProbeCommonFile {
     retries: Option<u32>,
     retry_delay: Option<Dur>,
     jitter: Option<Dur>,
+    /// Fixed start within the interval (default: a stable hash of the name).
+    offset: Option<Spanned<Dur>>,
     /// Per-phase latency budgets.
     #[serde(default)]
     budget: BTreeMap<String, Budget>,
@@ -376,6 +378,7 @@ const PROBE_COMMON_KEYS: &[&str] = &[
     "retries",
     "retry_delay",
     "jitter",
+    "offset",
     "budget",
 ];
 
@@ -412,6 +415,8 @@ pub struct ProbeConfig {
     pub retries: u32,
     pub retry_delay: Duration,
     pub jitter: Duration,
+    /// Fixed start within the interval; `None` = stable hash of the name.
+    pub offset: Option<Duration>,
     pub budget: BTreeMap<String, Budget>,
     pub spec: ProbeSpec,
 }
@@ -470,13 +475,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
 
-    let (main, notifiers) = match parse_main(&src) {
-        Ok(v) => v,
-        Err(mut d) => {
-            diags.append(&mut d);
-            (MainFile::default(), Vec::new())
-        }
-    };
+    let (main, notifiers) = parse_main(&src, &mut diags);
 
     let agent = build_agent(&main.agent, &dir, &src, &mut diags);
 
@@ -601,10 +600,61 @@ fn find_span(text: &str, needle: &str) -> Option<Range<usize>> {
     text.find(&format!("\"{needle}\"")).map(|i| i..i + needle.len() + 2)
 }
 
-fn parse_main(src: &Source) -> Result<(MainFile, Vec<Notifier>), Vec<Diagnostic>> {
-    let main: MainFile = toml::from_str(&src.text).map_err(|e| vec![src.err(e.into())])?;
-    let doc = DeTable::parse(&src.text).map_err(|e| vec![src.err(e.into())])?;
-    let mut diags = Vec::new();
+/// What can still be read from a main file that failed to parse: the probe globs and the
+/// defaults, so the probe files' own problems are reported in the same pass.
+#[derive(Deserialize, Default)]
+struct LenientMain {
+    #[serde(default)]
+    agent: LenientAgent,
+}
+
+#[derive(Deserialize)]
+struct LenientAgent {
+    #[serde(default = "default_probe_globs")]
+    probes: Vec<String>,
+}
+
+impl Default for LenientAgent {
+    fn default() -> Self {
+        LenientAgent { probes: default_probe_globs() }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct LenientDefaults {
+    #[serde(default)]
+    defaults: Defaults,
+}
+
+fn parse_main(src: &Source, diags: &mut Vec<Diagnostic>) -> (MainFile, Vec<Notifier>) {
+    let doc = match DeTable::parse(&src.text) {
+        Ok(d) => d,
+        Err(e) => {
+            // Unreadable TOML: nothing in it can be trusted, not even the probe globs.
+            diags.push(src.err(e.into()));
+            let mut m = MainFile::default();
+            m.agent.probes.clear();
+            return (m, Vec::new());
+        }
+    };
+    let main = match toml::from_str::<MainFile>(&src.text) {
+        Ok(m) => m,
+        Err(e) => {
+            diags.push(src.err(e.into()));
+            let mut m = MainFile::default();
+            m.agent.probes = toml::from_str::<LenientMain>(&src.text).map(|l| l.agent.probes).unwrap_or_default();
+            m.defaults = toml::from_str::<LenientDefaults>(&src.text).map(|l| l.defaults).unwrap_or_default();
+            m
+        }
+    };
+    let defaults_t = match doc.get_ref().get("defaults").map(|v| v.get_ref()) {
+        Some(DeValue::Table(t)) => Some(t),
+        _ => None,
+    };
+    if main.defaults.interval.0 < Duration::from_secs(1) {
+        let span = defaults_t.and_then(|t| t.get("interval")).map(|v| v.span());
+        diags.push(src.diag(span, format!("interval {} is below the 1s floor", duration::human(main.defaults.interval.0))));
+    }
     let mut notifiers = Vec::new();
     if let Some(v) = doc.get_ref().get("notifier") {
         if let DeValue::Table(t) = v.get_ref() {
@@ -628,11 +678,7 @@ fn parse_main(src: &Source) -> Result<(MainFile, Vec<Notifier>), Vec<Diagnostic>
             }
         }
     }
-    if diags.is_empty() {
-        Ok((main, notifiers))
-    } else {
-        Err(diags)
-    }
+    (main, notifiers)
 }
 
 /// Split `kind` out of a table: returns it and a deserializer over the remaining keys.
@@ -750,9 +796,12 @@ fn load_probe(path: &Path, defaults: &Defaults) -> Result<(ProbeConfig, (usize, 
         ));
     }
     let interval = common.interval.as_ref().map(|i| *i.get_ref()).unwrap_or(defaults.interval).0;
-    if interval < Duration::from_secs(1) {
-        let span = common.interval.as_ref().map(|i| i.span());
-        diags.push(src.diag(span, format!("interval {} is below the 1s floor", duration::human(interval))));
+    // An inherited interval below the floor is reported once, at `[defaults]`.
+    if let Some(own) = common.interval.as_ref().filter(|i| i.get_ref().0 < Duration::from_secs(1)) {
+        diags.push(src.diag(Some(own.span()), format!("interval {} is below the 1s floor", duration::human(own.get_ref().0))));
+    }
+    if let Some(off) = common.offset.as_ref().filter(|o| o.get_ref().0 >= interval) {
+        diags.push(src.diag(Some(off.span()), format!("offset {} must be shorter than the interval", duration::human(off.get_ref().0))));
     }
     for phase in common.budget.keys() {
         if phase.is_empty() {
@@ -785,6 +834,7 @@ fn load_probe(path: &Path, defaults: &Defaults) -> Result<(ProbeConfig, (usize, 
             retries: common.retries.unwrap_or(defaults.retries),
             retry_delay: common.retry_delay.unwrap_or(defaults.retry_delay).0,
             jitter: common.jitter.unwrap_or(defaults.jitter).0,
+            offset: common.offset.map(|o| o.into_inner().0),
             budget: common.budget,
             spec,
         },

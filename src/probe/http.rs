@@ -113,7 +113,8 @@ pub struct DegradedWhen {
 /// A validated HTTP probe.
 #[derive(Debug, Clone)]
 pub struct HttpSpec {
-    pub url: String,
+    /// Kept as the template for `Debug`: the expanded URL may carry a secret.
+    pub url: Interp,
     pub method: reqwest::Method,
     pub headers: Vec<(String, Interp)>,
     pub body: Option<Interp>,
@@ -161,7 +162,7 @@ impl HttpSpec {
             }
         };
         Ok(HttpSpec {
-            url: url.to_string(),
+            url,
             method,
             headers: f.headers.into_iter().collect(),
             body: f.body,
@@ -238,7 +239,7 @@ impl HttpProbe {
     pub async fn run(&self) -> Attempt {
         let mut a = Attempt::new();
         let s = &self.spec;
-        let mut req = self.client.request(s.method.clone(), &s.url).headers(self.headers.clone()).timeout(self.timeout);
+        let mut req = self.client.request(s.method.clone(), s.url.as_str()).headers(self.headers.clone()).timeout(self.timeout);
         if let Some(body) = &s.body {
             req = req.body(body.to_string());
         }
@@ -246,7 +247,8 @@ impl HttpProbe {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                let (class, msg) = classify(&e, self.timeout, "request");
+                // Messages never carry the URL: it may hold a `${ENV}` secret.
+                let (class, msg) = classify(&e.without_url(), self.timeout, "request");
                 a.down(class, msg);
                 return a;
             }
@@ -255,8 +257,13 @@ impl HttpProbe {
         let status = resp.status();
         let code = status.as_u16();
         a.detail("status", code);
-        if resp.url().as_str() != s.url {
-            a.detail("final_url", resp.url().as_str());
+        if resp.url().as_str() != s.url.as_str() {
+            // Where redirects led, without query or credentials (they may carry secrets).
+            let mut u = resp.url().clone();
+            u.set_query(None);
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            a.detail("final_url", u.as_str());
         }
         let cert_days = resp
             .extensions()
@@ -285,7 +292,7 @@ impl HttpProbe {
                 return a;
             }
             Err(BodyError::Read(e)) => {
-                let (class, msg) = classify(&e, self.timeout, "body");
+                let (class, msg) = classify(&e.without_url(), self.timeout, "body");
                 a.down(class, format!("HTTP {code}, then {msg}"));
                 return a;
             }
