@@ -35,10 +35,22 @@ const IDLE_CLOSE: Duration = Duration::from_secs(10);
 
 const MANIFEST: &str = include_str!("../probes/audio/manifest.toml");
 const WAVS: &[(&str, &[u8])] = &[
-    ("testing-one-two-three.wav", include_bytes!("../probes/audio/testing-one-two-three.wav")),
-    ("check-system-status.wav", include_bytes!("../probes/audio/check-system-status.wav")),
-    ("weather-is-nice-today.wav", include_bytes!("../probes/audio/weather-is-nice-today.wav")),
-    ("speech-system-test.wav", include_bytes!("../probes/audio/speech-system-test.wav")),
+    (
+        "testing-one-two-three.wav",
+        include_bytes!("../probes/audio/testing-one-two-three.wav"),
+    ),
+    (
+        "check-system-status.wav",
+        include_bytes!("../probes/audio/check-system-status.wav"),
+    ),
+    (
+        "weather-is-nice-today.wav",
+        include_bytes!("../probes/audio/weather-is-nice-today.wav"),
+    ),
+    (
+        "speech-system-test.wav",
+        include_bytes!("../probes/audio/speech-system-test.wav"),
+    ),
 ];
 
 /// Knobs for [`serve_with`].
@@ -65,7 +77,8 @@ fn envelope(samples: &[i16]) -> Vec<f32> {
     let db: Vec<f32> = samples
         .chunks(WINDOW)
         .map(|w| {
-            let e = w.iter().map(|s| (*s as f64) * (*s as f64)).sum::<f64>() / w.len().max(1) as f64;
+            let e =
+                w.iter().map(|s| (*s as f64) * (*s as f64)).sum::<f64>() / w.len().max(1) as f64;
             (10.0 * (e + 1.0).log10()) as f32
         })
         .collect();
@@ -81,7 +94,12 @@ fn distance(heard: &[f32], reference: &[f32]) -> f32 {
     if n == 0 {
         return f32::MAX;
     }
-    let d: f32 = heard[..n].iter().zip(&reference[..n]).map(|(a, b)| (a - b).abs()).sum::<f32>() / n as f32;
+    let d: f32 = heard[..n]
+        .iter()
+        .zip(&reference[..n])
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / n as f32;
     // A complete utterance must also be about as long as the reference.
     let extra = heard.len().saturating_sub(reference.len()) as f32 / reference.len() as f32;
     d + 30.0 * extra
@@ -92,21 +110,30 @@ fn load_references() -> Vec<Reference> {
     struct M {
         utterance: Vec<crate::probe::listen::audio::Utterance>,
     }
-    let Ok(m) = toml::from_str::<M>(MANIFEST) else { return Vec::new() };
+    let Ok(m) = toml::from_str::<M>(MANIFEST) else {
+        return Vec::new();
+    };
     m.utterance
         .into_iter()
         .filter_map(|u| {
             let (_, bytes) = WAVS.iter().find(|(n, _)| *n == u.file)?;
             let audio = Audio::parse(std::path::Path::new(&u.file), bytes, Some(0)).ok()?;
             let samples: Vec<i16> = audio.samples().collect();
-            Some(Reference { transcript: u.transcript, envelope: envelope(&samples) })
+            Some(Reference {
+                transcript: u.transcript,
+                envelope: envelope(&samples),
+            })
         })
         .collect()
 }
 
 /// Best match for what was heard; with `partial`, compare against prefixes and say how much
 /// of the utterance has been heard (0–1).
-fn recognise<'a>(refs: &'a [Reference], samples: &[i16], partial: bool) -> Option<(&'a Reference, f32)> {
+fn recognise<'a>(
+    refs: &'a [Reference],
+    samples: &[i16],
+    partial: bool,
+) -> Option<(&'a Reference, f32)> {
     let env = envelope(samples);
     if env.len() < 5 {
         return None;
@@ -119,7 +146,10 @@ fn recognise<'a>(refs: &'a [Reference], samples: &[i16], partial: bool) -> Optio
     if d > limit || (!partial && (env.len() as f32) < best.envelope.len() as f32 * 0.8) {
         return None;
     }
-    Some((best, (env.len() as f32 / best.envelope.len() as f32).min(1.0)))
+    Some((
+        best,
+        (env.len() as f32 / best.envelope.len() as f32).min(1.0),
+    ))
 }
 
 /// "testing one two" → "Testing one two" (and a period when final), like smart_format.
@@ -186,11 +216,20 @@ fn results(request_id: &str, text: &str, is_final: bool, start: f64, duration: f
 }
 
 async fn close(ws: &mut WebSocketStream<TcpStream>, code: u16, reason: &str) {
-    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() };
-    let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(frame)))).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    };
+    let _ =
+        tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
 }
 
+// The upgrade callback's error type is tungstenite's, not ours to box.
+#[allow(clippy::result_large_err)]
 async fn session(sock: TcpStream, refs: &[Reference], opts: DemoSttOptions) {
     let (request_id, fault) = {
         let mut rng = rand::rng();
@@ -215,12 +254,17 @@ async fn session(sock: TcpStream, refs: &[Reference], opts: DemoSttOptions) {
     };
     let rid = request_id.clone();
     let cb = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !auth.is_empty() && !(auth.starts_with("Token ") || auth.starts_with("Bearer ")) {
+        let auth = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !(auth.is_empty() || auth.starts_with("Token ") || auth.starts_with("Bearer ")) {
             let body = json!({"err_code": "INVALID_AUTH", "err_msg": "Invalid credentials.", "request_id": rid}).to_string();
             let mut r = ErrorResponse::new(Some(body));
             *r.status_mut() = StatusCode::UNAUTHORIZED;
-            r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
             return Err(r);
         }
         if let Ok(v) = HeaderValue::from_str(&rid) {
@@ -228,9 +272,13 @@ async fn session(sock: TcpStream, refs: &[Reference], opts: DemoSttOptions) {
         }
         Ok(resp)
     };
-    let cfg = WebSocketConfig::default().max_message_size(Some(1 << 20)).max_frame_size(Some(1 << 20));
+    let cfg = WebSocketConfig::default()
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20));
     let accept = tokio_tungstenite::accept_hdr_async_with_config(sock, cb, Some(cfg));
-    let Ok(Ok(mut ws)) = tokio::time::timeout(Duration::from_secs(10), accept).await else { return };
+    let Ok(Ok(mut ws)) = tokio::time::timeout(Duration::from_secs(10), accept).await else {
+        return;
+    };
 
     let mut samples: Vec<i16> = Vec::new();
     let mut carry: Option<u8> = None;
@@ -250,7 +298,16 @@ async fn session(sock: TcpStream, refs: &[Reference], opts: DemoSttOptions) {
             Message::Binary(b) => {
                 if b.is_empty() {
                     // Deepgram treats an empty binary frame as the end of the stream.
-                    finish(&mut ws, refs, &samples[finalized_upto..], &request_id, fault, true, samples.len()).await;
+                    finish(
+                        &mut ws,
+                        refs,
+                        &samples[finalized_upto..],
+                        &request_id,
+                        fault,
+                        true,
+                        samples.len(),
+                    )
+                    .await;
                     return;
                 }
                 let mut bytes = b.as_ref();
@@ -274,10 +331,19 @@ async fn session(sock: TcpStream, refs: &[Reference], opts: DemoSttOptions) {
                     let heard = &samples[finalized_upto..];
                     if let Some((r, frac)) = recognise(refs, heard, true) {
                         let words: Vec<&str> = r.transcript.split_whitespace().collect();
-                        let k = ((words.len() as f32 * frac).floor() as usize).clamp(1, words.len());
+                        let k =
+                            ((words.len() as f32 * frac).floor() as usize).clamp(1, words.len());
                         let start = finalized_upto as f64 / RATE as f64;
                         let dur = heard.len() as f64 / RATE as f64;
-                        let _ = ws.send(results(&request_id, &styled(&words[..k], false), false, start, dur)).await;
+                        let _ = ws
+                            .send(results(
+                                &request_id,
+                                &styled(&words[..k], false),
+                                false,
+                                start,
+                                dur,
+                            ))
+                            .await;
                     }
                 }
             }
@@ -290,12 +356,30 @@ async fn session(sock: TcpStream, refs: &[Reference], opts: DemoSttOptions) {
                     "KeepAlive" => {}
                     "Finalize" => {
                         let heard = samples[finalized_upto..].to_vec();
-                        finish(&mut ws, refs, &heard, &request_id, fault, false, finalized_upto).await;
+                        finish(
+                            &mut ws,
+                            refs,
+                            &heard,
+                            &request_id,
+                            fault,
+                            false,
+                            finalized_upto,
+                        )
+                        .await;
                         finalized_upto = samples.len();
                     }
                     "CloseStream" => {
                         let heard = samples[finalized_upto..].to_vec();
-                        finish(&mut ws, refs, &heard, &request_id, fault, true, finalized_upto).await;
+                        finish(
+                            &mut ws,
+                            refs,
+                            &heard,
+                            &request_id,
+                            fault,
+                            true,
+                            finalized_upto,
+                        )
+                        .await;
                         return;
                     }
                     _ => {
@@ -360,7 +444,11 @@ mod tests {
             s.extend(vec![0i16; 3200]);
             let (r, frac) = recognise(&refs, &s, false).expect(name);
             let want = MANIFEST.split(name).nth(1).unwrap();
-            assert!(want.contains(&r.transcript), "{name} recognised as {:?}", r.transcript);
+            assert!(
+                want.contains(&r.transcript),
+                "{name} recognised as {:?}",
+                r.transcript
+            );
             assert!((frac - 1.0).abs() < 1e-6);
             // Half of it: a partial match on the right utterance.
             let half = &s[..s.len() / 2];
@@ -369,7 +457,9 @@ mod tests {
             assert!(frac < 0.9);
         }
         // Noise is nobody.
-        let noise: Vec<i16> = (0..32000).map(|i| ((i * 7919) % 20000) as i16 - 10000).collect();
+        let noise: Vec<i16> = (0..32000)
+            .map(|i| ((i * 7919) % 20000) as i16 - 10000)
+            .collect();
         assert!(recognise(&refs, &noise, false).is_none());
     }
 }

@@ -28,7 +28,11 @@ fn load(probe: &str) -> Result<(tempfile::TempDir, watchpost::config::ProbeConfi
     std::fs::create_dir(dir.path().join("probes")).expect("mkdir");
     std::fs::write(dir.path().join("probes/p.toml"), probe).expect("write probe");
     let cfg = dir.path().join("watchpost.toml");
-    std::fs::write(&cfg, "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n").expect("write config");
+    std::fs::write(
+        &cfg,
+        "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n",
+    )
+    .expect("write config");
     match watchpost::config::load(&cfg) {
         Ok(c) => Ok((dir, c.probes.into_iter().next().expect("one probe"))),
         Err(e) => Err(e.to_string()),
@@ -49,11 +53,16 @@ retries = 0
 {extra}
 "#,
         audio = wav("testing-one-two-three.wav"),
-        final_timeout = if extra.contains("final_timeout") { "" } else { "final_timeout = \"2s\"" },
+        final_timeout = if extra.contains("final_timeout") {
+            ""
+        } else {
+            "final_timeout = \"2s\""
+        },
     )
 }
 
-const DG_QUERY: &str = "/v1/listen?model=nova-3&encoding=linear16&sample_rate=16000&channels=1&interim_results=true";
+const DG_QUERY: &str =
+    "/v1/listen?model=nova-3&encoding=linear16&sample_rate=16000&channels=1&interim_results=true";
 
 async fn run(probe: &str) -> Attempt {
     let (_dir, cfg) = load(probe).unwrap_or_else(|e| panic!("config did not load:\n{e}"));
@@ -100,7 +109,8 @@ async fn deepgram_happy_path() {
 async fn frames_are_paced_on_absolute_deadlines() {
     // Real time, 50 ms chunks: frame n arrives close to n × 50 ms after frame 0.
     let srv = Server::start(Behavior::Deepgram(Dg::new(UTTERANCE))).await;
-    let probe = deepgram_probe(&srv.url(DG_QUERY), "chunk = \"50ms\"").replace("speed = 4.0", "speed = 1.0");
+    let probe = deepgram_probe(&srv.url(DG_QUERY), "chunk = \"50ms\"")
+        .replace("speed = 4.0", "speed = 1.0");
     let a = run(&probe).await;
     assert_eq!(a.outcome, Outcome::Up, "{a:?}");
     let log = srv.log(0);
@@ -111,15 +121,25 @@ async fn frames_are_paced_on_absolute_deadlines() {
         let off = t.duration_since(t0);
         worst = worst.max(if off > due { off - due } else { due - off });
     }
-    assert!(worst < Duration::from_millis(30), "frame arrival drifted {worst:?} from the schedule");
+    assert!(
+        worst < Duration::from_millis(30),
+        "frame arrival drifted {worst:?} from the schedule"
+    );
     let total = log.frame_times.last().unwrap().duration_since(t0);
-    assert!(total >= Duration::from_millis(2150), "sent too fast: {total:?}");
+    assert!(
+        total >= Duration::from_millis(2150),
+        "sent too fast: {total:?}"
+    );
 }
 
 #[tokio::test]
 async fn deepgram_finalize_mode_and_lead_in_tail() {
     let srv = Server::start(Behavior::Deepgram(Dg::new(UTTERANCE))).await;
-    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "end = \"finalize\"\nlead_in = \"300ms\"\ntail = \"200ms\"")).await;
+    let a = run(&deepgram_probe(
+        &srv.url(DG_QUERY),
+        "end = \"finalize\"\nlead_in = \"300ms\"\ntail = \"200ms\"",
+    ))
+    .await;
     assert_eq!(a.outcome, Outcome::Up, "{a:?}");
     assert_eq!(a.details["completed_by"], "from_finalize result");
     let log = srv.log(0);
@@ -130,7 +150,11 @@ async fn deepgram_finalize_mode_and_lead_in_tail() {
 #[tokio::test]
 async fn keepalive_while_idle() {
     let srv = Server::start(Behavior::Deepgram(Dg::new(UTTERANCE))).await;
-    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "idle_before = \"700ms\"\nkeepalive = \"200ms\"")).await;
+    let a = run(&deepgram_probe(
+        &srv.url(DG_QUERY),
+        "idle_before = \"700ms\"\nkeepalive = \"200ms\"",
+    ))
+    .await;
     assert_eq!(a.outcome, Outcome::Up, "{a:?}");
     let log = srv.log(0);
     assert!(log.keepalives >= 2, "keepalives: {}", log.keepalives);
@@ -150,13 +174,21 @@ async fn deepgram_rejects_401_with_err_code() {
     assert_eq!(a.details["err_code"], "INVALID_AUTH");
     assert_eq!(a.details["err_msg"], "Invalid credentials.");
     assert!(message(&a).contains("HTTP 401"), "{}", message(&a));
-    assert!(message(&a).contains("INVALID_AUTH Invalid credentials."), "{}", message(&a));
+    assert!(
+        message(&a).contains("INVALID_AUTH Invalid credentials."),
+        "{}",
+        message(&a)
+    );
 }
 
 #[tokio::test]
 async fn rejects_503_with_err_code() {
     let body = r#"{"err_code":"SERVICE_UNAVAILABLE","err_msg":"Capacity exceeded, try again.","request_id":"r-503"}"#;
-    let srv = Server::start(Behavior::Reject { status: 503, body: body.into() }).await;
+    let srv = Server::start(Behavior::Reject {
+        status: 503,
+        body: body.into(),
+    })
+    .await;
     let a = run(&deepgram_probe(&srv.url(DG_QUERY), "")).await;
     assert_eq!(class(&a), "ws_rejected", "{a:?}");
     assert_eq!(a.details["http_status"], 503);
@@ -174,7 +206,10 @@ async fn closes_1011_mid_stream() {
     let a = run(&deepgram_probe(&srv.url(DG_QUERY), "")).await;
     assert_eq!(class(&a), "ws_closed", "{a:?}");
     let m = message(&a);
-    assert!(m.starts_with("server closed the socket with 1011 NET-0001 after "), "{m}");
+    assert!(
+        m.starts_with("server closed the socket with 1011 NET-0001 after "),
+        "{m}"
+    );
     assert!(m.contains("without a transcript"), "{m}");
     assert!(m.contains("while audio was streaming"), "{m}");
     assert_eq!(a.details["close_code"], 1011);
@@ -188,15 +223,26 @@ async fn closes_1011_after_partial_transcript() {
     let srv = Server::start(Behavior::Deepgram(dg)).await;
     let a = run(&deepgram_probe(&srv.url(DG_QUERY), "")).await;
     assert_eq!(class(&a), "ws_closed", "{a:?}");
-    assert!(message(&a).contains("heard so far: \"testing"), "{}", message(&a));
+    assert!(
+        message(&a).contains("heard so far: \"testing"),
+        "{}",
+        message(&a)
+    );
 }
 
 #[tokio::test]
 async fn silent_server_is_no_transcript() {
     let srv = Server::start(Behavior::Silent).await;
-    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "final_timeout = \"1s\"")).await;
+    let a = run(&deepgram_probe(
+        &srv.url(DG_QUERY),
+        "final_timeout = \"1s\"",
+    ))
+    .await;
     assert_eq!(class(&a), "no_transcript", "{a:?}");
-    assert_eq!(message(&a), "no transcript 1.0 s after the last audio frame (no results at all)");
+    assert_eq!(
+        message(&a),
+        "no transcript 1.0 s after the last audio frame (no results at all)"
+    );
 }
 
 #[tokio::test]
@@ -205,11 +251,19 @@ async fn server_that_never_closes_is_judged_and_degraded() {
     dg.finish = false;
     let srv = Server::start(Behavior::Deepgram(dg)).await;
     let t = Instant::now();
-    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "final_timeout = \"1s\"")).await;
+    let a = run(&deepgram_probe(
+        &srv.url(DG_QUERY),
+        "final_timeout = \"1s\"",
+    ))
+    .await;
     assert!(t.elapsed() < Duration::from_secs(4), "must not hang");
     assert_eq!(a.outcome, Outcome::Degraded, "{a:?}");
     assert_eq!(class(&a), "timeout");
-    assert!(message(&a).contains("did not finish the stream"), "{}", message(&a));
+    assert!(
+        message(&a).contains("did not finish the stream"),
+        "{}",
+        message(&a)
+    );
     assert_eq!(a.details["wer"], Value::from(0.0));
     assert!(phase(&a, "final").is_some());
 }
@@ -220,14 +274,20 @@ async fn wrong_transcript_is_a_mismatch() {
     let a = run(&deepgram_probe(&srv.url(DG_QUERY), "")).await;
     assert_eq!(class(&a), "transcript_mismatch", "{a:?}");
     let m = message(&a);
-    assert!(m.contains("expected \"testing one two three four five\""), "{m}");
+    assert!(
+        m.contains("expected \"testing one two three four five\""),
+        "{m}"
+    );
     assert!(m.contains("heard \"the weather is nice today\""), "{m}");
     assert!(m.contains("WER 1.00 > 0.20"), "{m}");
 }
 
 #[tokio::test]
 async fn contains_expectation() {
-    let srv = Server::start(Behavior::Deepgram(Dg::new("testing one two three four five"))).await;
+    let srv = Server::start(Behavior::Deepgram(Dg::new(
+        "testing one two three four five",
+    )))
+    .await;
     let probe = deepgram_probe(&srv.url(DG_QUERY), "contains = [\"two three\", \"six\"]");
     let a = run(&probe).await;
     assert_eq!(class(&a), "transcript_mismatch", "{a:?}");
@@ -243,10 +303,18 @@ async fn slow_final_over_timeout_and_over_budget() {
     dg.final_delay = Duration::from_millis(1500);
     let srv = Server::start(Behavior::Deepgram(dg)).await;
     // Slower than final_timeout: nothing usable.
-    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "final_timeout = \"1s\"")).await;
+    let a = run(&deepgram_probe(
+        &srv.url(DG_QUERY),
+        "final_timeout = \"1s\"",
+    ))
+    .await;
     assert_eq!(class(&a), "no_transcript", "{a:?}");
     // Within final_timeout but over the per-run budget: degraded.
-    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "final_timeout = \"3s\"\n[budget]\nfinal = { run = \"1s\" }")).await;
+    let a = run(&deepgram_probe(
+        &srv.url(DG_QUERY),
+        "final_timeout = \"3s\"\n[budget]\nfinal = { run = \"1s\" }",
+    ))
+    .await;
     assert_eq!(a.outcome, Outcome::Degraded, "{a:?}");
     assert_eq!(class(&a), "budget");
     assert!(phase(&a, "final").unwrap() >= Duration::from_millis(1500));
@@ -257,9 +325,31 @@ async fn interim_only_is_degraded() {
     let mut dg = Dg::new(UTTERANCE);
     dg.only_interim = true;
     let srv = Server::start(Behavior::Deepgram(dg)).await;
-    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "final_timeout = \"800ms\"")).await;
+    let a = run(&deepgram_probe(
+        &srv.url(DG_QUERY),
+        "final_timeout = \"800ms\"",
+    ))
+    .await;
     assert_eq!(a.outcome, Outcome::Degraded, "{a:?}");
     assert_eq!(class(&a), "interim_only");
+}
+
+#[tokio::test]
+async fn partial_interim_that_never_finalises_is_no_transcript() {
+    let mut dg = Dg::new("testing one two");
+    dg.only_interim = true;
+    let srv = Server::start(Behavior::Deepgram(dg)).await;
+    let a = run(&deepgram_probe(
+        &srv.url(DG_QUERY),
+        "final_timeout = \"800ms\"",
+    ))
+    .await;
+    assert_eq!(class(&a), "no_transcript", "{a:?}");
+    assert!(
+        message(&a).contains("interim results only (\"testing one two\", WER 0.50"),
+        "{}",
+        message(&a)
+    );
 }
 
 #[tokio::test]
@@ -287,7 +377,11 @@ async fn binary_garbage_is_protocol() {
     let srv = Server::start(Behavior::BinaryMessage).await;
     let a = run(&deepgram_probe(&srv.url(DG_QUERY), "")).await;
     assert_eq!(class(&a), "protocol", "{a:?}");
-    assert!(message(&a).contains("unexpected binary message (6 bytes)"), "{}", message(&a));
+    assert!(
+        message(&a).contains("unexpected binary message (6 bytes)"),
+        "{}",
+        message(&a)
+    );
 }
 
 #[tokio::test]
@@ -303,18 +397,32 @@ async fn hundred_megabyte_frame_is_refused_by_the_cap() {
 async fn trickling_upgrade_times_out() {
     let srv = Server::start(Behavior::Trickle).await;
     let t = Instant::now();
-    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "connect_timeout = \"1s\"")).await;
+    let a = run(&deepgram_probe(
+        &srv.url(DG_QUERY),
+        "connect_timeout = \"1s\"",
+    ))
+    .await;
     assert!(t.elapsed() < Duration::from_secs(3));
     assert_eq!(class(&a), "timeout", "{a:?}");
-    assert!(message(&a).contains("1s connect timeout"), "{}", message(&a));
+    assert!(
+        message(&a).contains("1s connect timeout"),
+        "{}",
+        message(&a)
+    );
 }
 
 #[tokio::test]
 async fn overall_timeout_names_the_phase() {
     let srv = Server::start(Behavior::Silent).await;
-    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "timeout = \"1s\"").replace("speed = 4.0", "speed = 1.0")).await;
+    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "timeout = \"1s\"")
+        .replace("speed = 4.0", "speed = 1.0"))
+    .await;
     assert_eq!(class(&a), "timeout", "{a:?}");
-    assert!(message(&a).starts_with("the 1s timeout hit while streaming audio (frame "), "{}", message(&a));
+    assert!(
+        message(&a).starts_with("the 1s timeout hit while streaming audio (frame "),
+        "{}",
+        message(&a)
+    );
 }
 
 #[tokio::test]
@@ -323,7 +431,11 @@ async fn connection_refused() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let a = run(&deepgram_probe(&format!("ws://127.0.0.1:{port}{DG_QUERY}"), "")).await;
+    let a = run(&deepgram_probe(
+        &format!("ws://127.0.0.1:{port}{DG_QUERY}"),
+        "",
+    ))
+    .await;
     assert_eq!(class(&a), "connect_refused", "{a:?}");
 }
 
@@ -378,7 +490,11 @@ async fn omi_stt_degraded() {
     let a = run(&omi_probe(&srv.url(OMI_QUERY), "")).await;
     assert_eq!(a.outcome, Outcome::Degraded, "{a:?}");
     assert_eq!(class(&a), "stt_degraded");
-    assert!(message(&a).contains("falling back to batch mode"), "{}", message(&a));
+    assert!(
+        message(&a).contains("falling back to batch mode"),
+        "{}",
+        message(&a)
+    );
 }
 
 #[tokio::test]
@@ -398,7 +514,10 @@ async fn omi_stt_failed() {
 
 #[tokio::test]
 async fn generic_dialect_from_config() {
-    let srv = Server::start(Behavior::Generic { transcript: "testing one two three four five".into() }).await;
+    let srv = Server::start(Behavior::Generic {
+        transcript: "testing one two three four five".into(),
+    })
+    .await;
     let probe = format!(
         r#"name = "listen-generic"
 kind = "listen"
@@ -434,25 +553,49 @@ fn config_error(probe: &str) -> String {
 
 #[test]
 fn bad_dialect_points_at_it() {
-    let e = config_error(&deepgram_probe("ws://127.0.0.1:1/x?sample_rate=16000", "").replace("\"deepgram\"", "\"deepgramm\""));
-    assert!(e.contains("p.toml:3:11: unknown dialect \"deepgramm\" (expected deepgram, omi, generic)"), "{e}");
+    let e = config_error(
+        &deepgram_probe("ws://127.0.0.1:1/x?sample_rate=16000", "")
+            .replace("\"deepgram\"", "\"deepgramm\""),
+    );
+    assert!(
+        e.contains("p.toml:3:11: unknown dialect \"deepgramm\" (expected deepgram, omi, generic)"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_sample_rate_points_at_the_url() {
-    let e = config_error(&deepgram_probe("ws://127.0.0.1:1/v1/listen?encoding=linear16&sample_rate=8000&channels=1", ""));
+    let e = config_error(&deepgram_probe(
+        "ws://127.0.0.1:1/v1/listen?encoding=linear16&sample_rate=8000&channels=1",
+        "",
+    ));
     assert!(e.contains("p.toml:4:7: "), "{e}");
-    assert!(e.contains("testing-one-two-three.wav is 16000 Hz but the probe declares sample_rate=8000"), "{e}");
+    assert!(
+        e.contains("testing-one-two-three.wav is 16000 Hz but the probe declares sample_rate=8000"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_channels_and_encoding() {
-    let e = config_error(&deepgram_probe("ws://h/v1/listen?encoding=linear16&sample_rate=16000&channels=2", ""));
-    assert!(e.contains("has 1 channel but the probe declares channels=2"), "{e}");
-    let e = config_error(&deepgram_probe("ws://h/v1/listen?encoding=opus&sample_rate=16000", ""));
+    let e = config_error(&deepgram_probe(
+        "ws://h/v1/listen?encoding=linear16&sample_rate=16000&channels=2",
+        "",
+    ));
+    assert!(
+        e.contains("has 1 channel but the probe declares channels=2"),
+        "{e}"
+    );
+    let e = config_error(&deepgram_probe(
+        "ws://h/v1/listen?encoding=opus&sample_rate=16000",
+        "",
+    ));
     assert!(e.contains("url has encoding=opus"), "{e}");
     let e = config_error(&deepgram_probe("ws://h/v1/listen", ""));
-    assert!(e.contains("deepgram needs encoding=linear16&sample_rate=16000&channels=1"), "{e}");
+    assert!(
+        e.contains("deepgram needs encoding=linear16&sample_rate=16000&channels=1"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -461,13 +604,20 @@ fn other_config_errors() {
     let e = config_error(&deepgram_probe(url, "max_wer = 1.5"));
     assert!(e.contains("max_wer 1.5 is not between 0.0 and 1.0"), "{e}");
     let e = config_error(&deepgram_probe(url, "transcript_path = \"a.b\""));
-    assert!(e.contains("transcript_path is only for dialect = \"generic\""), "{e}");
+    assert!(
+        e.contains("transcript_path is only for dialect = \"generic\""),
+        "{e}"
+    );
     let e = config_error(&deepgram_probe(url, "chunk = \"5s\""));
     assert!(e.contains("chunk 5s is not between 10ms and 1s"), "{e}");
     let e = config_error(&deepgram_probe(url, "colour = \"blue\""));
     assert!(e.contains("colour"), "{e}");
-    let e = config_error(&deepgram_probe(url, "").replace("testing-one-two-three.wav", "missing.wav"));
-    assert!(e.contains("cannot read") && e.contains("missing.wav"), "{e}");
+    let e =
+        config_error(&deepgram_probe(url, "").replace("testing-one-two-three.wav", "missing.wav"));
+    assert!(
+        e.contains("cannot read") && e.contains("missing.wav"),
+        "{e}"
+    );
     let e = config_error(&deepgram_probe("http://h/x?sample_rate=16000", ""));
     assert!(e.contains("url scheme \"http\" is not ws or wss"), "{e}");
     let e = config_error(&omi_probe(url, "").replace("dialect = \"omi\"", "dialect = \"generic\""));
@@ -476,8 +626,17 @@ fn other_config_errors() {
 
 #[test]
 fn transcript_defaults_to_the_manifest() {
-    let (_d, cfg) = load(&deepgram_probe("ws://h/v1/listen?encoding=linear16&sample_rate=16000", "")).unwrap();
-    let watchpost::probe::ProbeSpec::Listen(spec) = &cfg.spec else { panic!("not listen") };
+    let (_d, cfg) = load(&deepgram_probe(
+        "ws://h/v1/listen?encoding=linear16&sample_rate=16000",
+        "",
+    ))
+    .unwrap();
+    let watchpost::probe::ProbeSpec::Listen(spec) = &cfg.spec else {
+        panic!("not listen")
+    };
     assert_eq!(spec.expect.transcript.as_deref(), Some(UTTERANCE));
-    assert!(cfg.timeout > spec.stream_duration() + spec.final_timeout, "default timeout leaves room");
+    assert!(
+        cfg.timeout > spec.stream_duration() + spec.final_timeout,
+        "default timeout leaves room"
+    );
 }

@@ -20,7 +20,11 @@ fn load_all(port: u16, extra: &str) -> (tempfile::TempDir, Vec<watchpost::config
     let audio = Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/audio");
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("probes")).unwrap();
-    for (i, u) in read_manifest(&audio.join("manifest.toml")).unwrap().iter().enumerate() {
+    for (i, u) in read_manifest(&audio.join("manifest.toml"))
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let probe = format!(
             r#"name = "demo-{i}"
 kind = "listen"
@@ -39,7 +43,11 @@ retries = 0
         std::fs::write(dir.path().join(format!("probes/p{i}.toml")), probe).unwrap();
     }
     let cfg = dir.path().join("watchpost.toml");
-    std::fs::write(&cfg, "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n",
+    )
+    .unwrap();
     let c = watchpost::config::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
     (dir, c.probes)
 }
@@ -56,7 +64,10 @@ async fn demo_stt_transcribes_every_shipped_utterance() {
         assert!(a.details["request_id"].as_str().unwrap().len() >= 32);
         assert!(a.details["interim_results"].as_u64().unwrap() >= 1, "{a:?}");
         let fin = a.phases.iter().find(|(n, _)| n == "final").unwrap().1;
-        assert!(fin.as_millis() >= 80 && fin.as_millis() < 600, "final {fin:?}");
+        assert!(
+            fin.as_millis() >= 80 && fin.as_millis() < 600,
+            "final {fin:?}"
+        );
     }
     token.cancel();
 }
@@ -69,9 +80,16 @@ async fn demo_stt_faults_are_detected() {
         let p = Probe::build(pc).unwrap();
         let a = attempt_once(&p, pc).await.0;
         let class = a.error.as_ref().map(|e| e.class.as_str()).unwrap_or("");
-        assert!(matches!(class, "ws_closed" | "no_transcript" | "interim_only"), "{}: {a:?}", pc.name);
+        assert!(
+            matches!(class, "ws_closed" | "no_transcript" | "interim_only"),
+            "{}: {a:?}",
+            pc.name
+        );
         if class == "ws_closed" {
-            assert!(a.error.as_ref().unwrap().message.contains("1011 NET-0001"), "{a:?}");
+            assert!(
+                a.error.as_ref().unwrap().message.contains("1011 NET-0001"),
+                "{a:?}"
+            );
         }
     }
     token.cancel();

@@ -39,7 +39,8 @@ async fn start_peer(root: &Path) -> (Child, u16) {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {
                 use tokio::io::AsyncReadExt;
-                let _ = tokio::time::timeout(Duration::from_secs(5), e.read_to_string(&mut err)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), e.read_to_string(&mut err)).await;
             }
             panic!("the pocketsphinx peer did not start ({other:?}); {INSTALL}\nstderr:\n{err}");
         }
@@ -76,7 +77,11 @@ retries = 0
         std::fs::write(dir.path().join(format!("probes/p{i}.toml")), probe).expect("write probe");
     }
     let cfg_path = dir.path().join("watchpost.toml");
-    std::fs::write(&cfg_path, "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n").expect("write config");
+    std::fs::write(
+        &cfg_path,
+        "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n",
+    )
+    .expect("write config");
     let cfg = watchpost::config::load(&cfg_path).unwrap_or_else(|e| panic!("{e}"));
 
     // All utterances at once: the peer decodes each session on its own.
@@ -103,5 +108,9 @@ retries = 0
         }
         assert!(a.details.get("request_id").is_some(), "dg-request-id kept");
     }
-    assert!(failures.is_empty(), "utterances that did not pass:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "utterances that did not pass:\n{}",
+        failures.join("\n")
+    );
 }

@@ -13,7 +13,11 @@ fn load(probe: &str) -> Result<(tempfile::TempDir, watchpost::config::ProbeConfi
     std::fs::create_dir(dir.path().join("probes")).expect("mkdir");
     std::fs::write(dir.path().join("probes/ws.toml"), probe).expect("write probe");
     let cfg = dir.path().join("watchpost.toml");
-    std::fs::write(&cfg, "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n").expect("write config");
+    std::fs::write(
+        &cfg,
+        "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n",
+    )
+    .expect("write config");
     match watchpost::config::load(&cfg) {
         Ok(c) => Ok((dir, c.probes.into_iter().next().expect("one probe"))),
         Err(e) => Err(e.to_string()),
@@ -85,7 +89,10 @@ close = 1000
     let names: Vec<&str> = a.phases.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["connect", "greeting", "step2", "ack", "step4", "step5", "step6", "step7", "step8", "step9", "total"]
+        [
+            "connect", "greeting", "step2", "ack", "step4", "step5", "step6", "step7", "step8",
+            "step9", "total"
+        ]
     );
     assert!(a.phases.iter().find(|(n, _)| n == "step6").unwrap().1 >= Duration::from_millis(50));
     assert_eq!(a.details["subprotocol"], "chat.v2");
@@ -93,7 +100,10 @@ close = 1000
     assert_eq!(log.subprotocol.as_deref(), Some("chat.v2, chat.v1"));
     assert_eq!(log.bytes, 4);
     let sent: serde_json::Value = serde_json::from_str(&log.texts[0]).unwrap();
-    assert_eq!(sent, serde_json::json!({"op": "subscribe", "channel": "status"}));
+    assert_eq!(
+        sent,
+        serde_json::json!({"op": "subscribe", "channel": "status"})
+    );
 }
 
 #[tokio::test]
@@ -108,8 +118,16 @@ expect = { json = [ { path = "echo", equals = "bye" } ], within = "300ms" }
 "#;
     let a = run(&probe).await;
     assert_eq!(class(&a), "assertion", "{a:?}");
-    assert!(message(&a).contains("step 2 (step2): no matching message within 300ms"), "{}", message(&a));
-    assert!(message(&a).contains("echo is \"hi\", expected \"bye\""), "{}", message(&a));
+    assert!(
+        message(&a).contains("step 2 (step2): no matching message within 300ms"),
+        "{}",
+        message(&a)
+    );
+    assert!(
+        message(&a).contains("echo is \"hi\", expected \"bye\""),
+        "{}",
+        message(&a)
+    );
     assert_eq!(a.details["failed_step"], "step2");
 }
 
@@ -123,7 +141,11 @@ expect = { matches = "nope", skip_others = false }
 "#;
     let a = run(&probe).await;
     assert_eq!(class(&a), "assertion", "{a:?}");
-    assert!(message(&a).contains("does not match /nope/"), "{}", message(&a));
+    assert!(
+        message(&a).contains("does not match /nope/"),
+        "{}",
+        message(&a)
+    );
 }
 
 #[tokio::test]
@@ -154,13 +176,21 @@ expect = { contains = "nothing", within = "2s" }
 "#;
     let a = run(&probe).await;
     assert_eq!(class(&a), "ws_closed", "{a:?}");
-    assert!(message(&a).contains("server closed the socket with 4000 asked to"), "{}", message(&a));
+    assert!(
+        message(&a).contains("server closed the socket with 4000 asked to"),
+        "{}",
+        message(&a)
+    );
 }
 
 #[tokio::test]
 async fn rejected_upgrade_and_retries() {
     let body = r#"{"error":{"code":"forbidden","message":"no access"}}"#;
-    let srv = Server::start(Behavior::Reject { status: 403, body: body.into() }).await;
+    let srv = Server::start(Behavior::Reject {
+        status: 403,
+        body: body.into(),
+    })
+    .await;
     let probe = head(&srv.url("/ws")).replace("retries = 0", "retries = 1\nretry_delay = \"10ms\"");
     let (_d, cfg) = load(&probe).unwrap();
     let p = Probe::build(&cfg).unwrap();
@@ -168,15 +198,22 @@ async fn rejected_upgrade_and_retries() {
     assert_eq!(r.outcome, Outcome::Down);
     let e = r.error.unwrap();
     assert_eq!(e.class, "ws_rejected");
-    assert!(e.message.contains("HTTP 403 Forbidden: forbidden no access"), "{}", e.message);
+    assert!(
+        e.message
+            .contains("HTTP 403 Forbidden: forbidden no access"),
+        "{}",
+        e.message
+    );
     assert_eq!(srv.connections(), 2, "one confirmation retry");
 }
 
 #[tokio::test]
 async fn oversized_message_is_refused() {
     let srv = Server::start(Behavior::HugeFrame).await;
-    let probe = head(&srv.url("/ws")).replace("timeout = \"3s\"", "timeout = \"3s\"\nmax_message_bytes = 65536")
-        + r#"
+    let probe = head(&srv.url("/ws")).replace(
+        "timeout = \"3s\"",
+        "timeout = \"3s\"\nmax_message_bytes = 65536",
+    ) + r#"
 [[step]]
 send_binary = "AQID"
 [[step]]
@@ -190,7 +227,10 @@ expect = { contains = "x" }
 #[test]
 fn step_config_errors() {
     let e = load(&(head("ws://h/x") + "[[step]]\nsend = \"a\"\nwait = \"1s\"\n")).unwrap_err();
-    assert!(e.contains("ws.toml:8:1: step 1 needs exactly one of send"), "{e}");
+    assert!(
+        e.contains("ws.toml:8:1: step 1 needs exactly one of send"),
+        "{e}"
+    );
     let e = load(&(head("ws://h/x") + "[[step]]\nsend_binary = \"***\"\n")).unwrap_err();
     assert!(e.contains("send_binary is not valid base64"), "{e}");
     let e = load(&(head("ws://h/x") + "[[step]]\nexpect = { matches = \"(\" }\n")).unwrap_err();

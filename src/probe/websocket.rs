@@ -63,7 +63,11 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(class: &'static str, message: impl Into<String>) -> Self {
-        Failure { class, message: message.into(), details: Vec::new() }
+        Failure {
+            class,
+            message: message.into(),
+            details: Vec::new(),
+        }
     }
     /// Record this failure on an attempt (down).
     pub fn apply(self, a: &mut Attempt) {
@@ -110,21 +114,37 @@ pub fn validate_headers(headers: &BTreeMap<String, Interp>) -> Result<(), SpanEr
 pub fn validate_ws_url(url: &toml::Spanned<Interp>) -> Result<url::Url, SpanError> {
     match url::Url::parse(url.get_ref()) {
         Ok(u) if u.scheme() == "ws" || u.scheme() == "wss" => Ok(u),
-        Ok(u) => Err(SpanError::at(url.span(), format!("url scheme {:?} is not ws or wss", u.scheme()))),
-        Err(e) => Err(SpanError::at(url.span(), format!("invalid url {:?}: {e}", url.get_ref().template()))),
+        Ok(u) => Err(SpanError::at(
+            url.span(),
+            format!("url scheme {:?} is not ws or wss", u.scheme()),
+        )),
+        Err(e) => Err(SpanError::at(
+            url.span(),
+            format!("invalid url {:?}: {e}", url.get_ref().template()),
+        )),
     }
 }
 
 /// Read a PEM CA bundle at config time.
-pub fn read_ca_file(dir: &Path, p: &Option<toml::Spanned<String>>) -> Result<Option<Arc<Vec<u8>>>, SpanError> {
+pub fn read_ca_file(
+    dir: &Path,
+    p: &Option<toml::Spanned<String>>,
+) -> Result<Option<Arc<Vec<u8>>>, SpanError> {
     let Some(p) = p else { return Ok(None) };
     let path = dir.join(p.get_ref());
-    let bytes = std::fs::read(&path)
-        .map_err(|e| SpanError::at(p.span(), format!("cannot read ca_file {}: {e}", path.display())))?;
+    let bytes = std::fs::read(&path).map_err(|e| {
+        SpanError::at(
+            p.span(),
+            format!("cannot read ca_file {}: {e}", path.display()),
+        )
+    })?;
     let mut rd = bytes.as_slice();
     let n = rustls_pemfile::certs(&mut rd).filter(Result::is_ok).count();
     if n == 0 {
-        return Err(SpanError::at(p.span(), format!("ca_file {} holds no PEM certificate", path.display())));
+        return Err(SpanError::at(
+            p.span(),
+            format!("ca_file {} holds no PEM certificate", path.display()),
+        ));
     }
     Ok(Some(Arc::new(bytes)))
 }
@@ -140,24 +160,31 @@ pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<Arc<rustls::Cli
             roots.add(cert?)?;
         }
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     Ok(Arc::new(cfg))
 }
 
 /// Open the socket within `timeout` (TCP + TLS + upgrade).
 pub async fn connect(t: &Target, timeout: Duration) -> Result<Connected, Failure> {
-    let mut req = t
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| Failure::new("config", format!("cannot build the upgrade request: {e}")))?;
+    let mut req =
+        t.url.as_str().into_client_request().map_err(|e| {
+            Failure::new("config", format!("cannot build the upgrade request: {e}"))
+        })?;
     let h = req.headers_mut();
-    h.insert("user-agent", HeaderValue::from_static(super::http::USER_AGENT));
+    h.insert(
+        "user-agent",
+        HeaderValue::from_static(super::http::USER_AGENT),
+    );
     for (k, v) in &t.headers {
-        let (Ok(name), Ok(value)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) else {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) else {
             return Err(Failure::new("config", format!("invalid header {k:?}")));
         };
         h.insert(name, value);
@@ -170,25 +197,40 @@ pub async fn connect(t: &Target, timeout: Duration) -> Result<Connected, Failure
             Err(_) => return Err(Failure::new("config", "invalid subprotocol name")),
         }
     }
+    // Small read buffers: a probe reads small messages, and hundreds of concurrent listen
+    // sessions should not each hold the 128 KiB default.
     let cfg = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
         .max_message_size(Some(t.max_message_bytes))
         .max_frame_size(Some(t.max_message_bytes));
     let connector = Connector::Rustls(t.tls.clone());
     let t0 = Instant::now();
-    let fut = tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, Some(connector));
+    let fut =
+        tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, Some(connector));
     match tokio::time::timeout(timeout, fut).await {
         Err(_) => Err(Failure::new(
             "timeout",
-            format!("no WebSocket upgrade within the {} connect timeout", human(timeout)),
+            format!(
+                "no WebSocket upgrade within the {} connect timeout",
+                human(timeout)
+            ),
         )),
         Ok(Err(e)) => Err(connect_error(e)),
         Ok(Ok((ws, resp))) => {
             let headers = resp
                 .headers()
                 .iter()
-                .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_ascii_lowercase(), v.to_string())))
+                .filter_map(|(k, v)| {
+                    v.to_str()
+                        .ok()
+                        .map(|v| (k.as_str().to_ascii_lowercase(), v.to_string()))
+                })
                 .collect();
-            Ok(Connected { ws, headers, elapsed: t0.elapsed() })
+            Ok(Connected {
+                ws,
+                headers,
+                elapsed: t0.elapsed(),
+            })
         }
     }
 }
@@ -196,12 +238,19 @@ pub async fn connect(t: &Target, timeout: Duration) -> Result<Connected, Failure
 fn connect_error(e: tungstenite::Error) -> Failure {
     use tungstenite::Error as E;
     match e {
-        E::Http(resp) => rejected(resp.status().as_u16(), resp.status().canonical_reason(), resp.body().as_deref()),
+        E::Http(resp) => rejected(
+            resp.status().as_u16(),
+            resp.status().canonical_reason(),
+            resp.body().as_deref(),
+        ),
         E::Io(io) => {
             let text = io.to_string();
             if io.kind() == std::io::ErrorKind::ConnectionRefused {
                 Failure::new("connect_refused", format!("connection refused: {text}"))
-            } else if text.contains("lookup") || text.contains("resolve") || text.contains("Name or service") {
+            } else if text.contains("lookup")
+                || text.contains("resolve")
+                || text.contains("Name or service")
+            {
                 Failure::new("dns", format!("cannot resolve the host: {text}"))
             } else {
                 Failure::new("connect", format!("cannot connect: {text}"))
@@ -227,11 +276,13 @@ pub fn rejected(status: u16, reason: Option<&str>, body: Option<&[u8]>) -> Failu
     match serde_json::from_str::<Value>(&text) {
         Ok(j) => {
             let field = |names: &[&str]| -> Option<String> {
-                names.iter().find_map(|n| match super::assert::json_path(&j, n) {
-                    Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-                    Some(v @ Value::Number(_)) => Some(v.to_string()),
-                    _ => None,
-                })
+                names
+                    .iter()
+                    .find_map(|n| match super::assert::json_path(&j, n) {
+                        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+                        Some(v @ Value::Number(_)) => Some(v.to_string()),
+                        _ => None,
+                    })
             };
             let code = field(&["err_code", "error.code", "code"]);
             let text = field(&["err_msg", "error.message", "message", "error", "detail"]);
@@ -290,7 +341,11 @@ pub fn close_text(frame: &Option<CloseFrame>) -> (u16, String) {
         Some(f) => {
             let code = u16::from(f.code);
             let reason = f.reason.to_string();
-            let text = if reason.is_empty() { code.to_string() } else { format!("{code} {}", excerpt(&reason, 120)) };
+            let text = if reason.is_empty() {
+                code.to_string()
+            } else {
+                format!("{code} {}", excerpt(&reason, 120))
+            };
             (code, text)
         }
         None => (1005, "1005 (no status code)".into()),
@@ -304,7 +359,10 @@ pub fn secs(d: Duration) -> String {
 
 /// Close politely and do not wait long for the peer's answer.
 pub async fn close_quietly(ws: &mut Ws, code: u16) {
-    let frame = CloseFrame { code: CloseCode::from(code), reason: "".into() };
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: "".into(),
+    };
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         if ws.close(Some(frame)).await.is_ok() {
             while let Some(Ok(_)) = ws.next().await {}
@@ -413,9 +471,11 @@ fn expand_json(v: Value) -> Result<Value, String> {
     Ok(match v {
         Value::String(s) => Value::String(interp::expand(&s)?),
         Value::Array(a) => Value::Array(a.into_iter().map(expand_json).collect::<Result<_, _>>()?),
-        Value::Object(m) => {
-            Value::Object(m.into_iter().map(|(k, v)| Ok((k, expand_json(v)?))).collect::<Result<Map<_, _>, String>>()?)
-        }
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| Ok((k, expand_json(v)?)))
+                .collect::<Result<Map<_, _>, String>>()?,
+        ),
         other => other,
     })
 }
@@ -440,7 +500,10 @@ impl WsSpec {
             let s = s.into_inner();
             let name = s.name.clone().unwrap_or_else(|| format!("step{}", i + 1));
             if name.is_empty() || matches!(name.as_str(), "connect" | "total") {
-                return Err(SpanError::at(span, format!("step name {name:?} is empty or reserved")));
+                return Err(SpanError::at(
+                    span,
+                    format!("step name {name:?} is empty or reserved"),
+                ));
             }
             if steps.iter().any(|st: &Step| st.name == name) {
                 return Err(SpanError::at(span, format!("duplicate step name {name:?}")));
@@ -456,7 +519,9 @@ impl WsSpec {
             if let Some(b) = s.send_binary {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(b.get_ref().trim())
-                    .map_err(|e| SpanError::at(b.span(), format!("send_binary is not valid base64: {e}")))?;
+                    .map_err(|e| {
+                        SpanError::at(b.span(), format!("send_binary is not valid base64: {e}"))
+                    })?;
                 if bytes.is_empty() {
                     return Err(SpanError::at(b.span(), "send_binary is empty"));
                 }
@@ -473,7 +538,10 @@ impl WsSpec {
             }
             if let Some(c) = s.close {
                 if !(c == 1000 || (3000..=4999).contains(&c) || (1001..=1003).contains(&c)) {
-                    return Err(SpanError::at(span, format!("close code {c} cannot be sent (use 1000, 1001 or 3000-4999)")));
+                    return Err(SpanError::at(
+                        span,
+                        format!("close code {c} cannot be sent (use 1000, 1001 or 3000-4999)"),
+                    ));
                 }
                 actions.push(Action::Close(c));
             }
@@ -487,7 +555,10 @@ impl WsSpec {
                     ),
                 ));
             }
-            steps.push(Step { name, action: actions.remove(0) });
+            steps.push(Step {
+                name,
+                action: actions.remove(0),
+            });
         }
         Ok(WsSpec {
             url: f.url.into_inner().to_string(),
@@ -520,7 +591,11 @@ impl WsProbe {
             max_message_bytes: spec.max_message_bytes,
             tls: tls_config(spec.ca_pem.as_deref().map(Vec::as_slice))?,
         };
-        Ok(WsProbe { spec: spec.clone(), target, timeout: cfg.timeout })
+        Ok(WsProbe {
+            spec: spec.clone(),
+            target,
+            timeout: cfg.timeout,
+        })
     }
 
     pub async fn run(&self) -> Attempt {
@@ -546,13 +621,34 @@ impl WsProbe {
             let st = Instant::now();
             let label = format!("step {} ({})", i + 1, step.name);
             let r = match &step.action {
-                Action::SendText(t) => send(&mut ws, Message::text(t.clone()), deadline, &label, connected_at).await,
-                Action::SendBinary(b) => send(&mut ws, Message::Binary(b.clone()), deadline, &label, connected_at).await,
+                Action::SendText(t) => {
+                    send(
+                        &mut ws,
+                        Message::text(t.clone()),
+                        deadline,
+                        &label,
+                        connected_at,
+                    )
+                    .await
+                }
+                Action::SendBinary(b) => {
+                    send(
+                        &mut ws,
+                        Message::Binary(b.clone()),
+                        deadline,
+                        &label,
+                        connected_at,
+                    )
+                    .await
+                }
                 Action::Wait(d) => {
                     let until = (st + *d).min(deadline);
                     tokio::time::sleep_until(until.into()).await;
                     if until < st + *d {
-                        Err(Failure::new("timeout", format!("the {} timeout hit during {label}", human(self.timeout))))
+                        Err(Failure::new(
+                            "timeout",
+                            format!("the {} timeout hit during {label}", human(self.timeout)),
+                        ))
                     } else {
                         Ok(())
                     }
@@ -563,7 +659,16 @@ impl WsProbe {
                     Ok(())
                 }
                 Action::Expect(e) => {
-                    expect(&mut ws, e, deadline, self.timeout, &label, connected_at, &mut received).await
+                    expect(
+                        &mut ws,
+                        e,
+                        deadline,
+                        self.timeout,
+                        &label,
+                        connected_at,
+                        &mut received,
+                    )
+                    .await
                 }
             };
             if let Err(f) = r {
@@ -587,7 +692,13 @@ impl WsProbe {
     }
 }
 
-async fn send(ws: &mut Ws, m: Message, deadline: Instant, label: &str, since: Instant) -> Result<(), Failure> {
+async fn send(
+    ws: &mut Ws,
+    m: Message,
+    deadline: Instant,
+    label: &str,
+    since: Instant,
+) -> Result<(), Failure> {
     match tokio::time::timeout_at(deadline.into(), ws.send(m)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
@@ -595,7 +706,10 @@ async fn send(ws: &mut Ws, m: Message, deadline: Instant, label: &str, since: In
             f.message = format!("{label}: cannot send: {}", f.message);
             Err(f)
         }
-        Err(_) => Err(Failure::new("timeout", format!("{label}: the send did not complete before the timeout"))),
+        Err(_) => Err(Failure::new(
+            "timeout",
+            format!("{label}: the send did not complete before the timeout"),
+        )),
     }
 }
 
@@ -649,13 +763,19 @@ async fn expect(
                 return Err(match last {
                     Some((text, reason)) => Failure::new(
                         "assertion",
-                        format!("{label}: no matching message {why}; the last one {reason}: {}", excerpt(&text, 160)),
+                        format!(
+                            "{label}: no matching message {why}; the last one {reason}: {}",
+                            excerpt(&text, 160)
+                        ),
                     ),
                     None => Failure::new("timeout", format!("{label}: no message {why}")),
                 });
             }
             Ok(None) => {
-                return Err(Failure::new("ws_closed", format!("{label}: connection ended after {}", secs(since.elapsed()))))
+                return Err(Failure::new(
+                    "ws_closed",
+                    format!("{label}: connection ended after {}", secs(since.elapsed())),
+                ))
             }
             Ok(Some(Err(err))) => {
                 let mut f = read_error(&err, 0, since.elapsed());
@@ -671,7 +791,10 @@ async fn expect(
                 let (code, text) = close_text(&frame);
                 let mut f = Failure::new(
                     "ws_closed",
-                    format!("{label}: server closed the socket with {text} after {}", secs(since.elapsed())),
+                    format!(
+                        "{label}: server closed the socket with {text} after {}",
+                        secs(since.elapsed())
+                    ),
                 );
                 f.details.push(("close_code", Value::from(code)));
                 return Err(f);
@@ -682,7 +805,10 @@ async fn expect(
         match mismatch(e, &text) {
             None => return Ok(()),
             Some(reason) if !e.skip_others => {
-                return Err(Failure::new("assertion", format!("{label}: message {reason}: {}", excerpt(&text, 160))));
+                return Err(Failure::new(
+                    "assertion",
+                    format!("{label}: message {reason}: {}", excerpt(&text, 160)),
+                ));
             }
             Some(reason) => last = Some((text, reason)),
         }

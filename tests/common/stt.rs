@@ -59,14 +59,24 @@ impl Dg {
 pub enum Behavior {
     Deepgram(Dg),
     /// Refuse the upgrade with this status and JSON body.
-    Reject { status: u16, body: String },
+    Reject {
+        status: u16,
+        body: String,
+    },
     /// Accept, read everything, never answer, never close.
     Silent,
     /// Omi: growing segments while audio flows, the full text once audio stops; optional
     /// `stt_degraded` / `stt_failed` status and `ping` text frames.
-    Omi { transcript: String, status: Option<&'static str>, pings: bool, wrapped: bool },
+    Omi {
+        transcript: String,
+        status: Option<&'static str>,
+        pings: bool,
+        wrapped: bool,
+    },
     /// Generic JSON: `{"result":{"text","final"}}`; `{"op":"end"}` → final + close 1000.
-    Generic { transcript: String },
+    Generic {
+        transcript: String,
+    },
     /// After the first audio frame, a text message that is not JSON.
     Malformed,
     /// After the first audio frame, raw bytes that are no WebSocket frame at all.
@@ -110,7 +120,9 @@ impl Drop for Server {
 
 impl Server {
     pub async fn start(b: Behavior) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let port = listener.local_addr().expect("local addr").port();
         let logs: Arc<Mutex<Vec<Arc<Mutex<Log>>>>> = Arc::default();
         let l2 = logs.clone();
@@ -120,7 +132,8 @@ impl Server {
                 l2.lock().unwrap().push(log.clone());
                 let b = b.clone();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(60), handle(sock, b, log)).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(60), handle(sock, b, log)).await;
                 });
             }
         });
@@ -164,24 +177,43 @@ fn status_text(code: u16) -> &'static str {
     }
 }
 
-async fn accept(sock: TcpStream, log: &Arc<Mutex<Log>>, require_token: bool) -> Option<WebSocketStream<TcpStream>> {
+// tungstenite's upgrade callback error type is not ours to box.
+#[allow(clippy::result_large_err)]
+async fn accept(
+    sock: TcpStream,
+    log: &Arc<Mutex<Log>>,
+    require_token: bool,
+) -> Option<WebSocketStream<TcpStream>> {
     let log2 = log.clone();
     let cb = move |req: &Request, mut resp: Response| {
-        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let proto = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let auth = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let proto = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         {
             let mut l = log2.lock().unwrap();
             l.authorization = auth.clone();
             l.path = req.uri().to_string();
             l.subprotocol = proto.clone();
         }
-        if require_token && !auth.as_deref().is_some_and(|a| a.starts_with("Token ") && a.len() > 6) {
+        if require_token
+            && !auth
+                .as_deref()
+                .is_some_and(|a| a.starts_with("Token ") && a.len() > 6)
+        {
             let body = r#"{"err_code":"INVALID_AUTH","err_msg":"Invalid credentials.","request_id":"req-401"}"#;
             let mut r = tokio_tungstenite::tungstenite::http::Response::new(Some(body.to_string()));
             *r.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::UNAUTHORIZED;
             return Err(r);
         }
-        resp.headers_mut().insert("dg-request-id", HeaderValue::from_static("req-fake-0001"));
+        resp.headers_mut()
+            .insert("dg-request-id", HeaderValue::from_static("req-fake-0001"));
         if let Some(p) = proto {
             if let Some(first) = p.split(',').next() {
                 if let Ok(v) = HeaderValue::from_str(first.trim()) {
@@ -223,7 +255,12 @@ fn record_frame(log: &Arc<Mutex<Log>>, b: &Bytes) {
 }
 
 async fn close(ws: &mut WebSocketStream<TcpStream>, code: u16, reason: &str) {
-    let _ = ws.send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() }))).await;
+    let _ = ws
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_string().into(),
+        })))
+        .await;
 }
 
 async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
@@ -249,28 +286,45 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
             }
         }
         Behavior::Deepgram(dg) => {
-            let Some(mut ws) = accept(sock, &log, dg.require_token).await else { return };
+            let Some(mut ws) = accept(sock, &log, dg.require_token).await else {
+                return;
+            };
             deepgram(&mut ws, &dg, &log).await;
         }
         Behavior::Silent => {
-            let Some(mut ws) = accept(sock, &log, false).await else { return };
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
             while let Some(Ok(m)) = ws.next().await {
                 if let Message::Binary(b) = &m {
                     record_frame(&log, b);
                 }
             }
         }
-        Behavior::Omi { transcript, status, pings, wrapped } => {
-            let Some(mut ws) = accept(sock, &log, false).await else { return };
+        Behavior::Omi {
+            transcript,
+            status,
+            pings,
+            wrapped,
+        } => {
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
             omi(&mut ws, &transcript, status, pings, wrapped, &log).await;
         }
         Behavior::Generic { transcript } => {
-            let Some(mut ws) = accept(sock, &log, false).await else { return };
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
             generic(&mut ws, &transcript, &log).await;
         }
         Behavior::Echo => {
-            let Some(mut ws) = accept(sock, &log, false).await else { return };
-            let _ = ws.send(Message::text(r#"{"hello":"watchpost-test"}"#)).await;
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
+            let _ = ws
+                .send(Message::text(r#"{"hello":"watchpost-test"}"#))
+                .await;
             while let Some(Ok(m)) = ws.next().await {
                 match m {
                     Message::Text(t) => {
@@ -279,7 +333,12 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                             close(&mut ws, 4000, "asked to").await;
                             continue;
                         }
-                        let _ = ws.send(Message::text(format!(r#"{{"echo":{}}}"#, Value::from(t.as_str())))).await;
+                        let _ = ws
+                            .send(Message::text(format!(
+                                r#"{{"echo":{}}}"#,
+                                Value::from(t.as_str())
+                            )))
+                            .await;
                     }
                     Message::Binary(b) => {
                         record_frame(&log, &b);
@@ -291,7 +350,9 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
             }
         }
         Behavior::Malformed | Behavior::Garbage | Behavior::BinaryMessage | Behavior::HugeFrame => {
-            let Some(mut ws) = accept(sock, &log, false).await else { return };
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
             // Wait for the first audio frame.
             loop {
                 match ws.next().await {
@@ -305,14 +366,25 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
             }
             match b {
                 Behavior::Malformed => {
-                    let _ = ws.send(Message::text(r#"{"type":"Results","channel":{"alternatives":[{"transcript":"#)).await;
+                    let _ = ws
+                        .send(Message::text(
+                            r#"{"type":"Results","channel":{"alternatives":[{"transcript":"#,
+                        ))
+                        .await;
                 }
                 Behavior::BinaryMessage => {
-                    let _ = ws.send(Message::Binary(Bytes::from_static(&[0xde, 0xad, 0xbe, 0xef, 0x00, 0x01]))).await;
+                    let _ = ws
+                        .send(Message::Binary(Bytes::from_static(&[
+                            0xde, 0xad, 0xbe, 0xef, 0x00, 0x01,
+                        ])))
+                        .await;
                 }
                 Behavior::Garbage => {
                     // RSV bits set, bogus opcode: not a WebSocket frame.
-                    let _ = ws.get_mut().write_all(&[0xff, 0xfe, 0x13, 0x37, 0x42, 0x00, 0x99, 0x10]).await;
+                    let _ = ws
+                        .get_mut()
+                        .write_all(&[0xff, 0xfe, 0x13, 0x37, 0x42, 0x00, 0x99, 0x10])
+                        .await;
                 }
                 _ => {
                     // A binary frame header declaring 100 MiB (64-bit length), then a
@@ -332,7 +404,9 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
             // Keep the socket open and drain whatever comes.
             let s = ws.get_mut();
             let mut buf = [0u8; 4096];
-            while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await
+            {
                 if n == 0 {
                     break;
                 }
@@ -360,7 +434,9 @@ async fn deepgram(ws: &mut WebSocketStream<TcpStream>, dg: &Dg, log: &Arc<Mutex<
                     if dg.pings {
                         let _ = ws.send(Message::Ping(Bytes::from_static(b"hi"))).await;
                     }
-                    let _ = ws.send(results(&prefix(&dg.transcript, frames), false)).await;
+                    let _ = ws
+                        .send(results(&prefix(&dg.transcript, frames), false))
+                        .await;
                 }
             }
             Message::Text(t) => {
@@ -406,10 +482,18 @@ async fn omi(
 ) {
     let seg = |text: &str| {
         let segs = json!([{"id": "seg-1", "text": text, "speaker": "SPEAKER_00", "speaker_id": 0, "is_user": false, "start": 0.0, "end": 1.0}]);
-        let v = if wrapped { json!({"type": "segments", "segments": segs}) } else { segs };
+        let v = if wrapped {
+            json!({"type": "segments", "segments": segs})
+        } else {
+            segs
+        };
         Message::text(v.to_string())
     };
-    let _ = ws.send(Message::text(r#"{"type":"service_status","status":"ready"}"#)).await;
+    let _ = ws
+        .send(Message::text(
+            r#"{"type":"service_status","status":"ready"}"#,
+        ))
+        .await;
     let mut frames = 0usize;
     let mut sent_full = false;
     loop {

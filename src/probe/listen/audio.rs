@@ -14,15 +14,24 @@ use tokio_tungstenite::tungstenite::Bytes;
 #[derive(Debug, thiserror::Error)]
 pub enum AudioError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0} is not a RIFF/WAVE file")]
     NotWave(PathBuf),
     #[error("{path}: {what}")]
     Malformed { path: PathBuf, what: String },
     #[error("{path} is {what}; only uncompressed PCM 16-bit WAV is supported (convert with `sox in.wav -b 16 -e signed-integer out.wav`)")]
     Unsupported { path: PathBuf, what: String },
-    #[error("{path} has {channels} channel(s); channel {wanted} does not exist (channels count from 0)")]
-    NoSuchChannel { path: PathBuf, channels: u16, wanted: u16 },
+    #[error(
+        "{path} has {channels} channel(s); channel {wanted} does not exist (channels count from 0)"
+    )]
+    NoSuchChannel {
+        path: PathBuf,
+        channels: u16,
+        wanted: u16,
+    },
     #[error("{0} holds no audio samples")]
     Empty(PathBuf),
 }
@@ -46,20 +55,27 @@ fn u16le(b: &[u8], at: usize) -> Option<u16> {
     b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
 }
 fn u32le(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 impl Audio {
     /// Read a WAV file; with `channel`, keep only that channel (0-based) as mono.
     pub fn load(path: &Path, channel: Option<u16>) -> Result<Audio, AudioError> {
-        let bytes = std::fs::read(path).map_err(|source| AudioError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| AudioError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Audio::parse(path, &bytes, channel)
     }
 
     /// Parse WAV bytes (see [`Audio::load`]); `path` is only used in messages.
     pub fn parse(path: &Path, b: &[u8], channel: Option<u16>) -> Result<Audio, AudioError> {
         let p = || path.to_path_buf();
-        let malformed = |what: &str| AudioError::Malformed { path: path.to_path_buf(), what: what.to_string() };
+        let malformed = |what: &str| AudioError::Malformed {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+        };
         if b.len() < 12 || &b[0..4] != b"RIFF" || &b[8..12] != b"WAVE" {
             return Err(AudioError::NotWave(p()));
         }
@@ -76,15 +92,24 @@ impl Audio {
             match id {
                 b"fmt " => {
                     let tag = u16le(body, 0).ok_or_else(|| malformed("fmt chunk too short"))?;
-                    let channels = u16le(body, 2).ok_or_else(|| malformed("fmt chunk too short"))?;
+                    let channels =
+                        u16le(body, 2).ok_or_else(|| malformed("fmt chunk too short"))?;
                     let rate = u32le(body, 4).ok_or_else(|| malformed("fmt chunk too short"))?;
                     let bits = u16le(body, 14).ok_or_else(|| malformed("fmt chunk too short"))?;
                     // WAVE_FORMAT_EXTENSIBLE carries the real format in its sub-format GUID.
-                    let tag = if tag == 0xFFFE { u16le(body, 24).unwrap_or(0) } else { tag };
+                    let tag = if tag == 0xFFFE {
+                        u16le(body, 24).unwrap_or(0)
+                    } else {
+                        tag
+                    };
                     fmt = Some((tag, channels, rate, bits));
                 }
                 b"data" => {
-                    let body = if len == 0 || len == u32::MAX as usize { &b[body_start..] } else { body };
+                    let body = if len == 0 || len == u32::MAX as usize {
+                        &b[body_start..]
+                    } else {
+                        body
+                    };
                     data = Some(body);
                     break;
                 }
@@ -105,7 +130,10 @@ impl Audio {
             return Err(AudioError::Unsupported { path: p(), what });
         }
         if bits != 16 {
-            return Err(AudioError::Unsupported { path: p(), what: format!("{bits}-bit PCM") });
+            return Err(AudioError::Unsupported {
+                path: p(),
+                what: format!("{bits}-bit PCM"),
+            });
         }
         if channels == 0 || rate == 0 {
             return Err(malformed("zero channels or sample rate"));
@@ -119,15 +147,28 @@ impl Audio {
         let (pcm, out_channels) = match channel {
             None => (data.to_vec(), channels),
             Some(c) if c >= channels => {
-                return Err(AudioError::NoSuchChannel { path: p(), channels, wanted: c });
+                return Err(AudioError::NoSuchChannel {
+                    path: p(),
+                    channels,
+                    wanted: c,
+                });
             }
             Some(c) => {
                 let off = 2 * c as usize;
-                let mono: Vec<u8> = data.chunks_exact(frame).flat_map(|f| [f[off], f[off + 1]]).collect();
+                let mono: Vec<u8> = data
+                    .chunks_exact(frame)
+                    .flat_map(|f| [f[off], f[off + 1]])
+                    .collect();
                 (mono, 1)
             }
         };
-        Ok(Audio { path: p(), sample_rate: rate, channels: out_channels, file_channels: channels, pcm })
+        Ok(Audio {
+            path: p(),
+            sample_rate: rate,
+            channels: out_channels,
+            file_channels: channels,
+            pcm,
+        })
     }
 
     /// Bytes per second of the sent stream.
@@ -142,7 +183,9 @@ impl Audio {
 
     /// Samples as i16 (all channels interleaved).
     pub fn samples(&self) -> impl Iterator<Item = i16> + '_ {
-        self.pcm.chunks_exact(2).map(|s| i16::from_le_bytes([s[0], s[1]]))
+        self.pcm
+            .chunks_exact(2)
+            .map(|s| i16::from_le_bytes([s[0], s[1]]))
     }
 
     /// Cut lead-in silence + audio + tail silence into frames of `chunk` each. The last
@@ -157,7 +200,10 @@ impl Audio {
         let mut all = vec![0u8; bytes_for(lead_in)];
         all.extend_from_slice(&self.pcm);
         all.resize(all.len() + bytes_for(tail), 0);
-        all.chunks(chunk_bytes).filter(|c| !c.is_empty()).map(Bytes::copy_from_slice).collect()
+        all.chunks(chunk_bytes)
+            .filter(|c| !c.is_empty())
+            .map(Bytes::copy_from_slice)
+            .collect()
     }
 }
 
@@ -187,20 +233,30 @@ pub struct Utterance {
 
 /// The utterances listed in a `manifest.toml`.
 pub fn read_manifest(path: &Path) -> Result<Vec<Utterance>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let m: Manifest = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message().trim()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let m: Manifest =
+        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message().trim()))?;
     Ok(m.utterance)
 }
 
 /// The transcript of `audio` from the `manifest.toml` in its directory, if listed there.
 pub fn manifest_transcript(audio: &Path) -> Result<Option<String>, String> {
-    let Some(dir) = audio.parent() else { return Ok(None) };
+    let Some(dir) = audio.parent() else {
+        return Ok(None);
+    };
     let manifest = dir.join("manifest.toml");
     if !manifest.exists() {
         return Ok(None);
     }
-    let name = audio.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    Ok(read_manifest(&manifest)?.into_iter().find(|u| u.file == name).map(|u| u.transcript))
+    let name = audio
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    Ok(read_manifest(&manifest)?
+        .into_iter()
+        .find(|u| u.file == name)
+        .map(|u| u.transcript))
 }
 
 #[cfg(test)]
@@ -246,17 +302,33 @@ mod tests {
     #[test]
     fn rejects_what_it_cannot_send() {
         let p = Path::new("x.wav");
-        assert!(matches!(Audio::parse(p, b"hello", None), Err(AudioError::NotWave(_))));
-        assert!(matches!(Audio::parse(p, &wav(1, 8000, 8, 1, &[1]), None), Err(AudioError::Unsupported { .. })));
-        assert!(matches!(Audio::parse(p, &wav(1, 8000, 16, 3, &[1]), None), Err(AudioError::Unsupported { .. })));
-        assert!(matches!(Audio::parse(p, &wav(1, 8000, 16, 1, &[]), None), Err(AudioError::Empty(_))));
+        assert!(matches!(
+            Audio::parse(p, b"hello", None),
+            Err(AudioError::NotWave(_))
+        ));
+        assert!(matches!(
+            Audio::parse(p, &wav(1, 8000, 8, 1, &[1]), None),
+            Err(AudioError::Unsupported { .. })
+        ));
+        assert!(matches!(
+            Audio::parse(p, &wav(1, 8000, 16, 3, &[1]), None),
+            Err(AudioError::Unsupported { .. })
+        ));
+        assert!(matches!(
+            Audio::parse(p, &wav(1, 8000, 16, 1, &[]), None),
+            Err(AudioError::Empty(_))
+        ));
     }
 
     #[test]
     fn frames_cover_everything_and_none_is_empty() {
         let samples: Vec<i16> = (0..16_050).map(|i| i as i16).collect();
         let a = Audio::parse(Path::new("x.wav"), &wav(1, 16_000, 16, 1, &samples), None).unwrap();
-        let frames = a.frames(Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(50));
+        let frames = a.frames(
+            Duration::from_millis(100),
+            Duration::from_millis(200),
+            Duration::from_millis(50),
+        );
         let total: usize = frames.iter().map(|f| f.len()).sum();
         assert_eq!(total, (16_050 + 3200 + 800) * 2);
         assert!(frames.iter().all(|f| !f.is_empty() && f.len() % 2 == 0));
@@ -273,7 +345,10 @@ mod tests {
             let a = Audio::load(&dir.join(&u.file), None).unwrap();
             assert_eq!((a.sample_rate, a.channels), (16_000, 1), "{}", u.file);
             assert!(a.duration() > Duration::from_millis(500));
-            assert_eq!(manifest_transcript(&dir.join(&u.file)).unwrap(), Some(u.transcript));
+            assert_eq!(
+                manifest_transcript(&dir.join(&u.file)).unwrap(),
+                Some(u.transcript)
+            );
         }
     }
 }

@@ -33,19 +33,28 @@ pub fn parse(layout: &Layout, text: &str) -> Result<Event, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
     if let Some(p) = &layout.error_path {
         if let Some(e) = json_path(&v, p).filter(|e| !e.is_null()) {
-            let e = e.as_str().map(str::to_string).unwrap_or_else(|| e.to_string());
+            let e = e
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| e.to_string());
             return Ok(Event::ServerError(e));
         }
     }
     match json_path(&v, &layout.transcript_path) {
         Some(Value::String(t)) => Ok(Event::Results {
             text: t.clone(),
-            is_final: layout.final_path.as_ref().map_or(true, |p| truthy(json_path(&v, p))),
+            is_final: layout
+                .final_path
+                .as_ref()
+                .map_or(true, |p| truthy(json_path(&v, p))),
             from_finalize: false,
             request_id: None,
         }),
         Some(Value::Null) | None => Ok(Event::Ignore),
-        Some(other) => Err(format!("{} is {other}, not a string", layout.transcript_path)),
+        Some(other) => Err(format!(
+            "{} is {other}, not a string",
+            layout.transcript_path
+        )),
     }
 }
 
@@ -55,20 +64,44 @@ mod tests {
 
     #[test]
     fn messages() {
-        let l = Layout { transcript_path: "result.text".into(), final_path: Some("result.final".into()), error_path: Some("error".into()) };
+        let l = Layout {
+            transcript_path: "result.text".into(),
+            final_path: Some("result.final".into()),
+            error_path: Some("error".into()),
+        };
         assert_eq!(
             parse(&l, r#"{"result":{"text":"hi","final":true}}"#).unwrap(),
-            Event::Results { text: "hi".into(), is_final: true, from_finalize: false, request_id: None }
+            Event::Results {
+                text: "hi".into(),
+                is_final: true,
+                from_finalize: false,
+                request_id: None
+            }
         );
         assert_eq!(
             parse(&l, r#"{"result":{"text":"h"}}"#).unwrap(),
-            Event::Results { text: "h".into(), is_final: false, from_finalize: false, request_id: None }
+            Event::Results {
+                text: "h".into(),
+                is_final: false,
+                from_finalize: false,
+                request_id: None
+            }
         );
         assert_eq!(parse(&l, r#"{"event":"started"}"#).unwrap(), Event::Ignore);
-        assert_eq!(parse(&l, r#"{"error":"quota"}"#).unwrap(), Event::ServerError("quota".into()));
+        assert_eq!(
+            parse(&l, r#"{"error":"quota"}"#).unwrap(),
+            Event::ServerError("quota".into())
+        );
         assert!(parse(&l, "nope").is_err());
         assert!(parse(&l, r#"{"result":{"text":7}}"#).is_err());
-        let all_final = Layout { transcript_path: "t".into(), final_path: None, error_path: None };
-        assert!(matches!(parse(&all_final, r#"{"t":"x"}"#).unwrap(), Event::Results { is_final: true, .. }));
+        let all_final = Layout {
+            transcript_path: "t".into(),
+            final_path: None,
+            error_path: None,
+        };
+        assert!(matches!(
+            parse(&all_final, r#"{"t":"x"}"#).unwrap(),
+            Event::Results { is_final: true, .. }
+        ));
     }
 }

@@ -54,7 +54,12 @@ pub struct Segment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A transcript result (interim or final).
-    Results { text: String, is_final: bool, from_finalize: bool, request_id: Option<String> },
+    Results {
+        text: String,
+        is_final: bool,
+        from_finalize: bool,
+        request_id: Option<String>,
+    },
     /// Omi transcript segments.
     Segments(Vec<Segment>),
     /// A service status event (Omi `service_status`).
@@ -191,9 +196,16 @@ pub enum DeepgramEnd {
 /// The dialect and its settings.
 #[derive(Debug, Clone)]
 pub enum Dialect {
-    Deepgram { end: DeepgramEnd },
+    Deepgram {
+        end: DeepgramEnd,
+    },
     Omi,
-    Generic { layout: generic::Layout, replace: bool, end_messages: Vec<String>, keepalive_message: Option<String> },
+    Generic {
+        layout: generic::Layout,
+        replace: bool,
+        end_messages: Vec<String>,
+        keepalive_message: Option<String>,
+    },
 }
 
 impl Dialect {
@@ -215,15 +227,23 @@ impl Dialect {
         match self {
             Dialect::Deepgram { .. } => Some(deepgram::KEEPALIVE),
             Dialect::Omi => None,
-            Dialect::Generic { keepalive_message, .. } => keepalive_message.as_deref(),
+            Dialect::Generic {
+                keepalive_message, ..
+            } => keepalive_message.as_deref(),
         }
     }
     fn end_messages(&self) -> Vec<&str> {
         match self {
-            Dialect::Deepgram { end: DeepgramEnd::CloseStream } => vec![deepgram::CLOSE_STREAM],
-            Dialect::Deepgram { end: DeepgramEnd::Finalize } => vec![deepgram::FINALIZE],
+            Dialect::Deepgram {
+                end: DeepgramEnd::CloseStream,
+            } => vec![deepgram::CLOSE_STREAM],
+            Dialect::Deepgram {
+                end: DeepgramEnd::Finalize,
+            } => vec![deepgram::FINALIZE],
             Dialect::Omi => vec![],
-            Dialect::Generic { end_messages, .. } => end_messages.iter().map(String::as_str).collect(),
+            Dialect::Generic { end_messages, .. } => {
+                end_messages.iter().map(String::as_str).collect()
+            }
         }
     }
     /// Whether "stable for `settle`" ends the wait for the final transcript.
@@ -266,7 +286,11 @@ pub struct ListenSpec {
     pub request_id_header: String,
 }
 
-fn only_generic<T>(dialect: &str, key: &str, v: &Option<toml::Spanned<T>>) -> Result<(), SpanError> {
+fn only_generic<T>(
+    dialect: &str,
+    key: &str,
+    v: &Option<toml::Spanned<T>>,
+) -> Result<(), SpanError> {
     match v {
         Some(s) if dialect != "generic" => Err(SpanError::at(
             s.span(),
@@ -298,7 +322,10 @@ impl ListenSpec {
         only_generic(dname, "keepalive_message", &f.keepalive_message)?;
         if let Some(e) = &f.end {
             if dname != "deepgram" {
-                return Err(SpanError::at(e.span(), "end is only for dialect = \"deepgram\" (generic uses end_messages)"));
+                return Err(SpanError::at(
+                    e.span(),
+                    "end is only for dialect = \"deepgram\" (generic uses end_messages)",
+                ));
             }
         }
         let dialect = match dname {
@@ -307,7 +334,10 @@ impl ListenSpec {
                     None | Some(("close_stream", _)) => DeepgramEnd::CloseStream,
                     Some(("finalize", _)) => DeepgramEnd::Finalize,
                     Some((other, span)) => {
-                        return Err(SpanError::at(span, format!("unknown end {other:?} (expected close_stream, finalize)")))
+                        return Err(SpanError::at(
+                            span,
+                            format!("unknown end {other:?} (expected close_stream, finalize)"),
+                        ))
                     }
                 };
                 Dialect::Deepgram { end }
@@ -320,11 +350,18 @@ impl ListenSpec {
                         "dialect = \"generic\" needs transcript_path (the dotted JSON path of the transcript text)",
                     ));
                 };
-                let replace = match f.accumulate.as_ref().map(|a| (a.get_ref().as_str(), a.span())) {
+                let replace = match f
+                    .accumulate
+                    .as_ref()
+                    .map(|a| (a.get_ref().as_str(), a.span()))
+                {
                     None | Some(("append", _)) => false,
                     Some(("replace", _)) => true,
                     Some((other, span)) => {
-                        return Err(SpanError::at(span, format!("unknown accumulate {other:?} (expected append, replace)")))
+                        return Err(SpanError::at(
+                            span,
+                            format!("unknown accumulate {other:?} (expected append, replace)"),
+                        ))
                     }
                 };
                 let end_messages: Vec<String> = f
@@ -340,7 +377,10 @@ impl ListenSpec {
                     },
                     replace,
                     end_messages,
-                    keepalive_message: f.keepalive_message.as_ref().map(|k| k.get_ref().to_string()),
+                    keepalive_message: f
+                        .keepalive_message
+                        .as_ref()
+                        .map(|k| k.get_ref().to_string()),
                 }
             }
         };
@@ -351,15 +391,24 @@ impl ListenSpec {
         // Numbers.
         let max_wer = *f.max_wer.get_ref();
         if !(0.0..=1.0).contains(&max_wer) {
-            return Err(SpanError::at(f.max_wer.span(), format!("max_wer {max_wer} is not between 0.0 and 1.0")));
+            return Err(SpanError::at(
+                f.max_wer.span(),
+                format!("max_wer {max_wer} is not between 0.0 and 1.0"),
+            ));
         }
         let chunk = f.chunk.get_ref().0;
         if chunk < Duration::from_millis(10) || chunk > Duration::from_secs(1) {
-            return Err(SpanError::at(f.chunk.span(), format!("chunk {} is not between 10ms and 1s", human(chunk))));
+            return Err(SpanError::at(
+                f.chunk.span(),
+                format!("chunk {} is not between 10ms and 1s", human(chunk)),
+            ));
         }
         let speed = *f.speed.get_ref();
         if !(0.1..=20.0).contains(&speed) {
-            return Err(SpanError::at(f.speed.span(), format!("speed {speed} is not between 0.1 and 20")));
+            return Err(SpanError::at(
+                f.speed.span(),
+                format!("speed {speed} is not between 0.1 and 20"),
+            ));
         }
         if f.max_message_bytes < 1024 {
             return Err(SpanError::new("max_message_bytes must be at least 1024"));
@@ -367,19 +416,29 @@ impl ListenSpec {
 
         // Audio, and whether it is what the server is told to expect.
         let audio_path = dir.join(f.audio.get_ref());
-        let audio = Audio::load(&audio_path, f.channel).map_err(|e| SpanError::at(f.audio.span(), e.to_string()))?;
-        let query: BTreeMap<String, String> = url.query_pairs().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let audio = Audio::load(&audio_path, f.channel)
+            .map_err(|e| SpanError::at(f.audio.span(), e.to_string()))?;
+        let query: BTreeMap<String, String> = url
+            .query_pairs()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let shown = f.audio.get_ref();
         let declared_rate = match query.get("sample_rate") {
             Some(r) => Some(r.parse::<u32>().map_err(|_| {
-                SpanError::at(f.url.span(), format!("url has sample_rate={r:?}, which is not a whole number"))
+                SpanError::at(
+                    f.url.span(),
+                    format!("url has sample_rate={r:?}, which is not a whole number"),
+                )
             })?),
             None => f.sample_rate.as_ref().map(|r| *r.get_ref()),
         };
         let rate_span = if query.contains_key("sample_rate") {
             f.url.span()
         } else {
-            f.sample_rate.as_ref().map(|r| r.span()).unwrap_or(f.url.span())
+            f.sample_rate
+                .as_ref()
+                .map(|r| r.span())
+                .unwrap_or(f.url.span())
         };
         match declared_rate {
             Some(r) if r != audio.sample_rate => {
@@ -401,7 +460,10 @@ impl ListenSpec {
         }
         let declared_channels = match query.get("channels") {
             Some(c) => Some(c.parse::<u16>().map_err(|_| {
-                SpanError::at(f.url.span(), format!("url has channels={c:?}, which is not a whole number"))
+                SpanError::at(
+                    f.url.span(),
+                    format!("url has channels={c:?}, which is not a whole number"),
+                )
             })?),
             None => f.channels.as_ref().map(|c| *c.get_ref()),
         };
@@ -410,7 +472,10 @@ impl ListenSpec {
                 let span = if query.contains_key("channels") {
                     f.url.span()
                 } else {
-                    f.channels.as_ref().map(|c| c.span()).unwrap_or(f.url.span())
+                    f.channels
+                        .as_ref()
+                        .map(|c| c.span())
+                        .unwrap_or(f.url.span())
                 };
                 let how = match f.channel {
                     Some(ch) => format!("channel {ch} of {shown} is sent as 1 channel"),
@@ -420,15 +485,24 @@ impl ListenSpec {
                     ),
                     None => format!("{shown} has {} channel", audio.channels),
                 };
-                return Err(SpanError::at(span, format!("{how} but the probe declares channels={c}")));
+                return Err(SpanError::at(
+                    span,
+                    format!("{how} but the probe declares channels={c}"),
+                ));
             }
         }
-        for (key, ok) in [("encoding", ["linear16", "pcm16", "pcm_s16le"]), ("codec", ["pcm16", "linear16", "pcm_s16le"])] {
+        for (key, ok) in [
+            ("encoding", ["linear16", "pcm16", "pcm_s16le"]),
+            ("codec", ["pcm16", "linear16", "pcm_s16le"]),
+        ] {
             if let Some(v) = query.get(key) {
                 if !ok.contains(&v.as_str()) {
                     return Err(SpanError::at(
                         f.url.span(),
-                        format!("url has {key}={v} but {shown} is sent as PCM 16-bit ({key}={})", ok[0]),
+                        format!(
+                            "url has {key}={v} but {shown} is sent as PCM 16-bit ({key}={})",
+                            ok[0]
+                        ),
                     ));
                 }
             }
@@ -437,9 +511,13 @@ impl ListenSpec {
         // Expectation.
         let transcript = match f.transcript.clone() {
             Some(t) => Some(t),
-            None => audio::manifest_transcript(&audio_path).map_err(|e| SpanError::at(f.audio.span(), e))?,
+            None => audio::manifest_transcript(&audio_path)
+                .map_err(|e| SpanError::at(f.audio.span(), e))?,
         };
-        if transcript.as_deref().is_some_and(|t| wer::normalize(t).is_empty()) {
+        if transcript
+            .as_deref()
+            .is_some_and(|t| wer::normalize(t).is_empty())
+        {
             return Err(SpanError::new("transcript has no words to compare"));
         }
         if transcript.is_none() && f.contains.is_empty() {
@@ -454,7 +532,14 @@ impl ListenSpec {
         let request_id_header = f
             .request_id_header
             .clone()
-            .unwrap_or_else(|| if dname == "deepgram" { "dg-request-id" } else { "x-request-id" }.to_string())
+            .unwrap_or_else(|| {
+                if dname == "deepgram" {
+                    "dg-request-id"
+                } else {
+                    "x-request-id"
+                }
+                .to_string()
+            })
             .to_ascii_lowercase();
         Ok(ListenSpec {
             dialect,
@@ -463,7 +548,11 @@ impl ListenSpec {
             subprotocols: f.subprotocols,
             audio: Arc::new(audio),
             frames: Arc::new(frames),
-            expect: Expectation { transcript, max_wer, contains: f.contains },
+            expect: Expectation {
+                transcript,
+                max_wer,
+                contains: f.contains,
+            },
             chunk,
             speed,
             lead_in: f.lead_in.0,
@@ -490,7 +579,11 @@ impl ListenSpec {
 
     /// A deadline that leaves room for every phase, used when the probe sets no `timeout`.
     pub fn default_timeout(&self) -> Duration {
-        let settle = if self.dialect.settles() { self.settle } else { Duration::ZERO };
+        let settle = if self.dialect.settles() {
+            self.settle
+        } else {
+            Duration::ZERO
+        };
         self.connect_timeout.min(Duration::from_secs(5))
             + self.idle_before
             + self.stream_duration()
@@ -541,7 +634,11 @@ struct Heard {
 
 impl Heard {
     fn final_text(&self) -> String {
-        let parts = self.finals.iter().map(String::as_str).chain(self.segments.iter().map(|s| s.text.as_str()));
+        let parts = self
+            .finals
+            .iter()
+            .map(String::as_str)
+            .chain(self.segments.iter().map(|s| s.text.as_str()));
         join_words(parts)
     }
     /// Everything heard, interim included (for messages).
@@ -551,7 +648,12 @@ impl Heard {
 }
 
 fn join_words<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
-    parts.into_iter().map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ")
+    parts
+        .into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// How the wait ended.
@@ -579,7 +681,11 @@ impl ListenProbe {
             max_message_bytes: spec.max_message_bytes,
             tls: wsock::tls_config(spec.ca_pem.as_deref().map(Vec::as_slice))?,
         };
-        Ok(ListenProbe { spec: spec.clone(), target, timeout: cfg.timeout })
+        Ok(ListenProbe {
+            spec: spec.clone(),
+            target,
+            timeout: cfg.timeout,
+        })
     }
 
     pub async fn run(&self) -> Attempt {
@@ -608,7 +714,9 @@ impl ListenProbe {
         }
         let mut ws = c.ws;
         let connected_at = Instant::now();
-        let result = self.session(&mut ws, connected_at, deadline, &mut a, &mut stats).await;
+        let result = self
+            .session(&mut ws, connected_at, deadline, &mut a, &mut stats)
+            .await;
         a.phase("total", t0.elapsed());
         if let Some(rid) = &stats.request_id {
             a.detail("request_id", rid.clone());
@@ -667,7 +775,9 @@ impl ListenProbe {
             // A keepalive is due only when no audio frame is due first: before the stream
             // starts (`idle_before`) and after it ends.
             let keepalive_at = match (keepalive_msg, s.keepalive) {
-                (Some(_), Some(k)) if send_at.map_or(true, |t| t > last_sent + k) => Some(last_sent + k),
+                (Some(_), Some(k)) if send_at.map_or(true, |t| t > last_sent + k) => {
+                    Some(last_sent + k)
+                }
                 _ => None,
             };
             if let Some(k) = keepalive_at {
@@ -904,7 +1014,10 @@ impl ListenProbe {
                         secs(Instant::now().saturating_duration_since(last_frame))
                     );
                     if !heard.interim.trim().is_empty() {
-                        msg = format!("no final transcript ({how}); only interim results: {:?}", heard.interim.trim());
+                        msg = format!(
+                            "no final transcript ({how}); only interim results: {:?}",
+                            heard.interim.trim()
+                        );
                     }
                     return Err(Failure::new("no_transcript", msg));
                 }
@@ -929,9 +1042,13 @@ impl ListenProbe {
                     (heard.interim.trim().to_string(), true)
                 } else {
                     let msg = if heard.final_count > 0 {
-                        format!("no transcript {after} after the last audio frame (only empty results)")
+                        format!(
+                            "no transcript {after} after the last audio frame (only empty results)"
+                        )
                     } else {
-                        format!("no transcript {after} after the last audio frame (no results at all)")
+                        format!(
+                            "no transcript {after} after the last audio frame (no results at all)"
+                        )
                     };
                     return Err(Failure::new("no_transcript", msg));
                 }
@@ -945,16 +1062,32 @@ impl ListenProbe {
             let w = wer::wer(expected, &judged);
             a.detail("wer", (w * 1000.0).round() / 1000.0);
             if w > s.expect.max_wer + 1e-9 {
-                let kind = if interim_only { " (interim only)" } else { "" };
+                // Partial interim text that never finalised is a missing transcript, not a
+                // misheard one.
+                if interim_only {
+                    return Err(Failure::new(
+                        "no_transcript",
+                        format!(
+                            "no final transcript {after} after the last audio frame; interim results only \
+                             ({judged:?}, WER {w:.2} against {expected:?})"
+                        ),
+                    ));
+                }
                 return Err(Failure::new(
                     "transcript_mismatch",
-                    format!("expected {expected:?} but heard {judged:?}{kind} (WER {w:.2} > {:.2})", s.expect.max_wer),
+                    format!(
+                        "expected {expected:?} but heard {judged:?} (WER {w:.2} > {:.2})",
+                        s.expect.max_wer
+                    ),
                 ));
             }
         }
         for phrase in &s.expect.contains {
             if !wer::contains_phrase(&judged, phrase) {
-                return Err(Failure::new("transcript_mismatch", format!("heard {judged:?}, which does not contain {phrase:?}")));
+                return Err(Failure::new(
+                    "transcript_mismatch",
+                    format!("heard {judged:?}, which does not contain {phrase:?}"),
+                ));
             }
         }
         if interim_only {
@@ -964,7 +1097,11 @@ impl ListenProbe {
             );
         }
         if let Some(d) = degraded {
-            let class = if d.starts_with("server reported service_status") { "stt_degraded" } else { "timeout" };
+            let class = if d.starts_with("server reported service_status") {
+                "stt_degraded"
+            } else {
+                "timeout"
+            };
             a.degrade(class, d);
         }
         Ok(closed_by_server)
@@ -992,20 +1129,28 @@ impl ListenProbe {
                     return Err(closed_failure(Some(code), &what, since, heard));
                 }
                 let f = wsock::read_error(&e, self.spec.max_message_bytes, since);
-                Err(Failure::new(f.class, format!("cannot send {what}: {}", f.message)))
+                Err(Failure::new(
+                    f.class,
+                    format!("cannot send {what}: {}", f.message),
+                ))
             }
             Err(_) => Err(Failure::new(
                 "timeout",
-                format!("the {} timeout hit while sending {what} (is the server reading?)", human(self.timeout)),
+                format!(
+                    "the {} timeout hit while sending {what} (is the server reading?)",
+                    human(self.timeout)
+                ),
             )),
         }
     }
-
 }
 
 /// `server closed the socket with 1011 NET-0001 after 10.2 s without a transcript`.
 fn closed_failure(code: Option<u16>, what: &str, since: Duration, heard: &Heard) -> Failure {
-    let mut f = Failure::new("ws_closed", format!("{what} after {}{}", secs(since), heard_suffix(heard)));
+    let mut f = Failure::new(
+        "ws_closed",
+        format!("{what} after {}{}", secs(since), heard_suffix(heard)),
+    );
     if let Some(c) = code {
         f.details.push(("close_code", Value::from(c)));
     }

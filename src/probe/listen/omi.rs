@@ -22,7 +22,11 @@ pub fn parse(text: &str) -> Result<Event, String> {
                 _ => Err("segments message without a segments array".into()),
             },
             Some("service_status") => Ok(Event::Status {
-                status: m.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
+                status: m
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
                 text: m
                     .get("status_text")
                     .and_then(Value::as_str)
@@ -40,7 +44,9 @@ pub fn parse(text: &str) -> Result<Event, String> {
 fn segments(items: &[Value]) -> Result<Event, String> {
     let mut out = Vec::with_capacity(items.len());
     for (i, s) in items.iter().enumerate() {
-        let Value::Object(m) = s else { return Err(format!("segment {i} is not an object")) };
+        let Value::Object(m) = s else {
+            return Err(format!("segment {i} is not an object"));
+        };
         let text = match m.get("text") {
             Some(Value::String(t)) => t.clone(),
             _ => return Err(format!("segment {i} has no text")),
@@ -62,9 +68,13 @@ mod tests {
     #[test]
     fn messages() {
         assert_eq!(parse("ping").unwrap(), Event::Ignore);
-        let seg = |id: &str, t: &str| Segment { id: Some(id.into()), text: t.into() };
+        let seg = |id: &str, t: &str| Segment {
+            id: Some(id.into()),
+            text: t.into(),
+        };
         assert_eq!(
-            parse(r#"[{"id":"a","text":"hello","speaker":"SPEAKER_0","start":0.1,"end":0.5}]"#).unwrap(),
+            parse(r#"[{"id":"a","text":"hello","speaker":"SPEAKER_0","start":0.1,"end":0.5}]"#)
+                .unwrap(),
             Event::Segments(vec![seg("a", "hello")])
         );
         assert_eq!(
@@ -72,10 +82,19 @@ mod tests {
             Event::Segments(vec![seg("b", "world")])
         );
         assert_eq!(
-            parse(r#"{"type":"service_status","status":"stt_degraded","status_text":"batch mode"}"#).unwrap(),
-            Event::Status { status: "stt_degraded".into(), text: "batch mode".into() }
+            parse(
+                r#"{"type":"service_status","status":"stt_degraded","status_text":"batch mode"}"#
+            )
+            .unwrap(),
+            Event::Status {
+                status: "stt_degraded".into(),
+                text: "batch mode".into()
+            }
         );
-        assert_eq!(parse(r#"{"type":"memory_created"}"#).unwrap(), Event::Ignore);
+        assert_eq!(
+            parse(r#"{"type":"memory_created"}"#).unwrap(),
+            Event::Ignore
+        );
         assert!(parse("{oops").is_err());
         assert!(parse(r#"[{"id":"a"}]"#).is_err());
         assert!(parse("42").is_err());

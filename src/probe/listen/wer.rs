@@ -8,10 +8,30 @@
 //! "105"). It is not a general text normaliser (no dates, currencies or abbreviations).
 
 const ONES: [&str; 20] = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
 ];
-const TENS: [&str; 10] = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"];
+const TENS: [&str; 10] = [
+    "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+];
 const SCALES: [&str; 5] = ["", "thousand", "million", "billion", "trillion"];
 
 fn is_number_word(w: &str) -> bool {
@@ -122,7 +142,9 @@ pub fn normalize(text: &str) -> Vec<String> {
         }
         // "1,000" → 1000; "3.5" → three point five; "1st" → first; "4k" stays split.
         let t = t.replace(',', "");
-        let digits_end = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let digits_end = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
         let (num, suffix) = t.split_at(digits_end);
         let mut spelled = Vec::new();
         match num.split_once('.') {
@@ -230,8 +252,16 @@ mod tests {
     fn wer_table() {
         for (expected, heard, want) in [
             ("testing one two three four five", "Testing 1 2 3 4 5.", 0.0),
-            ("testing one two three four five", "testing one two three four", 1.0 / 6.0),
-            ("the weather is nice today", "the weather is not nice today", 0.2),
+            (
+                "testing one two three four five",
+                "testing one two three four",
+                1.0 / 6.0,
+            ),
+            (
+                "the weather is nice today",
+                "the weather is not nice today",
+                0.2,
+            ),
             ("the weather is nice today", "", 1.0),
             ("check the system status", "check this system status", 0.25),
             ("a b", "c d e f", 2.0),
@@ -239,14 +269,20 @@ mod tests {
             ("", "hello", 1.0),
         ] {
             let got = wer(expected, heard);
-            assert!((got - want).abs() < 1e-9, "{expected:?} vs {heard:?}: {got} != {want}");
+            assert!(
+                (got - want).abs() < 1e-9,
+                "{expected:?} vs {heard:?}: {got} != {want}"
+            );
         }
     }
 
     #[test]
     fn contains_table() {
         assert!(contains_phrase("Testing 1, 2, 3", "one two"));
-        assert!(contains_phrase("the system status is fine", "System Status"));
+        assert!(contains_phrase(
+            "the system status is fine",
+            "System Status"
+        ));
         assert!(!contains_phrase("the systems status", "system status"));
         assert!(!contains_phrase("", "x"));
         assert!(contains_phrase("anything", ""));

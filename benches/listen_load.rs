@@ -1,0 +1,335 @@
+//! Listen load benchmark: N concurrent listen sessions (default 200) streaming a shipped
+//! utterance at real-time pace, through the real listen probe, against a Deepgram-dialect
+//! server running in a child process (so CPU and RSS are the agent's alone).
+//!
+//!     cargo bench --bench listen_load -- --sessions 200 --rounds 3
+//!
+//! Reports, over every frame of every session:
+//! - send lateness: when the frame's write returned minus its absolute deadline, p50/p99/max;
+//! - agent overhead: the agent's `final` phase (last audio frame sent → final transcript
+//!   read) minus the server's own gap (last audio frame received → final result written),
+//!   p50/p99/max — loopback transit plus the agent's own scheduling and parsing;
+//! - CPU seconds (getrusage, user + system) and peak RSS of the agent process.
+//!
+//! Targets: lateness p99 ≤ 5 ms, overhead p99 ≤ 2 ms. Sessions start spread over one second
+//! (as the scheduler's phase offsets spread probes), then run on their absolute schedules.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use watchpost::probe::Probe;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Timeval {
+    sec: i64,
+    usec: i64,
+}
+
+/// `struct rusage` on 64-bit Linux.
+#[repr(C)]
+#[derive(Default)]
+struct Rusage {
+    utime: Timeval,
+    stime: Timeval,
+    maxrss: i64,
+    rest: [i64; 13],
+}
+
+extern "C" {
+    fn getrusage(who: i32, usage: *mut Rusage) -> i32;
+}
+
+/// (CPU seconds, peak RSS in MiB) of this process.
+fn rusage() -> (f64, f64) {
+    let mut r = Rusage::default();
+    // SAFETY: `r` is a properly sized, writable `struct rusage`; RUSAGE_SELF = 0.
+    let rc = unsafe { getrusage(0, &mut r) };
+    if rc != 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let cpu = r.utime.sec as f64
+        + r.utime.usec as f64 / 1e6
+        + r.stime.sec as f64
+        + r.stime.usec as f64 / 1e6;
+    (cpu, r.maxrss as f64 / 1024.0)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+// ---- server (child process) -------------------------------------------------------------
+
+const TRANSCRIPT: &str = "testing one two three four five";
+
+// tungstenite's upgrade callback error type is not ours to box.
+#[allow(clippy::result_large_err)]
+async fn serve() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    println!("LISTENING {}", listener.local_addr().expect("addr").port());
+    let mut n = 0u64;
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            continue;
+        };
+        n += 1;
+        let id = format!("bench-{n}");
+        tokio::spawn(async move {
+            let _ = sock.set_nodelay(true);
+            let rid = id.clone();
+            let cb = move |_: &Request, mut resp: Response| {
+                if let Ok(v) = HeaderValue::from_str(&rid) {
+                    resp.headers_mut().insert("dg-request-id", v);
+                }
+                Ok(resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(sock, cb).await else {
+                return;
+            };
+            let mut last_audio = Instant::now();
+            let mut frames = 0u32;
+            while let Some(Ok(m)) = ws.next().await {
+                match m {
+                    Message::Binary(_) => {
+                        last_audio = Instant::now();
+                        frames += 1;
+                        if frames % 10 == 0 {
+                            let words: Vec<&str> =
+                                TRANSCRIPT.split(' ').take((frames / 10) as usize).collect();
+                            let _ = ws.send(results(&words.join(" "), false)).await;
+                        }
+                    }
+                    Message::Text(t) if t.contains("CloseStream") => {
+                        // A fixed "recognition" time, then the final.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let _ = ws.send(results(TRANSCRIPT, true)).await;
+                        let gap = last_audio.elapsed();
+                        println!("GAP {id} {}", gap.as_micros());
+                        let _ = ws
+                            .send(Message::text(r#"{"type":"Metadata","request_id":"x"}"#))
+                            .await;
+                        let _ = ws.close(None).await;
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+fn results(text: &str, is_final: bool) -> Message {
+    Message::text(
+        serde_json::json!({
+            "type": "Results", "is_final": is_final, "speech_final": is_final, "from_finalize": is_final,
+            "channel": {"alternatives": [{"transcript": text, "confidence": 0.99}]}
+        })
+        .to_string(),
+    )
+}
+
+// ---- agent ------------------------------------------------------------------------------
+
+fn main() {
+    if std::env::args().any(|a| a == "--serve") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(serve());
+        return;
+    }
+    let sessions = arg("--sessions", 200) as usize;
+    let rounds = arg("--rounds", 3) as usize;
+
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new(exe)
+        .arg("--serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn server child");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("server line");
+    let port: u16 = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .and_then(|p| p.parse().ok())
+        .expect("LISTENING <port>");
+    let gaps: Arc<Mutex<HashMap<String, Duration>>> = Arc::default();
+    let g2 = gaps.clone();
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            let mut it = l.split_whitespace();
+            if let (Some("GAP"), Some(id), Some(us)) = (it.next(), it.next(), it.next()) {
+                if let Ok(us) = us.parse::<u64>() {
+                    g2.lock()
+                        .expect("gaps")
+                        .insert(id.to_string(), Duration::from_micros(us));
+                }
+            }
+        }
+    });
+
+    // The probe goes through the real config loader.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("probes")).expect("mkdir");
+    let audio = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("probes/audio/testing-one-two-three.wav");
+    let probe = format!(
+        r#"name = "listen-bench"
+kind = "listen"
+dialect = "deepgram"
+url = "ws://127.0.0.1:{port}/v1/listen?encoding=linear16&sample_rate=16000&channels=1&interim_results=true"
+headers = {{ Authorization = "Token bench" }}
+audio = "{}"
+chunk = "100ms"
+speed = 1.0
+final_timeout = "10s"
+connect_timeout = "10s"
+retries = 0
+"#,
+        audio.display()
+    );
+    std::fs::write(dir.path().join("probes/bench.toml"), probe).expect("write probe");
+    let cfg_path = dir.path().join("watchpost.toml");
+    std::fs::write(
+        &cfg_path,
+        "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n",
+    )
+    .expect("write config");
+    let cfg = watchpost::config::load(&cfg_path).unwrap_or_else(|e| panic!("{e}"));
+    let pc = cfg.probes[0].clone();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (cpu0, _) = rusage();
+    let wall = Instant::now();
+    let results = rt.block_on(async {
+        let probe = Arc::new(Probe::build(&pc).expect("build"));
+        let mut tasks = Vec::new();
+        for i in 0..sessions {
+            let probe = probe.clone();
+            let stagger = Duration::from_micros((i as u64 * 1_000_000) / sessions.max(1) as u64);
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(stagger).await;
+                let Probe::Listen(lp) = &*probe else {
+                    unreachable!("listen probe")
+                };
+                let mut out = Vec::new();
+                for _ in 0..rounds {
+                    out.push(lp.run_with_stats().await);
+                }
+                out
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("session task"));
+        }
+        all
+    });
+    let elapsed = wall.elapsed();
+    let (cpu1, rss) = rusage();
+    // Let the last GAP lines arrive.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let mut late = Vec::new();
+    let mut overhead = Vec::new();
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    let gaps = gaps.lock().expect("gaps");
+    let mut unmatched = 0;
+    for (a, s) in &results {
+        let key = match &a.error {
+            None => a.outcome.as_str().to_string(),
+            Some(e) => format!("{} ({})", a.outcome.as_str(), e.class),
+        };
+        *outcomes.entry(key).or_default() += 1;
+        late.extend(s.lateness.iter().copied());
+        match (
+            s.last_frame_at,
+            s.final_at,
+            s.request_id.as_ref().and_then(|r| gaps.get(r)),
+        ) {
+            (Some(l), Some(f), Some(gap)) => {
+                overhead.push(f.saturating_duration_since(l).saturating_sub(*gap))
+            }
+            _ => unmatched += 1,
+        }
+    }
+    late.sort_unstable();
+    overhead.sort_unstable();
+    let runs = results.len();
+    println!(
+        "listen_load: {sessions} concurrent sessions × {rounds} rounds = {runs} runs, {} frames",
+        late.len()
+    );
+    println!(
+        "  audio: 2.25 s utterance, 100 ms chunks, speed 1.0 (real time); wall {:.1} s",
+        elapsed.as_secs_f64()
+    );
+    let mut oc: Vec<_> = outcomes.into_iter().collect();
+    oc.sort();
+    println!("  outcomes: {oc:?}");
+    println!(
+        "  send lateness  p50 {}  p99 {}  max {}",
+        ms(pct(&late, 50.0)),
+        ms(pct(&late, 99.0)),
+        ms(late.last().copied().unwrap_or_default())
+    );
+    println!(
+        "  agent overhead p50 {}  p99 {}  max {}  ({} sessions, {unmatched} without a server timestamp)",
+        ms(pct(&overhead, 50.0)),
+        ms(pct(&overhead, 99.0)),
+        ms(overhead.last().copied().unwrap_or_default()),
+        overhead.len()
+    );
+    let cpu = cpu1 - cpu0;
+    println!(
+        "  agent CPU {:.2} s ({:.1} ms per session, {:.0}% of one core); peak RSS {:.1} MiB",
+        cpu,
+        cpu * 1e3 / runs.max(1) as f64,
+        cpu / elapsed.as_secs_f64() * 100.0,
+        rss
+    );
+    let ok_late = pct(&late, 99.0) <= Duration::from_millis(5);
+    let ok_over = pct(&overhead, 99.0) <= Duration::from_millis(2);
+    println!(
+        "  targets: lateness p99 ≤ 5 ms {}; overhead p99 ≤ 2 ms {}",
+        if ok_late { "met" } else { "MISSED" },
+        if ok_over { "met" } else { "MISSED" }
+    );
+}
