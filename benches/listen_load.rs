@@ -9,7 +9,7 @@
 //! - agent overhead: the agent's `final` phase (last audio frame sent → final transcript
 //!   read) minus the server's own gap (last audio frame received → final result written),
 //!   p50/p99/max — loopback transit plus the agent's own scheduling and parsing;
-//! - CPU seconds (getrusage, user + system) and peak RSS of the agent process.
+//! - CPU seconds (getrusage, user + system) and peak RSS (VmHWM) of the agent process.
 //!
 //! Targets: lateness p99 ≤ 5 ms, overhead p99 ≤ 2 ms. Sessions start spread over one second
 //! (as the scheduler's phase offsets spread probes), then run on their absolute schedules.
@@ -68,7 +68,16 @@ fn rusage() -> (f64, f64) {
         + r.utime.usec as f64 / 1e6
         + r.stime.sec as f64
         + r.stime.usec as f64 / 1e6;
-    (cpu, r.maxrss as f64 / 1024.0)
+    // ru_maxrss survives execve on Linux, so under `cargo bench` it would report cargo's own
+    // peak; VmHWM in /proc is this image's high-water mark.
+    let hwm_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        });
+    (cpu, hwm_kib.unwrap_or(r.maxrss as f64) / 1024.0)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
