@@ -533,6 +533,15 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
     // Components: members and notifiers must exist.
     let notifier_names: Vec<&str> = notifiers.iter().map(|n| n.name.as_str()).collect();
+    // Notifiers present in the file but invalid already have their own error; do not
+    // report them again as unknown.
+    let declared_notifiers: Vec<String> = match DeTable::parse(&src.text).ok().and_then(|d| d.get_ref().get("notifier").cloned()) {
+        Some(v) => match v.get_ref() {
+            DeValue::Table(t) => t.iter().map(|(k, _)| k.get_ref().to_string()).collect(),
+            _ => Vec::new(),
+        },
+        None => Vec::new(),
+    };
     let mut comp_names = HashMap::new();
     for c in &main.components {
         if comp_names.insert(c.name.get_ref().clone(), ()).is_some() {
@@ -549,6 +558,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         }
         for n in &c.notify {
             match notifiers.iter().find(|x| &x.name == n.get_ref()) {
+                None if declared_notifiers.contains(n.get_ref()) => {}
                 None => diags.push(src.diag(
                     Some(n.span()),
                     format!("unknown notifier {:?} (defined: {})", n.get_ref(), list_or_none(&notifier_names)),

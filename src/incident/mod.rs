@@ -207,14 +207,14 @@ impl Evaluator {
                 tracing::warn!(component = %name, "component removed from the config has an open incident; it stays open");
             }
         }
-        // Recovery and maintenance are checked on a tick; fine enough for the shortest
-        // recovery hold, never busier than 20 times a second.
+        // Recovery holds and maintenance windows are checked on a tick (runs are evaluated
+        // as they arrive): at most 1 s late, finer for short holds, never busier than 20/s.
         let shortest = comps
             .iter()
             .map(|c| c.rules.recovery_ms)
             .min()
-            .unwrap_or(1000);
-        let tick = Duration::from_millis((shortest / 10).clamp(50, 1000) as u64);
+            .unwrap_or(100_000);
+        let tick = Duration::from_millis((shortest / 100).clamp(50, 1000) as u64);
         let ev = Evaluator {
             config,
             store,

@@ -29,10 +29,19 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{} {}: body is not JSON ({e}): {}", self.method, self.path, String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{} {}: body is not JSON ({e}): {}",
+                self.method,
+                self.path,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 }
 
@@ -47,10 +56,18 @@ pub struct Reply {
 
 impl Reply {
     pub fn status(status: u16) -> Reply {
-        Reply { status, headers: vec![], body: "{}".into(), delay: Duration::ZERO }
+        Reply {
+            status,
+            headers: vec![],
+            body: "{}".into(),
+            delay: Duration::ZERO,
+        }
     }
     pub fn json(status: u16, v: Value) -> Reply {
-        Reply { body: v.to_string(), ..Reply::status(status) }
+        Reply {
+            body: v.to_string(),
+            ..Reply::status(status)
+        }
     }
     pub fn header(mut self, k: &str, v: &str) -> Reply {
         self.headers.push((k.into(), v.into()));
@@ -85,17 +102,40 @@ impl Drop for Recorder {
 
 async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, 16 << 20).await.map(|b| b.to_vec()).unwrap_or_default();
-    let path = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let body = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .map(|b| b.to_vec())
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
     let headers = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
-    let mut rec = Recorded { method: parts.method.to_string(), path, headers, body, at: Instant::now(), status: 0 };
+    let mut rec = Recorded {
+        method: parts.method.to_string(),
+        path,
+        headers,
+        body,
+        at: Instant::now(),
+        status: 0,
+    };
     let reply = {
         let mut g = inner.lock().unwrap();
-        let scripted = g.scripts.iter_mut().find(|(p, q)| rec.path.starts_with(p.as_str()) && !q.is_empty()).and_then(|(_, q)| q.pop_front());
+        let scripted = g
+            .scripts
+            .iter_mut()
+            .find(|(p, q)| rec.path.starts_with(p.as_str()) && !q.is_empty())
+            .and_then(|(_, q)| q.pop_front());
         let reply = scripted.unwrap_or_else(|| (g.default)(&rec));
         rec.status = reply.status;
         g.log.push(rec);
@@ -104,7 +144,9 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
-    let mut b = Response::builder().status(reply.status).header("content-type", "application/json");
+    let mut b = Response::builder()
+        .status(reply.status)
+        .header("content-type", "application/json");
     for (k, v) in &reply.headers {
         b = b.header(k.as_str(), v.as_str());
     }
@@ -120,8 +162,14 @@ impl Recorder {
     pub async fn with_default(f: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> Recorder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let inner = Arc::new(Mutex::new(Inner { log: vec![], scripts: vec![], default: Arc::new(f) }));
-        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
+        let inner = Arc::new(Mutex::new(Inner {
+            log: vec![],
+            scripts: vec![],
+            default: Arc::new(f),
+        }));
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -134,7 +182,11 @@ impl Recorder {
 
     /// Answer the next requests whose path starts with `prefix` with `replies`, in order.
     pub fn script(&self, prefix: &str, replies: Vec<Reply>) {
-        self.inner.lock().unwrap().scripts.push((prefix.to_string(), replies.into()));
+        self.inner
+            .lock()
+            .unwrap()
+            .scripts
+            .push((prefix.to_string(), replies.into()));
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -142,7 +194,12 @@ impl Recorder {
     }
 
     /// Wait until `pred` holds for the log (or panic after `timeout`, listing what came).
-    pub async fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&[Recorded]) -> bool) -> Vec<Recorded> {
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[Recorded]) -> bool,
+    ) -> Vec<Recorded> {
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.requests();
@@ -150,8 +207,22 @@ impl Recorder {
                 return log;
             }
             if Instant::now() > deadline {
-                let seen: Vec<String> = log.iter().map(|r| format!("{} {} -> {} {}", r.method, r.path, r.status, String::from_utf8_lossy(&r.body))).collect();
-                panic!("timed out after {timeout:?} waiting for {what}; received:\n{}", seen.join("\n"));
+                let seen: Vec<String> = log
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} {} -> {} {}",
+                            r.method,
+                            r.path,
+                            r.status,
+                            String::from_utf8_lossy(&r.body)
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; received:\n{}",
+                    seen.join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -159,6 +230,9 @@ impl Recorder {
 
     /// Wait until at least `n` requests were answered with a 2xx.
     pub async fn wait_ok(&self, what: &str, n: usize, timeout: Duration) -> Vec<Recorded> {
-        self.wait_for(what, timeout, |l| l.iter().filter(|r| (200..300).contains(&r.status)).count() >= n).await
+        self.wait_for(what, timeout, |l| {
+            l.iter().filter(|r| (200..300).contains(&r.status)).count() >= n
+        })
+        .await
     }
 }

@@ -46,7 +46,9 @@ fn peers_dir() -> PathBuf {
 impl SmtpSink {
     /// Start the sink; `auth` = Some(("user", "pass")) requires AUTH.
     pub fn start(auth: Option<(&str, &str)>, reject: bool) -> SmtpSink {
-        let check = Command::new("python3").args(["-c", "import aiosmtpd"]).output();
+        let check = Command::new("python3")
+            .args(["-c", "import aiosmtpd"])
+            .output();
         match check {
             Ok(o) if o.status.success() => {}
             Ok(o) => panic!(
@@ -55,20 +57,34 @@ impl SmtpSink {
             ),
             Err(e) => panic!("python3 not found ({e}); the e-mail tests need python3 with aiosmtpd (tests/peers/requirements.txt)"),
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new("python3");
         // aiosmtpd warns about AUTH without TLS: that is the point of a local test sink.
-        cmd.args(["-W", "ignore"]).arg(peers_dir().join("smtp_sink.py")).args(["--port", &port.to_string(), "--outdir"]).arg(dir.path());
+        cmd.args(["-W", "ignore"])
+            .arg(peers_dir().join("smtp_sink.py"))
+            .args(["--port", &port.to_string(), "--outdir"])
+            .arg(dir.path());
         if let Some((u, p)) = auth {
             cmd.args(["--auth", &format!("{u}:{p}")]);
         }
         if reject {
             cmd.arg("--reject");
         }
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("starting smtp_sink.py");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting smtp_sink.py");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         assert_eq!(line.trim(), "ready", "smtp_sink.py did not start");
         SmtpSink { port, dir, child }
     }
@@ -84,7 +100,12 @@ impl SmtpSink {
             .filter(|p| p.extension().is_some_and(|x| x == "eml"))
             .collect();
         files.sort();
-        files.iter().map(|p| Mail { raw: std::fs::read_to_string(p).unwrap() }).collect()
+        files
+            .iter()
+            .map(|p| Mail {
+                raw: std::fs::read_to_string(p).unwrap(),
+            })
+            .collect()
     }
 
     pub async fn wait_mails(&self, n: usize, timeout: Duration) -> Vec<Mail> {
@@ -95,8 +116,14 @@ impl SmtpSink {
                 return m;
             }
             if Instant::now() > deadline {
-                let subjects: Vec<String> = m.iter().map(|m| m.header("subject").unwrap_or_default()).collect();
-                panic!("timed out waiting for {n} mails; got {}: {subjects:?}", m.len());
+                let subjects: Vec<String> = m
+                    .iter()
+                    .map(|m| m.header("subject").unwrap_or_default())
+                    .collect();
+                panic!(
+                    "timed out waiting for {n} mails; got {}: {subjects:?}",
+                    m.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -89,7 +89,13 @@ pub fn write_config(dir: &Path, t: &Targets, component: &str, extra: &str) -> Ar
 
 /// Like [`write_config`] with hand-written notifier tables; `notify` names the ones the
 /// component sends to.
-pub fn write_config_raw(dir: &Path, notify: &[&str], notifiers: &str, component: &str, extra: &str) -> Arc<Config> {
+pub fn write_config_raw(
+    dir: &Path,
+    notify: &[&str],
+    notifiers: &str,
+    component: &str,
+    extra: &str,
+) -> Arc<Config> {
     let path = write_config_file(dir, notify, notifiers, component, extra);
     match config::load(&path) {
         Ok(c) => Arc::new(c),
@@ -98,7 +104,13 @@ pub fn write_config_raw(dir: &Path, notify: &[&str], notifiers: &str, component:
 }
 
 /// Write the files only (for tests of validation errors); returns the config path.
-pub fn write_config_file(dir: &Path, notify: &[&str], notifiers: &str, component: &str, extra: &str) -> std::path::PathBuf {
+pub fn write_config_file(
+    dir: &Path,
+    notify: &[&str],
+    notifiers: &str,
+    component: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     env();
     let probes = dir.join("probes");
     std::fs::create_dir_all(&probes).unwrap();
@@ -124,8 +136,14 @@ pub fn write_config_file(dir: &Path, notify: &[&str], notifiers: &str, component
 pub fn run(probe: &str, outcome: Outcome) -> RunResult {
     let error = match outcome {
         Outcome::Up => None,
-        Outcome::Degraded => Some(ErrorInfo { class: "http_status".into(), message: "answered 207 (degraded)".into() }),
-        Outcome::Down => Some(ErrorInfo { class: "connect_refused".into(), message: "connection refused by 127.0.0.1:9".into() }),
+        Outcome::Degraded => Some(ErrorInfo {
+            class: "http_status".into(),
+            message: "answered 207 (degraded)".into(),
+        }),
+        Outcome::Down => Some(ErrorInfo {
+            class: "connect_refused".into(),
+            message: "connection refused by 127.0.0.1:9".into(),
+        }),
     };
     RunResult {
         probe: probe.to_string(),
@@ -165,7 +183,16 @@ impl Agent {
             let d = Dispatcher::new(config.clone(), store.clone(), metrics.clone()).unwrap();
             tokio::spawn(d.run(token.clone()))
         });
-        Agent { config, store, metrics, writer, tx, token, eval, dispatch }
+        Agent {
+            config,
+            store,
+            metrics,
+            writer,
+            tx,
+            token,
+            eval,
+            dispatch,
+        }
     }
 
     pub async fn send(&self, r: RunResult) {
@@ -213,8 +240,13 @@ impl Agent {
     /// Outbox rows: (notifier, kind, status, attempts).
     pub fn outbox(&self) -> Vec<(String, String, String, i64)> {
         let conn = self.store.reader().unwrap();
-        let mut st = conn.prepare("SELECT notifier, kind, status, attempts FROM outbox ORDER BY id").unwrap();
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).unwrap().map(Result::unwrap).collect()
+        let mut st = conn
+            .prepare("SELECT notifier, kind, status, attempts FROM outbox ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     }
 
     /// Wait until no outbox row is pending.
@@ -224,7 +256,11 @@ impl Agent {
             if self.outbox().iter().all(|r| r.2 != "pending") {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "outbox not drained: {:?}", self.outbox());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "outbox not drained: {:?}",
+                self.outbox()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -234,7 +270,10 @@ impl Agent {
 pub async fn until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !f() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
