@@ -715,7 +715,7 @@ pub fn render_incidents(list: &[Value]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<5} {:<24} {:<16} {:<24} {:<10} CAUSE",
+        "{:<5} {:<24} {:<24} {:<24} {:<10} CAUSE",
         "ID", "COMPONENT", "STATUS", "OPENED", "DURATION"
     );
     for v in list {
@@ -743,7 +743,7 @@ pub fn render_incidents(list: &[Value]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<5} {:<24} {:<16} {:<24} {:<10} {}{flap}",
+            "{:<5} {:<24} {:<24} {:<24} {:<10} {}{flap}",
             v.get("id").and_then(Value::as_i64).unwrap_or(0),
             crate::notify::event::truncate(&s(v, "component"), 24),
             status,
