@@ -613,3 +613,40 @@ async fn sub_check_members_and_missing_sub_checks() {
     assert_eq!(p["group"], "api");
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn latency_budget_breach_over_the_window_degrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let pd = pagerduty().await;
+    let t = Targets {
+        pagerduty: Some(pd.url()),
+        ..Default::default()
+    };
+    let rules = format!("{THRESHOLDS}\nbudget_window = \"10m\"\nbudget_min_samples = 5");
+    let agent = Agent::start(write_config(dir.path(), &t, &rules, ""), true).await;
+    // Up runs, but slow: total 300 ms against a p95 budget of 100 ms.
+    for n in 0..8 {
+        let mut r = run("api", Up);
+        r.phases = vec![("total".into(), Duration::from_millis(300))];
+        agent.send(r).await;
+        agent.store.flush().await.unwrap();
+        if n < 4 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            assert!(
+                agent.incidents(false).is_empty(),
+                "judged before budget_min_samples runs"
+            );
+        }
+    }
+    let log = pd.wait_ok("budget trigger", 1, T).await;
+    let p = &log[0].json()["payload"];
+    assert_eq!(p["severity"], "warning");
+    assert_eq!(p["class"], "latency_budget");
+    let msg = p["custom_details"]["last_error"].as_str().unwrap();
+    assert!(
+        msg.starts_with("p95 of total is 300ms over its 100ms budget"),
+        "{msg}"
+    );
+    assert_eq!(agent.incidents(true)[0]["status"], "degraded");
+    agent.stop().await;
+}
