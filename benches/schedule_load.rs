@@ -42,14 +42,20 @@ fn status_kb(key: &str) -> u64 {
 }
 
 fn serve() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("LISTENING {}", l.local_addr().unwrap().port());
         std::io::stdout().flush().unwrap();
         let app = axum::Router::new().route(
             "/health",
-            axum::routing::get(|| async { axum::Json(serde_json::json!({"status":"ok","service":"bench"})) }),
+            axum::routing::get(|| async {
+                axum::Json(serde_json::json!({"status":"ok","service":"bench"}))
+            }),
         );
         axum::serve(l, app).await.unwrap();
     });
@@ -76,8 +82,15 @@ fn main() {
         .spawn()
         .expect("start server child");
     let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let port: u16 = line.trim().strip_prefix("LISTENING ").unwrap().parse().unwrap();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .unwrap()
+        .parse()
+        .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let pdir = dir.path().join("probes");
@@ -97,10 +110,21 @@ fn main() {
     }
     let config = watchpost::config::load(&dir.path().join("watchpost.toml")).expect("bench config");
     let db = config.db_path();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
-    rt.block_on(async { watchpost::run(Arc::new(config), None, tokio::time::sleep(Duration::from_secs(seconds))).await }).unwrap();
+    rt.block_on(async {
+        watchpost::run(
+            Arc::new(config),
+            None,
+            tokio::time::sleep(Duration::from_secs(seconds)),
+        )
+        .await
+    })
+    .unwrap();
     let wall = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
     let peak_rss_mb = status_kb("VmHWM:") as f64 / 1024.0;
@@ -117,7 +141,11 @@ fn main() {
         .collect();
     lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let runs = lags.len() as f64;
-    let down: i64 = conn.query_row("SELECT count(*) FROM runs WHERE outcome != 'up'", [], |r| r.get(0)).unwrap();
+    let down: i64 = conn
+        .query_row("SELECT count(*) FROM runs WHERE outcome != 'up'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
     drop(conn);
     let db_bytes: u64 = ["", "-wal"]
         .iter()
@@ -132,7 +160,14 @@ fn main() {
         percentile(&lags, 0.99),
         lags.last().copied().unwrap_or(f64::NAN)
     );
-    println!("cpu seconds={cpu:.2} per 1000 runs={:.3} average cores={:.3}", cpu / runs * 1000.0, cpu / wall);
+    println!(
+        "cpu seconds={cpu:.2} per 1000 runs={:.3} average cores={:.3}",
+        cpu / runs * 1000.0,
+        cpu / wall
+    );
     println!("peak RSS MB={peak_rss_mb:.1}");
-    println!("sqlite bytes per 1000 runs={:.0} (db+wal {db_bytes} bytes)", db_bytes as f64 / runs * 1000.0);
+    println!(
+        "sqlite bytes per 1000 runs={:.0} (db+wal {db_bytes} bytes)",
+        db_bytes as f64 / runs * 1000.0
+    );
 }

@@ -28,7 +28,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Arc<Config>, metrics: Metrics, db: PathBuf) -> Self {
-        AppState { config, metrics, db, started: Instant::now() }
+        AppState {
+            config,
+            metrics,
+            db,
+            started: Instant::now(),
+        }
     }
 }
 
@@ -44,12 +49,19 @@ pub fn router(state: AppState) -> Router {
 }
 
 fn no_store(mut r: Response) -> Response {
-    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     r
 }
 
 fn internal(e: anyhow::Error) -> Response {
-    (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": format!("{e:#}")}))).into_response()
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(json!({"error": format!("{e:#}")})),
+    )
+        .into_response()
 }
 
 /// Run a blocking read on its own connection off the async threads.
@@ -66,7 +78,10 @@ async fn read<T: Send + 'static>(
 
 async fn health(State(s): State<AppState>) -> Response {
     let t = Instant::now();
-    let db = read(s.db.clone(), |c| Ok(c.query_row("SELECT count(*) FROM runs", [], |r| r.get::<_, i64>(0))?)).await;
+    let db = read(s.db.clone(), |c| {
+        Ok(c.query_row("SELECT count(*) FROM runs", [], |r| r.get::<_, i64>(0))?)
+    })
+    .await;
     let db_ms = t.elapsed().as_secs_f64() * 1e3;
     let store_check = match &db {
         Ok(_) => json!({"status": "ok", "latency_ms": (db_ms * 100.0).round() / 100.0}),
@@ -81,13 +96,27 @@ async fn health(State(s): State<AppState>) -> Response {
         "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "checks": { "store": store_check },
     });
-    let code = if status == "fail" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let code = if status == "fail" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     no_store((code, Json(body)).into_response())
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    s.metrics.set("watchpost_uptime_seconds", &[], s.started.elapsed().as_secs_f64());
-    no_store(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response())
+    s.metrics.set(
+        "watchpost_uptime_seconds",
+        &[],
+        s.started.elapsed().as_secs_f64(),
+    );
+    no_store(
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            s.metrics.render(),
+        )
+            .into_response(),
+    )
 }
 
 async fn latest(State(s): State<AppState>) -> Response {
@@ -104,7 +133,11 @@ struct IncidentQuery {
 }
 
 async fn incidents(State(s): State<AppState>, Query(q): Query<IncidentQuery>) -> Response {
-    match read(s.db.clone(), move |c| crate::incident::list_incidents(c, q.open)).await {
+    match read(s.db.clone(), move |c| {
+        crate::incident::list_incidents(c, q.open)
+    })
+    .await
+    {
         Ok(v) => no_store(Json(json!({"incidents": v.unwrap_or_default()})).into_response()),
         Err(e) => internal(e),
     }
@@ -116,13 +149,22 @@ struct ReportQuery {
 }
 
 async fn report(State(s): State<AppState>, Query(q): Query<ReportQuery>) -> Response {
-    let window = match q.window.as_deref().map(crate::config::duration::parse).unwrap_or(Ok(Duration::from_secs(86400))) {
+    let window = match q
+        .window
+        .as_deref()
+        .map(crate::config::duration::parse)
+        .unwrap_or(Ok(Duration::from_secs(86400)))
+    {
         Ok(w) => w,
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response(),
     };
     let cfg = s.config.clone();
     let now = chrono::Utc::now().timestamp_millis();
-    match read(s.db.clone(), move |c| crate::report::build(&cfg, c, window, now)).await {
+    match read(s.db.clone(), move |c| {
+        crate::report::build(&cfg, c, window, now)
+    })
+    .await
+    {
         Ok(Some(r)) => no_store(Json(r).into_response()),
         Ok(None) => no_store(Json(Value::Null).into_response()),
         Err(e) => internal(e),

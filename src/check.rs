@@ -11,7 +11,12 @@ use crate::probe::{run_confirmed, Outcome, Probe, RunResult};
 /// disabled) concurrently under the agent's concurrency cap. Results keep config order.
 pub async fn run_probes(config: &Config, names: &[String]) -> anyhow::Result<Vec<RunResult>> {
     let selected: Vec<_> = if names.is_empty() {
-        config.probes.iter().filter(|p| p.enabled).cloned().collect()
+        config
+            .probes
+            .iter()
+            .filter(|p| p.enabled)
+            .cloned()
+            .collect()
     } else {
         let mut v = Vec::new();
         for n in names {

@@ -79,7 +79,13 @@ const DEMO_MANIFEST: &str = include_str!("../probes/audio/manifest.toml");
 
 /// Write the demo config and probes under `dir`; returns the config path. `stt` is the
 /// address of the embedded Deepgram-dialect service.
-pub fn write_config(dir: &Path, services: &str, stt: &str, api_listen: &str, interval: &str) -> std::io::Result<PathBuf> {
+pub fn write_config(
+    dir: &Path,
+    services: &str,
+    stt: &str,
+    api_listen: &str,
+    interval: &str,
+) -> std::io::Result<PathBuf> {
     let probes = dir.join("probes");
     std::fs::create_dir_all(&probes)?;
     std::fs::write(
@@ -126,7 +132,11 @@ recovery = "30s"
     std::fs::write(probes.join("cycling.toml"), probe("cycling", "200ms", ""))?;
     std::fs::write(
         probes.join("slow.toml"),
-        probe("slow", "400ms", "\n[budget]\ntotal = { p95 = \"1s\", run = \"1s\" }\n"),
+        probe(
+            "slow",
+            "400ms",
+            "\n[budget]\ntotal = { p95 = \"1s\", run = \"1s\" }\n",
+        ),
     )?;
     let audio = probes.join("audio");
     std::fs::create_dir_all(&audio)?;
@@ -156,20 +166,28 @@ final = {{ p95 = "1s", run = "2s" }}
 }
 
 /// Run the demo until `stop` completes (Ctrl-C, or `--for`).
-pub async fn run(api_listen: &str, dir: Option<PathBuf>, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    api_listen: &str,
+    dir: Option<PathBuf>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     let svc = TcpListener::bind("127.0.0.1:0").await?;
     let svc_addr = svc.local_addr()?;
     let t = token.clone();
     let svc_task = tokio::spawn(async move {
-        let _ = axum::serve(svc, services_router()).with_graceful_shutdown(t.cancelled_owned()).await;
+        let _ = axum::serve(svc, services_router())
+            .with_graceful_shutdown(t.cancelled_owned())
+            .await;
     });
 
     let stt = TcpListener::bind("127.0.0.1:0").await?;
     let stt_addr = stt.local_addr()?;
     let stt_task = tokio::spawn(crate::demo_stt::serve(stt, token.clone()));
 
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("watchpost-demo-{}", std::process::id())));
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("watchpost-demo-{}", std::process::id()))
+    });
     let api = match TcpListener::bind(api_listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -178,11 +196,21 @@ pub async fn run(api_listen: &str, dir: Option<PathBuf>, stop: impl std::future:
         }
     };
     let api_addr = api.local_addr()?;
-    let path = write_config(&dir, &svc_addr.to_string(), &stt_addr.to_string(), &api_addr.to_string(), "10s")?;
-    let config = crate::config::load(&path).map_err(|e| anyhow::anyhow!("demo config is invalid:\n{e}"))?;
+    let path = write_config(
+        &dir,
+        &svc_addr.to_string(),
+        &stt_addr.to_string(),
+        &api_addr.to_string(),
+        "10s",
+    )?;
+    let config =
+        crate::config::load(&path).map_err(|e| anyhow::anyhow!("demo config is invalid:\n{e}"))?;
     println!("watchpost demo");
     println!("  demo services   http://{svc_addr}/{{steady,cycling,slow}}/health");
-    println!("                  cycling: ok → degraded → down → ok, {}s per stage", STAGE.as_secs());
+    println!(
+        "                  cycling: ok → degraded → down → ok, {}s per stage",
+        STAGE.as_secs()
+    );
     println!("  demo STT        ws://{stt_addr}/v1/listen   (Deepgram dialect; ~1 in 15 sessions faults)");
     println!("  config          {}", path.display());
     println!("  dashboard       http://{api_addr}/   (metrics: /metrics, report: /api/report)");
@@ -191,7 +219,11 @@ pub async fn run(api_listen: &str, dir: Option<PathBuf>, stop: impl std::future:
     token.cancel();
     let _ = svc_task.await;
     let _ = stt_task.await;
-    println!("\ndemo data kept in {} (try: watchpost -c {} report --window 1h)", dir.display(), path.display());
+    println!(
+        "\ndemo data kept in {} (try: watchpost -c {} report --window 1h)",
+        dir.display(),
+        path.display()
+    );
     result
 }
 

@@ -36,7 +36,11 @@ const MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
 /// notifications and serves the API on `listener` (if any) until `shutdown` completes; then
 /// stops scheduling, lets in-flight runs finish within `shutdown_grace`, flushes the writer
 /// and returns.
-pub async fn run(config: Arc<Config>, listener: Option<TcpListener>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Arc<Config>,
+    listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (store, writer) = Store::start(&config.db_path())?;
     let metrics = Metrics::new();
     describe_metrics(&metrics);
@@ -73,8 +77,15 @@ pub async fn run(config: Arc<Config>, listener: Option<TcpListener>, shutdown: i
             }
             let now = chrono::Utc::now().timestamp_millis();
             let retention = maint_cfg.retention.clone();
-            match maint_store.write(move |c| store::maintain(c, now, &retention)).await {
-                Ok(s) => tracing::debug!(rolled = s.rolled_minutes, pruned_runs = s.pruned_runs, "store maintenance"),
+            match maint_store
+                .write(move |c| store::maintain(c, now, &retention))
+                .await
+            {
+                Ok(s) => tracing::debug!(
+                    rolled = s.rolled_minutes,
+                    pruned_runs = s.pruned_runs,
+                    "store maintenance"
+                ),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "store maintenance failed"),
             }
         }
@@ -84,10 +95,14 @@ pub async fn run(config: Arc<Config>, listener: Option<TcpListener>, shutdown: i
         Some(l) => {
             let addr = l.local_addr()?;
             tracing::info!(%addr, "serving API, /metrics and dashboard");
-            let state = api::AppState::new(config.clone(), metrics.clone(), store.path().to_path_buf());
+            let state =
+                api::AppState::new(config.clone(), metrics.clone(), store.path().to_path_buf());
             let t = token.clone();
             Some(tokio::spawn(async move {
-                if let Err(e) = axum::serve(l, api::router(state)).with_graceful_shutdown(t.cancelled_owned()).await {
+                if let Err(e) = axum::serve(l, api::router(state))
+                    .with_graceful_shutdown(t.cancelled_owned())
+                    .await
+                {
                     tracing::error!(error = %e, "API server failed");
                 }
             }))
@@ -95,10 +110,18 @@ pub async fn run(config: Arc<Config>, listener: Option<TcpListener>, shutdown: i
         None => None,
     };
 
-    let scheduler = schedule::Scheduler { config: config.clone(), metrics: metrics.clone(), store: Some(store.clone()), sink: run_tx };
+    let scheduler = schedule::Scheduler {
+        config: config.clone(),
+        metrics: metrics.clone(),
+        store: Some(store.clone()),
+        sink: run_tx,
+    };
     let sched_token = CancellationToken::new();
     let sched_task = tokio::spawn(scheduler.run(sched_token.clone()));
-    tracing::info!(probes = config.probes.iter().filter(|p| p.enabled).count(), "watchpost running");
+    tracing::info!(
+        probes = config.probes.iter().filter(|p| p.enabled).count(),
+        "watchpost running"
+    );
 
     shutdown.await;
     tracing::info!("shutting down: no new runs; waiting for in-flight runs");
@@ -119,27 +142,82 @@ pub async fn run(config: Arc<Config>, listener: Option<TcpListener>, shutdown: i
 }
 
 fn describe_metrics(m: &Metrics) {
-    m.describe("watchpost_probe_up", "gauge", "1 when the probe's last run was up or degraded, 0 when down.");
-    m.describe("watchpost_probe_outcome", "gauge", "Last outcome: 0 up, 1 degraded, 2 down.");
-    m.describe("watchpost_probe_duration_seconds", "histogram", "Phase latency of runs, by probe and phase.");
-    m.describe("watchpost_runs_total", "counter", "Runs by probe and outcome.");
-    m.describe("watchpost_runs_skipped_total", "counter", "Planned runs skipped because the previous run was still going.");
-    m.describe("watchpost_schedule_lag_seconds", "histogram", "Actual start minus planned start of runs.");
+    m.describe(
+        "watchpost_probe_up",
+        "gauge",
+        "1 when the probe's last run was up or degraded, 0 when down.",
+    );
+    m.describe(
+        "watchpost_probe_outcome",
+        "gauge",
+        "Last outcome: 0 up, 1 degraded, 2 down.",
+    );
+    m.describe(
+        "watchpost_probe_duration_seconds",
+        "histogram",
+        "Phase latency of runs, by probe and phase.",
+    );
+    m.describe(
+        "watchpost_runs_total",
+        "counter",
+        "Runs by probe and outcome.",
+    );
+    m.describe(
+        "watchpost_runs_skipped_total",
+        "counter",
+        "Planned runs skipped because the previous run was still going.",
+    );
+    m.describe(
+        "watchpost_schedule_lag_seconds",
+        "histogram",
+        "Actual start minus planned start of runs.",
+    );
 }
 
 fn observe_run(m: &Metrics, r: &RunResult) {
     let o = r.outcome.as_str();
-    m.inc("watchpost_runs_total", &[("probe", &r.probe), ("outcome", o)]);
-    m.set("watchpost_probe_up", &[("probe", &r.probe)], if r.outcome == probe::Outcome::Down { 0.0 } else { 1.0 });
-    m.set("watchpost_probe_outcome", &[("probe", &r.probe)], r.outcome as u8 as f64);
+    m.inc(
+        "watchpost_runs_total",
+        &[("probe", &r.probe), ("outcome", o)],
+    );
+    m.set(
+        "watchpost_probe_up",
+        &[("probe", &r.probe)],
+        if r.outcome == probe::Outcome::Down {
+            0.0
+        } else {
+            1.0
+        },
+    );
+    m.set(
+        "watchpost_probe_outcome",
+        &[("probe", &r.probe)],
+        r.outcome as u8 as f64,
+    );
     for (phase, d) in &r.phases {
-        m.observe("watchpost_probe_duration_seconds", &[("probe", &r.probe), ("phase", phase)], d.as_secs_f64());
+        m.observe(
+            "watchpost_probe_duration_seconds",
+            &[("probe", &r.probe), ("phase", phase)],
+            d.as_secs_f64(),
+        );
     }
     for s in &r.subchecks {
-        m.set("watchpost_probe_up", &[("probe", &s.series)], if s.outcome == probe::Outcome::Down { 0.0 } else { 1.0 });
+        m.set(
+            "watchpost_probe_up",
+            &[("probe", &s.series)],
+            if s.outcome == probe::Outcome::Down {
+                0.0
+            } else {
+                1.0
+            },
+        );
     }
     match &r.error {
-        Some(e) => tracing::info!(probe = %r.probe, outcome = %o, class = %e.class, message = %e.message, duration_ms = probe::ms(r.duration), "run"),
-        None => tracing::info!(probe = %r.probe, outcome = %o, duration_ms = probe::ms(r.duration), "run"),
+        Some(e) => {
+            tracing::info!(probe = %r.probe, outcome = %o, class = %e.class, message = %e.message, duration_ms = probe::ms(r.duration), "run")
+        }
+        None => {
+            tracing::info!(probe = %r.probe, outcome = %o, duration_ms = probe::ms(r.duration), "run")
+        }
     }
 }

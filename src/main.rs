@@ -10,10 +10,20 @@ use clap::{Parser, Subcommand, ValueEnum};
 use watchpost::{check, config, demo, incident, notify, report, store};
 
 #[derive(Parser)]
-#[command(name = "watchpost", version, about = "Synthetic monitoring for HTTP, WebSocket and realtime speech-to-text services")]
+#[command(
+    name = "watchpost",
+    version,
+    about = "Synthetic monitoring for HTTP, WebSocket and realtime speech-to-text services"
+)]
 struct Cli {
     /// Main configuration file.
-    #[arg(short, long, global = true, default_value = "config/watchpost.toml", env = "WATCHPOST_CONFIG")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "config/watchpost.toml",
+        env = "WATCHPOST_CONFIG"
+    )]
     config: PathBuf,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -93,13 +103,21 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
                 _ => ExitCode::from(3),
             };
         }
     };
-    init_tracing(cli.log_format, matches!(cli.cmd, Cmd::Run | Cmd::Demo { .. }));
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    init_tracing(
+        cli.log_format,
+        matches!(cli.cmd, Cmd::Run | Cmd::Demo { .. }),
+    );
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -119,7 +137,9 @@ fn init_tracing(format: LogFormat, daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("WATCHPOST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
@@ -191,7 +211,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             watchpost::run(Arc::new(c), listener, shutdown_signal()).await?;
             Ok(0)
         }
-        Cmd::Report { window, format, json, output } => {
+        Cmd::Report {
+            window,
+            format,
+            json,
+            output,
+        } => {
             let c = match load(&cli.config) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
@@ -220,7 +245,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 ReportFormat::Html => report::render_html(&r),
             };
             match output {
-                Some(p) => std::fs::write(&p, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?,
+                Some(p) => std::fs::write(&p, text)
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?,
                 None => print!("{text}"),
             }
             Ok(0)
@@ -259,7 +285,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 }
             }
         }
-        Cmd::Demo { listen, duration, dir } => {
+        Cmd::Demo {
+            listen,
+            duration,
+            dir,
+        } => {
             let limit = match duration.as_deref().map(config::duration::parse).transpose() {
                 Ok(d) => d,
                 Err(e) => {

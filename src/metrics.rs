@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 type Key = (&'static str, Vec<(String, String)>);
 
 /// Bucket bounds (seconds) of exported duration histograms.
-const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 #[derive(Default)]
 struct Inner {
@@ -24,7 +26,13 @@ struct Inner {
 pub struct Metrics(Arc<Mutex<Inner>>);
 
 fn key(name: &'static str, labels: &[(&str, &str)]) -> Key {
-    (name, labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    (
+        name,
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
 }
 
 impl Metrics {
@@ -56,7 +64,10 @@ impl Metrics {
 
     pub fn observe(&self, name: &'static str, labels: &[(&str, &str)], secs: f64) {
         self.with(|i| {
-            let e = i.histograms.entry(key(name, labels)).or_insert_with(|| (vec![0; BUCKETS.len()], 0.0, 0));
+            let e = i
+                .histograms
+                .entry(key(name, labels))
+                .or_insert_with(|| (vec![0; BUCKETS.len()], 0.0, 0));
             for (b, bound) in e.0.iter_mut().zip(BUCKETS) {
                 if secs <= *bound {
                     *b += 1;
@@ -69,7 +80,13 @@ impl Metrics {
 
     pub fn get(&self, name: &'static str, labels: &[(&str, &str)]) -> f64 {
         let k = key(name, labels);
-        self.with(|i| i.counters.get(&k).or_else(|| i.gauges.get(&k)).copied().unwrap_or(0.0))
+        self.with(|i| {
+            i.counters
+                .get(&k)
+                .or_else(|| i.gauges.get(&k))
+                .copied()
+                .unwrap_or(0.0)
+        })
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -98,9 +115,17 @@ impl Metrics {
             for ((name, labels), (buckets, sum, count)) in &i.histograms {
                 header(&mut out, name, "histogram");
                 for (b, bound) in buckets.iter().zip(BUCKETS) {
-                    let _ = writeln!(out, "{name}_bucket{} {b}", fmt_labels(labels, Some(&bound.to_string())));
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{} {b}",
+                        fmt_labels(labels, Some(&bound.to_string()))
+                    );
                 }
-                let _ = writeln!(out, "{name}_bucket{} {count}", fmt_labels(labels, Some("+Inf")));
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{} {count}",
+                    fmt_labels(labels, Some("+Inf"))
+                );
                 let _ = writeln!(out, "{name}_sum{} {sum}", fmt_labels(labels, None));
                 let _ = writeln!(out, "{name}_count{} {count}", fmt_labels(labels, None));
             }
@@ -110,11 +135,16 @@ impl Metrics {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn fmt_labels(labels: &[(String, String)], le: Option<&str>) -> String {
-    let mut parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+    let mut parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
     if let Some(le) = le {
         parts.push(format!("le=\"{le}\""));
     }
@@ -133,8 +163,14 @@ mod tests {
     fn renders_prometheus_text() {
         let m = Metrics::new();
         m.describe("watchpost_runs_total", "counter", "Runs by outcome.");
-        m.inc("watchpost_runs_total", &[("probe", "a\"b"), ("outcome", "up")]);
-        m.inc("watchpost_runs_total", &[("probe", "a\"b"), ("outcome", "up")]);
+        m.inc(
+            "watchpost_runs_total",
+            &[("probe", "a\"b"), ("outcome", "up")],
+        );
+        m.inc(
+            "watchpost_runs_total",
+            &[("probe", "a\"b"), ("outcome", "up")],
+        );
         m.set("watchpost_probe_up", &[("probe", "x")], 1.0);
         m.observe("watchpost_probe_duration_seconds", &[("probe", "x")], 0.02);
         let t = m.render();

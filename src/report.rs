@@ -52,7 +52,12 @@ fn us_to_ms(us: u64) -> f64 {
 }
 
 /// Build the report for the window ending at `now_ms`.
-pub fn build(config: &Config, conn: &Connection, window: Duration, now_ms: i64) -> anyhow::Result<Report> {
+pub fn build(
+    config: &Config,
+    conn: &Connection,
+    window: Duration,
+    now_ms: i64,
+) -> anyhow::Result<Report> {
     let since = now_ms - window.as_millis() as i64;
     let hists = hist::window(conn, since, now_ms + 1)?;
     let counts = store::counts_since(conn, since)?;
@@ -62,7 +67,10 @@ pub fn build(config: &Config, conn: &Connection, window: Duration, now_ms: i64) 
     for s in series {
         let c = counts.get(&s).copied().unwrap_or_default();
         let probe_name = s.split('/').next().unwrap_or(&s);
-        let budgets = config.probe(probe_name).filter(|_| !s.contains('/')).map(|p| &p.budget);
+        let budgets = config
+            .probe(probe_name)
+            .filter(|_| !s.contains('/'))
+            .map(|p| &p.budget);
         let phases: Vec<&(String, String)> = hists.keys().filter(|(x, _)| *x == s).collect();
         if phases.is_empty() {
             rows.push(Row {
@@ -112,7 +120,12 @@ pub fn build(config: &Config, conn: &Connection, window: Duration, now_ms: i64) 
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
             .unwrap_or_default()
     };
-    Ok(Report { window: human(window), since: fmt(since), until: fmt(now_ms), rows })
+    Ok(Report {
+        window: human(window),
+        since: fmt(since),
+        until: fmt(now_ms),
+        rows,
+    })
 }
 
 /// Compare percentiles with a budget.
@@ -124,7 +137,11 @@ pub fn judge(h: &hist::Hist, budget: Option<&Budget>) -> (&'static str, Vec<Stri
         return ("no_data", vec![]);
     }
     let mut over = Vec::new();
-    for (name, q, limit) in [("p50", 0.50, b.p50), ("p95", 0.95, b.p95), ("p99", 0.99, b.p99)] {
+    for (name, q, limit) in [
+        ("p50", 0.50, b.p50),
+        ("p95", 0.95, b.p95),
+        ("p99", 0.99, b.p99),
+    ] {
         if let Some(limit) = limit {
             let v = Duration::from_micros(h.value_at_quantile(q));
             if v > limit.0 {
@@ -136,7 +153,8 @@ pub fn judge(h: &hist::Hist, budget: Option<&Budget>) -> (&'static str, Vec<Stri
 }
 
 fn cell(v: Option<f64>) -> String {
-    v.map(|ms| human_ms(Duration::from_secs_f64(ms / 1000.0))).unwrap_or_else(|| "-".into())
+    v.map(|ms| human_ms(Duration::from_secs_f64(ms / 1000.0)))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn budget_cell(b: &Option<BudgetView>) -> String {
@@ -155,7 +173,10 @@ fn budget_cell(b: &Option<BudgetView>) -> String {
 }
 
 pub fn render_table(r: &Report) -> String {
-    let mut out = format!("latency budget review, last {} ({} → {})\n\n", r.window, r.since, r.until);
+    let mut out = format!(
+        "latency budget review, last {} ({} → {})\n\n",
+        r.window, r.since, r.until
+    );
     if r.rows.is_empty() {
         out.push_str("no runs recorded in this window\n");
         return out;
@@ -166,8 +187,15 @@ pub fn render_table(r: &Report) -> String {
         "series", "phase", "runs", "avail", "p50", "p95", "p99", "max", "budget"
     );
     for row in &r.rows {
-        let avail = row.availability_pct.map(|a| format!("{a:.2}%")).unwrap_or_else(|| "-".into());
-        let verdict = if row.over.is_empty() { row.verdict.to_string() } else { format!("OVER: {}", row.over.join(", ")) };
+        let avail = row
+            .availability_pct
+            .map(|a| format!("{a:.2}%"))
+            .unwrap_or_else(|| "-".into());
+        let verdict = if row.over.is_empty() {
+            row.verdict.to_string()
+        } else {
+            format!("OVER: {}", row.over.join(", "))
+        };
         let _ = writeln!(
             out,
             "{:<32} {:<13} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}  {:<22} {}",
@@ -187,7 +215,10 @@ pub fn render_table(r: &Report) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 pub fn render_html(r: &Report) -> String {

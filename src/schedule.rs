@@ -61,8 +61,14 @@ pub struct Plan {
 
 impl Plan {
     pub fn for_probe(p: &ProbeConfig) -> Plan {
-        let offset = p.offset.unwrap_or_else(|| phase_offset(&p.name, p.interval));
-        Plan { interval: p.interval, offset, jitter: p.jitter }
+        let offset = p
+            .offset
+            .unwrap_or_else(|| phase_offset(&p.name, p.interval));
+        Plan {
+            interval: p.interval,
+            offset,
+            jitter: p.jitter,
+        }
     }
     fn planned(&self, origin: Instant, k: u64) -> Instant {
         origin + self.offset + self.interval.saturating_mul(k.min(u32::MAX as u64) as u32)
@@ -72,8 +78,14 @@ impl Plan {
 /// Drive one probe's schedule until `shutdown`. `run` starts a run for a slot (spawned on
 /// `tracker`); `skip` is told about slots skipped because the previous run still goes, or
 /// because the process fell more than a whole interval behind (e.g. a suspended host).
-pub async fn probe_loop<R, Fut, S>(plan: Plan, origin: Instant, shutdown: CancellationToken, tracker: TaskTracker, run: R, mut skip: S)
-where
+pub async fn probe_loop<R, Fut, S>(
+    plan: Plan,
+    origin: Instant,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    run: R,
+    mut skip: S,
+) where
     R: Fn(Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
     S: FnMut(Slot),
@@ -82,12 +94,18 @@ where
     let mut k: u64 = 0;
     loop {
         let planned = plan.planned(origin, k);
-        let jitter = if plan.jitter.is_zero() {
+        // Whole milliseconds: the timer wheel fires on 1 ms ticks, so a sub-millisecond jitter
+        // would be rounded up and could land past the configured bound.
+        let jitter_ms = plan.jitter.as_millis() as u64;
+        let jitter = if jitter_ms == 0 {
             Duration::ZERO
         } else {
-            rand::rng().random_range(Duration::ZERO..plan.jitter)
+            Duration::from_millis(rand::rng().random_range(0..jitter_ms))
         };
-        let slot = Slot { index: k, due: planned + jitter };
+        let slot = Slot {
+            index: k,
+            due: planned + jitter,
+        };
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
@@ -108,7 +126,10 @@ where
         // Fell behind by whole intervals (suspend, overload): skip those slots, don't burst.
         let now = Instant::now();
         while plan.planned(origin, k + 1) <= now {
-            skip(Slot { index: k, due: plan.planned(origin, k) });
+            skip(Slot {
+                index: k,
+                due: plan.planned(origin, k),
+            });
             k += 1;
         }
     }
@@ -132,8 +153,9 @@ impl Scheduler {
         let loops = TaskTracker::new();
         let force = CancellationToken::new();
         let sem = Arc::new(Semaphore::new(self.config.agent.max_concurrency));
-        let limiter: Option<Arc<DefaultKeyedRateLimiter<String>>> = NonZeroU32::new(self.config.agent.host_rate_limit)
-            .map(|n| Arc::new(RateLimiter::keyed(Quota::per_second(n))));
+        let limiter: Option<Arc<DefaultKeyedRateLimiter<String>>> =
+            NonZeroU32::new(self.config.agent.host_rate_limit)
+                .map(|n| Arc::new(RateLimiter::keyed(Quota::per_second(n))));
         for cfg in self.config.probes.iter().filter(|p| p.enabled) {
             let probe = match Probe::build(cfg) {
                 Ok(p) => Arc::new(p),
@@ -145,8 +167,13 @@ impl Scheduler {
             let cfg = Arc::new(cfg.clone());
             let plan = Plan::for_probe(&cfg);
             let host = cfg.spec.host().unwrap_or_default();
-            let (sem, limiter, sink, metrics, force) =
-                (sem.clone(), limiter.clone(), self.sink.clone(), self.metrics.clone(), force.clone());
+            let (sem, limiter, sink, metrics, force) = (
+                sem.clone(),
+                limiter.clone(),
+                self.sink.clone(),
+                self.metrics.clone(),
+                force.clone(),
+            );
             let skip_store = self.store.clone();
             let skip_metrics = self.metrics.clone();
             let skip_name = cfg.name.clone();
@@ -163,7 +190,9 @@ impl Scheduler {
                 );
                 async move {
                     let work = async {
-                        let Ok(_permit) = sem.acquire().await else { return };
+                        let Ok(_permit) = sem.acquire().await else {
+                            return;
+                        };
                         if let Some(l) = &limiter {
                             l.until_key_ready(&host).await;
                         }
@@ -188,14 +217,24 @@ impl Scheduler {
                     tokio::spawn(async move { store.record_skip(&name, planned_ms).await });
                 }
             };
-            loops.spawn(probe_loop(plan, origin, shutdown.clone(), tracker.clone(), run, skip));
+            loops.spawn(probe_loop(
+                plan,
+                origin,
+                shutdown.clone(),
+                tracker.clone(),
+                run,
+                skip,
+            ));
         }
         loops.close();
         loops.wait().await;
         tracker.close();
         let grace = self.config.agent.shutdown_grace;
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(in_flight = tracker.len(), "shutdown grace over; abandoning in-flight runs");
+            tracing::warn!(
+                in_flight = tracker.len(),
+                "shutdown grace over; abandoning in-flight runs"
+            );
             force.cancel();
             tracker.wait().await;
         }
@@ -224,7 +263,11 @@ mod tests {
     }
 
     fn plan(ms: u64) -> Plan {
-        Plan { interval: Duration::from_millis(ms), offset: Duration::ZERO, jitter: Duration::ZERO }
+        Plan {
+            interval: Duration::from_millis(ms),
+            offset: Duration::ZERO,
+            jitter: Duration::ZERO,
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -242,14 +285,25 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(370)).await;
             }
         };
-        let h = tokio::spawn(probe_loop(plan(1000), origin, token.clone(), tracker.clone(), run, |_| panic!("no skips expected")));
+        let h = tokio::spawn(probe_loop(
+            plan(1000),
+            origin,
+            token.clone(),
+            tracker.clone(),
+            run,
+            |_| panic!("no skips expected"),
+        ));
         tokio::time::sleep(Duration::from_millis(1000 * 1000 + 10)).await;
         token.cancel();
         h.await.unwrap();
         let starts = starts.lock().unwrap();
         assert_eq!(starts.len(), 1001);
         for (k, t) in starts.iter() {
-            assert_eq!(*t - origin, Duration::from_millis(1000 * k), "run {k} drifted");
+            assert_eq!(
+                *t - origin,
+                Duration::from_millis(1000 * k),
+                "run {k} drifted"
+            );
         }
     }
 
@@ -272,9 +326,14 @@ mod tests {
             }
         };
         let sk = skips.clone();
-        let h = tokio::spawn(probe_loop(plan(1000), origin, token.clone(), tracker.clone(), run, move |s| {
-            sk.lock().unwrap().push(s.index)
-        }));
+        let h = tokio::spawn(probe_loop(
+            plan(1000),
+            origin,
+            token.clone(),
+            tracker.clone(),
+            run,
+            move |s| sk.lock().unwrap().push(s.index),
+        ));
         tokio::time::sleep(Duration::from_millis(9_500)).await;
         token.cancel();
         h.await.unwrap();
@@ -293,8 +352,19 @@ mod tests {
             let s = s.clone();
             async move { s.lock().unwrap().push((slot.index, Instant::now())) }
         };
-        let p = Plan { interval: Duration::from_secs(10), offset: Duration::from_secs(3), jitter: Duration::from_millis(500) };
-        let h = tokio::spawn(probe_loop(p, origin, token.clone(), TaskTracker::new(), run, |_| {}));
+        let p = Plan {
+            interval: Duration::from_secs(10),
+            offset: Duration::from_secs(3),
+            jitter: Duration::from_millis(500),
+        };
+        let h = tokio::spawn(probe_loop(
+            p,
+            origin,
+            token.clone(),
+            TaskTracker::new(),
+            run,
+            |_| {},
+        ));
         tokio::time::sleep(Duration::from_secs(10 * 200)).await;
         token.cancel();
         h.await.unwrap();
@@ -303,7 +373,10 @@ mod tests {
         for (k, t) in starts.iter() {
             let planned = Duration::from_secs(3 + 10 * k);
             let d = *t - origin;
-            assert!(d >= planned && d < planned + Duration::from_millis(500), "run {k} at {d:?}");
+            assert!(
+                d >= planned && d < planned + Duration::from_millis(500),
+                "run {k} at {d:?}"
+            );
         }
     }
 }

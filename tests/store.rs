@@ -46,18 +46,30 @@ async fn runs_and_histograms_persist_across_reopen() {
         let (s, writer) = Store::start(&db).unwrap();
         // 100 runs in one minute: totals 1..=100 ms.
         for i in 1..=100u64 {
-            s.record(run_at("api", base + i as i64 * 100, i, Outcome::Up)).await;
+            s.record(run_at("api", base + i as i64 * 100, i, Outcome::Up))
+                .await;
         }
-        s.record(run_at("api", base + 61_000, 500, Outcome::Down)).await;
+        s.record(run_at("api", base + 61_000, 500, Outcome::Down))
+            .await;
         s.flush().await.unwrap();
         drop(s);
         writer.join().await;
     }
     let (s, writer) = Store::start(&db).unwrap(); // reopen: migrations are idempotent
     let c = s.reader().unwrap();
-    let n: i64 = c.query_row("SELECT count(*) FROM runs WHERE probe = 'api'", [], |r| r.get(0)).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM runs WHERE probe = 'api'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
     assert_eq!(n, 101);
-    let sub: i64 = c.query_row("SELECT count(*) FROM runs WHERE probe = 'api/checks.db'", [], |r| r.get(0)).unwrap();
+    let sub: i64 = c
+        .query_row(
+            "SELECT count(*) FROM runs WHERE probe = 'api/checks.db'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
     assert_eq!(sub, 101);
     let rows: i64 = c
         .query_row("SELECT count(*) FROM histograms WHERE series = 'api' AND phase = 'total' AND resolution = ?1", [MINUTE], |r| r.get(0))
@@ -74,7 +86,9 @@ async fn runs_and_histograms_persist_across_reopen() {
     assert_eq!(counts["api"].up, 100);
     assert_eq!(counts["api"].down, 1);
     assert!((counts["api"].availability().unwrap() - 99.0099).abs() < 0.01);
-    let lag: f64 = c.query_row("SELECT lag_ms FROM runs LIMIT 1", [], |r| r.get(0)).unwrap();
+    let lag: f64 = c
+        .query_row("SELECT lag_ms FROM runs LIMIT 1", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(lag, 0.15);
     drop(c);
     drop(s);
@@ -89,11 +103,19 @@ async fn rollup_merges_minutes_into_hours_exactly_and_prunes() {
     let hour = aligned(T0, HOUR);
     // 3 hours of runs, one per minute, total = minute index ms (1..=180).
     for m in 0..180i64 {
-        s.record(run_at("api", hour + m * 60_000 + 5_000, (m + 1) as u64, Outcome::Up)).await;
+        s.record(run_at(
+            "api",
+            hour + m * 60_000 + 5_000,
+            (m + 1) as u64,
+            Outcome::Up,
+        ))
+        .await;
     }
     s.flush().await.unwrap();
     let c = s.reader().unwrap();
-    let before = hist::window(&c, hour, hour + 3 * 3_600_000).unwrap()[&("api".into(), "total".into())].clone();
+    let before = hist::window(&c, hour, hour + 3 * 3_600_000).unwrap()
+        [&("api".into(), "total".into())]
+        .clone();
     drop(c);
 
     // "now" is 2 h after the last run; keep minute histograms 2 h 30 m: the first hour and a
@@ -105,7 +127,10 @@ async fn rollup_merges_minutes_into_hours_exactly_and_prunes() {
         hourly_histograms: Dur(Duration::from_secs(400 * 86400)),
     };
     let r2 = retention.clone();
-    let stats = s.write(move |c| store::maintain(c, now, &r2)).await.unwrap();
+    let stats = s
+        .write(move |c| store::maintain(c, now, &r2))
+        .await
+        .unwrap();
     // cutoff = hour + 1.5 h: minutes 0..90 roll up (90 rows per phase, 3 phase series).
     assert_eq!(stats.rolled_minutes, 90 * 3, "{stats:?}");
     // runs older than now - 4 h = hour + 1 h: minutes 0..60 pruned (with their sub-check rows)
@@ -124,16 +149,25 @@ async fn rollup_merges_minutes_into_hours_exactly_and_prunes() {
         .query_row("SELECT count(*) FROM histograms WHERE series='api' AND phase='total' AND resolution=?1", [MINUTE], |r| r.get(0))
         .unwrap();
     assert_eq!(minutes, 90);
-    let after = hist::window(&c, hour, hour + 3 * 3_600_000).unwrap()[&("api".into(), "total".into())].clone();
+    let after = hist::window(&c, hour, hour + 3 * 3_600_000).unwrap()
+        [&("api".into(), "total".into())]
+        .clone();
     assert_eq!(after.len(), before.len());
     for q in [0.5, 0.95, 0.99, 1.0] {
-        assert_eq!(after.value_at_quantile(q), before.value_at_quantile(q), "q{q}");
+        assert_eq!(
+            after.value_at_quantile(q),
+            before.value_at_quantile(q),
+            "q{q}"
+        );
     }
     drop(c);
 
     // A pass an hour later merges the rest of hour 2 into the same hourly row, and half of hour 3.
     let later = now + 3_600_000;
-    let stats = s.write(move |c| store::maintain(c, later, &retention)).await.unwrap();
+    let stats = s
+        .write(move |c| store::maintain(c, later, &retention))
+        .await
+        .unwrap();
     assert_eq!(stats.rolled_minutes, 60 * 3);
     let c = s.reader().unwrap();
     let counts: Vec<i64> = c
@@ -164,9 +198,18 @@ async fn write_is_atomic_per_operation() {
     s.record_skip("b", 2).await;
     s.flush().await.unwrap();
     let c = s.reader().unwrap();
-    let probes: Vec<String> =
-        c.prepare("SELECT probe FROM skips").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
-    assert_eq!(probes, vec!["b".to_string()], "the failed operation left nothing behind");
+    let probes: Vec<String> = c
+        .prepare("SELECT probe FROM skips")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        probes,
+        vec!["b".to_string()],
+        "the failed operation left nothing behind"
+    );
     drop(c);
     drop(s);
     writer.join().await;

@@ -33,7 +33,9 @@ impl fmt::Display for Dur {
 
 /// Parse a duration string; the error says what was expected.
 pub fn parse(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?} (expected a number and a unit: ms, s, m, h or d, e.g. \"250ms\", \"5s\", \"1m30s\")");
+    let bad = || {
+        format!("invalid duration {s:?} (expected a number and a unit: ms, s, m, h or d, e.g. \"250ms\", \"5s\", \"1m30s\")")
+    };
     let t = s.trim();
     if t.is_empty() {
         return Err(bad());
@@ -83,7 +85,11 @@ pub fn human(d: Duration) -> String {
     let s = d.as_secs();
     if s < 60 {
         let tenths = (ms % 1000) / 100;
-        return if tenths == 0 { format!("{s}s") } else { format!("{s}.{tenths}s") };
+        return if tenths == 0 {
+            format!("{s}s")
+        } else {
+            format!("{s}.{tenths}s")
+        };
     }
     let (d_, h, m, sec) = (s / 86400, (s / 3600) % 24, (s / 60) % 60, s % 60);
     match (d_, h) {

@@ -23,7 +23,9 @@ pub fn expand(s: &str) -> Result<String, String> {
             None => (inner, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("invalid environment variable name {name:?} in ${{…}}"));
+            return Err(format!(
+                "invalid environment variable name {name:?} in ${{…}}"
+            ));
         }
         match std::env::var(name) {
             Ok(v) if !v.is_empty() || default.is_none() => out.push_str(&v),
@@ -48,7 +50,10 @@ pub struct Interp {
 impl Interp {
     pub fn literal(s: impl Into<String>) -> Self {
         let s = s.into();
-        Interp { template: s.clone(), value: s }
+        Interp {
+            template: s.clone(),
+            value: s,
+        }
     }
     pub fn as_str(&self) -> &str {
         &self.value
@@ -94,7 +99,10 @@ impl Secret {
         &self.var
     }
     pub fn new(var: impl Into<String>, value: impl Into<String>) -> Self {
-        Secret { var: var.into(), value: value.into() }
+        Secret {
+            var: var.into(),
+            value: value.into(),
+        }
     }
 }
 
@@ -126,7 +134,9 @@ mod tests {
         assert_eq!(expand("x ${WP_TEST_INTERP} y").unwrap(), "x abc y");
         assert_eq!(expand("${WP_TEST_MISSING_1:-dflt}").unwrap(), "dflt");
         assert_eq!(expand("plain").unwrap(), "plain");
-        assert!(expand("${WP_TEST_MISSING_2}").unwrap_err().contains("WP_TEST_MISSING_2"));
+        assert!(expand("${WP_TEST_MISSING_2}")
+            .unwrap_err()
+            .contains("WP_TEST_MISSING_2"));
         assert!(expand("${oops").is_err());
         assert!(expand("${bad name}").is_err());
     }

@@ -36,7 +36,14 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
     }
 }
 
@@ -66,16 +73,25 @@ pub struct SpanError {
 
 impl SpanError {
     pub fn at(span: Range<usize>, message: impl Into<String>) -> Self {
-        SpanError { span: Some(span), message: message.into() }
+        SpanError {
+            span: Some(span),
+            message: message.into(),
+        }
     }
     pub fn new(message: impl Into<String>) -> Self {
-        SpanError { span: None, message: message.into() }
+        SpanError {
+            span: None,
+            message: message.into(),
+        }
     }
 }
 
 impl From<toml::de::Error> for SpanError {
     fn from(e: toml::de::Error) -> Self {
-        SpanError { span: e.span(), message: e.message().trim().to_string() }
+        SpanError {
+            span: e.span(),
+            message: e.message().trim().to_string(),
+        }
     }
 }
 
@@ -92,7 +108,12 @@ impl Source {
             Some(s) => line_col(&self.text, s.start),
             None => (1, 1),
         };
-        Diagnostic { file: self.path.clone(), line, col, message: message.into() }
+        Diagnostic {
+            file: self.path.clone(),
+            line,
+            col,
+            message: message.into(),
+        }
     }
     pub fn err(&self, e: SpanError) -> Diagnostic {
         self.diag(e.span, e.message)
@@ -471,9 +492,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             }]))
         }
     };
-    let src = Source { path: path.to_path_buf(), text };
+    let src = Source {
+        path: path.to_path_buf(),
+        text,
+    };
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
+    };
 
     let (main, notifiers) = parse_main(&src, &mut diags);
 
@@ -488,7 +516,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let paths = match glob::glob(&full_s) {
             Ok(p) => p,
             Err(e) => {
-                diags.push(src.diag(find_span(&src.text, pattern), format!("invalid probe glob {pattern:?}: {e}")));
+                diags.push(src.diag(
+                    find_span(&src.text, pattern),
+                    format!("invalid probe glob {pattern:?}: {e}"),
+                ));
                 continue;
             }
         };
@@ -498,7 +529,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             let p = match entry {
                 Ok(p) => p,
                 Err(e) => {
-                    diags.push(src.diag(find_span(&src.text, pattern), format!("cannot read {}: {}", e.path().display(), e.error())));
+                    diags.push(src.diag(
+                        find_span(&src.text, pattern),
+                        format!("cannot read {}: {}", e.path().display(), e.error()),
+                    ));
                     continue;
                 }
             };
@@ -526,7 +560,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             }
         }
         if !matched && !pattern.contains('*') && !pattern.contains('?') {
-            diags.push(src.diag(find_span(&src.text, pattern), format!("probe file {} does not exist", full.display())));
+            diags.push(src.diag(
+                find_span(&src.text, pattern),
+                format!("probe file {} does not exist", full.display()),
+            ));
         }
     }
     probes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -535,7 +572,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let notifier_names: Vec<&str> = notifiers.iter().map(|n| n.name.as_str()).collect();
     // Notifiers present in the file but invalid already have their own error; do not
     // report them again as unknown.
-    let declared_notifiers: Vec<String> = match DeTable::parse(&src.text).ok().and_then(|d| d.get_ref().get("notifier").cloned()) {
+    let declared_notifiers: Vec<String> = match DeTable::parse(&src.text)
+        .ok()
+        .and_then(|d| d.get_ref().get("notifier").cloned())
+    {
         Some(v) => match v.get_ref() {
             DeValue::Table(t) => t.iter().map(|(k, _)| k.get_ref().to_string()).collect(),
             _ => Vec::new(),
@@ -545,7 +585,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let mut comp_names = HashMap::new();
     for c in &main.components {
         if comp_names.insert(c.name.get_ref().clone(), ()).is_some() {
-            diags.push(src.diag(Some(c.name.span()), format!("duplicate component name {:?}", c.name.get_ref())));
+            diags.push(src.diag(
+                Some(c.name.span()),
+                format!("duplicate component name {:?}", c.name.get_ref()),
+            ));
         }
         if c.probes.is_empty() {
             diags.push(src.diag(Some(c.name.span()), "component has no probes"));
@@ -553,7 +596,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         for m in &c.probes {
             let probe_name = m.get_ref().split('/').next().unwrap_or_default();
             if !probes.iter().any(|p| p.name == probe_name) && !seen.contains_key(probe_name) {
-                diags.push(src.diag(Some(m.span()), format!("unknown probe {probe_name:?} in component {:?}", c.name.get_ref())));
+                diags.push(src.diag(
+                    Some(m.span()),
+                    format!(
+                        "unknown probe {probe_name:?} in component {:?}",
+                        c.name.get_ref()
+                    ),
+                ));
             }
         }
         for n in &c.notify {
@@ -561,17 +610,26 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
                 None if declared_notifiers.contains(n.get_ref()) => {}
                 None => diags.push(src.diag(
                     Some(n.span()),
-                    format!("unknown notifier {:?} (defined: {})", n.get_ref(), list_or_none(&notifier_names)),
+                    format!(
+                        "unknown notifier {:?} (defined: {})",
+                        n.get_ref(),
+                        list_or_none(&notifier_names)
+                    ),
                 )),
                 Some(x) => {
                     if let Err(m) = x.config.check_component(c.name.get_ref()) {
-                        diags.push(src.diag(Some(n.span()), format!("notifier {:?} {m}", n.get_ref())));
+                        diags.push(
+                            src.diag(Some(n.span()), format!("notifier {:?} {m}", n.get_ref())),
+                        );
                     }
                 }
             }
         }
         if c.failure_threshold == 0 || c.success_threshold == 0 {
-            diags.push(src.diag(Some(c.name.span()), "failure_threshold and success_threshold must be at least 1"));
+            diags.push(src.diag(
+                Some(c.name.span()),
+                "failure_threshold and success_threshold must be at least 1",
+            ));
         }
     }
     for m in &main.maintenance {
@@ -607,7 +665,8 @@ fn list_or_none(names: &[&str]) -> String {
 }
 
 fn find_span(text: &str, needle: &str) -> Option<Range<usize>> {
-    text.find(&format!("\"{needle}\"")).map(|i| i..i + needle.len() + 2)
+    text.find(&format!("\"{needle}\""))
+        .map(|i| i..i + needle.len() + 2)
 }
 
 /// What can still be read from a main file that failed to parse: the probe globs and the
@@ -626,7 +685,9 @@ struct LenientAgent {
 
 impl Default for LenientAgent {
     fn default() -> Self {
-        LenientAgent { probes: default_probe_globs() }
+        LenientAgent {
+            probes: default_probe_globs(),
+        }
     }
 }
 
@@ -652,8 +713,12 @@ fn parse_main(src: &Source, diags: &mut Vec<Diagnostic>) -> (MainFile, Vec<Notif
         Err(e) => {
             diags.push(src.err(e.into()));
             let mut m = MainFile::default();
-            m.agent.probes = toml::from_str::<LenientMain>(&src.text).map(|l| l.agent.probes).unwrap_or_default();
-            m.defaults = toml::from_str::<LenientDefaults>(&src.text).map(|l| l.defaults).unwrap_or_default();
+            m.agent.probes = toml::from_str::<LenientMain>(&src.text)
+                .map(|l| l.agent.probes)
+                .unwrap_or_default();
+            m.defaults = toml::from_str::<LenientDefaults>(&src.text)
+                .map(|l| l.defaults)
+                .unwrap_or_default();
             m
         }
     };
@@ -663,7 +728,13 @@ fn parse_main(src: &Source, diags: &mut Vec<Diagnostic>) -> (MainFile, Vec<Notif
     };
     if main.defaults.interval.0 < Duration::from_secs(1) {
         let span = defaults_t.and_then(|t| t.get("interval")).map(|v| v.span());
-        diags.push(src.diag(span, format!("interval {} is below the 1s floor", duration::human(main.defaults.interval.0))));
+        diags.push(src.diag(
+            span,
+            format!(
+                "interval {} is below the 1s floor",
+                duration::human(main.defaults.interval.0)
+            ),
+        ));
     }
     let mut notifiers = Vec::new();
     if let Some(v) = doc.get_ref().get("notifier") {
@@ -671,7 +742,10 @@ fn parse_main(src: &Source, diags: &mut Vec<Diagnostic>) -> (MainFile, Vec<Notif
             for (name, body) in t.iter() {
                 let name = name.get_ref().to_string();
                 let DeValue::Table(body_t) = body.get_ref() else {
-                    diags.push(src.diag(Some(body.span()), format!("notifier.{name} must be a table")));
+                    diags.push(src.diag(
+                        Some(body.span()),
+                        format!("notifier.{name} must be a table"),
+                    ));
                     continue;
                 };
                 let (kind, rest) = match take_kind(body_t, body.span()) {
@@ -731,12 +805,18 @@ fn build_agent(a: &AgentFile, dir: &Path, src: &Source, diags: &mut Vec<Diagnost
         .as_ref()
         .map(|l| l.to_string())
         .unwrap_or_else(hostname);
-    let api_token = a.api_token_env.as_ref().and_then(|var| match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(Secret::new(var.clone(), v)),
-        _ => None,
-    });
+    let api_token = a
+        .api_token_env
+        .as_ref()
+        .and_then(|var| match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Some(Secret::new(var.clone(), v)),
+            _ => None,
+        });
     if a.max_concurrency == 0 {
-        diags.push(src.diag(find_span(&src.text, "max_concurrency"), "max_concurrency must be at least 1"));
+        diags.push(src.diag(
+            find_span(&src.text, "max_concurrency"),
+            "max_concurrency must be at least 1",
+        ));
     }
     let listen = (!a.listen.is_empty()).then(|| a.listen.to_string());
     if let Some(l) = &listen {
@@ -769,7 +849,10 @@ pub fn hostname() -> String {
 }
 
 /// Load one probe file; returns the probe and the position of its `name`.
-fn load_probe(path: &Path, defaults: &Defaults) -> Result<(ProbeConfig, (usize, usize)), Vec<Diagnostic>> {
+fn load_probe(
+    path: &Path,
+    defaults: &Defaults,
+) -> Result<(ProbeConfig, (usize, usize)), Vec<Diagnostic>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![Diagnostic {
             file: path.to_path_buf(),
@@ -778,7 +861,10 @@ fn load_probe(path: &Path, defaults: &Defaults) -> Result<(ProbeConfig, (usize, 
             message: format!("cannot read probe file: {e}"),
         }]
     })?;
-    let src = Source { path: path.to_path_buf(), text };
+    let src = Source {
+        path: path.to_path_buf(),
+        text,
+    };
     let doc = DeTable::parse(&src.text).map_err(|e| vec![src.err(e.into())])?;
     let span = doc.span();
     let doc = doc.into_inner();
@@ -791,35 +877,67 @@ fn load_probe(path: &Path, defaults: &Defaults) -> Result<(ProbeConfig, (usize, 
             rest_t.insert(k.clone(), v.clone());
         }
     }
-    let common: ProbeCommonFile = Rest { table: common_t, span: span.clone() }
-        .parse()
-        .map_err(|e| vec![src.err(e)])?;
+    let common: ProbeCommonFile = Rest {
+        table: common_t,
+        span: span.clone(),
+    }
+    .parse()
+    .map_err(|e| vec![src.err(e)])?;
     let name = common.name.get_ref().clone();
     let name_pos = line_col(&src.text, common.name.span().start);
     let mut diags = Vec::new();
     if name.is_empty()
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
         diags.push(src.diag(
             Some(common.name.span()),
             format!("invalid probe name {name:?} (use letters, digits, '-', '_' and '.')"),
         ));
     }
-    let interval = common.interval.as_ref().map(|i| *i.get_ref()).unwrap_or(defaults.interval).0;
+    let interval = common
+        .interval
+        .as_ref()
+        .map(|i| *i.get_ref())
+        .unwrap_or(defaults.interval)
+        .0;
     // An inherited interval below the floor is reported once, at `[defaults]`.
-    if let Some(own) = common.interval.as_ref().filter(|i| i.get_ref().0 < Duration::from_secs(1)) {
-        diags.push(src.diag(Some(own.span()), format!("interval {} is below the 1s floor", duration::human(own.get_ref().0))));
+    if let Some(own) = common
+        .interval
+        .as_ref()
+        .filter(|i| i.get_ref().0 < Duration::from_secs(1))
+    {
+        diags.push(src.diag(
+            Some(own.span()),
+            format!(
+                "interval {} is below the 1s floor",
+                duration::human(own.get_ref().0)
+            ),
+        ));
     }
     if let Some(off) = common.offset.as_ref().filter(|o| o.get_ref().0 >= interval) {
-        diags.push(src.diag(Some(off.span()), format!("offset {} must be shorter than the interval", duration::human(off.get_ref().0))));
+        diags.push(src.diag(
+            Some(off.span()),
+            format!(
+                "offset {} must be shorter than the interval",
+                duration::human(off.get_ref().0)
+            ),
+        ));
     }
     for phase in common.budget.keys() {
         if phase.is_empty() {
             diags.push(src.diag(find_span(&src.text, "budget"), "empty budget phase name"));
         }
     }
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let rest = Rest { table: rest_t, span };
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let rest = Rest {
+        table: rest_t,
+        span,
+    };
     let spec = match ProbeSpec::from_kind(common.kind.get_ref(), common.kind.span(), rest, &dir) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -840,7 +958,10 @@ fn load_probe(path: &Path, defaults: &Defaults) -> Result<(ProbeConfig, (usize, 
             enabled: common.enabled,
             description: common.description,
             interval,
-            timeout: spec.default_timeout().filter(|_| common.timeout.is_none()).unwrap_or(timeout),
+            timeout: spec
+                .default_timeout()
+                .filter(|_| common.timeout.is_none())
+                .unwrap_or(timeout),
             retries: common.retries.unwrap_or(defaults.retries),
             retry_delay: common.retry_delay.unwrap_or(defaults.retry_delay).0,
             jitter: common.jitter.unwrap_or(defaults.jitter).0,

@@ -109,7 +109,9 @@ impl JsonAssert {
         if let Some(want) = self.exists {
             match (want, found) {
                 (true, None) => return Err(format!("{p} is missing")),
-                (false, Some(v)) => return Err(format!("{p} is {}, expected it to be absent", show(v))),
+                (false, Some(v)) => {
+                    return Err(format!("{p} is {}, expected it to be absent", show(v)))
+                }
                 _ => {}
             }
         }
@@ -122,7 +124,11 @@ impl JsonAssert {
             || self.gt.is_some()
             || self.ge.is_some();
         let Some(v) = found else {
-            return if needs_value { Err(format!("{p} is missing")) } else { Ok(()) };
+            return if needs_value {
+                Err(format!("{p} is missing"))
+            } else {
+                Ok(())
+            };
         };
         if let Some(want) = &self.equals {
             if !same(v, want) {
@@ -137,7 +143,11 @@ impl JsonAssert {
         if let Some(set) = &self.in_ {
             if !set.iter().any(|w| same(v, w)) {
                 let list: Vec<String> = set.iter().map(show).collect();
-                return Err(format!("{p} is {}, expected one of {}", show(v), list.join(", ")));
+                return Err(format!(
+                    "{p} is {}, expected one of {}",
+                    show(v),
+                    list.join(", ")
+                ));
             }
         }
         if let Some(re) = &self.matches {
@@ -146,14 +156,26 @@ impl JsonAssert {
                 other => other.to_string(),
             };
             if !re.0.is_match(&text) {
-                return Err(format!("{p} is {}, expected to match /{}/", show(v), re.0.as_str()));
+                return Err(format!(
+                    "{p} is {}, expected to match /{}/",
+                    show(v),
+                    re.0.as_str()
+                ));
             }
         }
-        let cmps = [(self.lt, "<"), (self.le, "<="), (self.gt, ">"), (self.ge, ">=")];
+        let cmps = [
+            (self.lt, "<"),
+            (self.le, "<="),
+            (self.gt, ">"),
+            (self.ge, ">="),
+        ];
         for (bound, op) in cmps {
             let Some(bound) = bound else { continue };
             let Some(x) = v.as_f64() else {
-                return Err(format!("{p} is {}, expected a number {op} {bound}", show(v)));
+                return Err(format!(
+                    "{p} is {}, expected a number {op} {bound}",
+                    show(v)
+                ));
             };
             let ok = match op {
                 "<" => x < bound,
@@ -184,11 +206,17 @@ impl StatusPattern {
         }
     }
     pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid status {s:?} (expected a code like \"200\" or a class like \"2xx\")");
+        let bad = || {
+            format!("invalid status {s:?} (expected a code like \"200\" or a class like \"2xx\")")
+        };
         let t = s.trim().to_ascii_lowercase();
         if let Some(d) = t.strip_suffix("xx") {
             let c: u16 = d.parse().map_err(|_| bad())?;
-            return if (1..=5).contains(&c) { Ok(StatusPattern::Class(c)) } else { Err(bad()) };
+            return if (1..=5).contains(&c) {
+                Ok(StatusPattern::Class(c))
+            } else {
+                Err(bad())
+            };
         }
         let c: u16 = t.parse().map_err(|_| bad())?;
         if (100..=599).contains(&c) {
@@ -231,7 +259,10 @@ mod tests {
     #[test]
     fn paths() {
         let v = json!({"channel":{"alternatives":[{"transcript":"hi"}]},"a":{"b":1}});
-        assert_eq!(json_path(&v, "channel.alternatives.0.transcript"), Some(&json!("hi")));
+        assert_eq!(
+            json_path(&v, "channel.alternatives.0.transcript"),
+            Some(&json!("hi"))
+        );
         assert_eq!(json_path(&v, "a.b"), Some(&json!(1)));
         assert_eq!(json_path(&v, "a.c"), None);
         assert_eq!(json_path(&v, "channel.alternatives.5"), None);
@@ -240,7 +271,8 @@ mod tests {
 
     #[test]
     fn operators_table() {
-        let doc = json!({"service":"api","n":812,"s":"degraded","checks":{"db":{"latency_ms":12.5}}});
+        let doc =
+            json!({"service":"api","n":812,"s":"degraded","checks":{"db":{"latency_ms":12.5}}});
         let cases = [
             (json!({"path":"service","equals":"api"}), true),
             (json!({"path":"service","equals":"web"}), false),

@@ -92,7 +92,13 @@ pub struct Expect {
 
 impl Default for Expect {
     fn default() -> Self {
-        Expect { status: default_status(), body_contains: None, body_matches: None, json: vec![], cert_min_days: None }
+        Expect {
+            status: default_status(),
+            body_contains: None,
+            body_matches: None,
+            json: vec![],
+            cert_min_days: None,
+        }
     }
 }
 
@@ -135,12 +141,26 @@ impl HttpSpec {
         match url::Url::parse(&url) {
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
             Ok(u) => {
-                return Err(SpanError::at(url_span, format!("url scheme {:?} is not http or https", u.scheme())))
+                return Err(SpanError::at(
+                    url_span,
+                    format!("url scheme {:?} is not http or https", u.scheme()),
+                ))
             }
-            Err(e) => return Err(SpanError::at(url_span, format!("invalid url {:?}: {e}", url.template()))),
+            Err(e) => {
+                return Err(SpanError::at(
+                    url_span,
+                    format!("invalid url {:?}: {e}", url.template()),
+                ))
+            }
         }
-        let method = reqwest::Method::from_bytes(f.method.get_ref().to_ascii_uppercase().as_bytes())
-            .map_err(|_| SpanError::at(f.method.span(), format!("invalid method {:?}", f.method.get_ref())))?;
+        let method =
+            reqwest::Method::from_bytes(f.method.get_ref().to_ascii_uppercase().as_bytes())
+                .map_err(|_| {
+                    SpanError::at(
+                        f.method.span(),
+                        format!("invalid method {:?}", f.method.get_ref()),
+                    )
+                })?;
         for (k, v) in &f.headers {
             if HeaderName::from_bytes(k.as_bytes()).is_err() {
                 return Err(SpanError::new(format!("invalid header name {k:?}")));
@@ -153,10 +173,20 @@ impl HttpSpec {
             None => None,
             Some(p) => {
                 let path = dir.join(p.get_ref());
-                let bytes = std::fs::read(&path)
-                    .map_err(|e| SpanError::at(p.span(), format!("cannot read ca_file {}: {e}", path.display())))?;
-                if reqwest::Certificate::from_pem_bundle(&bytes).map(|v| v.is_empty()).unwrap_or(true) {
-                    return Err(SpanError::at(p.span(), format!("ca_file {} holds no PEM certificate", path.display())));
+                let bytes = std::fs::read(&path).map_err(|e| {
+                    SpanError::at(
+                        p.span(),
+                        format!("cannot read ca_file {}: {e}", path.display()),
+                    )
+                })?;
+                if reqwest::Certificate::from_pem_bundle(&bytes)
+                    .map(|v| v.is_empty())
+                    .unwrap_or(true)
+                {
+                    return Err(SpanError::at(
+                        p.span(),
+                        format!("ca_file {} holds no PEM certificate", path.display()),
+                    ));
                 }
                 Some(Arc::new(bytes))
             }
@@ -192,11 +222,17 @@ pub struct HttpProbe {
 /// Clients shared by probes with the same redirect policy and trust roots. A reqwest client
 /// carries a parsed root store and TLS config; 10,000 probes must not hold 10,000 of them.
 /// Connections are never pooled, so sharing a client shares no connection state.
-fn shared_client(max_redirects: usize, ca_pem: Option<&Arc<Vec<u8>>>) -> anyhow::Result<reqwest::Client> {
+fn shared_client(
+    max_redirects: usize,
+    ca_pem: Option<&Arc<Vec<u8>>>,
+) -> anyhow::Result<reqwest::Client> {
     type Key = (usize, Option<Vec<u8>>);
     static CLIENTS: OnceLock<Mutex<HashMap<Key, reqwest::Client>>> = OnceLock::new();
     let key: Key = (max_redirects, ca_pem.map(|p| p.as_ref().clone()));
-    let mut map = CLIENTS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    let mut map = CLIENTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     if let Some(c) = map.get(&key) {
         return Ok(c.clone());
     }
@@ -223,9 +259,15 @@ fn shared_client(max_redirects: usize, ca_pem: Option<&Arc<Vec<u8>>>) -> anyhow:
 impl HttpProbe {
     pub fn new(cfg: &ProbeConfig, spec: &HttpSpec) -> anyhow::Result<Self> {
         let mut headers = HeaderMap::new();
-        headers.insert(reqwest::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        headers.insert(
+            reqwest::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
         for (k, v) in &spec.headers {
-            headers.insert(HeaderName::from_bytes(k.as_bytes())?, HeaderValue::from_str(v)?);
+            headers.insert(
+                HeaderName::from_bytes(k.as_bytes())?,
+                HeaderValue::from_str(v)?,
+            );
         }
         Ok(HttpProbe {
             name: cfg.name.clone(),
@@ -239,7 +281,11 @@ impl HttpProbe {
     pub async fn run(&self) -> Attempt {
         let mut a = Attempt::new();
         let s = &self.spec;
-        let mut req = self.client.request(s.method.clone(), s.url.as_str()).headers(self.headers.clone()).timeout(self.timeout);
+        let mut req = self
+            .client
+            .request(s.method.clone(), s.url.as_str())
+            .headers(self.headers.clone())
+            .timeout(self.timeout);
         if let Some(body) = &s.body {
             req = req.body(body.to_string());
         }
@@ -287,7 +333,10 @@ impl HttpProbe {
                 a.phase("total", t0.elapsed());
                 a.down(
                     "body_too_large",
-                    format!("response body exceeds the {} byte cap (read {n} bytes, stopped)", s.max_body_bytes),
+                    format!(
+                        "response body exceeds the {} byte cap (read {n} bytes, stopped)",
+                        s.max_body_bytes
+                    ),
                 );
                 return a;
             }
@@ -302,16 +351,25 @@ impl HttpProbe {
         let text = String::from_utf8_lossy(&body);
 
         // JSON, when the server says so or it looks like it.
-        let looks_json = content_type.contains("json") || matches!(text.trim_start().chars().next(), Some('{' | '['));
-        let needs_json = !s.expect.json.is_empty() || !s.degraded_when.json.is_empty() || s.subchecks.is_some();
+        let looks_json = content_type.contains("json")
+            || matches!(text.trim_start().chars().next(), Some('{' | '['));
+        let needs_json =
+            !s.expect.json.is_empty() || !s.degraded_when.json.is_empty() || s.subchecks.is_some();
         let json: Option<Value> = if looks_json || needs_json {
             match serde_json::from_str::<Value>(&text) {
                 Ok(v) => Some(v),
                 Err(e) if content_type.contains("json") || needs_json => {
-                    let why = if text.trim().is_empty() { "an empty body".to_string() } else { format!("{e}") };
+                    let why = if text.trim().is_empty() {
+                        "an empty body".to_string()
+                    } else {
+                        format!("{e}")
+                    };
                     a.down(
                         "invalid_json",
-                        format!("HTTP {code} body is not valid JSON ({why}): {}", excerpt(&text, 120)),
+                        format!(
+                            "HTTP {code} body is not valid JSON ({why}): {}",
+                            excerpt(&text, 120)
+                        ),
                     );
                     return a;
                 }
@@ -320,7 +378,11 @@ impl HttpProbe {
         } else {
             None
         };
-        let body_status = json.as_ref().and_then(|j| j.get("status")).and_then(Value::as_str).map(str::to_string);
+        let body_status = json
+            .as_ref()
+            .and_then(|j| j.get("status"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let body_error = json.as_ref().and_then(body_error_text);
 
         if let (Some(path), Some(j)) = (&s.subchecks, &json) {
@@ -335,7 +397,9 @@ impl HttpProbe {
             }
             match &body_error {
                 Some(err) => msg.push_str(&format!(": {err}")),
-                None if json.is_none() && !text.trim().is_empty() => msg.push_str(&format!(": {}", excerpt(&text, 120))),
+                None if json.is_none() && !text.trim().is_empty() => {
+                    msg.push_str(&format!(": {}", excerpt(&text, 120)))
+                }
                 None => {}
             }
             a.down("http_status", msg);
@@ -351,7 +415,10 @@ impl HttpProbe {
         }
         if let Some(re) = &s.expect.body_matches {
             if !re.0.is_match(&text) {
-                a.down("assertion", format!("body does not match /{}/", re.0.as_str()));
+                a.down(
+                    "assertion",
+                    format!("body does not match /{}/", re.0.as_str()),
+                );
                 return a;
             }
         }
@@ -363,17 +430,26 @@ impl HttpProbe {
                 }
             }
         } else if !s.expect.json.is_empty() {
-            a.down("invalid_json", "body is not JSON, so the JSON assertions cannot hold");
+            a.down(
+                "invalid_json",
+                "body is not JSON, so the JSON assertions cannot hold",
+            );
             return a;
         }
         if let Some(min) = s.expect.cert_min_days {
             match cert_days {
                 Some(d) if d < min => {
-                    a.down("cert_expiry", format!("TLS certificate expires in {d} days (minimum {min})"));
+                    a.down(
+                        "cert_expiry",
+                        format!("TLS certificate expires in {d} days (minimum {min})"),
+                    );
                     return a;
                 }
                 None if s.url.starts_with("https") => {
-                    a.down("cert_expiry", "could not read the TLS certificate's expiry date");
+                    a.down(
+                        "cert_expiry",
+                        "could not read the TLS certificate's expiry date",
+                    );
                     return a;
                 }
                 _ => {}
@@ -414,7 +490,9 @@ impl HttpProbe {
         if let Some(j) = &json {
             for check in &s.degraded_when.json {
                 if check.check(j).is_ok() {
-                    let v = json_path(j, &check.path).map(|v| v.to_string()).unwrap_or_default();
+                    let v = json_path(j, &check.path)
+                        .map(|v| v.to_string())
+                        .unwrap_or_default();
                     a.degrade("degraded", format!("{} is {v}", check.path));
                 }
             }
@@ -441,7 +519,9 @@ fn body_error_text(j: &Value) -> Option<String> {
 
 /// Read `{name: {status, latency_ms | error}}` or `{name: "ok"}` into sub-checks.
 fn read_subchecks(probe: &str, path: &str, j: &Value) -> Vec<SubCheck> {
-    let Some(Value::Object(m)) = json_path(j, path) else { return Vec::new() };
+    let Some(Value::Object(m)) = json_path(j, path) else {
+        return Vec::new();
+    };
     m.iter()
         .map(|(name, v)| {
             let series = format!("{probe}/{path}.{name}");
@@ -449,15 +529,25 @@ fn read_subchecks(probe: &str, path: &str, j: &Value) -> Vec<SubCheck> {
                 Value::String(s) => (s.clone(), None, None),
                 Value::Bool(b) => ((if *b { "ok" } else { "fail" }).to_string(), None, None),
                 Value::Object(o) => (
-                    o.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string(),
+                    o.get("status")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown")
+                        .to_string(),
                     o.get("latency_ms").and_then(Value::as_f64),
-                    o.get("error").or_else(|| o.get("message")).and_then(Value::as_str).map(|s| excerpt(s, 200)),
+                    o.get("error")
+                        .or_else(|| o.get("message"))
+                        .and_then(Value::as_str)
+                        .map(|s| excerpt(s, 200)),
                 ),
                 _ => ("unknown".to_string(), None, None),
             };
             let outcome = Outcome::from_health_word(&status);
             let error = (outcome != Outcome::Up).then(|| super::ErrorInfo {
-                class: if outcome == Outcome::Down { "unhealthy".into() } else { "degraded".into() },
+                class: if outcome == Outcome::Down {
+                    "unhealthy".into()
+                } else {
+                    "degraded".into()
+                },
                 message: match err {
                     Some(e) => format!("{name} reports {status:?}: {e}"),
                     None => format!("{name} reports {status:?}"),
@@ -466,7 +556,9 @@ fn read_subchecks(probe: &str, path: &str, j: &Value) -> Vec<SubCheck> {
             SubCheck {
                 series,
                 outcome,
-                latency: latency.filter(|l| l.is_finite() && *l >= 0.0).map(|l| Duration::from_secs_f64(l / 1000.0)),
+                latency: latency
+                    .filter(|l| l.is_finite() && *l >= 0.0)
+                    .map(|l| Duration::from_secs_f64(l / 1000.0)),
                 error,
             }
         })
@@ -478,7 +570,11 @@ enum BodyError {
     Read(reqwest::Error),
 }
 
-async fn read_capped(mut resp: reqwest::Response, cap: u64, _timeout: Duration) -> Result<Vec<u8>, BodyError> {
+async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: u64,
+    _timeout: Duration,
+) -> Result<Vec<u8>, BodyError> {
     if let Some(len) = resp.content_length() {
         if len > cap {
             return Err(BodyError::TooLarge(0));
@@ -501,20 +597,42 @@ fn classify(e: &reqwest::Error, timeout: Duration, stage: &str) -> (&'static str
     let lower = chain.to_ascii_lowercase();
     let io_kind = io_error_kind(e);
     if e.is_timeout() {
-        let what = if stage == "body" { "body not complete" } else { "no response" };
-        return ("timeout", format!("{what} within the {} timeout", human(timeout)));
+        let what = if stage == "body" {
+            "body not complete"
+        } else {
+            "no response"
+        };
+        return (
+            "timeout",
+            format!("{what} within the {} timeout", human(timeout)),
+        );
     }
     if e.is_redirect() {
-        return ("too_many_redirects", format!("redirect loop or too many redirects: {chain}"));
+        return (
+            "too_many_redirects",
+            format!("redirect loop or too many redirects: {chain}"),
+        );
     }
     use std::io::ErrorKind as K;
     let class = match io_kind {
         Some(K::ConnectionRefused) => "connect_refused",
-        Some(K::ConnectionReset) | Some(K::ConnectionAborted) | Some(K::BrokenPipe) => "connection_reset",
+        Some(K::ConnectionReset) | Some(K::ConnectionAborted) | Some(K::BrokenPipe) => {
+            "connection_reset"
+        }
         Some(K::UnexpectedEof) => "connection_closed",
-        _ if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") => "tls",
+        _ if lower.contains("certificate")
+            || lower.contains("tls")
+            || lower.contains("handshake") =>
+        {
+            "tls"
+        }
         _ if lower.contains("dns error") || lower.contains("failed to lookup") => "dns",
-        _ if lower.contains("connection closed") || lower.contains("incomplete") || lower.contains("unexpected eof") => "connection_closed",
+        _ if lower.contains("connection closed")
+            || lower.contains("incomplete")
+            || lower.contains("unexpected eof") =>
+        {
+            "connection_closed"
+        }
         _ if lower.contains("reset") => "connection_reset",
         _ if e.is_connect() => "connect_failed",
         _ if e.is_body() || e.is_decode() => "body_read",
@@ -522,7 +640,9 @@ fn classify(e: &reqwest::Error, timeout: Duration, stage: &str) -> (&'static str
     };
     let sentence = match class {
         "connect_refused" => format!("connection refused ({chain})"),
-        "connection_reset" => format!("connection reset by the server during the {stage} ({chain})"),
+        "connection_reset" => {
+            format!("connection reset by the server during the {stage} ({chain})")
+        }
         "connection_closed" => format!("server closed the connection during the {stage} ({chain})"),
         "tls" => format!("TLS failed: {chain}"),
         "dns" => format!("DNS lookup failed: {chain}"),
@@ -600,7 +720,11 @@ fn der_not_after(der: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
         0x17 => {
             // UTCTime YYMMDDHHMMSSZ
             let yy: i32 = s.get(0..2)?.parse().ok()?;
-            format!("{}{}", if yy >= 50 { 1900 + yy } else { 2000 + yy }, s.get(2..)?)
+            format!(
+                "{}{}",
+                if yy >= 50 { 1900 + yy } else { 2000 + yy },
+                s.get(2..)?
+            )
         }
         0x18 => s.to_string(),
         _ => return None,
@@ -626,7 +750,12 @@ mod tests {
         assert_eq!(s[0].outcome, Outcome::Up);
         assert_eq!(s[0].latency, Some(Duration::from_millis(12)));
         assert_eq!(s[1].outcome, Outcome::Down);
-        assert!(s[1].error.as_ref().unwrap().message.contains("upstream 503"));
+        assert!(s[1]
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("upstream 503"));
         let j = json!({"status":"healthy","checks":{"api":"ok","db":"degraded"}});
         let s = read_subchecks("x", "checks", &j);
         assert_eq!(s[0].outcome, Outcome::Up);
@@ -636,8 +765,14 @@ mod tests {
 
     #[test]
     fn body_error_shapes() {
-        assert_eq!(body_error_text(&json!({"status":"down","error":"db timeout"})).as_deref(), Some("db timeout"));
-        assert_eq!(body_error_text(&json!({"error":{"code":"x","message":"bad"}})).as_deref(), Some("bad"));
+        assert_eq!(
+            body_error_text(&json!({"status":"down","error":"db timeout"})).as_deref(),
+            Some("db timeout")
+        );
+        assert_eq!(
+            body_error_text(&json!({"error":{"code":"x","message":"bad"}})).as_deref(),
+            Some("bad")
+        );
         assert_eq!(body_error_text(&json!({"status":"ok"})), None);
     }
 }

@@ -114,7 +114,10 @@ impl Attempt {
     }
     fn set(&mut self, outcome: Outcome, class: &str, message: impl Into<String>) -> &mut Self {
         self.outcome = outcome;
-        self.error = Some(ErrorInfo { class: class.into(), message: message.into() });
+        self.error = Some(ErrorInfo {
+            class: class.into(),
+            message: message.into(),
+        });
         self
     }
     pub fn phase(&mut self, name: &str, d: Duration) -> &mut Self {
@@ -161,14 +164,22 @@ fn ser_opt_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok,
 impl RunResult {
     /// The `check --json` line shape (see DESIGN.md).
     pub fn to_json(&self) -> Value {
-        let phases: Map<String, Value> =
-            self.phases.iter().map(|(n, d)| (n.clone(), json!(ms(*d)))).collect();
+        let phases: Map<String, Value> = self
+            .phases
+            .iter()
+            .map(|(n, d)| (n.clone(), json!(ms(*d))))
+            .collect();
         let mut details = self.details.clone();
         if !self.subchecks.is_empty() {
             let subs: Map<String, Value> = self
                 .subchecks
                 .iter()
-                .map(|s| (s.series.clone(), serde_json::to_value(s).unwrap_or(Value::Null)))
+                .map(|s| {
+                    (
+                        s.series.clone(),
+                        serde_json::to_value(s).unwrap_or(Value::Null),
+                    )
+                })
                 .collect();
             details.insert("subchecks".into(), Value::Object(subs));
         }
@@ -186,9 +197,17 @@ impl RunResult {
 
     /// One human line: `api-health  up  ttfb 12ms · total 14ms`.
     pub fn summary(&self) -> String {
-        let phases: Vec<String> =
-            self.phases.iter().map(|(n, d)| format!("{n} {}", human_ms(*d))).collect();
-        let mut s = format!("{:<24} {:<8} {}", self.probe, self.outcome.as_str(), phases.join(" · "));
+        let phases: Vec<String> = self
+            .phases
+            .iter()
+            .map(|(n, d)| format!("{n} {}", human_ms(*d)))
+            .collect();
+        let mut s = format!(
+            "{:<24} {:<8} {}",
+            self.probe,
+            self.outcome.as_str(),
+            phases.join(" · ")
+        );
         if let Some(e) = &self.error {
             s.push_str(&format!("  [{}] {}", e.class, e.message));
         }
@@ -229,7 +248,12 @@ pub enum ProbeSpec {
 
 impl ProbeSpec {
     /// Parse and validate the kind-specific keys of a probe file (no network).
-    pub fn from_kind(kind: &str, kind_span: Range<usize>, rest: Rest<'_>, dir: &Path) -> Result<Self, SpanError> {
+    pub fn from_kind(
+        kind: &str,
+        kind_span: Range<usize>,
+        rest: Rest<'_>,
+        dir: &Path,
+    ) -> Result<Self, SpanError> {
         match kind {
             "http" => http::HttpSpec::from_config(rest, dir).map(ProbeSpec::Http),
             "websocket" => websocket::WsSpec::from_config(rest, dir).map(ProbeSpec::WebSocket),
@@ -261,7 +285,9 @@ impl ProbeSpec {
             ProbeSpec::WebSocket(s) => s.url(),
             ProbeSpec::Listen(s) => s.url(),
         };
-        url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string))
+        url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
     }
 }
 
@@ -301,7 +327,13 @@ pub async fn attempt_once(probe: &Probe, cfg: &ProbeConfig) -> (Attempt, DateTim
         Ok(a) => a,
         Err(_) => {
             let mut a = Attempt::new();
-            a.down("timeout", format!("no complete answer within the {} timeout", human(cfg.timeout)));
+            a.down(
+                "timeout",
+                format!(
+                    "no complete answer within the {} timeout",
+                    human(cfg.timeout)
+                ),
+            );
             a
         }
     };
@@ -318,7 +350,11 @@ pub fn apply_run_budgets(a: &mut Attempt, cfg: &ProbeConfig) {
     for (phase, d) in &a.phases {
         if let Some(limit) = cfg.budget.get(phase).and_then(|b| b.run) {
             if *d > limit.0 {
-                let msg = format!("{phase} took {} (run budget {})", human_ms(*d), human(limit.0));
+                let msg = format!(
+                    "{phase} took {} (run budget {})",
+                    human_ms(*d),
+                    human(limit.0)
+                );
                 a.degrade("budget", msg);
                 return;
             }

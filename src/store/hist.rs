@@ -16,7 +16,8 @@ pub type Hist = Histogram<u64>;
 
 pub fn new_hist() -> Hist {
     // Bounds are constants known to be valid.
-    Histogram::new_with_bounds(1, HIST_MAX_US, 3).unwrap_or_else(|_| unreachable!("valid HDR bounds"))
+    Histogram::new_with_bounds(1, HIST_MAX_US, 3)
+        .unwrap_or_else(|_| unreachable!("valid HDR bounds"))
 }
 
 pub fn record(h: &mut Hist, us: u64) {
@@ -37,7 +38,13 @@ pub fn decode(bytes: &[u8]) -> Option<Hist> {
     Some(out)
 }
 
-fn load(conn: &Connection, series: &str, phase: &str, res: i64, bucket: i64) -> rusqlite::Result<Option<Hist>> {
+fn load(
+    conn: &Connection,
+    series: &str,
+    phase: &str,
+    res: i64,
+    bucket: i64,
+) -> rusqlite::Result<Option<Hist>> {
     let blob: Option<Vec<u8>> = conn
         .query_row(
             "SELECT data FROM histograms WHERE series = ?1 AND phase = ?2 AND resolution = ?3 AND bucket_start = ?4",
@@ -48,7 +55,14 @@ fn load(conn: &Connection, series: &str, phase: &str, res: i64, bucket: i64) -> 
     Ok(blob.and_then(|b| decode(&b)))
 }
 
-fn save(conn: &Connection, series: &str, phase: &str, res: i64, bucket: i64, h: &Hist) -> rusqlite::Result<()> {
+fn save(
+    conn: &Connection,
+    series: &str,
+    phase: &str,
+    res: i64,
+    bucket: i64,
+    h: &Hist,
+) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO histograms (series, phase, resolution, bucket_start, count, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (series, phase, resolution, bucket_start) DO UPDATE SET count = excluded.count, data = excluded.data",
@@ -58,7 +72,14 @@ fn save(conn: &Connection, series: &str, phase: &str, res: i64, bucket: i64, h: 
 }
 
 /// Add raw values (µs) to one bucket.
-pub fn add_values(conn: &Connection, series: &str, phase: &str, res: i64, bucket: i64, values: &[u64]) -> rusqlite::Result<()> {
+pub fn add_values(
+    conn: &Connection,
+    series: &str,
+    phase: &str,
+    res: i64,
+    bucket: i64,
+    values: &[u64],
+) -> rusqlite::Result<()> {
     let mut h = load(conn, series, phase, res, bucket)?.unwrap_or_else(new_hist);
     for v in values {
         record(&mut h, *v);
@@ -76,7 +97,12 @@ pub fn rollup(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize> {
             "SELECT series, phase, bucket_start, data FROM histograms WHERE resolution = ?1 AND bucket_start < ?2",
         )?;
         let rows = st.query_map(params![MINUTE, cutoff_ms], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, Vec<u8>>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
         })?;
         for row in rows {
             let (series, phase, start, data) = row?;
@@ -93,13 +119,20 @@ pub fn rollup(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize> {
         let _ = merged.add(&h);
         save(conn, &series, &phase, HOUR, hour, &merged)?;
     }
-    conn.execute("DELETE FROM histograms WHERE resolution = ?1 AND bucket_start < ?2", params![MINUTE, cutoff_ms])?;
+    conn.execute(
+        "DELETE FROM histograms WHERE resolution = ?1 AND bucket_start < ?2",
+        params![MINUTE, cutoff_ms],
+    )?;
     Ok(n)
 }
 
 /// Merge every bucket of every series and phase overlapping `[since_ms, until_ms)`. Hourly
 /// buckets are taken whole when they overlap the window's start.
-pub fn window(conn: &Connection, since_ms: i64, until_ms: i64) -> rusqlite::Result<BTreeMap<(String, String), Hist>> {
+pub fn window(
+    conn: &Connection,
+    since_ms: i64,
+    until_ms: i64,
+) -> rusqlite::Result<BTreeMap<(String, String), Hist>> {
     let mut out: BTreeMap<(String, String), Hist> = BTreeMap::new();
     let hour_since = since_ms.div_euclid(HOUR * 1000) * HOUR * 1000;
     let mut st = conn.prepare(
@@ -107,9 +140,22 @@ pub fn window(conn: &Connection, since_ms: i64, until_ms: i64) -> rusqlite::Resu
          WHERE (resolution = ?1 AND bucket_start >= ?2 AND bucket_start < ?4)
             OR (resolution = ?3 AND bucket_start >= ?5 AND bucket_start < ?4)",
     )?;
-    let rows = st.query_map(params![MINUTE, since_ms.div_euclid(MINUTE * 1000) * MINUTE * 1000, HOUR, until_ms, hour_since], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
-    })?;
+    let rows = st.query_map(
+        params![
+            MINUTE,
+            since_ms.div_euclid(MINUTE * 1000) * MINUTE * 1000,
+            HOUR,
+            until_ms,
+            hour_since
+        ],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        },
+    )?;
     for row in rows {
         let (series, phase, data) = row?;
         if let Some(h) = decode(&data) {
@@ -120,14 +166,22 @@ pub fn window(conn: &Connection, since_ms: i64, until_ms: i64) -> rusqlite::Resu
 }
 
 /// Merged histogram of one series and phase over a window.
-pub fn series_window(conn: &Connection, series: &str, phase: &str, since_ms: i64, until_ms: i64) -> rusqlite::Result<Hist> {
+pub fn series_window(
+    conn: &Connection,
+    series: &str,
+    phase: &str,
+    since_ms: i64,
+    until_ms: i64,
+) -> rusqlite::Result<Hist> {
     let mut h = new_hist();
     let mut st = conn.prepare(
         "SELECT data FROM histograms WHERE series = ?1 AND phase = ?2 AND bucket_start >= ?3 AND bucket_start < ?4
          AND (resolution = ?5 OR resolution = ?6)",
     )?;
     let since = since_ms.div_euclid(MINUTE * 1000) * MINUTE * 1000;
-    let rows = st.query_map(params![series, phase, since, until_ms, MINUTE, HOUR], |r| r.get::<_, Vec<u8>>(0))?;
+    let rows = st.query_map(params![series, phase, since, until_ms, MINUTE, HOUR], |r| {
+        r.get::<_, Vec<u8>>(0)
+    })?;
     for row in rows {
         if let Some(x) = decode(&row?) {
             let _ = h.add(&x);

@@ -61,7 +61,8 @@ pub const HOUR: i64 = 3600;
 pub fn open(path: &Path) -> anyhow::Result<Connection> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating data directory {}", dir.display()))?;
         }
     }
     let mut conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -77,14 +78,18 @@ pub fn open_reader(path: &Path) -> anyhow::Result<Option<Connection>> {
     if !path.exists() {
         return Ok(None);
     }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .with_context(|| format!("opening {} for reading", path.display()))?;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("opening {} for reading", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(Some(conn))
 }
 
 fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
-    let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+    let version: usize =
+        conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
     if version > MIGRATIONS.len() {
         anyhow::bail!(
             "database schema version {version} is newer than this watchpost knows ({}); upgrade watchpost",
@@ -93,7 +98,8 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql).with_context(|| format!("applying migration {}", i + 1))?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("applying migration {}", i + 1))?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }
@@ -138,7 +144,13 @@ impl Store {
         let handle = std::thread::Builder::new()
             .name("watchpost-writer".into())
             .spawn(move || writer_loop(conn, rx))?;
-        Ok((Store { tx, path: path.to_path_buf() }, WriterHandle(handle)))
+        Ok((
+            Store {
+                tx,
+                path: path.to_path_buf(),
+            },
+            WriterHandle(handle),
+        ))
     }
 
     pub fn path(&self) -> &Path {
@@ -154,7 +166,13 @@ impl Store {
 
     /// Record that a probe's run was skipped because the previous one was still going.
     pub async fn record_skip(&self, probe: &str, planned_at_ms: i64) {
-        let _ = self.tx.send(Op::Skip { probe: probe.to_string(), planned_at_ms }).await;
+        let _ = self
+            .tx
+            .send(Op::Skip {
+                probe: probe.to_string(),
+                planned_at_ms,
+            })
+            .await;
     }
 
     /// Run `f` on the writer connection inside a savepoint of the current batch: all its
@@ -188,8 +206,12 @@ impl Store {
                 let _ = otx.send(r);
             })
         }));
-        self.tx.send(op).await.map_err(|_| anyhow::anyhow!("store writer has stopped"))?;
-        orx.await.map_err(|_| anyhow::anyhow!("store writer dropped the operation"))?
+        self.tx
+            .send(op)
+            .await
+            .map_err(|_| anyhow::anyhow!("store writer has stopped"))?;
+        orx.await
+            .map_err(|_| anyhow::anyhow!("store writer dropped the operation"))?
     }
 
     /// Wait until everything queued before this call is committed.
@@ -240,7 +262,11 @@ fn flush_hists(tx: &Connection, hists: &mut HashMap<HistKey, Vec<u64>>) -> rusql
     Ok(())
 }
 
-fn apply_ops(conn: &mut Connection, batch: &mut Vec<Op>, replies: &mut Vec<Reply>) -> anyhow::Result<()> {
+fn apply_ops(
+    conn: &mut Connection,
+    batch: &mut Vec<Op>,
+    replies: &mut Vec<Reply>,
+) -> anyhow::Result<()> {
     let tx = conn.transaction()?;
     // Histogram updates are grouped per bucket and written before any operation that may read
     // them, and at the end, so every operation sees the batch's earlier effects.
@@ -248,8 +274,14 @@ fn apply_ops(conn: &mut Connection, batch: &mut Vec<Op>, replies: &mut Vec<Reply
     for op in batch.drain(..) {
         match op {
             Op::Run(r) => insert_run(&tx, &r, &mut hists)?,
-            Op::Skip { probe, planned_at_ms } => {
-                tx.execute("INSERT INTO skips (probe, planned_at) VALUES (?1, ?2)", params![probe, planned_at_ms])?;
+            Op::Skip {
+                probe,
+                planned_at_ms,
+            } => {
+                tx.execute(
+                    "INSERT INTO skips (probe, planned_at) VALUES (?1, ?2)",
+                    params![probe, planned_at_ms],
+                )?;
             }
             Op::Exec(f) => {
                 flush_hists(&tx, &mut hists)?;
@@ -262,15 +294,22 @@ fn apply_ops(conn: &mut Connection, batch: &mut Vec<Op>, replies: &mut Vec<Reply
     Ok(())
 }
 
-fn insert_run(tx: &Connection, r: &RunResult, hists: &mut HashMap<HistKey, Vec<u64>>) -> rusqlite::Result<()> {
+fn insert_run(
+    tx: &Connection,
+    r: &RunResult,
+    hists: &mut HashMap<HistKey, Vec<u64>>,
+) -> rusqlite::Result<()> {
     let mut ins = tx.prepare_cached(
         "INSERT INTO runs (probe, kind, started_at, outcome, error_class, error_message, duration_ms, lag_ms, phases, details)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
     let started = r.started_at.timestamp_millis();
     let minute = started.div_euclid(MINUTE * 1000) * MINUTE * 1000;
-    let phases: serde_json::Map<String, serde_json::Value> =
-        r.phases.iter().map(|(n, d)| (n.clone(), serde_json::json!(ms(*d)))).collect();
+    let phases: serde_json::Map<String, serde_json::Value> = r
+        .phases
+        .iter()
+        .map(|(n, d)| (n.clone(), serde_json::json!(ms(*d))))
+        .collect();
     ins.execute(params![
         r.probe,
         r.kind,
@@ -284,12 +323,18 @@ fn insert_run(tx: &Connection, r: &RunResult, hists: &mut HashMap<HistKey, Vec<u
         serde_json::Value::Object(r.details.clone()).to_string(),
     ])?;
     for (phase, d) in &r.phases {
-        hists.entry((r.probe.clone(), phase.clone(), minute)).or_default().push(d.as_micros() as u64);
+        hists
+            .entry((r.probe.clone(), phase.clone(), minute))
+            .or_default()
+            .push(d.as_micros() as u64);
     }
     for s in &r.subchecks {
         let phases = match s.latency {
             Some(l) => {
-                hists.entry((s.series.clone(), "latency".into(), minute)).or_default().push(l.as_micros() as u64);
+                hists
+                    .entry((s.series.clone(), "latency".into(), minute))
+                    .or_default()
+                    .push(l.as_micros() as u64);
                 serde_json::json!({"latency": ms(l)})
             }
             None => serde_json::json!({}),
@@ -312,7 +357,11 @@ fn insert_run(tx: &Connection, r: &RunResult, hists: &mut HashMap<HistKey, Vec<u
 
 /// Roll minute histograms older than `minute_keep` into hourly ones and prune by retention.
 /// Runs on the writer (through [`Store::write`]) or directly on a write connection.
-pub fn maintain(conn: &Connection, now_ms: i64, retention: &crate::config::Retention) -> rusqlite::Result<MaintainStats> {
+pub fn maintain(
+    conn: &Connection,
+    now_ms: i64,
+    retention: &crate::config::Retention,
+) -> rusqlite::Result<MaintainStats> {
     let minute_cutoff = now_ms - retention.minute_histograms.0.as_millis() as i64;
     let rolled = hist::rollup(conn, minute_cutoff)?;
     let hourly_cutoff = now_ms - retention.hourly_histograms.0.as_millis() as i64;
@@ -321,9 +370,19 @@ pub fn maintain(conn: &Connection, now_ms: i64, retention: &crate::config::Reten
         params![HOUR, hourly_cutoff],
     )?;
     let runs_cutoff = now_ms - retention.runs.0.as_millis() as i64;
-    let pruned_runs = conn.execute("DELETE FROM runs WHERE started_at < ?1", params![runs_cutoff])?;
-    conn.execute("DELETE FROM skips WHERE planned_at < ?1", params![runs_cutoff])?;
-    Ok(MaintainStats { rolled_minutes: rolled, pruned_hourly: pruned_hist, pruned_runs })
+    let pruned_runs = conn.execute(
+        "DELETE FROM runs WHERE started_at < ?1",
+        params![runs_cutoff],
+    )?;
+    conn.execute(
+        "DELETE FROM skips WHERE planned_at < ?1",
+        params![runs_cutoff],
+    )?;
+    Ok(MaintainStats {
+        rolled_minutes: rolled,
+        pruned_hourly: pruned_hist,
+        pruned_runs,
+    })
 }
 
 /// What one maintenance pass did.
@@ -355,9 +414,17 @@ impl Counts {
 
 /// Outcome counts per series since `since_ms`.
 pub fn counts_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<HashMap<String, Counts>> {
-    let mut st = conn.prepare("SELECT probe, outcome, count(*) FROM runs WHERE started_at >= ?1 GROUP BY probe, outcome")?;
+    let mut st = conn.prepare(
+        "SELECT probe, outcome, count(*) FROM runs WHERE started_at >= ?1 GROUP BY probe, outcome",
+    )?;
     let mut out: HashMap<String, Counts> = HashMap::new();
-    let rows = st.query_map([since_ms], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
+    let rows = st.query_map([since_ms], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
     for row in rows {
         let (probe, outcome, n) = row?;
         let c = out.entry(probe).or_default();
@@ -397,7 +464,8 @@ pub fn latest_runs(conn: &Connection) -> rusqlite::Result<Vec<LatestRun>> {
             error_class: r.get(4)?,
             error_message: r.get(5)?,
             duration_ms: r.get(6)?,
-            phases: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or(serde_json::Value::Null),
+            phases: serde_json::from_str(&r.get::<_, String>(7)?)
+                .unwrap_or(serde_json::Value::Null),
         })
     })?;
     rows.collect()
