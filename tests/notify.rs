@@ -159,13 +159,17 @@ async fn bad_request_is_dead_lettered_while_others_are_delivered() {
         .iter()
         .filter(|r| r.0 == "mitigate")
         .all(|r| r.2 == "delivered"));
+    // The gauge is refreshed by the worker just after it commits the dead letter.
+    until("dead-letter gauge at 2", T, || {
+        agent
+            .metrics
+            .render()
+            .contains("watchpost_outbox_dead_letters{notifier=\"pager\"} 2")
+    })
+    .await;
     let m = agent.metrics.render();
     assert!(
         m.contains("watchpost_notifications_total{notifier=\"pager\",result=\"dead_letter\"} 2"),
-        "{m}"
-    );
-    assert!(
-        m.contains("watchpost_outbox_dead_letters{notifier=\"pager\"} 2"),
         "{m}"
     );
     let inc = agent.incidents(false);
