@@ -169,28 +169,7 @@ impl HttpSpec {
                 return Err(SpanError::new(format!("invalid value for header {k:?}")));
             }
         }
-        let ca_pem = match &f.ca_file {
-            None => None,
-            Some(p) => {
-                let path = dir.join(p.get_ref());
-                let bytes = std::fs::read(&path).map_err(|e| {
-                    SpanError::at(
-                        p.span(),
-                        format!("cannot read ca_file {}: {e}", path.display()),
-                    )
-                })?;
-                if reqwest::Certificate::from_pem_bundle(&bytes)
-                    .map(|v| v.is_empty())
-                    .unwrap_or(true)
-                {
-                    return Err(SpanError::at(
-                        p.span(),
-                        format!("ca_file {} holds no PEM certificate", path.display()),
-                    ));
-                }
-                Some(Arc::new(bytes))
-            }
-        };
+        let ca_pem = super::websocket::read_ca_file(dir, &f.ca_file)?;
         Ok(HttpSpec {
             url,
             method,
@@ -327,7 +306,7 @@ impl HttpProbe {
             .to_ascii_lowercase();
 
         // Body, under the cap.
-        let body = match read_capped(resp, s.max_body_bytes, self.timeout).await {
+        let body = match read_capped(resp, s.max_body_bytes).await {
             Ok(b) => b,
             Err(BodyError::TooLarge(n)) => {
                 a.phase("total", t0.elapsed());
@@ -570,11 +549,7 @@ enum BodyError {
     Read(reqwest::Error),
 }
 
-async fn read_capped(
-    mut resp: reqwest::Response,
-    cap: u64,
-    _timeout: Duration,
-) -> Result<Vec<u8>, BodyError> {
+async fn read_capped(mut resp: reqwest::Response, cap: u64) -> Result<Vec<u8>, BodyError> {
     if let Some(len) = resp.content_length() {
         if len > cap {
             return Err(BodyError::TooLarge(0));
