@@ -262,7 +262,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             };
             if json {
                 for i in &list {
-                    println!("{i}");
+                    println!("{}", serde_json::to_string(i)?);
                 }
             } else {
                 print!("{}", incident::render_incidents(&list));

@@ -256,7 +256,7 @@ async fn outage_opens_one_incident_notifies_everyone_and_resolves_everywhere() {
     let first = &all[0]["timeline"][0];
     assert_eq!(first["class"], "connect_refused");
     assert!(first["member"].is_string());
-    let table = watchpost::incident::render_incidents(&all);
+    let table = watchpost::incident::render_incidents(&agent.incident_views(false));
     assert!(table.contains("resolved (major_outage)"), "{table}");
     let m = agent.metrics.render();
     assert!(
@@ -599,7 +599,7 @@ async fn sub_check_members_and_missing_sub_checks() {
         outcome: Down,
         latency: None,
         error: Some(ErrorInfo {
-            class: "subcheck_down".into(),
+            class: watchpost::probe::ErrorClass::Unhealthy,
             message: "database: connection pool exhausted".into(),
         }),
     });

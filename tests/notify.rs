@@ -185,7 +185,7 @@ async fn bad_request_is_dead_lettered_while_others_are_delivered() {
         dead["last_error"].as_str().unwrap().contains("HTTP 400"),
         "{dead}"
     );
-    let table = watchpost::incident::render_incidents(&inc);
+    let table = watchpost::incident::render_incidents(&agent.incident_views(false));
     assert!(
         table.contains("pager opened: dead after 1 attempt(s): HTTP 400"),
         "{table}"

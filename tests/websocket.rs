@@ -197,7 +197,7 @@ async fn rejected_upgrade_and_retries() {
     let r = run_confirmed(&p, &cfg).await;
     assert_eq!(r.outcome, Outcome::Down);
     let e = r.error.unwrap();
-    assert_eq!(e.class, "ws_rejected");
+    assert_eq!(e.class.as_str(), "ws_rejected");
     assert!(
         e.message
             .contains("HTTP 403 Forbidden: forbidden no access"),

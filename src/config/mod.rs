@@ -386,7 +386,7 @@ struct ProbeCommonFile {
     offset: Option<Spanned<Dur>>,
     /// Per-phase latency budgets.
     #[serde(default)]
-    budget: BTreeMap<String, Budget>,
+    budget: BTreeMap<Spanned<String>, Budget>,
 }
 
 const PROBE_COMMON_KEYS: &[&str] = &[
@@ -925,11 +925,6 @@ fn load_probe(
             ),
         ));
     }
-    for phase in common.budget.keys() {
-        if phase.is_empty() {
-            diags.push(src.diag(find_span(&src.text, "budget"), "empty budget phase name"));
-        }
-    }
     let dir = path
         .parent()
         .map(Path::to_path_buf)
@@ -945,6 +940,22 @@ fn load_probe(
             None
         }
     };
+    if let Some(spec) = &spec {
+        let phases = spec.phases();
+        for key in common.budget.keys() {
+            if !phases.iter().any(|p| p == key.get_ref()) {
+                diags.push(src.diag(
+                    Some(key.span()),
+                    format!(
+                        "[budget] {:?} is not a phase of a {} probe (expected one of: {})",
+                        key.get_ref(),
+                        spec.kind(),
+                        phases.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
     if !diags.is_empty() {
         return Err(diags);
     }
@@ -966,7 +977,11 @@ fn load_probe(
             retry_delay: common.retry_delay.unwrap_or(defaults.retry_delay).0,
             jitter: common.jitter.unwrap_or(defaults.jitter).0,
             offset: common.offset.map(|o| o.into_inner().0),
-            budget: common.budget,
+            budget: common
+                .budget
+                .into_iter()
+                .map(|(k, v)| (k.into_inner(), v))
+                .collect(),
             spec,
         },
         name_pos,

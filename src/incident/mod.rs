@@ -8,25 +8,26 @@
 //! [`maintenance`]. Not here: delivering notifications (see `crate::notify`).
 
 pub mod maintenance;
+pub mod read;
 pub mod state;
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProbeConfig};
 use crate::metrics::Metrics;
-use crate::notify::event::{human_span, iso, Event};
+use crate::notify::event::Event;
 use crate::notify::{outbox, NotifierConfig};
 use crate::probe::{ms, Outcome, RunResult};
 use crate::store::Store;
 pub use maintenance::MaintenanceConfig;
+pub use read::{list_incidents, render_incidents, IncidentView};
 pub use state::{Cause, ComponentState, EventKind, Input, Rules, Status, Transition};
 
 /// Schema of incidents, their timeline, component state, the notification outbox and
@@ -451,7 +452,7 @@ fn member_inputs(members: &[String], run: &RunResult, at: i64) -> Vec<Input> {
                 error: run
                     .error
                     .as_ref()
-                    .map(|e| (e.class.clone(), e.message.clone())),
+                    .map(|e| (e.class.to_string(), e.message.clone())),
                 details: run_details(run),
             });
         } else if m
@@ -466,7 +467,7 @@ fn member_inputs(members: &[String], run: &RunResult, at: i64) -> Vec<Input> {
                     error: s
                         .error
                         .as_ref()
-                        .map(|e| (e.class.clone(), e.message.clone())),
+                        .map(|e| (e.class.to_string(), e.message.clone())),
                     details: s.latency.map(|l| json!({"latency_ms": ms(l)})),
                 }),
                 None if run.outcome != Outcome::Up => out.push(Input::Run {
@@ -475,7 +476,7 @@ fn member_inputs(members: &[String], run: &RunResult, at: i64) -> Vec<Input> {
                     at,
                     error: run.error.as_ref().map(|e| {
                         (
-                            e.class.clone(),
+                            e.class.to_string(),
                             format!("{} (sub-check not reported)", e.message),
                         )
                     }),
@@ -610,166 +611,4 @@ fn write_transition(
         params![component, inc.map(|i| i.id), ev.at, t.kind.as_str(), t.from.as_str(), t.to.as_str(), member, class, message, t.note],
     )?;
     Ok(())
-}
-
-fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-        [name],
-        |_| Ok(()),
-    )
-    .optional()
-    .map(|r| r.is_some())
-}
-
-/// Incidents as JSON objects, newest first (for the CLI and the API), each with its
-/// timeline and notifications.
-pub fn list_incidents(conn: &Connection, open_only: bool) -> anyhow::Result<Vec<Value>> {
-    if !table_exists(conn, "incidents")? {
-        return Ok(Vec::new());
-    }
-    let sql = format!(
-        "SELECT id, component, status, worst_status, opened_at, resolved_at, flapping, cause_member, cause_class, cause_message
-         FROM incidents {} ORDER BY opened_at DESC, id DESC LIMIT 500",
-        if open_only { "WHERE resolved_at IS NULL" } else { "" }
-    );
-    let mut st = conn.prepare(&sql)?;
-    let rows = st.query_map([], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, i64>(4)?,
-            r.get::<_, Option<i64>>(5)?,
-            r.get::<_, bool>(6)?,
-            r.get::<_, Option<String>>(7)?,
-            r.get::<_, Option<String>>(8)?,
-            r.get::<_, Option<String>>(9)?,
-        ))
-    })?;
-    let mut ev_st = conn.prepare(
-        "SELECT at, kind, from_status, to_status, member, error_class, message, note FROM incident_events WHERE incident_id = ?1 ORDER BY id",
-    )?;
-    let mut out_st = conn.prepare(
-        "SELECT id, notifier, kind, status, attempts, last_error, created_at, finished_at FROM outbox WHERE incident_id = ?1 ORDER BY id",
-    )?;
-    let now = now_ms();
-    let mut out = Vec::new();
-    for row in rows {
-        let (id, component, status, worst, opened, resolved, flapping, member, class, message) =
-            row?;
-        let timeline: Vec<Value> = ev_st
-            .query_map([id], |r| {
-                Ok(json!({
-                    "at": iso(r.get::<_, i64>(0)?),
-                    "kind": r.get::<_, String>(1)?,
-                    "from": r.get::<_, String>(2)?,
-                    "to": r.get::<_, String>(3)?,
-                    "member": r.get::<_, Option<String>>(4)?,
-                    "class": r.get::<_, Option<String>>(5)?,
-                    "message": r.get::<_, Option<String>>(6)?,
-                    "note": r.get::<_, Option<String>>(7)?,
-                }))
-            })?
-            .collect::<Result<_, _>>()?;
-        let notifications: Vec<Value> = out_st
-            .query_map([id], |r| {
-                Ok(json!({
-                    "id": r.get::<_, i64>(0)?,
-                    "notifier": r.get::<_, String>(1)?,
-                    "event": r.get::<_, String>(2)?,
-                    "status": r.get::<_, String>(3)?,
-                    "attempts": r.get::<_, i64>(4)?,
-                    "last_error": r.get::<_, Option<String>>(5)?,
-                    "queued_at": iso(r.get::<_, i64>(6)?),
-                    "finished_at": r.get::<_, Option<i64>>(7)?.map(iso),
-                }))
-            })?
-            .collect::<Result<_, _>>()?;
-        let cause = member.map(|m| json!({"member": m, "class": class, "message": message}));
-        out.push(json!({
-            "id": id,
-            "component": component,
-            "status": status,
-            "worst_status": worst,
-            "open": resolved.is_none(),
-            "opened_at": iso(opened),
-            "resolved_at": resolved.map(iso),
-            "duration_seconds": (resolved.unwrap_or(now) - opened).max(0) / 1000,
-            "flapping": flapping,
-            "cause": cause,
-            "timeline": timeline,
-            "notifications": notifications,
-        }));
-    }
-    Ok(out)
-}
-
-/// Human table of incidents for `watchpost incidents`.
-pub fn render_incidents(list: &[Value]) -> String {
-    if list.is_empty() {
-        return "no incidents\n".into();
-    }
-    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<5} {:<24} {:<24} {:<24} {:<10} CAUSE",
-        "ID", "COMPONENT", "STATUS", "OPENED", "DURATION"
-    );
-    for v in list {
-        let open = v.get("open").and_then(Value::as_bool).unwrap_or(false);
-        let status = if open {
-            s(v, "status")
-        } else {
-            format!("resolved ({})", s(v, "worst_status"))
-        };
-        let dur = human_span(
-            v.get("duration_seconds")
-                .and_then(Value::as_i64)
-                .unwrap_or(0)
-                * 1000,
-        );
-        let cause = v
-            .get("cause")
-            .filter(|c| !c.is_null())
-            .map(|c| format!("{} [{}] {}", s(c, "member"), s(c, "class"), s(c, "message")))
-            .unwrap_or_default();
-        let flap = if v.get("flapping").and_then(Value::as_bool).unwrap_or(false) {
-            " (flapping)"
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            out,
-            "{:<5} {:<24} {:<24} {:<24} {:<10} {}{flap}",
-            v.get("id").and_then(Value::as_i64).unwrap_or(0),
-            crate::notify::event::truncate(&s(v, "component"), 24),
-            status,
-            s(v, "opened_at"),
-            if open { format!("{dur}+") } else { dur },
-            crate::notify::event::truncate(&cause, 100),
-        );
-        let notes = v
-            .get("notifications")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        for n in notes.iter().filter(|n| s(n, "status") != "delivered") {
-            let _ = writeln!(
-                out,
-                "      ↳ {} {}: {} after {} attempt(s){}",
-                s(n, "notifier"),
-                s(n, "event"),
-                s(n, "status"),
-                n.get("attempts").and_then(Value::as_i64).unwrap_or(0),
-                n.get("last_error")
-                    .and_then(Value::as_str)
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            );
-        }
-    }
-    out
 }

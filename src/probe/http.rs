@@ -16,8 +16,14 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::assert::{any_status, excerpt, json_path, JsonAssert, Re, StatusPattern};
-use super::{Attempt, Outcome, SubCheck};
+use super::{Attempt, ErrorClass, Outcome, SubCheck};
 use crate::config::{duration::human, Interp, ProbeConfig, Rest, SpanError};
+
+/// Largest sub-check `latency_ms` recorded (1 h, the top of the latency histograms).
+const MAX_SUBCHECK_LATENCY_MS: f64 = 3_600_000.0;
+
+/// The phases an HTTP run times.
+pub const PHASES: [&str; 2] = ["ttfb", "total"];
 
 /// The `User-Agent` every request carries.
 pub const USER_AGENT: &str = concat!("watchpost/", env!("CARGO_PKG_VERSION"));
@@ -259,6 +265,15 @@ impl HttpProbe {
 
     pub async fn run(&self) -> Attempt {
         let mut a = Attempt::new();
+        if let Some(resp) = self.fetch(&mut a).await {
+            judge(&self.spec, &self.name, &resp, &mut a);
+        }
+        a
+    }
+
+    /// Send the request and read the body under the cap. Records `ttfb`, `total` and the
+    /// response facts in `a`; `None` when the transaction itself failed (`a` says why).
+    async fn fetch(&self, a: &mut Attempt) -> Option<Fetched> {
         let s = &self.spec;
         let mut req = self
             .client
@@ -275,13 +290,12 @@ impl HttpProbe {
                 // Messages never carry the URL: it may hold a `${ENV}` secret.
                 let (class, msg) = classify(&e.without_url(), self.timeout, "request");
                 a.down(class, msg);
-                return a;
+                return None;
             }
         };
         a.phase("ttfb", t0.elapsed());
         let status = resp.status();
-        let code = status.as_u16();
-        a.detail("status", code);
+        a.detail("status", status.as_u16());
         if resp.url().as_str() != s.url.as_str() {
             // Where redirects led, without query or credentials (they may carry secrets).
             let mut u = resp.url().clone();
@@ -304,179 +318,219 @@ impl HttpProbe {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
-
-        // Body, under the cap.
         let body = match read_capped(resp, s.max_body_bytes).await {
             Ok(b) => b,
             Err(BodyError::TooLarge(n)) => {
                 a.phase("total", t0.elapsed());
                 a.down(
-                    "body_too_large",
+                    ErrorClass::BodyTooLarge,
                     format!(
                         "response body exceeds the {} byte cap (read {n} bytes, stopped)",
                         s.max_body_bytes
                     ),
                 );
-                return a;
+                return None;
             }
             Err(BodyError::Read(e)) => {
                 let (class, msg) = classify(&e.without_url(), self.timeout, "body");
-                a.down(class, format!("HTTP {code}, then {msg}"));
-                return a;
+                a.down(class, format!("HTTP {}, then {msg}", status.as_u16()));
+                return None;
             }
         };
         a.phase("total", t0.elapsed());
         a.detail("bytes", body.len() as u64);
-        let text = String::from_utf8_lossy(&body);
+        Some(Fetched {
+            status,
+            content_type,
+            body,
+            cert_days,
+        })
+    }
+}
 
-        // JSON, when the server says so or it looks like it.
-        let looks_json = content_type.contains("json")
-            || matches!(text.trim_start().chars().next(), Some('{' | '['));
-        let needs_json =
-            !s.expect.json.is_empty() || !s.degraded_when.json.is_empty() || s.subchecks.is_some();
-        let json: Option<Value> = if looks_json || needs_json {
-            match serde_json::from_str::<Value>(&text) {
-                Ok(v) => Some(v),
-                Err(e) if content_type.contains("json") || needs_json => {
-                    let why = if text.trim().is_empty() {
-                        "an empty body".to_string()
-                    } else {
-                        format!("{e}")
-                    };
-                    a.down(
-                        "invalid_json",
-                        format!(
-                            "HTTP {code} body is not valid JSON ({why}): {}",
-                            excerpt(&text, 120)
-                        ),
-                    );
-                    return a;
-                }
-                Err(_) => None,
-            }
-        } else {
-            None
-        };
-        let body_status = json
-            .as_ref()
-            .and_then(|j| j.get("status"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let body_error = json.as_ref().and_then(body_error_text);
+/// A complete response, as [`judge`] sees it.
+#[derive(Debug)]
+struct Fetched {
+    status: reqwest::StatusCode,
+    content_type: String,
+    body: Vec<u8>,
+    cert_days: Option<i64>,
+}
 
-        if let (Some(path), Some(j)) = (&s.subchecks, &json) {
-            a.subchecks = read_subchecks(&self.name, path, j);
-        }
+/// The verdict on a complete response (no I/O): status, body assertions, certificate, the
+/// health contract and `[degraded_when]`, in that order; the first failure decides.
+fn judge(s: &HttpSpec, name: &str, r: &Fetched, a: &mut Attempt) {
+    let code = r.status.as_u16();
+    let text = String::from_utf8_lossy(&r.body);
+    // JSON when the server says so or it looks like it; strict UTF-8 (from_slice), so a body
+    // with invalid bytes is never read as healthy through replacement characters.
+    let declared_json = r.content_type.contains("json");
+    let looks_json = declared_json || matches!(text.trim_start().chars().next(), Some('{' | '['));
+    let needs_json =
+        !s.expect.json.is_empty() || !s.degraded_when.json.is_empty() || s.subchecks.is_some();
+    let parsed: Option<Result<Value, serde_json::Error>> =
+        (looks_json || needs_json).then(|| serde_json::from_slice::<Value>(&r.body));
+    let json = parsed.as_ref().and_then(|p| p.as_ref().ok());
+    let body_status = json
+        .and_then(|j| j.get("status"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let body_error = json.and_then(body_error_text);
+    // Sub-checks are their own series: recorded whatever the run's verdict.
+    if let (Some(path), Some(j)) = (&s.subchecks, json) {
+        a.subchecks = read_subchecks(name, path, j);
+    }
 
-        // Status code.
-        if !any_status(&s.expect.status, code) && !any_status(&s.degraded_when.status, code) {
-            let mut msg = format!("HTTP {status}");
-            if let Some(st) = &body_status {
-                msg.push_str(&format!(", body status {st:?}"));
-            }
-            match &body_error {
-                Some(err) => msg.push_str(&format!(": {err}")),
-                None if json.is_none() && !text.trim().is_empty() => {
-                    msg.push_str(&format!(": {}", excerpt(&text, 120)))
-                }
-                None => {}
-            }
-            a.down("http_status", msg);
-            return a;
+    // Status first: a 5xx with an HTML or empty body is an `http_status`, not a JSON problem.
+    if !any_status(&s.expect.status, code) && !any_status(&s.degraded_when.status, code) {
+        let mut msg = format!("HTTP {}", r.status);
+        if let Some(st) = &body_status {
+            msg.push_str(&format!(", body status {st:?}"));
         }
-
-        // Body assertions.
-        if let Some(needle) = &s.expect.body_contains {
-            if !text.contains(needle.as_str()) {
-                a.down("assertion", format!("body does not contain {needle:?}"));
-                return a;
+        match &body_error {
+            Some(err) => msg.push_str(&format!(": {err}")),
+            None if json.is_none() && !text.trim().is_empty() => {
+                msg.push_str(&format!(": {}", excerpt(&text, 120)))
             }
+            None => {}
         }
-        if let Some(re) = &s.expect.body_matches {
-            if !re.0.is_match(&text) {
-                a.down(
-                    "assertion",
-                    format!("body does not match /{}/", re.0.as_str()),
-                );
-                return a;
-            }
-        }
-        if let Some(j) = &json {
-            for check in &s.expect.json {
-                if let Err(msg) = check.check(j) {
-                    a.down("assertion", msg);
-                    return a;
-                }
-            }
-        } else if !s.expect.json.is_empty() {
+        a.down(ErrorClass::HttpStatus, msg);
+        return;
+    }
+    if let Some(Err(e)) = &parsed {
+        if declared_json || needs_json {
+            let why = if text.trim().is_empty() {
+                "an empty body".to_string()
+            } else if std::str::from_utf8(&r.body).is_err() {
+                "it is not valid UTF-8".to_string()
+            } else {
+                e.to_string()
+            };
             a.down(
-                "invalid_json",
-                "body is not JSON, so the JSON assertions cannot hold",
+                ErrorClass::InvalidJson,
+                format!(
+                    "HTTP {code} body is not valid JSON ({why}): {}",
+                    excerpt(&text, 120)
+                ),
             );
-            return a;
+            return;
         }
-        if let Some(min) = s.expect.cert_min_days {
-            match cert_days {
-                Some(d) if d < min => {
-                    a.down(
-                        "cert_expiry",
-                        format!("TLS certificate expires in {d} days (minimum {min})"),
-                    );
-                    return a;
-                }
-                None if s.url.starts_with("https") => {
-                    a.down(
-                        "cert_expiry",
-                        "could not read the TLS certificate's expiry date",
-                    );
-                    return a;
-                }
-                _ => {}
-            }
-        }
+    }
+    if let Err((class, msg)) = check_expect(s, &text, json, r.cert_days) {
+        a.down(class, msg);
+        return;
+    }
+    judge_degraded(s, r, &text, json, body_status.as_deref(), body_error, a);
+}
 
-        // Health contract: the body's own word.
-        if s.read_status {
-            if let Some(st) = &body_status {
-                match Outcome::from_health_word(st) {
-                    Outcome::Down => {
-                        let mut msg = format!("service reports status {st:?}");
-                        if let Some(err) = &body_error {
-                            msg.push_str(&format!(": {err}"));
-                        }
-                        a.down("unhealthy", msg);
-                        return a;
-                    }
-                    Outcome::Degraded => {
-                        let mut msg = format!("service reports status {st:?}");
-                        if let Some(bad) = a.subchecks.iter().find(|c| c.outcome != Outcome::Up) {
-                            msg.push_str(&format!(" ({} is {})", bad.series, bad.outcome.as_str()));
-                        }
-                        a.degrade("degraded", msg);
-                    }
-                    Outcome::Up => {}
+/// `[expect]`: body text, JSON assertions and the certificate's remaining days.
+fn check_expect(
+    s: &HttpSpec,
+    text: &str,
+    json: Option<&Value>,
+    cert_days: Option<i64>,
+) -> Result<(), (ErrorClass, String)> {
+    if let Some(needle) = &s.expect.body_contains {
+        if !text.contains(needle.as_str()) {
+            return Err((
+                ErrorClass::Assertion,
+                format!("body does not contain {needle:?}"),
+            ));
+        }
+    }
+    if let Some(re) = &s.expect.body_matches {
+        if !re.0.is_match(text) {
+            return Err((
+                ErrorClass::Assertion,
+                format!("body does not match /{}/", re.0.as_str()),
+            ));
+        }
+    }
+    match json {
+        Some(j) => {
+            for check in &s.expect.json {
+                check.check(j).map_err(|msg| (ErrorClass::Assertion, msg))?;
+            }
+        }
+        None if !s.expect.json.is_empty() => {
+            return Err((
+                ErrorClass::InvalidJson,
+                "body is not JSON, so the JSON assertions cannot hold".into(),
+            ))
+        }
+        None => {}
+    }
+    if let Some(min) = s.expect.cert_min_days {
+        match cert_days {
+            Some(d) if d < min => {
+                return Err((
+                    ErrorClass::CertExpiry,
+                    format!("TLS certificate expires in {d} days (minimum {min})"),
+                ))
+            }
+            None if s.url.starts_with("https") => {
+                return Err((
+                    ErrorClass::CertExpiry,
+                    "could not read the TLS certificate's expiry date".into(),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The health contract (the body's own status word) and `[degraded_when]`.
+fn judge_degraded(
+    s: &HttpSpec,
+    r: &Fetched,
+    text: &str,
+    json: Option<&Value>,
+    body_status: Option<&str>,
+    body_error: Option<String>,
+    a: &mut Attempt,
+) {
+    if let (true, Some(st)) = (s.read_status, body_status) {
+        match Outcome::from_health_word(st) {
+            Outcome::Down => {
+                let mut msg = format!("service reports status {st:?}");
+                if let Some(err) = &body_error {
+                    msg.push_str(&format!(": {err}"));
                 }
+                a.down(ErrorClass::Unhealthy, msg);
+                return;
             }
-        }
-        if code == 207 || any_status(&s.degraded_when.status, code) {
-            a.degrade("degraded", format!("HTTP {status} means degraded"));
-        }
-        if let Some(needle) = &s.degraded_when.body_contains {
-            if text.contains(needle.as_str()) {
-                a.degrade("degraded", format!("body contains {needle:?}"));
-            }
-        }
-        if let Some(j) = &json {
-            for check in &s.degraded_when.json {
-                if check.check(j).is_ok() {
-                    let v = json_path(j, &check.path)
-                        .map(|v| v.to_string())
-                        .unwrap_or_default();
-                    a.degrade("degraded", format!("{} is {v}", check.path));
+            Outcome::Degraded => {
+                let mut msg = format!("service reports status {st:?}");
+                if let Some(bad) = a.subchecks.iter().find(|c| c.outcome != Outcome::Up) {
+                    msg.push_str(&format!(" ({} is {})", bad.series, bad.outcome.as_str()));
                 }
+                a.degrade(ErrorClass::Degraded, msg);
+            }
+            Outcome::Up => {}
+        }
+    }
+    let code = r.status.as_u16();
+    if code == 207 || any_status(&s.degraded_when.status, code) {
+        a.degrade(
+            ErrorClass::Degraded,
+            format!("HTTP {} means degraded", r.status),
+        );
+    }
+    if let Some(needle) = &s.degraded_when.body_contains {
+        if text.contains(needle.as_str()) {
+            a.degrade(ErrorClass::Degraded, format!("body contains {needle:?}"));
+        }
+    }
+    if let Some(j) = json {
+        for check in &s.degraded_when.json {
+            if check.check(j).is_ok() {
+                let v = json_path(j, &check.path)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                a.degrade(ErrorClass::Degraded, format!("{} is {v}", check.path));
             }
         }
-        a
     }
 }
 
@@ -523,9 +577,9 @@ fn read_subchecks(probe: &str, path: &str, j: &Value) -> Vec<SubCheck> {
             let outcome = Outcome::from_health_word(&status);
             let error = (outcome != Outcome::Up).then(|| super::ErrorInfo {
                 class: if outcome == Outcome::Down {
-                    "unhealthy".into()
+                    ErrorClass::Unhealthy
                 } else {
-                    "degraded".into()
+                    ErrorClass::Degraded
                 },
                 message: match err {
                     Some(e) => format!("{name} reports {status:?}: {e}"),
@@ -536,8 +590,10 @@ fn read_subchecks(probe: &str, path: &str, j: &Value) -> Vec<SubCheck> {
                 series,
                 outcome,
                 latency: latency
-                    .filter(|l| l.is_finite() && *l >= 0.0)
-                    .map(|l| Duration::from_secs_f64(l / 1000.0)),
+                    // The service's own figure: anything outside 0 ms – 1 h (the histogram
+                    // range) is nonsense and not recorded, never a panic.
+                    .filter(|l| l.is_finite() && (0.0..=MAX_SUBCHECK_LATENCY_MS).contains(l))
+                    .and_then(|l| Duration::try_from_secs_f64(l / 1000.0).ok()),
                 error,
             }
         })
@@ -567,7 +623,7 @@ async fn read_capped(mut resp: reqwest::Response, cap: u64) -> Result<Vec<u8>, B
 }
 
 /// Map a transport error to a stable class and a sentence.
-fn classify(e: &reqwest::Error, timeout: Duration, stage: &str) -> (&'static str, String) {
+fn classify(e: &reqwest::Error, timeout: Duration, stage: &str) -> (ErrorClass, String) {
     let chain = error_chain(e);
     let lower = chain.to_ascii_lowercase();
     let io_kind = io_error_kind(e);
@@ -578,50 +634,55 @@ fn classify(e: &reqwest::Error, timeout: Duration, stage: &str) -> (&'static str
             "no response"
         };
         return (
-            "timeout",
+            ErrorClass::Timeout,
             format!("{what} within the {} timeout", human(timeout)),
         );
     }
     if e.is_redirect() {
         return (
-            "too_many_redirects",
+            ErrorClass::TooManyRedirects,
             format!("redirect loop or too many redirects: {chain}"),
         );
     }
     use std::io::ErrorKind as K;
     let class = match io_kind {
-        Some(K::ConnectionRefused) => "connect_refused",
+        Some(K::ConnectionRefused) => ErrorClass::ConnectRefused,
         Some(K::ConnectionReset) | Some(K::ConnectionAborted) | Some(K::BrokenPipe) => {
-            "connection_reset"
+            ErrorClass::ConnectionReset
         }
-        Some(K::UnexpectedEof) => "connection_closed",
+        Some(K::UnexpectedEof) => ErrorClass::ConnectionClosed,
         _ if lower.contains("certificate")
             || lower.contains("tls")
             || lower.contains("handshake") =>
         {
-            "tls"
+            ErrorClass::Tls
         }
-        _ if lower.contains("dns error") || lower.contains("failed to lookup") => "dns",
+        _ if lower.contains("dns error") || lower.contains("failed to lookup") => ErrorClass::Dns,
         _ if lower.contains("connection closed")
             || lower.contains("incomplete")
             || lower.contains("unexpected eof") =>
         {
-            "connection_closed"
+            ErrorClass::ConnectionClosed
         }
-        _ if lower.contains("reset") => "connection_reset",
-        _ if e.is_connect() => "connect_failed",
-        _ if e.is_body() || e.is_decode() => "body_read",
-        _ => "http_error",
+        _ if lower.contains("reset") => ErrorClass::ConnectionReset,
+        _ if e.is_connect() => ErrorClass::Unreachable,
+        // The body stopped coming: the server (or something between) ended the stream.
+        _ if e.is_body() => ErrorClass::ConnectionClosed,
+        // Anything else the HTTP layer refuses (garbage status line, bad headers, bad encoding).
+        _ => ErrorClass::Protocol,
     };
     let sentence = match class {
-        "connect_refused" => format!("connection refused ({chain})"),
-        "connection_reset" => {
+        ErrorClass::ConnectRefused => format!("connection refused ({chain})"),
+        ErrorClass::ConnectionReset => {
             format!("connection reset by the server during the {stage} ({chain})")
         }
-        "connection_closed" => format!("server closed the connection during the {stage} ({chain})"),
-        "tls" => format!("TLS failed: {chain}"),
-        "dns" => format!("DNS lookup failed: {chain}"),
-        _ => chain,
+        ErrorClass::ConnectionClosed => {
+            format!("server closed the connection during the {stage} ({chain})")
+        }
+        ErrorClass::Tls => format!("TLS failed: {chain}"),
+        ErrorClass::Dns => format!("DNS lookup failed: {chain}"),
+        ErrorClass::Unreachable => format!("cannot connect: {chain}"),
+        _ => format!("the server broke the HTTP protocol during the {stage}: {chain}"),
     };
     (class, sentence)
 }

@@ -7,6 +7,7 @@
 //! outcome, and, when not up, an error class and a sentence a human can act on.
 
 pub mod assert;
+pub mod class;
 pub mod http;
 pub mod listen;
 pub mod websocket;
@@ -20,6 +21,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::config::{duration::human, ProbeConfig, Rest, SpanError};
+pub use class::ErrorClass;
 
 /// The outcome of a run. Ordered by severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -59,7 +61,7 @@ impl Outcome {
 /// Why a run is not up: a stable snake_case class and a human sentence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ErrorInfo {
-    pub class: String,
+    pub class: ErrorClass,
     pub message: String,
 }
 
@@ -102,20 +104,25 @@ impl Attempt {
         }
     }
     /// Set the outcome to down with a class and sentence (keeps phases and details).
-    pub fn down(&mut self, class: &str, message: impl Into<String>) -> &mut Self {
+    pub fn down(&mut self, class: ErrorClass, message: impl Into<String>) -> &mut Self {
         self.set(Outcome::Down, class, message)
     }
     /// Mark degraded unless already worse.
-    pub fn degrade(&mut self, class: &str, message: impl Into<String>) -> &mut Self {
+    pub fn degrade(&mut self, class: ErrorClass, message: impl Into<String>) -> &mut Self {
         if self.outcome == Outcome::Up {
             self.set(Outcome::Degraded, class, message);
         }
         self
     }
-    fn set(&mut self, outcome: Outcome, class: &str, message: impl Into<String>) -> &mut Self {
+    fn set(
+        &mut self,
+        outcome: Outcome,
+        class: ErrorClass,
+        message: impl Into<String>,
+    ) -> &mut Self {
         self.outcome = outcome;
         self.error = Some(ErrorInfo {
-            class: class.into(),
+            class,
             message: message.into(),
         });
         self
@@ -271,6 +278,19 @@ impl ProbeSpec {
             ProbeSpec::Listen(_) => "listen",
         }
     }
+    /// The phases a run of this probe can time, in the order they happen: the only names a
+    /// `[budget]` key may use.
+    pub fn phases(&self) -> Vec<String> {
+        let fixed = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        match self {
+            ProbeSpec::Http(_) => fixed(&http::PHASES),
+            ProbeSpec::WebSocket(s) => std::iter::once("connect".to_string())
+                .chain(s.steps.iter().map(|st| st.name.clone()))
+                .chain(std::iter::once("total".to_string()))
+                .collect(),
+            ProbeSpec::Listen(_) => fixed(&listen::PHASES),
+        }
+    }
     /// A kind may want a longer default attempt deadline than `[defaults].timeout`.
     pub fn default_timeout(&self) -> Option<Duration> {
         match self {
@@ -328,7 +348,7 @@ pub async fn attempt_once(probe: &Probe, cfg: &ProbeConfig) -> (Attempt, DateTim
         Err(_) => {
             let mut a = Attempt::new();
             a.down(
-                "timeout",
+                ErrorClass::Timeout,
                 format!(
                     "no complete answer within the {} timeout",
                     human(cfg.timeout)
@@ -355,7 +375,7 @@ pub fn apply_run_budgets(a: &mut Attempt, cfg: &ProbeConfig) {
                     human_ms(*d),
                     human(limit.0)
                 );
-                a.degrade("budget", msg);
+                a.degrade(ErrorClass::Budget, msg);
                 return;
             }
         }
@@ -374,7 +394,7 @@ pub async fn run_confirmed(probe: &Probe, cfg: &ProbeConfig) -> RunResult {
         tries += 1;
         attempts_log.push(json!({
             "outcome": a.outcome,
-            "class": a.error.as_ref().map(|e| e.class.clone()),
+            "class": a.error.as_ref().map(|e| e.class),
             "duration_ms": ms(elapsed),
         }));
         if a.outcome == Outcome::Down && tries <= cfg.retries {

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::{self, Bytes, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::assert::{excerpt, JsonAssert, Re};
-use super::Attempt;
+use super::{Attempt, ErrorClass};
 use crate::config::{duration::human, interp, Dur, Interp, ProbeConfig, Rest, SpanError};
 
 /// The connected socket type both WebSocket-based kinds use.
@@ -56,13 +56,13 @@ fn yes() -> bool {
 /// A run-ending problem: class, sentence and the details worth keeping.
 #[derive(Debug, Clone)]
 pub struct Failure {
-    pub class: &'static str,
+    pub class: ErrorClass,
     pub message: String,
     pub details: Vec<(&'static str, Value)>,
 }
 
 impl Failure {
-    pub fn new(class: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
         Failure {
             class,
             message: message.into(),
@@ -171,10 +171,12 @@ pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<Arc<rustls::Cli
 
 /// Open the socket within `timeout` (TCP + TLS + upgrade).
 pub async fn connect(t: &Target, timeout: Duration) -> Result<Connected, Failure> {
-    let mut req =
-        t.url.as_str().into_client_request().map_err(|e| {
-            Failure::new("config", format!("cannot build the upgrade request: {e}"))
-        })?;
+    let mut req = t.url.as_str().into_client_request().map_err(|e| {
+        Failure::new(
+            ErrorClass::Internal,
+            format!("cannot build the upgrade request: {e}"),
+        )
+    })?;
     let h = req.headers_mut();
     h.insert(
         "user-agent",
@@ -185,7 +187,10 @@ pub async fn connect(t: &Target, timeout: Duration) -> Result<Connected, Failure
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(v),
         ) else {
-            return Err(Failure::new("config", format!("invalid header {k:?}")));
+            return Err(Failure::new(
+                ErrorClass::Internal,
+                format!("invalid header {k:?}"),
+            ));
         };
         h.insert(name, value);
     }
@@ -194,7 +199,12 @@ pub async fn connect(t: &Target, timeout: Duration) -> Result<Connected, Failure
             Ok(v) => {
                 h.insert("sec-websocket-protocol", v);
             }
-            Err(_) => return Err(Failure::new("config", "invalid subprotocol name")),
+            Err(_) => {
+                return Err(Failure::new(
+                    ErrorClass::Internal,
+                    "invalid subprotocol name",
+                ))
+            }
         }
     }
     // Small read buffers: a probe reads small messages, and hundreds of concurrent listen
@@ -209,7 +219,7 @@ pub async fn connect(t: &Target, timeout: Duration) -> Result<Connected, Failure
         tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, Some(connector));
     match tokio::time::timeout(timeout, fut).await {
         Err(_) => Err(Failure::new(
-            "timeout",
+            ErrorClass::Timeout,
             format!(
                 "no WebSocket upgrade within the {} connect timeout",
                 human(timeout)
@@ -246,27 +256,36 @@ fn connect_error(e: tungstenite::Error) -> Failure {
         E::Io(io) => {
             let text = io.to_string();
             if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                Failure::new("connect_refused", format!("connection refused: {text}"))
+                Failure::new(
+                    ErrorClass::ConnectRefused,
+                    format!("connection refused: {text}"),
+                )
             } else if text.contains("lookup")
                 || text.contains("resolve")
                 || text.contains("Name or service")
             {
-                Failure::new("dns", format!("cannot resolve the host: {text}"))
+                Failure::new(ErrorClass::Dns, format!("cannot resolve the host: {text}"))
             } else {
-                Failure::new("connect", format!("cannot connect: {text}"))
+                Failure::new(ErrorClass::Unreachable, format!("cannot connect: {text}"))
             }
         }
-        E::Tls(t) => Failure::new("tls", format!("TLS handshake failed: {t}")),
-        E::Url(u) => Failure::new("config", format!("bad url: {u}")),
-        E::Capacity(c) => Failure::new("protocol", format!("upgrade response too large: {c}")),
-        other => Failure::new("protocol", format!("WebSocket upgrade failed: {other}")),
+        E::Tls(t) => Failure::new(ErrorClass::Tls, format!("TLS handshake failed: {t}")),
+        E::Url(u) => Failure::new(ErrorClass::Internal, format!("bad url: {u}")),
+        E::Capacity(c) => Failure::new(
+            ErrorClass::Protocol,
+            format!("upgrade response too large: {c}"),
+        ),
+        other => Failure::new(
+            ErrorClass::Protocol,
+            format!("WebSocket upgrade failed: {other}"),
+        ),
     }
 }
 
 /// A refused upgrade: keep the status and the vendor's error fields (Deepgram puts
 /// `err_code`, `err_msg`, `request_id` in a JSON body; others use `error`/`message`).
 pub fn rejected(status: u16, reason: Option<&str>, body: Option<&[u8]>) -> Failure {
-    let mut f = Failure::new("ws_rejected", String::new());
+    let mut f = Failure::new(ErrorClass::WsRejected, String::new());
     f.details.push(("http_status", Value::from(status)));
     let mut msg = format!("upgrade refused with HTTP {status}");
     if let Some(r) = reason {
@@ -314,23 +333,23 @@ pub fn read_error(e: &tungstenite::Error, cap: usize, after: Duration) -> Failur
     let at = secs(after);
     match e {
         E::Capacity(CapacityError::MessageTooLong { size, max_size }) => Failure::new(
-            "frame_too_large",
+            ErrorClass::FrameTooLarge,
             format!("server sent a {size} byte frame/message after {at}, over the {max_size} byte cap; refused"),
         ),
-        E::Capacity(c) => Failure::new("frame_too_large", format!("refused an oversized message after {at}: {c}")),
+        E::Capacity(c) => Failure::new(ErrorClass::FrameTooLarge, format!("refused an oversized message after {at}: {c}")),
         E::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Failure::new(
-            "ws_closed",
+            ErrorClass::WsClosed,
             format!("server dropped the connection without a close frame after {at}"),
         ),
-        E::Protocol(p) => Failure::new("protocol", format!("WebSocket protocol violation after {at}: {p}")),
-        E::Utf8(_) => Failure::new("protocol", format!("server sent a text frame that is not UTF-8 after {at}")),
-        E::Io(io) => Failure::new("ws_closed", format!("connection failed after {at}: {io}")),
+        E::Protocol(p) => Failure::new(ErrorClass::Protocol, format!("WebSocket protocol violation after {at}: {p}")),
+        E::Utf8(_) => Failure::new(ErrorClass::Protocol, format!("server sent a text frame that is not UTF-8 after {at}")),
+        E::Io(io) => Failure::new(ErrorClass::WsClosed, format!("connection failed after {at}: {io}")),
         E::ConnectionClosed | E::AlreadyClosed => {
-            Failure::new("ws_closed", format!("connection closed after {at}"))
+            Failure::new(ErrorClass::WsClosed, format!("connection closed after {at}"))
         }
         other => {
             let _ = cap;
-            Failure::new("protocol", format!("WebSocket error after {at}: {other}"))
+            Failure::new(ErrorClass::Protocol, format!("WebSocket error after {at}: {other}"))
         }
     }
 }
@@ -646,7 +665,7 @@ impl WsProbe {
                     tokio::time::sleep_until(until.into()).await;
                     if until < st + *d {
                         Err(Failure::new(
-                            "timeout",
+                            ErrorClass::Timeout,
                             format!("the {} timeout hit during {label}", human(self.timeout)),
                         ))
                     } else {
@@ -707,7 +726,7 @@ async fn send(
             Err(f)
         }
         Err(_) => Err(Failure::new(
-            "timeout",
+            ErrorClass::Timeout,
             format!("{label}: the send did not complete before the timeout"),
         )),
     }
@@ -762,18 +781,18 @@ async fn expect(
                 };
                 return Err(match last {
                     Some((text, reason)) => Failure::new(
-                        "assertion",
+                        ErrorClass::Assertion,
                         format!(
                             "{label}: no matching message {why}; the last one {reason}: {}",
                             excerpt(&text, 160)
                         ),
                     ),
-                    None => Failure::new("timeout", format!("{label}: no message {why}")),
+                    None => Failure::new(ErrorClass::Timeout, format!("{label}: no message {why}")),
                 });
             }
             Ok(None) => {
                 return Err(Failure::new(
-                    "ws_closed",
+                    ErrorClass::WsClosed,
                     format!("{label}: connection ended after {}", secs(since.elapsed())),
                 ))
             }
@@ -790,7 +809,7 @@ async fn expect(
             Message::Close(frame) => {
                 let (code, text) = close_text(&frame);
                 let mut f = Failure::new(
-                    "ws_closed",
+                    ErrorClass::WsClosed,
                     format!(
                         "{label}: server closed the socket with {text} after {}",
                         secs(since.elapsed())
@@ -806,7 +825,7 @@ async fn expect(
             None => return Ok(()),
             Some(reason) if !e.skip_others => {
                 return Err(Failure::new(
-                    "assertion",
+                    ErrorClass::Assertion,
                     format!("{label}: message {reason}: {}", excerpt(&text, 160)),
                 ));
             }

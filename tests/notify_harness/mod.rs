@@ -141,11 +141,11 @@ pub fn run(probe: &str, outcome: Outcome) -> RunResult {
     let error = match outcome {
         Outcome::Up => None,
         Outcome::Degraded => Some(ErrorInfo {
-            class: "http_status".into(),
+            class: watchpost::probe::ErrorClass::HttpStatus,
             message: "answered 207 (degraded)".into(),
         }),
         Outcome::Down => Some(ErrorInfo {
-            class: "connect_refused".into(),
+            class: watchpost::probe::ErrorClass::ConnectRefused,
             message: "connection refused by 127.0.0.1:9".into(),
         }),
     };
@@ -238,9 +238,18 @@ impl Agent {
         self.writer.join().await;
     }
 
-    pub fn incidents(&self, open_only: bool) -> Vec<serde_json::Value> {
+    pub fn incident_views(&self, open_only: bool) -> Vec<watchpost::incident::IncidentView> {
         let conn = self.store.reader().unwrap();
         watchpost::incident::list_incidents(&conn, open_only).unwrap()
+    }
+
+    pub fn incidents(&self, open_only: bool) -> Vec<serde_json::Value> {
+        let conn = self.store.reader().unwrap();
+        watchpost::incident::list_incidents(&conn, open_only)
+            .unwrap()
+            .into_iter()
+            .map(|i| serde_json::to_value(i).unwrap())
+            .collect()
     }
 
     /// Outbox rows: (notifier, kind, status, attempts).

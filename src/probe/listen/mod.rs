@@ -35,8 +35,11 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 use self::audio::Audio;
 use super::assert::excerpt;
 use super::websocket::{self as wsock, close_text, secs, Failure, Target, Ws};
-use super::Attempt;
+use super::{Attempt, ErrorClass};
 use crate::config::{duration::human, Dur, Interp, ProbeConfig, Rest, SpanError};
+
+/// The phases a listen run times.
+pub const PHASES: [&str; 4] = ["connect", "first_result", "final", "total"];
 
 // ---------------------------------------------------------------------------------------
 // Messages, as the dialects read them
@@ -827,7 +830,7 @@ impl ListenProbe {
                         }
                         Some(Err(e)) => {
                             let mut f = wsock::read_error(&e, s.max_message_bytes, since);
-                            if f.class == "ws_closed" {
+                            if f.class == ErrorClass::WsClosed {
                                 f.message.push_str(&heard_suffix(&heard));
                             }
                             return Err(f);
@@ -840,7 +843,7 @@ impl ListenProbe {
                             if matches!(s.dialect, Dialect::Generic { .. }) {
                                 continue;
                             }
-                            return Err(Failure::new("protocol", format!(
+                            return Err(Failure::new(ErrorClass::Protocol, format!(
                                 "server sent an unexpected binary message ({} bytes) after {}", b.len(), secs(since))));
                         }
                         Message::Close(frame) => {
@@ -863,7 +866,7 @@ impl ListenProbe {
                         }
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
                     };
-                    let ev = s.dialect.parse(&text).map_err(|why| Failure::new("protocol", format!(
+                    let ev = s.dialect.parse(&text).map_err(|why| Failure::new(ErrorClass::Protocol, format!(
                         "server sent a malformed message after {} ({why}): {}", secs(since), excerpt(&text, 120))))?;
                     match ev {
                         Event::Ignore => {}
@@ -921,7 +924,7 @@ impl ListenProbe {
                                     degraded.get_or_insert(format!("server reported service_status {line} after {}", secs(since)));
                                 }
                                 "stt_failed" => {
-                                    return Err(Failure::new("stt_failed", format!(
+                                    return Err(Failure::new(ErrorClass::SttFailed, format!(
                                         "server reported service_status {line} after {}{}", secs(since), heard_suffix(&heard))));
                                 }
                                 _ => {}
@@ -951,7 +954,7 @@ impl ListenProbe {
                             Some(t) => format!("while waiting for the final transcript ({} after the last audio frame)",
                                 secs(now.saturating_duration_since(t))),
                         };
-                        return Err(Failure::new("timeout", format!("the {} timeout hit {phase}{}", human(timeout), heard_suffix(&heard))));
+                        return Err(Failure::new(ErrorClass::Timeout, format!("the {} timeout hit {phase}{}", human(timeout), heard_suffix(&heard))));
                     }
                     if settle_at.is_some_and(|t| now >= t) {
                         break End::Complete("settled");
@@ -1019,7 +1022,7 @@ impl ListenProbe {
                             heard.interim.trim()
                         );
                     }
-                    return Err(Failure::new("no_transcript", msg));
+                    return Err(Failure::new(ErrorClass::NoTranscript, msg));
                 }
                 let final_at = heard.last_final.unwrap_or_else(Instant::now);
                 stats.final_at = Some(final_at);
@@ -1050,7 +1053,7 @@ impl ListenProbe {
                             "no transcript {after} after the last audio frame (no results at all)"
                         )
                     };
-                    return Err(Failure::new("no_transcript", msg));
+                    return Err(Failure::new(ErrorClass::NoTranscript, msg));
                 }
             }
         };
@@ -1066,7 +1069,7 @@ impl ListenProbe {
                 // misheard one.
                 if interim_only {
                     return Err(Failure::new(
-                        "no_transcript",
+                        ErrorClass::NoTranscript,
                         format!(
                             "no final transcript {after} after the last audio frame; interim results only \
                              ({judged:?}, WER {w:.2} against {expected:?})"
@@ -1074,7 +1077,7 @@ impl ListenProbe {
                     ));
                 }
                 return Err(Failure::new(
-                    "transcript_mismatch",
+                    ErrorClass::TranscriptMismatch,
                     format!(
                         "expected {expected:?} but heard {judged:?} (WER {w:.2} > {:.2})",
                         s.expect.max_wer
@@ -1085,22 +1088,22 @@ impl ListenProbe {
         for phrase in &s.expect.contains {
             if !wer::contains_phrase(&judged, phrase) {
                 return Err(Failure::new(
-                    "transcript_mismatch",
+                    ErrorClass::TranscriptMismatch,
                     format!("heard {judged:?}, which does not contain {phrase:?}"),
                 ));
             }
         }
         if interim_only {
             a.degrade(
-                "interim_only",
+                ErrorClass::InterimOnly,
                 format!("only interim results; no final transcript {after} after the last audio frame (heard {judged:?})"),
             );
         }
         if let Some(d) = degraded {
             let class = if d.starts_with("server reported service_status") {
-                "stt_degraded"
+                ErrorClass::SttDegraded
             } else {
-                "timeout"
+                ErrorClass::Timeout
             };
             a.degrade(class, d);
         }
@@ -1135,7 +1138,7 @@ impl ListenProbe {
                 ))
             }
             Err(_) => Err(Failure::new(
-                "timeout",
+                ErrorClass::Timeout,
                 format!(
                     "the {} timeout hit while sending {what} (is the server reading?)",
                     human(self.timeout)
@@ -1148,7 +1151,7 @@ impl ListenProbe {
 /// `server closed the socket with 1011 NET-0001 after 10.2 s without a transcript`.
 fn closed_failure(code: Option<u16>, what: &str, since: Duration, heard: &Heard) -> Failure {
     let mut f = Failure::new(
-        "ws_closed",
+        ErrorClass::WsClosed,
         format!("{what} after {}{}", secs(since), heard_suffix(heard)),
     );
     if let Some(c) = code {

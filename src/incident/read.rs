@@ -1,0 +1,213 @@
+//! Read models of incidents for the CLI (`watchpost incidents`), the API
+//! (`/api/v1/incidents`) and the dashboard: typed rows, serialized to the documented JSON
+//! shape. Only reads; the evaluator is the one writer of these tables.
+
+use std::fmt::Write as _;
+
+use rusqlite::{Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::notify::event::{human_span, iso, truncate};
+
+/// Most incidents one listing returns (newest first).
+const LIST_LIMIT: usize = 500;
+
+/// One incident with its timeline and notifications.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IncidentView {
+    pub id: i64,
+    pub component: String,
+    pub status: String,
+    pub worst_status: String,
+    pub open: bool,
+    pub opened_at: String,
+    pub resolved_at: Option<String>,
+    /// Open incidents: time so far.
+    pub duration_seconds: i64,
+    pub flapping: bool,
+    pub cause: Option<CauseView>,
+    pub timeline: Vec<TimelineEntry>,
+    pub notifications: Vec<NotificationView>,
+}
+
+/// The member and error that opened (or last changed) the incident.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CauseView {
+    pub member: String,
+    pub class: Option<String>,
+    pub message: Option<String>,
+}
+
+/// One transition of the incident.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimelineEntry {
+    pub at: String,
+    pub kind: String,
+    pub from: String,
+    pub to: String,
+    pub member: Option<String>,
+    pub class: Option<String>,
+    pub message: Option<String>,
+    pub note: Option<String>,
+}
+
+/// One outbox row of the incident: a notification to one notifier.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NotificationView {
+    pub id: i64,
+    pub notifier: String,
+    pub event: String,
+    pub status: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub queued_at: String,
+    pub finished_at: Option<String>,
+}
+
+fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |_| Ok(()),
+    )
+    .optional()
+    .map(|r| r.is_some())
+}
+
+/// Incidents newest first (at most 500), each with its timeline and notifications.
+pub fn list_incidents(conn: &Connection, open_only: bool) -> anyhow::Result<Vec<IncidentView>> {
+    if !table_exists(conn, "incidents")? {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT id, component, status, worst_status, opened_at, resolved_at, flapping, cause_member, cause_class, cause_message
+         FROM incidents {} ORDER BY opened_at DESC, id DESC LIMIT {LIST_LIMIT}",
+        if open_only { "WHERE resolved_at IS NULL" } else { "" }
+    );
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut st = conn.prepare(&sql)?;
+    let mut list = st
+        .query_map([], |r| {
+            let opened: i64 = r.get(4)?;
+            let resolved: Option<i64> = r.get(5)?;
+            let member: Option<String> = r.get(7)?;
+            Ok(IncidentView {
+                id: r.get(0)?,
+                component: r.get(1)?,
+                status: r.get(2)?,
+                worst_status: r.get(3)?,
+                open: resolved.is_none(),
+                opened_at: iso(opened),
+                resolved_at: resolved.map(iso),
+                duration_seconds: (resolved.unwrap_or(now) - opened).max(0) / 1000,
+                flapping: r.get(6)?,
+                cause: match member {
+                    Some(member) => Some(CauseView {
+                        member,
+                        class: r.get(8)?,
+                        message: r.get(9)?,
+                    }),
+                    None => None,
+                },
+                timeline: Vec::new(),
+                notifications: Vec::new(),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ev_st = conn.prepare(
+        "SELECT at, kind, from_status, to_status, member, error_class, message, note FROM incident_events WHERE incident_id = ?1 ORDER BY id",
+    )?;
+    let mut out_st = conn.prepare(
+        "SELECT id, notifier, kind, status, attempts, last_error, created_at, finished_at FROM outbox WHERE incident_id = ?1 ORDER BY id",
+    )?;
+    for inc in &mut list {
+        inc.timeline = ev_st
+            .query_map([inc.id], |r| {
+                Ok(TimelineEntry {
+                    at: iso(r.get(0)?),
+                    kind: r.get(1)?,
+                    from: r.get(2)?,
+                    to: r.get(3)?,
+                    member: r.get(4)?,
+                    class: r.get(5)?,
+                    message: r.get(6)?,
+                    note: r.get(7)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        inc.notifications = out_st
+            .query_map([inc.id], |r| {
+                Ok(NotificationView {
+                    id: r.get(0)?,
+                    notifier: r.get(1)?,
+                    event: r.get(2)?,
+                    status: r.get(3)?,
+                    attempts: r.get(4)?,
+                    last_error: r.get(5)?,
+                    queued_at: iso(r.get(6)?),
+                    finished_at: r.get::<_, Option<i64>>(7)?.map(iso),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(list)
+}
+
+/// Human table of incidents for `watchpost incidents`.
+pub fn render_incidents(list: &[IncidentView]) -> String {
+    if list.is_empty() {
+        return "no incidents\n".into();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<5} {:<24} {:<24} {:<24} {:<10} CAUSE",
+        "ID", "COMPONENT", "STATUS", "OPENED", "DURATION"
+    );
+    for v in list {
+        let status = if v.open {
+            v.status.clone()
+        } else {
+            format!("resolved ({})", v.worst_status)
+        };
+        let dur = human_span(v.duration_seconds * 1000);
+        let cause = v
+            .cause
+            .as_ref()
+            .map(|c| {
+                format!(
+                    "{} [{}] {}",
+                    c.member,
+                    c.class.as_deref().unwrap_or(""),
+                    c.message.as_deref().unwrap_or("")
+                )
+            })
+            .unwrap_or_default();
+        let flap = if v.flapping { " (flapping)" } else { "" };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<24} {:<24} {:<24} {:<10} {}{flap}",
+            v.id,
+            truncate(&v.component, 24),
+            status,
+            v.opened_at,
+            if v.open { format!("{dur}+") } else { dur },
+            truncate(&cause, 100),
+        );
+        for n in v.notifications.iter().filter(|n| n.status != "delivered") {
+            let _ = writeln!(
+                out,
+                "      ↳ {} {}: {} after {} attempt(s){}",
+                n.notifier,
+                n.event,
+                n.status,
+                n.attempts,
+                n.last_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    out
+}

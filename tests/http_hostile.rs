@@ -1,0 +1,107 @@
+//! The HTTP probe against servers that misbehave in ways a real service does: error pages
+//! that are not JSON, bodies that are not UTF-8, absurd numbers in health bodies. Each must
+//! give the class a human expects, never a panic and never a false `up`.
+
+mod common;
+
+use common::http::{class, http_probe, message, run_probe, HttpServer, Reply};
+use watchpost::probe::{ErrorClass, Outcome};
+
+#[tokio::test]
+async fn non_2xx_with_html_body_is_http_status_even_when_json_is_expected() {
+    let srv = HttpServer::start(|_| {
+        Reply::new(
+            503,
+            "text/html",
+            "<html><body><h1>503 Service Unavailable</h1></body></html>",
+        )
+    })
+    .await;
+    // `subchecks` needs JSON; the status still decides first.
+    let r = run_probe(&http_probe(
+        "p",
+        &srv.url("/health"),
+        "subchecks = \"checks\"",
+    ))
+    .await;
+    assert_eq!((r.outcome, class(&r)), (Outcome::Down, "http_status"));
+    assert!(message(&r).contains("503"), "{}", message(&r));
+    assert!(
+        message(&r).contains("Service Unavailable"),
+        "{}",
+        message(&r)
+    );
+}
+
+#[tokio::test]
+async fn non_2xx_with_empty_json_body_is_http_status() {
+    let srv = HttpServer::start(|_| Reply::new(502, "application/json", "")).await;
+    let r = run_probe(&http_probe("p", &srv.url("/health"), "")).await;
+    assert_eq!((r.outcome, class(&r)), (Outcome::Down, "http_status"));
+    assert_eq!(message(&r), "HTTP 502 Bad Gateway");
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_json_body_is_invalid_json_not_up() {
+    let mut body = b"{\"status\":\"ok\",\"service\":\"api".to_vec();
+    body.extend_from_slice(&[0xff, 0xfe]);
+    body.extend_from_slice(b"\"}");
+    let srv = HttpServer::start(move |_| Reply::new(200, "application/json", body.clone())).await;
+    let r = run_probe(&http_probe("p", &srv.url("/health"), "")).await;
+    assert_eq!((r.outcome, class(&r)), (Outcome::Down, "invalid_json"));
+    assert!(message(&r).contains("not valid UTF-8"), "{}", message(&r));
+}
+
+#[tokio::test]
+async fn absurd_subcheck_latency_is_ignored_not_a_panic() {
+    let srv = HttpServer::json(
+        200,
+        r#"{"status":"ok","checks":{"db":{"status":"ok","latency_ms":1e30},
+            "cache":{"status":"ok","latency_ms":-5},"queue":{"status":"ok","latency_ms":12.5}}}"#,
+    )
+    .await;
+    let r = run_probe(&http_probe(
+        "p",
+        &srv.url("/health"),
+        "subchecks = \"checks\"",
+    ))
+    .await;
+    assert_eq!(r.outcome, Outcome::Up, "{:?}", r.error);
+    let lat: Vec<_> = r
+        .subchecks
+        .iter()
+        .map(|s| (s.series.as_str(), s.latency))
+        .collect();
+    assert_eq!(
+        lat,
+        vec![
+            ("p/checks.db", None),
+            ("p/checks.cache", None),
+            (
+                "p/checks.queue",
+                Some(std::time::Duration::from_micros(12_500))
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn every_class_in_a_run_is_a_documented_one() {
+    // A grab bag of failures; whatever they produce must parse back into the closed set.
+    let srv = HttpServer::start(|req| match req.path.as_str() {
+        "/a" => Reply::new(200, "application/json", "{not json"),
+        "/b" => Reply::json(200, r#"{"status":"fail","error":"db down"}"#),
+        _ => Reply::json(207, r#"{"status":"ok"}"#),
+    })
+    .await;
+    for (path, want) in [
+        ("/a", ErrorClass::InvalidJson),
+        ("/b", ErrorClass::Unhealthy),
+        ("/c", ErrorClass::Degraded),
+    ] {
+        let r = run_probe(&http_probe("p", &srv.url(path), "")).await;
+        let got = r.error.as_ref().map(|e| e.class);
+        assert_eq!(got, Some(want), "{path}: {:?}", r.error);
+        assert_eq!(ErrorClass::parse(class(&r)), Some(want));
+    }
+}
