@@ -155,7 +155,7 @@ audio = "audio/testing-one-two-three.wav"
 max_wer = 0.2
 interval = "15s"
 offset = "600ms"
-timeout = "20s"
+timeout = "12s"
 
 [budget]
 final = {{ p95 = "1s", run = "2s" }}

@@ -70,7 +70,7 @@ fn a_good_config_loads() {
 
 #[test]
 fn unknown_key_in_main_file() {
-    let t = TestConfig::empty();
+    let t = TestConfig::with_probe("api.toml", GOOD_PROBE);
     let main = t.write(
         "watchpost.toml",
         "[agent]\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\nlocaton = \"eu-west-1\"\n",
@@ -104,7 +104,7 @@ fn bad_duration_in_probe_file() {
 
 #[test]
 fn bad_duration_in_main_file() {
-    let t = TestConfig::empty();
+    let t = TestConfig::with_probe("api.toml", GOOD_PROBE);
     let main = t.write(
         "watchpost.toml",
         &MAIN_TOML.replace("timeout = \"1s\"", "timeout = \"soon\""),
@@ -156,7 +156,7 @@ fn missing_env_var_in_interpolated_string() {
 
 #[test]
 fn missing_env_var_in_main_file() {
-    let t = TestConfig::empty();
+    let t = TestConfig::with_probe("api.toml", GOOD_PROBE);
     let main = t.write(
         "watchpost.toml",
         &MAIN_TOML.replace(
@@ -176,7 +176,7 @@ fn missing_env_var_in_main_file() {
 
 #[test]
 fn missing_env_var_named_by_an_env_key() {
-    let t = TestConfig::empty();
+    let t = TestConfig::with_probe("api.toml", GOOD_PROBE);
     let main = t.write(
         "watchpost.toml",
         &format!("{MAIN_TOML}\n[notifier.pager]\nkind = \"pagerduty\"\nrouting_key_env = \"WP_CFG_TEST_MISSING_ROUTING_KEY\"\n"),

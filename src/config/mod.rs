@@ -378,10 +378,10 @@ struct ProbeCommonFile {
     #[serde(default)]
     description: String,
     interval: Option<Spanned<Dur>>,
-    timeout: Option<Dur>,
-    retries: Option<u32>,
+    timeout: Option<Spanned<Dur>>,
+    retries: Option<Spanned<u32>>,
     retry_delay: Option<Dur>,
-    jitter: Option<Dur>,
+    jitter: Option<Spanned<Dur>>,
     /// Fixed start within the interval (default: a stable hash of the name).
     offset: Option<Spanned<Dur>>,
     /// Per-phase latency budgets.
@@ -505,7 +505,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
     let (main, notifiers) = parse_main(&src, &mut diags);
 
-    let agent = build_agent(&main.agent, &dir, &src, &mut diags);
+    let agent = build_agent(&main.agent, &dir);
 
     // Probe files.
     let mut probes: Vec<ProbeConfig> = Vec::new();
@@ -559,11 +559,21 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
                 Err(mut d) => diags.append(&mut d),
             }
         }
-        if !matched && !pattern.contains('*') && !pattern.contains('?') {
-            diags.push(src.diag(
-                find_span(&src.text, pattern),
-                format!("probe file {} does not exist", full.display()),
-            ));
+        if !matched {
+            let span = find_span(&src.text, pattern).or_else(|| {
+                DeTable::parse(&src.text)
+                    .ok()
+                    .and_then(|d| key_span(d.get_ref(), "agent", "probes"))
+            });
+            let msg = if pattern.contains(['*', '?', '[']) {
+                format!(
+                    "probe glob {pattern:?} matches no file (looked for {})",
+                    full.display()
+                )
+            } else {
+                format!("probe file {} does not exist", full.display())
+            };
+            diags.push(src.diag(span, msg));
         }
     }
     probes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -664,6 +674,60 @@ fn list_or_none(names: &[&str]) -> String {
     }
 }
 
+/// Most quick confirmation retries a probe may ask for: each one is a full attempt, so more
+/// would only delay the verdict (and 4e9 of them never end).
+pub const MAX_RETRIES: u32 = 10;
+
+/// Span of the value of `table.key` in a parsed file (where the fix goes).
+fn key_span(doc: &DeTable<'_>, table: &str, key: &str) -> Option<Range<usize>> {
+    let DeValue::Table(t) = doc.get(table)?.get_ref() else {
+        return None;
+    };
+    t.get(key).map(|v| v.span())
+}
+
+/// `[defaults]` checks: each reported once, at the key.
+fn check_defaults(d: &Defaults, doc: &DeTable<'_>, src: &Source, diags: &mut Vec<Diagnostic>) {
+    let at = |key: &str| key_span(doc, "defaults", key);
+    if d.interval.0 < Duration::from_secs(1) {
+        diags.push(src.diag(
+            at("interval"),
+            format!(
+                "interval {} is below the 1s floor",
+                duration::human(d.interval.0)
+            ),
+        ));
+    }
+    if d.timeout.0.is_zero() {
+        diags.push(src.diag(at("timeout"), "timeout must be longer than 0s"));
+    } else if d.timeout.0 > d.interval.0 {
+        diags.push(src.diag(
+            at("timeout"),
+            format!(
+                "timeout {} is longer than the interval {}: runs would overlap and be skipped",
+                duration::human(d.timeout.0),
+                duration::human(d.interval.0)
+            ),
+        ));
+    }
+    if d.jitter.0 >= d.interval.0 {
+        diags.push(src.diag(
+            at("jitter"),
+            format!(
+                "jitter {} must be shorter than the interval {}",
+                duration::human(d.jitter.0),
+                duration::human(d.interval.0)
+            ),
+        ));
+    }
+    if d.retries > MAX_RETRIES {
+        diags.push(src.diag(
+            at("retries"),
+            format!("retries = {} is more than {MAX_RETRIES}", d.retries),
+        ));
+    }
+}
+
 fn find_span(text: &str, needle: &str) -> Option<Range<usize>> {
     text.find(&format!("\"{needle}\""))
         .map(|i| i..i + needle.len() + 2)
@@ -722,20 +786,8 @@ fn parse_main(src: &Source, diags: &mut Vec<Diagnostic>) -> (MainFile, Vec<Notif
             m
         }
     };
-    let defaults_t = match doc.get_ref().get("defaults").map(|v| v.get_ref()) {
-        Some(DeValue::Table(t)) => Some(t),
-        _ => None,
-    };
-    if main.defaults.interval.0 < Duration::from_secs(1) {
-        let span = defaults_t.and_then(|t| t.get("interval")).map(|v| v.span());
-        diags.push(src.diag(
-            span,
-            format!(
-                "interval {} is below the 1s floor",
-                duration::human(main.defaults.interval.0)
-            ),
-        ));
-    }
+    check_defaults(&main.defaults, doc.get_ref(), src, diags);
+    check_agent(&main.agent, doc.get_ref(), src, diags);
     let mut notifiers = Vec::new();
     if let Some(v) = doc.get_ref().get("notifier") {
         if let DeValue::Table(t) = v.get_ref() {
@@ -799,7 +851,35 @@ impl<'a> Rest<'a> {
     }
 }
 
-fn build_agent(a: &AgentFile, dir: &Path, src: &Source, diags: &mut Vec<Diagnostic>) -> Agent {
+/// `[agent]` checks, each at its key.
+fn check_agent(a: &AgentFile, doc: &DeTable<'_>, src: &Source, diags: &mut Vec<Diagnostic>) {
+    let at = |key: &str| key_span(doc, "agent", key);
+    if a.max_concurrency == 0 {
+        diags.push(src.diag(at("max_concurrency"), "max_concurrency must be at least 1"));
+    }
+    if !a.listen.is_empty() && a.listen.as_str().parse::<std::net::SocketAddr>().is_err() {
+        diags.push(src.diag(
+            at("listen"),
+            format!(
+                "listen = {:?} is not an address like \"127.0.0.1:9464\"",
+                a.listen.as_str()
+            ),
+        ));
+    }
+    if let Some(var) = &a.api_token_env {
+        if std::env::var(var).map_or(true, |v| v.is_empty()) {
+            diags.push(src.diag(
+                at("api_token_env"),
+                format!(
+                    "api_token_env names {var}, which is not set: export it, or remove the key \
+                     (mutating API calls need the token)"
+                ),
+            ));
+        }
+    }
+}
+
+fn build_agent(a: &AgentFile, dir: &Path) -> Agent {
     let location = a
         .location
         .as_ref()
@@ -812,21 +892,7 @@ fn build_agent(a: &AgentFile, dir: &Path, src: &Source, diags: &mut Vec<Diagnost
             Ok(v) if !v.is_empty() => Some(Secret::new(var.clone(), v)),
             _ => None,
         });
-    if a.max_concurrency == 0 {
-        diags.push(src.diag(
-            find_span(&src.text, "max_concurrency"),
-            "max_concurrency must be at least 1",
-        ));
-    }
     let listen = (!a.listen.is_empty()).then(|| a.listen.to_string());
-    if let Some(l) = &listen {
-        if l.parse::<std::net::SocketAddr>().is_err() {
-            diags.push(src.diag(
-                find_span(&src.text, l),
-                format!("listen = {l:?} is not an address like \"127.0.0.1:9464\""),
-            ));
-        }
-    }
     Agent {
         location,
         data_dir: dir.join(a.data_dir.as_str()),
@@ -846,6 +912,73 @@ pub fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// A probe's own timing keys against its interval. Problems that come only from
+/// `[defaults]` are reported there, once; here only what this file's keys cause.
+fn check_probe_timing(
+    common: &ProbeCommonFile,
+    spec: &ProbeSpec,
+    interval: Duration,
+    timeout: Duration,
+    defaults: &Defaults,
+    src: &Source,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let own_interval = common.interval.as_ref().map(|i| i.span());
+    if let Some(r) = common
+        .retries
+        .as_ref()
+        .filter(|r| *r.get_ref() > MAX_RETRIES)
+    {
+        diags.push(src.diag(
+            Some(r.span()),
+            format!("retries = {} is more than {MAX_RETRIES}", r.get_ref()),
+        ));
+    }
+    let h = duration::human;
+    match &common.timeout {
+        Some(t) if t.get_ref().0.is_zero() => {
+            diags.push(src.diag(Some(t.span()), "timeout must be longer than 0s"))
+        }
+        _ if timeout > interval => {
+            // At the key that makes it so: this file's timeout, else its interval, else (a
+            // kind's own default timeout against the inherited interval) the kind.
+            let span = common
+                .timeout
+                .as_ref()
+                .map(|t| t.span())
+                .or(own_interval.clone())
+                .or_else(|| (spec.default_timeout() == Some(timeout)).then(|| common.kind.span()));
+            if span.is_some() || timeout != defaults.timeout.0 {
+                diags.push(src.diag(
+                    span,
+                    format!(
+                        "timeout {} is longer than the interval {}: runs would overlap and be skipped",
+                        h(timeout),
+                        h(interval)
+                    ),
+                ));
+            }
+        }
+        _ => {}
+    }
+    let jitter = common
+        .jitter
+        .as_ref()
+        .map_or(defaults.jitter.0, |j| j.get_ref().0);
+    if jitter >= interval {
+        if let Some(span) = common.jitter.as_ref().map(|j| j.span()).or(own_interval) {
+            diags.push(src.diag(
+                Some(span),
+                format!(
+                    "jitter {} must be shorter than the interval {}",
+                    h(jitter),
+                    h(interval)
+                ),
+            ));
+        }
+    }
 }
 
 /// Load one probe file; returns the probe and the position of its `name`.
@@ -960,7 +1093,17 @@ fn load_probe(
         return Err(diags);
     }
     let Some(spec) = spec else { return Err(diags) };
-    let timeout = common.timeout.unwrap_or(defaults.timeout).0;
+    let own_timeout = common.timeout.as_ref().map(|t| t.get_ref().0);
+    let timeout = spec
+        .default_timeout()
+        .filter(|_| own_timeout.is_none())
+        .unwrap_or(own_timeout.unwrap_or(defaults.timeout.0));
+    check_probe_timing(
+        &common, &spec, interval, timeout, defaults, &src, &mut diags,
+    );
+    if !diags.is_empty() {
+        return Err(diags);
+    }
     Ok((
         ProbeConfig {
             name,
@@ -969,13 +1112,17 @@ fn load_probe(
             enabled: common.enabled,
             description: common.description,
             interval,
-            timeout: spec
-                .default_timeout()
-                .filter(|_| common.timeout.is_none())
-                .unwrap_or(timeout),
-            retries: common.retries.unwrap_or(defaults.retries),
+            timeout,
+            retries: common
+                .retries
+                .map(|r| r.into_inner())
+                .unwrap_or(defaults.retries),
             retry_delay: common.retry_delay.unwrap_or(defaults.retry_delay).0,
-            jitter: common.jitter.unwrap_or(defaults.jitter).0,
+            jitter: common
+                .jitter
+                .map(|j| j.into_inner())
+                .unwrap_or(defaults.jitter)
+                .0,
             offset: common.offset.map(|o| o.into_inner().0),
             budget: common
                 .budget
