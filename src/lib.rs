@@ -12,6 +12,7 @@ pub mod incident;
 pub mod metrics;
 pub mod notify;
 pub mod probe;
+pub mod redact;
 pub mod report;
 pub mod schedule;
 pub mod store;

@@ -277,7 +277,8 @@ impl Ctx {
         let resp = match tokio::time::timeout(t, req.send()).await {
             Err(_) => return Err(DeliveryError::Timeout(t)),
             Ok(Err(e)) if e.is_timeout() => return Err(DeliveryError::Timeout(t)),
-            Ok(Err(e)) => return Err(DeliveryError::Network(error_chain(&e))),
+            // Never the URL: webhook paths and integration URLs carry tokens.
+            Ok(Err(e)) => return Err(DeliveryError::Network(error_chain(&e.without_url()))),
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
@@ -289,7 +290,7 @@ impl Ctx {
         let body = match tokio::time::timeout(t, read_capped(resp)).await {
             Ok(Ok(b)) => b,
             Ok(Err(e)) if (200..300).contains(&status) => {
-                return Err(DeliveryError::Network(error_chain(&e)))
+                return Err(DeliveryError::Network(error_chain(&e.without_url())))
             }
             Ok(Err(_)) => String::new(),
             Err(_) => return Err(DeliveryError::Timeout(t)),

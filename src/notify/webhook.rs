@@ -292,7 +292,10 @@ impl Destination for WebhookConfig {
         Box::pin(async move {
             let ev = Event::test(&ctx.location, chrono::Utc::now().timestamp_millis());
             self.post(ctx, &ev).await?;
-            Ok(format!("posted a test event to {}", self.url.as_str()))
+            Ok(format!(
+                "posted a test event to {}",
+                crate::redact::redact_url(self.url.as_str())
+            ))
         })
     }
 }
