@@ -105,3 +105,65 @@ async fn every_class_in_a_run_is_a_documented_one() {
         assert_eq!(ErrorClass::parse(class(&r)), Some(want));
     }
 }
+
+#[tokio::test]
+async fn cross_origin_redirect_drops_configured_headers_and_sends_no_referer() {
+    let landing = HttpServer::start(|_| Reply::json(200, r#"{"status":"ok"}"#)).await;
+    let land_url = landing.url("/land");
+    let start = HttpServer::start(move |r| match r.path.split('?').next().unwrap_or("") {
+        "/same" => Reply::redirect("/final?token=abc"),
+        "/final" => Reply::redirect(&land_url),
+        _ => Reply::json(404, "{}"),
+    })
+    .await;
+    let extra = "headers = { \"X-Api-Key\" = \"k3y\", Authorization = \"Bearer t0k\" }";
+    let r = run_probe(&http_probe("p", &start.url("/same?token=abc"), extra)).await;
+    assert_eq!(r.outcome, Outcome::Up, "{:?}", r.error);
+    // Same origin: the configured headers went along, and never a Referer.
+    let first = start.requests();
+    assert_eq!(first.len(), 2);
+    for req in &first {
+        assert_eq!(req.header("x-api-key"), Some("k3y"), "{}", req.path);
+        assert_eq!(req.header("referer"), None);
+    }
+    // Another origin (another port): none of the configured headers, no Referer.
+    let hit = &landing.requests()[0];
+    assert_eq!(hit.path, "/land");
+    assert_eq!(hit.header("x-api-key"), None);
+    assert_eq!(hit.header("authorization"), None);
+    assert_eq!(hit.header("referer"), None);
+    assert!(hit
+        .header("user-agent")
+        .unwrap_or("")
+        .starts_with("watchpost/"));
+}
+
+#[tokio::test]
+async fn redirect_loop_is_too_many_redirects_without_the_query() {
+    let srv = HttpServer::start(|_| Reply::redirect("/loop?token=s3cret")).await;
+    let r = run_probe(&http_probe("p", &srv.url("/loop"), "max_redirects = 3")).await;
+    assert_eq!(
+        (r.outcome, class(&r)),
+        (Outcome::Down, "too_many_redirects")
+    );
+    assert!(
+        message(&r).contains("more than 3 redirects"),
+        "{}",
+        message(&r)
+    );
+    assert!(!message(&r).contains("s3cret"), "{}", message(&r));
+    assert_eq!(srv.requests().len(), 4);
+}
+
+#[tokio::test]
+async fn see_other_after_post_continues_as_get_without_body() {
+    let srv = HttpServer::start(|r| match (r.method.as_str(), r.path.as_str()) {
+        ("POST", "/submit") => Reply::new(303, "text/plain", "").header("Location", "/result"),
+        ("GET", "/result") if r.body.is_empty() => Reply::json(200, r#"{"status":"ok"}"#),
+        _ => Reply::json(400, r#"{"error":"unexpected"}"#),
+    })
+    .await;
+    let extra = "method = \"POST\"\nbody = \"{}\"";
+    let r = run_probe(&http_probe("p", &srv.url("/submit"), extra)).await;
+    assert_eq!(r.outcome, Outcome::Up, "{:?}", r.error);
+}

@@ -204,16 +204,14 @@ pub struct HttpProbe {
     timeout: Duration,
 }
 
-/// Clients shared by probes with the same redirect policy and trust roots. A reqwest client
-/// carries a parsed root store and TLS config; 10,000 probes must not hold 10,000 of them.
-/// Connections are never pooled, so sharing a client shares no connection state.
-fn shared_client(
-    max_redirects: usize,
-    ca_pem: Option<&Arc<Vec<u8>>>,
-) -> anyhow::Result<reqwest::Client> {
-    type Key = (usize, Option<Vec<u8>>);
+/// Clients shared by probes with the same trust roots. A reqwest client carries a parsed
+/// root store and TLS config; 10,000 probes must not hold 10,000 of them. Connections are
+/// never pooled, so sharing a client shares no connection state. Redirects are followed by
+/// [`HttpProbe::fetch`] itself (see there), never by the client.
+fn shared_client(ca_pem: Option<&Arc<Vec<u8>>>) -> anyhow::Result<reqwest::Client> {
+    type Key = Option<Vec<u8>>;
     static CLIENTS: OnceLock<Mutex<HashMap<Key, reqwest::Client>>> = OnceLock::new();
-    let key: Key = (max_redirects, ca_pem.map(|p| p.as_ref().clone()));
+    let key: Key = ca_pem.map(|p| p.as_ref().clone());
     let mut map = CLIENTS
         .get_or_init(Default::default)
         .lock()
@@ -221,14 +219,10 @@ fn shared_client(
     if let Some(c) = map.get(&key) {
         return Ok(c.clone());
     }
-    let redirect = if max_redirects == 0 {
-        reqwest::redirect::Policy::none()
-    } else {
-        reqwest::redirect::Policy::limited(max_redirects)
-    };
     let mut b = reqwest::Client::builder()
         .user_agent(USER_AGENT)
-        .redirect(redirect)
+        .redirect(reqwest::redirect::Policy::none())
+        .referer(false)
         .pool_max_idle_per_host(0)
         .tls_info(true);
     if let Some(pem) = ca_pem {
@@ -239,6 +233,13 @@ fn shared_client(
     let client = b.build()?;
     map.insert(key, client.clone());
     Ok(client)
+}
+
+/// Same scheme, host and port: configured headers may follow a redirect only there.
+fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
 }
 
 impl HttpProbe {
@@ -257,7 +258,7 @@ impl HttpProbe {
         Ok(HttpProbe {
             name: cfg.name.clone(),
             spec: spec.clone(),
-            client: shared_client(spec.max_redirects, spec.ca_pem.as_ref())?,
+            client: shared_client(spec.ca_pem.as_ref())?,
             headers,
             timeout: cfg.timeout,
         })
@@ -271,28 +272,94 @@ impl HttpProbe {
         a
     }
 
+    /// Send the request, following up to `max_redirects` redirects by hand: on a hop to
+    /// another origin the configured headers (API keys, tokens) are dropped, and no hop ever
+    /// carries a `Referer` (it would hold the original URL and its `?token=`). 301/302 of
+    /// a non-GET and every 303 continue as GET without body, as browsers do. With
+    /// `max_redirects = 0` the 3xx itself is the answer that is judged.
+    async fn send_following_redirects(
+        &self,
+        a: &mut Attempt,
+        t0: Instant,
+    ) -> Option<reqwest::Response> {
+        let s = &self.spec;
+        let Ok(mut url) = reqwest::Url::parse(s.url.as_str()) else {
+            a.down(ErrorClass::Internal, "the probe URL no longer parses");
+            return None;
+        };
+        let origin = url.clone();
+        let mut method = s.method.clone();
+        let mut body = s.body.as_ref().map(|b| b.to_string());
+        let mut hops = 0;
+        loop {
+            let headers = if same_origin(&origin, &url) {
+                self.headers.clone()
+            } else {
+                let mut h = HeaderMap::new();
+                h.insert(
+                    reqwest::header::CACHE_CONTROL,
+                    HeaderValue::from_static("no-cache"),
+                );
+                h
+            };
+            let left = self.timeout.saturating_sub(t0.elapsed());
+            let mut req = self
+                .client
+                .request(method.clone(), url.clone())
+                .headers(headers)
+                .timeout(left.max(Duration::from_millis(1)));
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    // Messages never carry the URL: it may hold a `${ENV}` secret.
+                    let (class, msg) = classify(&e.without_url(), self.timeout, "request");
+                    a.down(class, msg);
+                    return None;
+                }
+            };
+            let status = resp.status();
+            let location = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| url.join(l).ok());
+            let (true, Some(next), false) =
+                (status.is_redirection(), location, s.max_redirects == 0)
+            else {
+                return Some(resp);
+            };
+            if hops == s.max_redirects {
+                a.down(
+                    ErrorClass::TooManyRedirects,
+                    format!(
+                        "more than {} redirects (the last one to {})",
+                        s.max_redirects,
+                        crate::redact::redact_url(next.as_str())
+                    ),
+                );
+                return None;
+            }
+            hops += 1;
+            let code = status.as_u16();
+            if code == 303 || (matches!(code, 301 | 302) && method != reqwest::Method::GET) {
+                if method != reqwest::Method::HEAD {
+                    method = reqwest::Method::GET;
+                }
+                body = None;
+            }
+            url = next;
+        }
+    }
+
     /// Send the request and read the body under the cap. Records `ttfb`, `total` and the
     /// response facts in `a`; `None` when the transaction itself failed (`a` says why).
     async fn fetch(&self, a: &mut Attempt) -> Option<Fetched> {
         let s = &self.spec;
-        let mut req = self
-            .client
-            .request(s.method.clone(), s.url.as_str())
-            .headers(self.headers.clone())
-            .timeout(self.timeout);
-        if let Some(body) = &s.body {
-            req = req.body(body.to_string());
-        }
         let t0 = Instant::now();
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                // Messages never carry the URL: it may hold a `${ENV}` secret.
-                let (class, msg) = classify(&e.without_url(), self.timeout, "request");
-                a.down(class, msg);
-                return None;
-            }
-        };
+        let resp = self.send_following_redirects(a, t0).await?;
         a.phase("ttfb", t0.elapsed());
         let status = resp.status();
         a.detail("status", status.as_u16());
