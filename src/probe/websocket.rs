@@ -357,6 +357,15 @@ pub fn read_error(e: &tungstenite::Error, cap: usize, after: Duration) -> Failur
 /// `1011 NET-0001`, `1000`, `1006 (no close frame)`.
 pub fn close_text(frame: &Option<CloseFrame>) -> (u16, String) {
     match frame {
+        // tungstenite answers a close frame with an illegal code (999, 1005, 1006, 5000…)
+        // with its own 1002 "Protocol violation" and hands that up instead: the server did
+        // not send 1002, so say what it did send.
+        Some(f) if u16::from(f.code) == 1002 && f.reason == "Protocol violation" => (
+            1002,
+            "a close code that is not a valid close code (999, 1005, 1006, 1015 and ≥ 5000 \
+             may never be sent)"
+                .into(),
+        ),
         Some(f) => {
             let code = u16::from(f.code);
             let reason = f.reason.to_string();
