@@ -167,3 +167,46 @@ async fn see_other_after_post_continues_as_get_without_body() {
     let r = run_probe(&http_probe("p", &srv.url("/submit"), extra)).await;
     assert_eq!(r.outcome, Outcome::Up, "{:?}", r.error);
 }
+
+#[tokio::test]
+async fn changing_subcheck_names_are_capped_per_probe() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let n = std::sync::Arc::new(AtomicUsize::new(0));
+    let srv = HttpServer::start(move |_| {
+        // Every answer: 50 fresh names, one stable one, one absurdly long one.
+        let round = n.fetch_add(1, Ordering::SeqCst);
+        let mut checks: Vec<String> = (0..50)
+            .map(|i| format!("\"svc-{round}-{i}\":{{\"status\":\"ok\"}}"))
+            .collect();
+        checks.push("\"db\":{\"status\":\"ok\",\"latency_ms\":3}".into());
+        checks.push(format!("\"{}\":{{\"status\":\"ok\"}}", "x".repeat(500)));
+        Reply::json(
+            200,
+            &format!("{{\"status\":\"ok\",\"checks\":{{{}}}}}", checks.join(",")),
+        )
+    })
+    .await;
+    let t = common::http::TestConfig::with_probe(
+        "p.toml",
+        &http_probe("p", &srv.url("/health"), "subchecks = \"checks\""),
+    );
+    let cfg = t.load_ok();
+    let pc = cfg.probes[0].clone();
+    let probe = watchpost::probe::Probe::build(&pc).unwrap();
+    let mut series = std::collections::HashSet::new();
+    for round in 0..4 {
+        let r = watchpost::probe::run_confirmed(&probe, &pc).await;
+        assert_eq!(r.outcome, Outcome::Up, "{:?}", r.error);
+        for s in &r.subchecks {
+            series.insert(s.series.clone());
+        }
+        if round > 0 {
+            // Round 1 fills the cap (13 of 50 new names); after that only known series stay.
+            let dropped = r.details["subchecks_dropped"].as_u64().unwrap();
+            assert_eq!(dropped, if round == 1 { 38 } else { 51 }, "{:?}", r.details);
+            assert!(r.subchecks.iter().any(|s| s.series == "p/checks.db"));
+        }
+    }
+    assert_eq!(series.len(), watchpost::probe::http::MAX_SUBCHECKS);
+    assert!(series.iter().all(|s| s.len() < 100), "long name recorded");
+}

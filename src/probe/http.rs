@@ -202,7 +202,15 @@ pub struct HttpProbe {
     client: reqwest::Client,
     headers: HeaderMap,
     timeout: Duration,
+    /// Sub-check series this probe has reported, capped at [`MAX_SUBCHECKS`]: the watched
+    /// service does not decide how many series, rows and metrics we keep.
+    known_subchecks: Mutex<std::collections::HashSet<String>>,
 }
+
+/// Most distinct sub-check series one probe records over its life.
+pub const MAX_SUBCHECKS: usize = 64;
+/// Longest sub-check name recorded (characters).
+pub const MAX_SUBCHECK_NAME: usize = 64;
 
 /// Clients shared by probes with the same trust roots. A reqwest client carries a parsed
 /// root store and TLS config; 10,000 probes must not hold 10,000 of them. Connections are
@@ -261,6 +269,7 @@ impl HttpProbe {
             client: shared_client(spec.ca_pem.as_ref())?,
             headers,
             timeout: cfg.timeout,
+            known_subchecks: Mutex::default(),
         })
     }
 
@@ -269,7 +278,47 @@ impl HttpProbe {
         if let Some(resp) = self.fetch(&mut a).await {
             judge(&self.spec, &self.name, &resp, &mut a);
         }
+        self.cap_subchecks(&mut a);
         a
+    }
+
+    /// Keep sub-checks already known, and new ones while under the cap; say how many were
+    /// dropped (a body with 40,000 changing names must not grow 40,000 series).
+    fn cap_subchecks(&self, a: &mut Attempt) {
+        if a.subchecks.is_empty() {
+            return;
+        }
+        let mut known = self
+            .known_subchecks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let prefix = format!(
+            "{}/{}.",
+            self.name,
+            self.spec.subchecks.as_deref().unwrap_or("")
+        );
+        let before = a.subchecks.len();
+        a.subchecks.retain(|sc| {
+            if known.contains(&sc.series) {
+                return true;
+            }
+            let name = sc.series.get(prefix.len()..).unwrap_or("");
+            if known.len() < MAX_SUBCHECKS && name.chars().count() <= MAX_SUBCHECK_NAME {
+                known.insert(sc.series.clone());
+                return true;
+            }
+            false
+        });
+        let dropped = before - a.subchecks.len();
+        if dropped > 0 {
+            a.detail("subchecks_dropped", dropped as u64);
+            a.detail(
+                "subchecks_note",
+                format!(
+                    "{dropped} sub-check(s) not recorded: at most {MAX_SUBCHECKS} series per probe, names up to {MAX_SUBCHECK_NAME} characters"
+                ),
+            );
+        }
     }
 
     /// Send the request, following up to `max_redirects` redirects by hand: on a hop to
