@@ -464,6 +464,33 @@ impl HttpProbe {
     }
 }
 
+/// Judge a complete response as a run of `spec` would (no network): the health-body reader
+/// on its own, for tests and fuzzing. Sub-check caps are not applied (they need the probe).
+pub fn judge_response(
+    spec: &HttpSpec,
+    probe: &str,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) -> Attempt {
+    let mut a = Attempt::new();
+    let Ok(status) = reqwest::StatusCode::from_u16(status) else {
+        a.down(
+            ErrorClass::Protocol,
+            format!("invalid HTTP status {status}"),
+        );
+        return a;
+    };
+    let r = Fetched {
+        status,
+        content_type: content_type.to_ascii_lowercase(),
+        body: body.to_vec(),
+        cert_days: None,
+    };
+    judge(spec, probe, &r, &mut a);
+    a
+}
+
 /// A complete response, as [`judge`] sees it.
 #[derive(Debug)]
 struct Fetched {
