@@ -9,6 +9,23 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use watchpost::{check, config, demo, incident, notify, report, store};
 
+/// `println!` that returns the write error instead of panicking, so a closed pipe
+/// (`watchpost validate | head -0`) ends the command quietly (see `main`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?;
+    }};
+}
+
+/// `print!` without a newline, same error handling as [`out!`].
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)?;
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "watchpost",
@@ -64,6 +81,7 @@ enum Cmd {
         /// How far back to look.
         #[arg(long, default_value = "24h")]
         window: String,
+        /// Output format.
         #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
         format: ReportFormat,
         /// Shorthand for --format json.
@@ -78,11 +96,15 @@ enum Cmd {
         /// Only open incidents.
         #[arg(long)]
         open: bool,
+        /// One JSON object per incident per line (with its timeline and notifications).
         #[arg(long)]
         json: bool,
     },
     /// Send one clearly marked test event to a notifier.
-    NotifyTest { notifier: String },
+    NotifyTest {
+        /// Name of a `[notifier.NAME]` table in the config.
+        notifier: String,
+    },
     /// Embedded demo services + agent + dashboard, one command.
     Demo {
         /// Dashboard address.
@@ -98,7 +120,10 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = <Cli as clap::CommandFactory>::command()
+        .try_get_matches()
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m).map(|c| (c, m)));
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -110,6 +135,13 @@ fn main() -> ExitCode {
             };
         }
     };
+    // The demo writes and runs its own config: a -c it would silently ignore is refused.
+    if matches!(cli.cmd, Cmd::Demo { .. })
+        && matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine)
+    {
+        eprintln!("error: demo runs its own embedded config and ignores -c/--config; use `demo --dir DIR` to keep it, or `run -c FILE` for your own");
+        return ExitCode::from(3);
+    }
     init_tracing(
         cli.log_format,
         matches!(cli.cmd, Cmd::Run | Cmd::Demo { .. }),
@@ -126,6 +158,13 @@ fn main() -> ExitCode {
     };
     match rt.block_on(dispatch(cli)) {
         Ok(code) => ExitCode::from(code),
+        // Whoever read our output has gone (`| head`): a normal end, not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(3)
@@ -164,7 +203,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            println!(
+            out!(
                 "{}: ok ({} probes, {} enabled, {} components, {} notifiers)",
                 cli.config.display(),
                 c.probes.len(),
@@ -186,13 +225,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     return Ok(3);
                 }
             };
-            for r in &results {
-                if json {
-                    println!("{}", r.to_json());
-                } else {
-                    println!("{}", r.summary());
+            // The verdict is the exit code (Nagios): a reader that went away (`| head -1`)
+            // must not turn a DOWN into an OK, so write errors only stop the printing.
+            let print = || -> anyhow::Result<()> {
+                for r in &results {
+                    if json {
+                        out!("{}", r.to_json());
+                    } else {
+                        out!("{}", r.summary());
+                    }
                 }
-            }
+                Ok(())
+            };
+            let _ = print();
             Ok(check::exit_code(&results))
         }
         Cmd::Run => {
@@ -247,7 +292,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             match output {
                 Some(p) => std::fs::write(&p, text)
                     .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?,
-                None => print!("{text}"),
+                None => out_raw!("{text}"),
             }
             Ok(0)
         }
@@ -262,10 +307,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             };
             if json {
                 for i in &list {
-                    println!("{}", serde_json::to_string(i)?);
+                    out!("{}", serde_json::to_string(i)?);
                 }
             } else {
-                print!("{}", incident::render_incidents(&list));
+                out_raw!("{}", incident::render_incidents(&list));
             }
             Ok(0)
         }
@@ -274,9 +319,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
+            if !c.notifiers.iter().any(|n| n.name == notifier) {
+                let known: Vec<&str> = c.notifiers.iter().map(|n| n.name.as_str()).collect();
+                eprintln!(
+                    "error: unknown notifier {notifier:?} (configured: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                );
+                return Ok(3);
+            }
             match notify::notify_test(&c, &notifier).await {
                 Ok(()) => {
-                    println!("test event delivered to {notifier}");
+                    out!("test event delivered to {notifier}");
                     Ok(0)
                 }
                 Err(e) => {
@@ -335,5 +392,34 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_argument_and_flag_has_help_text() {
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        for a in cmd.get_arguments() {
+            if a.get_help().is_none() && !matches!(a.get_id().as_str(), "help" | "version") {
+                missing.push(format!("watchpost --{}", a.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() {
+                missing.push(format!("watchpost {}", sub.get_name()));
+            }
+            for a in sub.get_arguments() {
+                if a.get_help().is_none() && a.get_id().as_str() != "help" {
+                    missing.push(format!("watchpost {} {}", sub.get_name(), a.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }

@@ -118,8 +118,13 @@ async fn validate_missing_config_exits_3() {
     let t = TestConfig::empty();
     let o = wp(&t.main_path(), &["validate"]).await;
     assert_eq!(code(&o), 3);
-    let want = format!("{}:1:1: cannot read config file", t.main_path().display());
+    let want = format!("{}: cannot read config file", t.main_path().display());
     assert!(stderr(&o).starts_with(&want), "stderr: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("WATCHPOST_CONFIG"),
+        "stderr: {}",
+        stderr(&o)
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -243,7 +243,16 @@ fn component_members_may_name_subchecks_of_known_probes() {
 fn missing_main_file() {
     let t = TestConfig::empty();
     let d = single(&t);
-    assert_at(&d, &t.main_path(), 1, 1, &["cannot read config file"]);
+    // A whole-file problem has no position: `file: message`, never a fake 1:1.
+    assert_eq!((d.line, d.col), (0, 0), "{d}");
+    assert!(
+        d.to_string().starts_with(&format!(
+            "{}: cannot read config file",
+            t.main_path().display()
+        )),
+        "{d}"
+    );
+    assert!(d.message.contains("-c FILE or WATCHPOST_CONFIG"), "{d}");
 }
 
 #[test]

@@ -35,7 +35,11 @@ pub struct Diagnostic {
 }
 
 impl fmt::Display for Diagnostic {
+    /// `file:line:col: message`, or `file: message` for a whole-file problem (line 0).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            return write!(f, "{}: {}", self.file.display(), self.message);
+        }
         write!(
             f,
             "{}:{}:{}: {}",
@@ -484,12 +488,24 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
+            // A whole-file problem: no position (line 0), but where we looked and how to
+            // look elsewhere.
+            let cwd = std::env::current_dir()
+                .map(|d| format!(" (relative to {})", d.display()))
+                .unwrap_or_default();
+            let hint = if path.is_relative() {
+                cwd
+            } else {
+                String::new()
+            };
             return Err(ConfigErrors(vec![Diagnostic {
                 file: path.to_path_buf(),
-                line: 1,
-                col: 1,
-                message: format!("cannot read config file: {e}"),
-            }]))
+                line: 0,
+                col: 0,
+                message: format!(
+                    "cannot read config file{hint}: {e}; point at another one with -c FILE or WATCHPOST_CONFIG"
+                ),
+            }]));
         }
     };
     let src = Source {
