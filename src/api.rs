@@ -15,24 +15,30 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::Config;
+use crate::health::{Check, Health};
 use crate::metrics::Metrics;
-use crate::store;
+use crate::store::{self, Store};
+
+/// How long the store writer may take to answer a ping before `/health` calls it wedged.
+const WRITER_PING: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct AppState {
     config: Arc<Config>,
     metrics: Metrics,
+    store: Store,
     db: PathBuf,
-    started: Instant,
+    health: Health,
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, metrics: Metrics, db: PathBuf) -> Self {
+    pub fn new(config: Arc<Config>, metrics: Metrics, store: Store, health: Health) -> Self {
         AppState {
             config,
             metrics,
-            db,
-            started: Instant::now(),
+            db: store.path().to_path_buf(),
+            store,
+            health,
         }
     }
 }
@@ -76,25 +82,46 @@ async fn read<T: Send + 'static>(
     .await?
 }
 
+/// Each part of the pipeline: the writer answers a ping through its queue (a round trip
+/// of everything queued before it), the other parts by their progress stamps and faults.
 async fn health(State(s): State<AppState>) -> Response {
     let t = Instant::now();
-    let db = read(s.db.clone(), |c| {
-        Ok(c.query_row("SELECT count(*) FROM runs", [], |r| r.get::<_, i64>(0))?)
-    })
-    .await;
-    let db_ms = t.elapsed().as_secs_f64() * 1e3;
-    let store_check = match &db {
-        Ok(_) => json!({"status": "ok", "latency_ms": (db_ms * 100.0).round() / 100.0}),
-        Err(e) => json!({"status": "fail", "error": format!("{e:#}")}),
+    let writer = match tokio::time::timeout(WRITER_PING, s.store.flush()).await {
+        Ok(Ok(())) => Check::Ok {
+            latency_ms: t.elapsed().as_secs_f64() * 1e3,
+        },
+        Ok(Err(e)) => Check::Fail {
+            error: format!("{e:#}"),
+        },
+        Err(_) => Check::Fail {
+            error: format!(
+                "wedged: the store writer did not answer a ping within {} s",
+                WRITER_PING.as_secs()
+            ),
+        },
     };
-    let status = if db.is_ok() { "ok" } else { "fail" };
+    let writer = match s.health.part("writer") {
+        Some(dead @ Check::Fail { .. }) => dead,
+        _ => writer,
+    };
+    let mut checks = vec![("writer".to_string(), writer)];
+    checks.extend(s.health.checks());
+    let status = if checks.iter().any(|(_, c)| c.status() == "fail") {
+        "fail"
+    } else if checks.iter().any(|(_, c)| c.status() == "degraded") {
+        "degraded"
+    } else {
+        "ok"
+    };
+    let checks: serde_json::Map<String, Value> =
+        checks.into_iter().map(|(n, c)| (n, c.to_json())).collect();
     let body = json!({
         "status": status,
         "service": "watchpost",
         "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": s.started.elapsed().as_secs(),
+        "uptime_seconds": s.health.uptime().as_secs(),
         "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "checks": { "store": store_check },
+        "checks": checks,
     });
     let code = if status == "fail" {
         StatusCode::SERVICE_UNAVAILABLE
@@ -108,7 +135,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
     s.metrics.set(
         "watchpost_uptime_seconds",
         &[],
-        s.started.elapsed().as_secs_f64(),
+        s.health.uptime().as_secs_f64(),
     );
     no_store(
         (

@@ -1,14 +1,14 @@
 //! `watchpost check`: run probes once, now, and report like a Nagios plugin.
 
-use std::sync::Arc;
-
-use tokio::sync::Semaphore;
-
 use crate::config::Config;
-use crate::probe::{run_confirmed, Outcome, Probe, RunResult};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::probe::{run_confirmed_gated, Outcome, Probe, RunResult};
+use crate::schedule::{guard_run, Gate};
 
 /// Run the named probes (all enabled ones when `names` is empty; named ones even if
-/// disabled) concurrently under the agent's concurrency cap. Results keep config order.
+/// disabled) concurrently under the agent's concurrency cap and per-host rate limit.
+/// Results keep config order.
 pub async fn run_probes(config: &Config, names: &[String]) -> anyhow::Result<Vec<RunResult>> {
     let selected: Vec<_> = if names.is_empty() {
         config
@@ -30,14 +30,23 @@ pub async fn run_probes(config: &Config, names: &[String]) -> anyhow::Result<Vec
         }
         v
     };
-    let sem = Arc::new(Semaphore::new(config.agent.max_concurrency));
+    // The daemon's own gate: the concurrency cap and the per-host rate limit, passed before
+    // every attempt (confirmation retries included); a panicking run becomes down/internal.
+    let gate = Gate::new(config);
+    let clients = crate::probe::http::Clients::default();
+    let (metrics, health) = (Metrics::new(), Health::new());
     let mut handles = Vec::new();
     for cfg in selected {
-        let probe = Probe::build(&cfg)?;
-        let sem = sem.clone();
+        let probe = Probe::build_with(&cfg, &clients)?;
+        let (gate, metrics, health) = (gate.clone(), metrics.clone(), health.clone());
         handles.push(tokio::spawn(async move {
-            let _permit = sem.acquire().await;
-            run_confirmed(&probe, &cfg).await
+            let host = cfg.spec.host().unwrap_or_default();
+            let (gate, host) = (&gate, &host);
+            guard_run(&cfg.name, cfg.kind(), &metrics, &health, async {
+                run_confirmed_gated(&probe, &cfg, move || async move { gate.pass(host).await })
+                    .await
+            })
+            .await
         }));
     }
     let mut out = Vec::new();

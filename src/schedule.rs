@@ -8,22 +8,28 @@
 //! start is skipped and counted. Runs pass a global concurrency cap and a per-host rate
 //! limit before they start; the time spent waiting there shows up as schedule lag.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroU32;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use rand::Rng;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ProbeConfig};
+use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::probe::{run_confirmed, Probe, RunResult};
+use crate::pipeline::Shared;
+use crate::probe::{run_confirmed_gated, Attempt, ErrorClass, Probe, RunResult};
 use crate::store::Store;
 
 /// Stable 64-bit FNV-1a hash: the same name gives the same phase offset on every machine.
@@ -75,6 +81,15 @@ impl Plan {
     }
 }
 
+/// Clears a probe's "still running" flag when its run ends, however it ends.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Drive one probe's schedule until `shutdown`. `run` starts a run for a slot (spawned on
 /// `tracker`); `skip` is told about slots skipped because the previous run still goes, or
 /// because the process fell more than a whole interval behind (e.g. a suspended host).
@@ -116,10 +131,12 @@ pub async fn probe_loop<R, Fut, S>(
         } else {
             running.store(true, Ordering::Release);
             let fut = run(slot);
-            let flag = running.clone();
+            // The flag is cleared by a drop guard, so even a run whose task dies leaves the
+            // probe on its schedule.
+            let guard = Running(running.clone());
             tracker.spawn(async move {
+                let _guard = guard;
                 fut.await;
-                flag.store(false, Ordering::Release);
             });
         }
         k += 1;
@@ -135,29 +152,114 @@ pub async fn probe_loop<R, Fut, S>(
     }
 }
 
+/// Run one probe run, turning a panic inside it into a `down` run of class `internal` with
+/// the panic message: the probe keeps its schedule, `watchpost_probe_panics_total{probe}`
+/// counts it and `/health` shows it. `run` is what the scheduler runs
+/// ([`run_confirmed_gated`]).
+pub async fn guard_run<F>(
+    name: &str,
+    kind: &'static str,
+    metrics: &Metrics,
+    health: &Health,
+    run: F,
+) -> RunResult
+where
+    F: Future<Output = RunResult>,
+{
+    let started_at = chrono::Utc::now();
+    let t0 = Instant::now();
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = crate::pipeline::panic_message(panic.as_ref());
+            metrics.inc("watchpost_probe_panics_total", &[("probe", name)]);
+            health.probe_panicked(name, &msg);
+            tracing::error!(probe = %name, panic = %msg, "probe run panicked; recorded as down (internal)");
+            let mut a = Attempt::new();
+            a.down(
+                ErrorClass::Internal,
+                format!("the probe run panicked (a watchpost bug, please report it): {msg}"),
+            );
+            RunResult {
+                probe: name.to_string(),
+                kind,
+                started_at,
+                duration: t0.elapsed(),
+                lag: None,
+                outcome: a.outcome,
+                error: a.error,
+                phases: a.phases,
+                details: a.details,
+                subchecks: a.subchecks,
+            }
+        }
+    }
+}
+
+/// What a run passes before each attempt: the global concurrency cap and the per-host rate
+/// limit. The permit is held only while an attempt runs.
+#[derive(Clone)]
+pub struct Gate {
+    sem: Arc<Semaphore>,
+    limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+}
+
+impl Gate {
+    /// The gate of `[agent] max_concurrency` and `host_rate_limit`.
+    pub fn new(config: &Config) -> Gate {
+        Gate {
+            sem: Arc::new(Semaphore::new(config.agent.max_concurrency)),
+            limiter: NonZeroU32::new(config.agent.host_rate_limit)
+                .map(|n| Arc::new(RateLimiter::keyed(Quota::per_second(n)))),
+        }
+    }
+
+    /// Wait for a concurrency permit and the host's turn.
+    pub async fn pass(&self, host: &str) -> Option<OwnedSemaphorePermit> {
+        let permit = self.sem.clone().acquire_owned().await.ok();
+        if let Some(l) = &self.limiter {
+            l.until_key_ready(&host.to_string()).await;
+        }
+        permit
+    }
+}
+
+/// How often the scheduler stamps its beat, and how stale it may get.
+const BEAT_EVERY: Duration = Duration::from_secs(1);
+const STALE_AFTER: Duration = Duration::from_secs(10);
+
 /// Runs every enabled probe of `config` on its schedule and sends results to `sink`.
 pub struct Scheduler {
     pub config: Arc<Config>,
     pub metrics: Metrics,
     pub store: Option<Store>,
     pub sink: mpsc::Sender<RunResult>,
+    pub shared: Shared,
 }
 
 impl Scheduler {
-    /// Schedule until `shutdown`, then wait up to `grace` for in-flight runs; runs still going
-    /// after that are abandoned (their results are not recorded).
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Schedule until `shutdown`, then wait for in-flight runs until `force` (the shutdown
+    /// deadline); runs still going then are abandoned (their results are not recorded).
+    /// A probe loop that panics or ends before `shutdown` is an error naming the probe.
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        force: CancellationToken,
+    ) -> anyhow::Result<()> {
+        describe_metrics(&self.metrics);
+        let beat = self
+            .shared
+            .health
+            .beat("scheduler", "scheduler", STALE_AFTER);
         let origin = Instant::now();
         let wall_origin_ms = chrono::Utc::now().timestamp_millis();
         let tracker = TaskTracker::new();
-        let loops = TaskTracker::new();
-        let force = CancellationToken::new();
-        let sem = Arc::new(Semaphore::new(self.config.agent.max_concurrency));
-        let limiter: Option<Arc<DefaultKeyedRateLimiter<String>>> =
-            NonZeroU32::new(self.config.agent.host_rate_limit)
-                .map(|n| Arc::new(RateLimiter::keyed(Quota::per_second(n))));
+        let mut loops = JoinSet::new();
+        let mut names = HashMap::new();
+        let abandon = CancellationToken::new();
+        let gate = Gate::new(&self.config);
         for cfg in self.config.probes.iter().filter(|p| p.enabled) {
-            let probe = match Probe::build(cfg) {
+            let probe = match Probe::build_with(cfg, &self.shared.http) {
                 Ok(p) => Arc::new(p),
                 Err(e) => {
                     tracing::error!(probe = %cfg.name, error = %format!("{e:#}"), "probe cannot be built; not scheduled");
@@ -166,44 +268,56 @@ impl Scheduler {
             };
             let cfg = Arc::new(cfg.clone());
             let plan = Plan::for_probe(&cfg);
-            let host = cfg.spec.host().unwrap_or_default();
-            let (sem, limiter, sink, metrics, force) = (
-                sem.clone(),
-                limiter.clone(),
+            let host = Arc::new(cfg.spec.host().unwrap_or_default());
+            let (gate, sink, metrics, health, abandon) = (
+                gate.clone(),
                 self.sink.clone(),
                 self.metrics.clone(),
-                force.clone(),
+                self.shared.health.clone(),
+                abandon.clone(),
             );
             let skip_store = self.store.clone();
             let skip_metrics = self.metrics.clone();
             let skip_name = cfg.name.clone();
+            let loop_name = cfg.name.clone();
             let run = move |slot: Slot| {
-                let (probe, cfg, sem, limiter, sink, metrics, host, force) = (
+                let (probe, cfg, gate, sink, metrics, health, host, abandon) = (
                     probe.clone(),
                     cfg.clone(),
-                    sem.clone(),
-                    limiter.clone(),
+                    gate.clone(),
                     sink.clone(),
                     metrics.clone(),
+                    health.clone(),
                     host.clone(),
-                    force.clone(),
+                    abandon.clone(),
                 );
                 async move {
                     let work = async {
-                        let Ok(_permit) = sem.acquire().await else {
-                            return;
-                        };
-                        if let Some(l) = &limiter {
-                            l.until_key_ready(&host).await;
-                        }
-                        let lag = Instant::now().saturating_duration_since(slot.due);
-                        metrics.observe("watchpost_schedule_lag_seconds", &[], lag.as_secs_f64());
-                        let mut r = run_confirmed(&probe, &cfg).await;
-                        r.lag = Some(lag);
+                        let lag = OnceLock::new();
+                        let (gate, host, metrics_ref, lag_ref) = (&gate, &host, &metrics, &lag);
+                        let mut r = guard_run(&cfg.name, cfg.kind(), &metrics, &health, async {
+                            run_confirmed_gated(&probe, &cfg, move || async move {
+                                let permit = gate.pass(host).await;
+                                // Lag is the wait before the first attempt only.
+                                lag_ref.get_or_init(|| {
+                                    let l = Instant::now().saturating_duration_since(slot.due);
+                                    metrics_ref.observe(
+                                        "watchpost_schedule_lag_seconds",
+                                        &[],
+                                        l.as_secs_f64(),
+                                    );
+                                    l
+                                });
+                                permit
+                            })
+                            .await
+                        })
+                        .await;
+                        r.lag = lag.get().copied();
                         let _ = sink.send(r).await;
                     };
                     tokio::select! {
-                        _ = force.cancelled() => {}
+                        _ = abandon.cancelled() => {}
                         _ = work => {}
                     }
                 }
@@ -217,7 +331,7 @@ impl Scheduler {
                     tokio::spawn(async move { store.record_skip(&name, planned_ms).await });
                 }
             };
-            loops.spawn(probe_loop(
+            let h = loops.spawn(probe_loop(
                 plan,
                 origin,
                 shutdown.clone(),
@@ -225,20 +339,54 @@ impl Scheduler {
                 run,
                 skip,
             ));
+            names.insert(h.id(), loop_name);
         }
-        loops.close();
-        loops.wait().await;
+        let mut tick = tokio::time::interval(BEAT_EVERY);
+        let fault = loop {
+            beat.stamp();
+            let done = tokio::select! {
+                _ = tick.tick() => continue,
+                r = loops.join_next_with_id() => r,
+            };
+            let Some(done) = done else { break None };
+            let (id, what) = match done {
+                Ok((id, ())) => (id, "ended"),
+                Err(e) if e.is_panic() => (e.id(), "panicked"),
+                Err(e) => (e.id(), "was cancelled"),
+            };
+            if !shutdown.is_cancelled() || what != "ended" {
+                let probe = names.get(&id).cloned().unwrap_or_default();
+                break Some(format!("the schedule of probe {probe} {what}"));
+            }
+        };
+        if fault.is_some() {
+            loops.abort_all();
+        }
         tracker.close();
-        let grace = self.config.agent.shutdown_grace;
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(
-                in_flight = tracker.len(),
-                "shutdown grace over; abandoning in-flight runs"
-            );
-            force.cancel();
-            tracker.wait().await;
+        tokio::select! {
+            _ = tracker.wait() => {}
+            _ = force.cancelled() => {
+                tracing::warn!(
+                    in_flight = tracker.len(),
+                    "shutdown deadline: abandoning in-flight runs"
+                );
+                abandon.cancel();
+                tracker.wait().await;
+            }
+        }
+        match fault {
+            Some(f) => Err(anyhow::anyhow!(f)),
+            None => Ok(()),
         }
     }
+}
+
+fn describe_metrics(m: &Metrics) {
+    m.describe(
+        "watchpost_probe_panics_total",
+        "counter",
+        "Probe runs that panicked (recorded as down, class internal), by probe.",
+    );
 }
 
 #[cfg(test)]

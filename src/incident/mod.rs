@@ -20,10 +20,13 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::config::{Config, ProbeConfig};
+use crate::health::Beat;
 use crate::metrics::Metrics;
 use crate::notify::event::Event;
 use crate::notify::{outbox, NotifierConfig};
+use crate::pipeline::Shared;
 use crate::probe::{ms, Outcome, RunResult};
 use crate::store::Store;
 pub use maintenance::MaintenanceConfig;
@@ -117,11 +120,13 @@ pub struct Evaluator {
     next_id: i64,
     tick: Duration,
     reader: Option<Connection>,
+    clock: Clock,
+    bell: outbox::Bell,
+    beat: Beat,
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+/// Longest time the evaluator may go without progress before `/health` calls it wedged.
+const STALE_AFTER: Duration = Duration::from_secs(30);
 
 fn describe_metrics(m: &Metrics) {
     m.describe(
@@ -143,7 +148,12 @@ fn describe_metrics(m: &Metrics) {
 
 impl Evaluator {
     /// Build the evaluator and restore component state from the database.
-    pub fn new(config: Arc<Config>, store: Store, metrics: Metrics) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        metrics: Metrics,
+        shared: &Shared,
+    ) -> anyhow::Result<Self> {
         describe_metrics(&metrics);
         let reader = store.reader()?;
         let mut saved: HashMap<String, String> = HashMap::new();
@@ -224,6 +234,9 @@ impl Evaluator {
             next_id: max_id + 1,
             tick,
             reader: Some(reader),
+            clock: shared.clock,
+            bell: shared.bell.clone(),
+            beat: shared.health.beat("evaluator", "evaluator", STALE_AFTER),
         };
         for i in 0..ev.comps.len() {
             ev.export(i);
@@ -231,13 +244,23 @@ impl Evaluator {
         Ok(ev)
     }
 
-    /// Runs until `runs` closes (the scheduler has drained); `shutdown` is informational.
-    pub async fn run(mut self, mut runs: mpsc::Receiver<RunResult>, _shutdown: CancellationToken) {
+    /// Runs until `runs` closes (the scheduler has drained), or stops where it is when
+    /// `force` is cancelled (the shutdown deadline passed).
+    pub async fn run(
+        mut self,
+        mut runs: mpsc::Receiver<RunResult>,
+        force: CancellationToken,
+    ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.beat.stamp();
             tokio::select! {
                 biased;
+                _ = force.cancelled() => {
+                    tracing::warn!(pending = runs.len(), "shutdown deadline: evaluator stops with runs unevaluated");
+                    return Ok(());
+                }
                 r = runs.recv() => match r {
                     Some(run) => self.on_run(&run).await,
                     None => break,
@@ -248,11 +271,12 @@ impl Evaluator {
         if let Err(e) = self.store.flush().await {
             tracing::warn!(error = %format!("{e:#}"), "evaluator: final flush failed");
         }
+        Ok(())
     }
 
     /// Feed one run (also usable directly, e.g. by rehearsals and tests).
     pub async fn on_run(&mut self, run: &RunResult) {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let at = run.started_at.timestamp_millis();
         for ci in 0..self.comps.len() {
             let inputs = member_inputs(&self.comps[ci].members, run, at);
@@ -264,7 +288,7 @@ impl Evaluator {
                 self.comps[ci].state.apply(&rules, i);
             }
             if self.comps[ci].members.iter().any(|m| m == &run.probe) {
-                if let Some(input) = self.budget_input(ci, &run.probe, now) {
+                if let Some(input) = self.budget_input(ci, &run.probe, now).await {
                     self.comps[ci].state.apply(&rules, input);
                 }
             }
@@ -275,7 +299,7 @@ impl Evaluator {
 
     /// Time passing: recovery holds, maintenance windows.
     pub async fn on_tick(&mut self) {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         for ci in 0..self.comps.len() {
             if let Some(t) = self.evaluate(ci, now) {
                 self.persist(ci, Some(t), now).await;
@@ -299,8 +323,9 @@ impl Evaluator {
     }
 
     /// Judge a probe's latency budgets (p50/p95/p99 of each phase over the component's
-    /// budget window, with a minimum sample count).
-    fn budget_input(&mut self, ci: usize, probe: &str, now: i64) -> Option<Input> {
+    /// budget window, with a minimum sample count). The histogram read is blocking SQLite
+    /// work, so it runs on a blocking thread with the evaluator's read connection.
+    async fn budget_input(&mut self, ci: usize, probe: &str, now: i64) -> Option<Input> {
         let p: &ProbeConfig = self.config.probe(probe)?;
         if !p
             .budget
@@ -309,20 +334,36 @@ impl Evaluator {
         {
             return None;
         }
-        if self.reader.is_none() {
-            self.reader = self.store.reader().ok();
-        }
-        let conn = self.reader.as_ref()?;
+        let conn = match self.reader.take() {
+            Some(c) => c,
+            None => self.store.reader().ok()?,
+        };
         let comp = &self.comps[ci];
-        match budget_breach(conn, p, comp.budget_window_ms, comp.budget_min_samples, now) {
-            Ok(breach) => Some(Input::Budget {
-                member: probe.to_string(),
-                at: now,
-                breach,
-            }),
-            Err(e) => {
+        let (window, min) = (comp.budget_window_ms, comp.budget_min_samples);
+        let (config, name) = (self.config.clone(), probe.to_string());
+        let judged = tokio::task::spawn_blocking(move || {
+            let r = match config.probe(&name) {
+                Some(p) => budget_breach(&conn, p, window, min, now),
+                None => Ok(None),
+            };
+            (conn, r)
+        })
+        .await;
+        match judged {
+            Ok((conn, Ok(breach))) => {
+                self.reader = Some(conn);
+                Some(Input::Budget {
+                    member: probe.to_string(),
+                    at: now,
+                    breach,
+                })
+            }
+            Ok((_, Err(e))) => {
                 tracing::warn!(probe, error = %e, "cannot read histograms for the latency budget");
-                self.reader = None;
+                None
+            }
+            Err(e) => {
+                tracing::warn!(probe, error = %e, "latency budget judgement failed");
                 None
             }
         }
@@ -410,7 +451,7 @@ impl Evaluator {
             if let Err(e) = self.store.flush().await {
                 tracing::error!(error = %format!("{e:#}"), "cannot commit the transition");
             }
-            outbox::ring(self.store.path());
+            self.bell.ring();
             self.export(ci);
         }
     }

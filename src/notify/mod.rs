@@ -29,15 +29,18 @@ use std::num::NonZeroU32;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::config::{Config, Dur, Rest, SpanError};
+use crate::health::{Beat, Health};
 use crate::metrics::Metrics;
+use crate::pipeline::Shared;
 use crate::store::Store;
 pub use event::{Event, EventKind, Status};
 pub use retry::{DeliveryError, Retry};
@@ -407,6 +410,7 @@ pub struct Dispatcher {
     workers: Vec<Worker>,
     store: Store,
     metrics: Metrics,
+    health: Health,
 }
 
 struct Worker {
@@ -416,10 +420,36 @@ struct Worker {
     opts: DeliveryOptions,
     store: Store,
     metrics: Metrics,
+    clock: Clock,
+    bell: outbox::Bell,
+    beat: Beat,
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+/// The monotonic "now" the breaker is given: tokio's clock, so paused time moves it.
+fn mono_now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Run blocking SQLite work with a read connection on a blocking thread, handing the
+/// connection back for reuse; the connection is dropped when the work failed.
+async fn off_thread<T: Send + 'static>(
+    store: &Store,
+    reader: &mut Option<rusqlite::Connection>,
+    f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let conn = match reader.take() {
+        Some(c) => c,
+        None => store.reader()?,
+    };
+    let (conn, r) = tokio::task::spawn_blocking(move || {
+        let r = f(&conn);
+        (conn, r)
+    })
+    .await?;
+    if r.is_ok() {
+        *reader = Some(conn);
+    }
+    Ok(r?)
 }
 
 /// Describe the notification metrics (HELP/TYPE lines).
@@ -452,7 +482,12 @@ pub fn describe_metrics(m: &Metrics) {
 }
 
 impl Dispatcher {
-    pub fn new(config: Arc<Config>, store: Store, metrics: Metrics) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        metrics: Metrics,
+        shared: &Shared,
+    ) -> anyhow::Result<Self> {
         describe_metrics(&metrics);
         let mut workers = Vec::new();
         for n in &config.notifiers {
@@ -462,43 +497,82 @@ impl Dispatcher {
                 .with_context(|| format!("notifier {}", n.name))?;
             let ctx = Ctx::new(&n.name, spec, Some(store.clone()), &config.agent.location)
                 .with_context(|| format!("notifier {}", n.name))?;
+            let opts = spec.delivery().clone();
+            // A worker is busy for at most one delivery (its outer deadline) between loops.
+            let stale_after = outer_deadline(&opts) + POLL * 2 + Duration::from_secs(5);
             workers.push(Worker {
                 name: n.name.clone(),
                 dest,
                 ctx,
-                opts: spec.delivery().clone(),
+                opts,
                 store: store.clone(),
                 metrics: metrics.clone(),
+                clock: shared.clock,
+                bell: shared.bell.clone(),
+                beat: shared.health.beat(
+                    "dispatcher",
+                    &format!("notifier worker {}", n.name),
+                    stale_after,
+                ),
             });
         }
         Ok(Dispatcher {
             workers,
             store,
             metrics,
+            health: shared.health.clone(),
         })
     }
 
-    /// Deliver until `shutdown` is cancelled. A delivery in progress is finished (it has its
-    /// own deadline); what is still pending is delivered after the next start.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Deliver until `stop` is cancelled; a delivery in progress then finishes unless
+    /// `force` (the shutdown deadline) cuts it, and stays pending for the next start.
+    /// A worker that panics or returns before `stop` is an error naming the notifier.
+    pub async fn run(
+        self,
+        stop: CancellationToken,
+        force: CancellationToken,
+    ) -> anyhow::Result<()> {
         let names: Vec<String> = self.workers.iter().map(|w| w.name.clone()).collect();
-        self.report_orphans(&names);
+        self.report_orphans(&names).await;
+        let beat = self
+            .health
+            .beat("dispatcher", "dispatcher", Duration::from_secs(10));
         let mut set = tokio::task::JoinSet::new();
+        let mut ids = std::collections::HashMap::new();
         for w in self.workers {
-            set.spawn(w.run(shutdown.clone()));
+            let name = w.name.clone();
+            let h = set.spawn(w.run(stop.clone(), force.clone()));
+            ids.insert(h.id(), name);
         }
-        while let Some(r) = set.join_next().await {
-            if let Err(e) = r {
-                tracing::error!(error = %e, "notifier worker failed");
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            beat.stamp();
+            let done = tokio::select! {
+                _ = tick.tick() => continue,
+                r = set.join_next_with_id() => r,
+            };
+            let Some(done) = done else { return Ok(()) };
+            let (id, what) = match done {
+                Ok((id, ())) => (id, "returned".to_string()),
+                Err(e) if e.is_panic() => (
+                    e.id(),
+                    format!(
+                        "panicked: {}",
+                        crate::pipeline::panic_message(e.into_panic().as_ref())
+                    ),
+                ),
+                Err(e) => (e.id(), "was cancelled".to_string()),
+            };
+            let name = ids.get(&id).cloned().unwrap_or_default();
+            if !stop.is_cancelled() || what != "returned" {
+                set.abort_all();
+                anyhow::bail!("notifier worker {name} {what}");
             }
         }
     }
 
-    fn report_orphans(&self, names: &[String]) {
-        let Ok(conn) = self.store.reader() else {
-            return;
-        };
-        let Ok(counts) = outbox::counts(&conn) else {
+    async fn report_orphans(&self, names: &[String]) {
+        let Ok(counts) = off_thread(&self.store, &mut None, outbox::counts).await else {
             return;
         };
         for (n, (pending, dead)) in counts {
@@ -515,35 +589,42 @@ impl Dispatcher {
     }
 }
 
+/// The deadline of one delivery, which may make several requests (and wait for the rate
+/// limiter between them); each request has its own `timeout`.
+fn outer_deadline(opts: &DeliveryOptions) -> Duration {
+    opts.timeout.0 * 4 + Duration::from_secs(10)
+}
+
 impl Worker {
-    async fn run(self, shutdown: CancellationToken) {
-        let mut bell = outbox::subscribe(self.store.path());
+    async fn run(self, shutdown: CancellationToken, force: CancellationToken) {
+        let mut bell = self.bell.subscribe();
         let mut breaker =
             breaker::Breaker::new(self.opts.breaker_failures, self.opts.breaker_cooldown.0);
         let mut reader = None;
         loop {
+            self.beat.stamp();
             if shutdown.is_cancelled() {
                 return;
             }
             bell.borrow_and_update();
-            if reader.is_none() {
-                reader = self.store.reader().map_err(|e| tracing::warn!(notifier = %self.name, error = %format!("{e:#}"), "cannot read the outbox")).ok();
-            }
-            let rows = match reader.as_ref().map(|c| outbox::pending(c, &self.name)) {
-                Some(Ok(r)) => r,
-                Some(Err(e)) => {
-                    tracing::warn!(notifier = %self.name, error = %e, "cannot read the outbox");
-                    reader = None;
+            let name = self.name.clone();
+            let rows = match off_thread(&self.store, &mut reader, move |c| {
+                outbox::pending(c, &name)
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(notifier = %self.name, error = %format!("{e:#}"), "cannot read the outbox");
                     Vec::new()
                 }
-                None => Vec::new(),
             };
             self.metrics.set(
                 "watchpost_outbox_pending",
                 &[("notifier", &self.name)],
                 rows.len() as f64,
             );
-            let now = now_ms();
+            let now = self.clock.now_ms();
             let heads = outbox::heads(&rows);
             let due: Vec<&outbox::Row> = heads
                 .iter()
@@ -566,14 +647,19 @@ impl Worker {
                 if shutdown.is_cancelled() {
                     return;
                 }
-                if let Err(until) = breaker.allow(Instant::now()) {
+                if let Err(until) = breaker.allow(mono_now()) {
+                    // Wait in poll-sized steps so the worker keeps stamping its beat.
+                    let until = tokio::time::Instant::from_std(until)
+                        .min(tokio::time::Instant::now() + POLL);
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep_until(until.into()) => {}
+                        _ = tokio::time::sleep_until(until) => {}
                     }
                     break;
                 }
-                self.attempt(row, &mut breaker).await;
+                if !self.attempt(row, &mut breaker, &force).await {
+                    return;
+                }
                 self.metrics.set(
                     "watchpost_notifier_circuit_open",
                     &[("notifier", &self.name)],
@@ -583,25 +669,38 @@ impl Worker {
         }
     }
 
-    async fn attempt(&self, row: &outbox::Row, breaker: &mut breaker::Breaker) {
+    /// One delivery attempt of `row`; `false` when the shutdown deadline cut it (the row
+    /// stays pending and is delivered after the next start).
+    async fn attempt(
+        &self,
+        row: &outbox::Row,
+        breaker: &mut breaker::Breaker,
+        force: &CancellationToken,
+    ) -> bool {
         let attempts = row.attempts.saturating_add(1);
         let ev = match &row.event {
             Ok(ev) => ev,
             Err(msg) => {
                 self.dead(row, attempts, msg).await;
-                return;
+                return true;
             }
         };
         let mut ctx = self.ctx.clone();
         ctx.delivery_id = Some(row.id);
         // The notifier's own requests have deadlines; this outer one bounds a delivery that
         // makes several requests (and waits for the rate limiter between them).
-        let outer = self.opts.timeout.0 * 4 + Duration::from_secs(10);
-        let result = match tokio::time::timeout(outer, self.dest.deliver(&ctx, ev)).await {
-            Ok(r) => r,
-            Err(_) => Err(DeliveryError::Timeout(outer)),
+        let outer = outer_deadline(&self.opts);
+        let result = tokio::select! {
+            _ = force.cancelled() => {
+                tracing::warn!(notifier = %self.name, id = row.id, "shutdown deadline: delivery cut; it stays pending");
+                return false;
+            }
+            r = tokio::time::timeout(outer, self.dest.deliver(&ctx, ev)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(DeliveryError::Timeout(outer)),
+            },
         };
-        let now = now_ms();
+        let now = self.clock.now_ms();
         match result {
             Ok(()) => {
                 breaker.success();
@@ -629,7 +728,7 @@ impl Worker {
                     .await
                 }
                 Retry::Later(retry_after) => {
-                    if breaker.failure(Instant::now()) {
+                    if breaker.failure(mono_now()) {
                         tracing::warn!(notifier = %self.name, cooldown = ?self.opts.breaker_cooldown, "circuit breaker open: pausing deliveries to this notifier");
                     }
                     let age = Duration::from_millis((now - row.created_at).max(0) as u64);
@@ -643,7 +742,7 @@ impl Worker {
                             ),
                         )
                         .await;
-                        return;
+                        return true;
                     }
                     let delay = retry::next_delay(
                         retry_after,
@@ -666,6 +765,7 @@ impl Worker {
                 }
             },
         }
+        true
     }
 
     async fn dead(&self, row: &outbox::Row, attempts: u32, reason: &str) {
@@ -677,18 +777,16 @@ impl Worker {
             notifier = %self.name, component = %row.component, id = row.id, attempts, error = %reason,
             "notification dead-lettered: it will not be retried (see `watchpost incidents`)"
         );
-        let (id, msg, now) = (row.id, reason.to_string(), now_ms());
+        let (id, msg, now) = (row.id, reason.to_string(), self.clock.now_ms());
         self.commit(move |c| outbox::mark_dead(c, id, attempts, &msg, now))
             .await;
-        if let Ok(conn) = self.store.reader() {
-            if let Ok(counts) = outbox::counts(&conn) {
-                let dead = counts.get(&self.name).map_or(0, |c| c.1);
-                self.metrics.set(
-                    "watchpost_outbox_dead_letters",
-                    &[("notifier", &self.name)],
-                    dead as f64,
-                );
-            }
+        if let Ok(counts) = off_thread(&self.store, &mut None, outbox::counts).await {
+            let dead = counts.get(&self.name).map_or(0, |c| c.1);
+            self.metrics.set(
+                "watchpost_outbox_dead_letters",
+                &[("notifier", &self.name)],
+                dead as f64,
+            );
         }
     }
 

@@ -8,8 +8,6 @@
 //! Schema: see `crate::incident::MIGRATION`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::watch;
@@ -178,25 +176,25 @@ pub fn set_ref(
     Ok(())
 }
 
-type Bells = Mutex<HashMap<PathBuf, watch::Sender<u64>>>;
+/// The bell the evaluator rings after committing outbox rows, so the dispatcher's workers
+/// do not wait for their next poll. Owned by the pipeline (one per agent). Cheap to clone.
+#[derive(Clone)]
+pub struct Bell(watch::Sender<u64>);
 
-fn bells() -> &'static Bells {
-    static BELLS: OnceLock<Bells> = OnceLock::new();
-    BELLS.get_or_init(Default::default)
-}
-
-/// Tell the workers of the database at `db` that rows were committed.
-pub fn ring(db: &Path) {
-    let map = bells().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(tx) = map.get(db) {
-        tx.send_modify(|n| *n = n.wrapping_add(1));
+impl Default for Bell {
+    fn default() -> Self {
+        Bell(watch::channel(0).0)
     }
 }
 
-/// A receiver that changes whenever [`ring`] is called for `db`.
-pub fn subscribe(db: &Path) -> watch::Receiver<u64> {
-    let mut map = bells().lock().unwrap_or_else(|p| p.into_inner());
-    map.entry(db.to_path_buf())
-        .or_insert_with(|| watch::channel(0).0)
-        .subscribe()
+impl Bell {
+    /// Tell the workers that rows were committed.
+    pub fn ring(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever [`Bell::ring`] is called.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -215,15 +215,17 @@ pub const MAX_SUBCHECK_NAME: usize = 64;
 /// Clients shared by probes with the same trust roots. A reqwest client carries a parsed
 /// root store and TLS config; 10,000 probes must not hold 10,000 of them. Connections are
 /// never pooled, so sharing a client shares no connection state. Redirects are followed by
-/// [`HttpProbe::fetch`] itself (see there), never by the client.
-fn shared_client(ca_pem: Option<&Arc<Vec<u8>>>) -> anyhow::Result<reqwest::Client> {
-    type Key = Option<Vec<u8>>;
-    static CLIENTS: OnceLock<Mutex<HashMap<Key, reqwest::Client>>> = OnceLock::new();
-    let key: Key = ca_pem.map(|p| p.as_ref().clone());
-    let mut map = CLIENTS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+/// [`HttpProbe::fetch`] itself (see there), never by the client. Owned by whoever builds the
+/// probes (the pipeline, `check`), not by the process.
+#[derive(Clone, Default)]
+pub struct Clients(Arc<Mutex<HashMap<Option<Vec<u8>>, reqwest::Client>>>);
+
+fn shared_client(
+    clients: &Clients,
+    ca_pem: Option<&Arc<Vec<u8>>>,
+) -> anyhow::Result<reqwest::Client> {
+    let key = ca_pem.map(|p| p.as_ref().clone());
+    let mut map = clients.0.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(c) = map.get(&key) {
         return Ok(c.clone());
     }
@@ -251,7 +253,7 @@ fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
 }
 
 impl HttpProbe {
-    pub fn new(cfg: &ProbeConfig, spec: &HttpSpec) -> anyhow::Result<Self> {
+    pub fn new(cfg: &ProbeConfig, spec: &HttpSpec, clients: &Clients) -> anyhow::Result<Self> {
         let mut headers = HeaderMap::new();
         headers.insert(
             reqwest::header::CACHE_CONTROL,
@@ -266,7 +268,7 @@ impl HttpProbe {
         Ok(HttpProbe {
             name: cfg.name.clone(),
             spec: spec.clone(),
-            client: shared_client(spec.ca_pem.as_ref())?,
+            client: shared_client(clients, spec.ca_pem.as_ref())?,
             headers,
             timeout: cfg.timeout,
             known_subchecks: Mutex::default(),

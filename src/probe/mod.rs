@@ -319,9 +319,15 @@ pub enum Probe {
 }
 
 impl Probe {
+    /// Build with a client cache of its own (one-off uses such as tests).
     pub fn build(cfg: &ProbeConfig) -> anyhow::Result<Probe> {
+        Probe::build_with(cfg, &http::Clients::default())
+    }
+
+    /// Build, sharing HTTP clients through `clients`.
+    pub fn build_with(cfg: &ProbeConfig, clients: &http::Clients) -> anyhow::Result<Probe> {
         Ok(match &cfg.spec {
-            ProbeSpec::Http(s) => Probe::Http(http::HttpProbe::new(cfg, s)?),
+            ProbeSpec::Http(s) => Probe::Http(http::HttpProbe::new(cfg, s, clients)?),
             ProbeSpec::WebSocket(s) => Probe::WebSocket(websocket::WsProbe::new(cfg, s)?),
             ProbeSpec::Listen(s) => Probe::Listen(listen::ListenProbe::new(cfg, s)?),
         })
@@ -385,11 +391,28 @@ pub fn apply_run_budgets(a: &mut Attempt, cfg: &ProbeConfig) {
 /// Run a probe with its quick confirmation retries: a down attempt is retried up to
 /// `retries` times, `retry_delay` apart, and only the last attempt decides the outcome.
 pub async fn run_confirmed(probe: &Probe, cfg: &ProbeConfig) -> RunResult {
+    run_confirmed_gated(probe, cfg, || async {}).await
+}
+
+/// [`run_confirmed`] where every attempt first passes `gate` (the scheduler's concurrency
+/// cap and per-host rate limit) and holds what it returns only while it runs: a retry
+/// waiting out `retry_delay` holds no permit.
+pub async fn run_confirmed_gated<G, Fut, P>(
+    probe: &Probe,
+    cfg: &ProbeConfig,
+    mut gate: G,
+) -> RunResult
+where
+    G: FnMut() -> Fut,
+    Fut: std::future::Future<Output = P>,
+{
     let mut attempts_log = Vec::new();
     let mut first_start = None;
     let mut tries = 0;
     loop {
+        let permit = gate().await;
         let (a, started_at, elapsed) = attempt_once(probe, cfg).await;
+        drop(permit);
         first_start.get_or_insert(started_at);
         tries += 1;
         attempts_log.push(json!({

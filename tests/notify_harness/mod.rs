@@ -1,21 +1,18 @@
 //! Harness for the incident and notifier tests: writes a config (disabled probe files plus
-//! a component and notifiers pointing at local recorders), starts the store, the evaluator
-//! and the dispatcher the way `watchpost::run` wires them, and feeds synthetic runs (the
-//! evaluator is the unit under test; probes are tested elsewhere).
+//! a component and notifiers pointing at local recorders), starts the daemon's
+//! [`Pipeline`] without its scheduler, and feeds synthetic runs (the evaluator is the unit
+//! under test; probes are tested elsewhere).
 #![allow(dead_code)]
 
 use std::path::Path;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use watchpost::config::{self, Config};
-use watchpost::incident::Evaluator;
 use watchpost::metrics::Metrics;
-use watchpost::notify::Dispatcher;
+use watchpost::pipeline::{Options, Pipeline, Shared};
 use watchpost::probe::{ErrorInfo, Outcome, RunResult, SubCheck};
-use watchpost::store::{Store, WriterHandle};
+use watchpost::store::Store;
 
 pub const PD_KEY: &str = "pd-routing-key-0123";
 pub const INSTATUS_KEY: &str = "instatus-api-key-4567";
@@ -163,46 +160,39 @@ pub fn run(probe: &str, outcome: Outcome) -> RunResult {
     }
 }
 
-/// Store + evaluator (+ dispatcher) as `watchpost::run` wires them.
+/// The daemon's pipeline without the scheduler (runs are fed by the test), with or without
+/// the dispatcher: the same store, fan-out, evaluator and dispatcher `watchpost::run` starts.
 pub struct Agent {
     pub config: Arc<Config>,
     pub store: Store,
     pub metrics: Metrics,
-    writer: WriterHandle,
-    tx: mpsc::Sender<RunResult>,
-    token: CancellationToken,
-    eval: tokio::task::JoinHandle<()>,
-    dispatch: Option<tokio::task::JoinHandle<()>>,
+    pipeline: Pipeline,
 }
 
 impl Agent {
     pub async fn start(config: Arc<Config>, dispatcher: bool) -> Agent {
-        let (store, writer) = Store::start(&config.db_path()).unwrap();
-        let metrics = Metrics::new();
-        let token = CancellationToken::new();
-        let (tx, rx) = mpsc::channel(64);
-        let ev = Evaluator::new(config.clone(), store.clone(), metrics.clone()).unwrap();
-        let eval = tokio::spawn(ev.run(rx, token.clone()));
-        let dispatch = dispatcher.then(|| {
-            let d = Dispatcher::new(config.clone(), store.clone(), metrics.clone()).unwrap();
-            tokio::spawn(d.run(token.clone()))
-        });
+        Agent::start_with(config, dispatcher, Shared::default()).await
+    }
+
+    /// Start with a given [`Shared`] (e.g. one whose clock was made under paused time).
+    pub async fn start_with(config: Arc<Config>, dispatcher: bool, shared: Shared) -> Agent {
+        let opts = Options {
+            scheduler: false,
+            dispatcher,
+            listener: None,
+        };
+        let pipeline = Pipeline::start_with(config.clone(), opts, shared).unwrap();
         Agent {
             config,
-            store,
-            metrics,
-            writer,
-            tx,
-            token,
-            eval,
-            dispatch,
+            store: pipeline.store.clone(),
+            metrics: pipeline.metrics.clone(),
+            pipeline,
         }
     }
 
-    /// Record the run (histograms) and hand it to the evaluator, as `watchpost::run` does.
+    /// Hand a run to the fan-out (stored, counted, evaluated), as the scheduler does.
     pub async fn send(&self, r: RunResult) {
-        self.store.record(r.clone()).await;
-        self.tx.send(r).await.unwrap();
+        self.pipeline.send(r).await.unwrap();
     }
 
     /// Send runs of both members.
@@ -213,29 +203,14 @@ impl Agent {
 
     /// A clean stop: evaluator drained, dispatcher stopped, writer flushed.
     pub async fn stop(self) {
-        drop(self.tx);
-        let _ = self.eval.await;
-        self.token.cancel();
-        if let Some(d) = self.dispatch {
-            let _ = d.await;
-        }
         drop(self.store);
-        self.writer.join().await;
+        self.pipeline.stop().await.unwrap();
     }
 
     /// A crash: tasks aborted where they are (nothing after the last commit happens).
     pub async fn kill(self) {
-        self.eval.abort();
-        if let Some(d) = &self.dispatch {
-            d.abort();
-        }
-        let _ = self.eval.await;
-        if let Some(d) = self.dispatch {
-            let _ = d.await;
-        }
-        drop(self.tx);
         drop(self.store);
-        self.writer.join().await;
+        self.pipeline.kill().await;
     }
 
     pub fn incident_views(&self, open_only: bool) -> Vec<watchpost::incident::IncidentView> {

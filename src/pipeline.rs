@@ -1,0 +1,524 @@
+//! The pipeline: one place that builds and supervises everything the daemon runs — the
+//! store writer, the scheduler, the fan-out (store + metrics + evaluator), the incident
+//! evaluator, the notifier dispatcher, store maintenance and the HTTP API. [`crate::run`],
+//! the integration tests and the benchmarks all start it the same way.
+//!
+//! Supervision: every task is kept by name. One that panics, fails or returns before
+//! shutdown is a fault: it is logged with its name, `/health` fails for it, and the daemon
+//! stops with an error naming it (a non-zero exit). Shutdown has one deadline
+//! (`[agent] shutdown_grace`) for everything: in-flight runs, evaluation and a notification
+//! delivery in flight; what is still going then is cut (a cut delivery stays pending).
+//!
+//! Not here: what any part does (see `schedule`, `incident`, `notify`, `store`, `api`).
+
+use std::any::Any;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::notify::outbox::Bell;
+use crate::probe::{self, RunResult};
+use crate::store::{self, Store, WriterHandle};
+use crate::{api, incident, notify, schedule};
+
+/// How often old minute histograms are rolled up and old rows pruned.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
+/// After the other tasks stopped, how long the writer may take to commit what is queued.
+const WRITER_FLUSH: Duration = Duration::from_secs(5);
+
+/// What the parts of one agent share instead of process-wide statics.
+#[derive(Clone, Default)]
+pub struct Shared {
+    /// The wall clock of the evaluator and the dispatcher (follows paused tokio time).
+    pub clock: Clock,
+    /// Rung by the evaluator after committing outbox rows; the dispatcher's workers listen.
+    pub bell: Bell,
+    /// HTTP clients shared by the probes.
+    pub http: probe::http::Clients,
+    /// Progress stamps and faults of the parts, for `/health`.
+    pub health: Health,
+}
+
+/// What to start.
+pub struct Options {
+    /// Schedule the enabled probes (off: runs come from [`Pipeline::send`]).
+    pub scheduler: bool,
+    /// Deliver notifications.
+    pub dispatcher: bool,
+    /// Serve the API, `/health`, `/metrics` and the dashboard here.
+    pub listener: Option<TcpListener>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            scheduler: true,
+            dispatcher: true,
+            listener: None,
+        }
+    }
+}
+
+/// A task that died before shutdown.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub task: &'static str,
+    pub what: String,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "task {} {}", self.task, self.what)
+    }
+}
+
+struct Task {
+    name: &'static str,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A running agent.
+pub struct Pipeline {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub shared: Shared,
+    /// Input of the fan-out when the scheduler is off.
+    runs: Option<mpsc::Sender<RunResult>>,
+    tasks: Vec<Task>,
+    writer: Option<Task>,
+    sched_stop: CancellationToken,
+    stop: CancellationToken,
+    force: CancellationToken,
+}
+
+/// The text of a panic payload.
+pub fn panic_message(p: &(dyn Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
+fn spawn<F>(name: &'static str, f: F) -> Task
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    Task {
+        name,
+        handle: tokio::spawn(f),
+    }
+}
+
+/// What a finished task's result means.
+fn judge(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> Option<String> {
+    match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("failed: {e:#}")),
+        Err(e) if e.is_panic() => Some(format!(
+            "panicked: {}",
+            panic_message(e.into_panic().as_ref())
+        )),
+        Err(_) => Some("was killed".to_string()),
+    }
+}
+
+impl Pipeline {
+    /// Open the store and start every part `opts` asks for. Needs a tokio runtime.
+    pub fn start(config: Arc<Config>, opts: Options) -> anyhow::Result<Pipeline> {
+        Pipeline::start_with(config, opts, Shared::default())
+    }
+
+    /// [`Pipeline::start`] with a given [`Shared`] (e.g. a clock made under paused time).
+    pub fn start_with(
+        config: Arc<Config>,
+        opts: Options,
+        shared: Shared,
+    ) -> anyhow::Result<Pipeline> {
+        let (store, writer) = Store::start(&config.db_path())?;
+        let metrics = Metrics::new();
+        describe_metrics(&metrics);
+        let (sched_stop, stop, force) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let mut tasks = Vec::new();
+        let writer = spawn("writer", async move {
+            join_writer(writer).await;
+            Ok(())
+        });
+
+        let (run_tx, run_rx) = mpsc::channel::<RunResult>(1024);
+        let (eval_tx, eval_rx) = mpsc::channel::<RunResult>(1024);
+        let evaluator =
+            incident::Evaluator::new(config.clone(), store.clone(), metrics.clone(), &shared)?;
+        tasks.push(spawn("evaluator", evaluator.run(eval_rx, force.clone())));
+        if opts.dispatcher {
+            let d =
+                notify::Dispatcher::new(config.clone(), store.clone(), metrics.clone(), &shared)?;
+            tasks.push(spawn("dispatcher", d.run(stop.clone(), force.clone())));
+        }
+        tasks.push(spawn(
+            "fan-out",
+            fan_out(
+                run_rx,
+                eval_tx,
+                store.clone(),
+                metrics.clone(),
+                force.clone(),
+            ),
+        ));
+        tasks.push(spawn(
+            "maintenance",
+            maintenance(config.clone(), store.clone(), shared.clock, stop.clone()),
+        ));
+        if let Some(l) = opts.listener {
+            let addr = l.local_addr().context("API listener")?;
+            tracing::info!(%addr, "serving API, /metrics and dashboard");
+            let state = api::AppState::new(
+                config.clone(),
+                metrics.clone(),
+                store.clone(),
+                shared.health.clone(),
+            );
+            let (stop, force) = (stop.clone(), force.clone());
+            tasks.push(spawn("api", async move {
+                let serve = axum::serve(l, api::router(state))
+                    .with_graceful_shutdown(stop.cancelled_owned());
+                tokio::select! {
+                    r = serve => r.context("API server"),
+                    _ = force.cancelled() => Ok(()),
+                }
+            }));
+        }
+        let runs = if opts.scheduler {
+            let scheduler = schedule::Scheduler {
+                config: config.clone(),
+                metrics: metrics.clone(),
+                store: Some(store.clone()),
+                sink: run_tx,
+                shared: shared.clone(),
+            };
+            tasks.push(spawn(
+                "scheduler",
+                scheduler.run(sched_stop.clone(), force.clone()),
+            ));
+            None
+        } else {
+            Some(run_tx)
+        };
+        Ok(Pipeline {
+            config,
+            store,
+            metrics,
+            shared,
+            runs,
+            tasks,
+            writer: Some(writer),
+            sched_stop,
+            stop,
+            force,
+        })
+    }
+
+    /// Feed a run to the fan-out (stored, counted, evaluated) when the scheduler is off.
+    pub async fn send(&self, r: RunResult) -> anyhow::Result<()> {
+        let tx = self
+            .runs
+            .as_ref()
+            .context("the scheduler feeds this pipeline")?;
+        tx.send(r)
+            .await
+            .map_err(|_| anyhow::anyhow!("fan-out has stopped"))
+    }
+
+    /// Kill one task as a crash would (for supervision tests). `false` if there is none.
+    pub fn abort(&self, task: &str) -> bool {
+        match self.tasks.iter().find(|t| t.name == task) {
+            Some(t) => {
+                t.handle.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Wait until a task ends (any end before shutdown is a fault), log it and mark it on
+    /// `/health`.
+    pub async fn fault(&mut self) -> Fault {
+        let writer = self.writer.as_mut().map(|w| &mut w.handle);
+        let handles = self.tasks.iter_mut().map(|t| &mut t.handle);
+        let all: Vec<_> = handles.chain(writer).collect();
+        let (r, i, _) = futures_util::future::select_all(all).await;
+        let task = if i < self.tasks.len() {
+            self.tasks.remove(i).name
+        } else {
+            self.writer.take().map_or("writer", |w| w.name)
+        };
+        let what = judge(r).unwrap_or_else(|| "returned before shutdown".to_string());
+        tracing::error!(task, what = %what, "a task of the daemon stopped; stopping the daemon");
+        let part = match task {
+            "fan-out" => "evaluator",
+            t => t,
+        };
+        self.shared
+            .health
+            .fail(part, &format!("task {task} {what}"));
+        Fault { task, what }
+    }
+
+    /// Run until `shutdown` completes or a task dies, then stop. A fault is an error naming
+    /// the task.
+    pub async fn wait(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let fault = tokio::select! {
+            _ = shutdown => None,
+            f = self.fault() => Some(f),
+        };
+        if fault.is_none() {
+            tracing::info!("shutting down: no new runs; waiting for in-flight work");
+        }
+        let r = self.stop().await;
+        match fault {
+            Some(f) => Err(anyhow::anyhow!("{f}; the daemon stopped")),
+            None => r,
+        }
+    }
+
+    /// A clean stop under one deadline (`shutdown_grace`): no new runs; in-flight runs
+    /// finish, are stored and evaluated; the dispatcher finishes its delivery in flight;
+    /// whatever is still going at the deadline is cut. Then the writer commits what is
+    /// queued. Errors name the tasks that failed on the way.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + self.config.agent.shutdown_grace;
+        let Pipeline {
+            store,
+            runs,
+            mut tasks,
+            writer,
+            sched_stop,
+            stop,
+            force,
+            ..
+        } = self;
+        let timer = {
+            let force = force.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(deadline).await;
+                force.cancel();
+            })
+        };
+        let mut errors = Vec::new();
+        sched_stop.cancel();
+        drop(runs);
+        for stage in [
+            &["scheduler", "fan-out", "evaluator"][..],
+            &["dispatcher", "maintenance", "api"],
+        ] {
+            for name in stage {
+                if let Some(i) = tasks.iter().position(|t| t.name == *name) {
+                    let t = tasks.remove(i);
+                    join_task(t, deadline, &mut errors).await;
+                }
+            }
+            stop.cancel();
+        }
+        timer.abort();
+        drop(store);
+        if let Some(w) = writer {
+            let limit = deadline.max(Instant::now() + WRITER_FLUSH);
+            join_task(w, limit, &mut errors).await;
+        }
+        if errors.is_empty() {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(errors.join("; ")))
+        }
+    }
+
+    /// A crash: every task aborted where it is (nothing after the last commit happens),
+    /// then the writer finishes what was queued.
+    pub async fn kill(self) {
+        for t in &self.tasks {
+            t.handle.abort();
+        }
+        for t in self.tasks {
+            let _ = t.handle.await;
+        }
+        drop(self.runs);
+        drop(self.store);
+        if let Some(w) = self.writer {
+            let _ = w.handle.await;
+        }
+    }
+}
+
+/// Await a task until `limit` (then abort it); record how it ended if that is an error.
+async fn join_task(mut t: Task, limit: Instant, errors: &mut Vec<String>) {
+    // A little past the deadline: tasks stop on `force` themselves; this is the backstop.
+    let r = tokio::time::timeout_at(limit + Duration::from_secs(1), &mut t.handle).await;
+    let what = match r {
+        Ok(r) => judge(r),
+        Err(_) => {
+            t.handle.abort();
+            Some("did not stop by the shutdown deadline".to_string())
+        }
+    };
+    if let Some(what) = what {
+        tracing::error!(task = t.name, what = %what, "task failed during shutdown");
+        errors.push(format!("task {} {what}", t.name));
+    }
+}
+
+async fn join_writer(w: WriterHandle) {
+    w.join().await;
+}
+
+/// Every run: counted, stored, then evaluated.
+async fn fan_out(
+    mut runs: mpsc::Receiver<RunResult>,
+    eval: mpsc::Sender<RunResult>,
+    store: Store,
+    metrics: Metrics,
+    force: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let r = tokio::select! {
+            _ = force.cancelled() => return Ok(()),
+            r = runs.recv() => match r {
+                Some(r) => r,
+                None => return Ok(()),
+            },
+        };
+        observe_run(&metrics, &r);
+        store.record(r.clone()).await;
+        if eval.send(r).await.is_err() {
+            anyhow::bail!("the evaluator is gone");
+        }
+    }
+}
+
+/// Roll up and prune on a fixed period until `stop`.
+async fn maintenance(
+    config: Arc<Config>,
+    store: Store,
+    clock: Clock,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let now = clock.now_ms();
+        let retention = config.retention.clone();
+        match store
+            .write(move |c| store::maintain(c, now, &retention))
+            .await
+        {
+            Ok(s) => tracing::debug!(
+                rolled = s.rolled_minutes,
+                pruned_runs = s.pruned_runs,
+                "store maintenance"
+            ),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "store maintenance failed"),
+        }
+    }
+}
+
+fn describe_metrics(m: &Metrics) {
+    m.describe(
+        "watchpost_probe_up",
+        "gauge",
+        "1 when the probe's last run was up or degraded, 0 when down.",
+    );
+    m.describe(
+        "watchpost_probe_outcome",
+        "gauge",
+        "Last outcome: 0 up, 1 degraded, 2 down.",
+    );
+    m.describe(
+        "watchpost_probe_duration_seconds",
+        "histogram",
+        "Phase latency of runs, by probe and phase.",
+    );
+    m.describe(
+        "watchpost_runs_total",
+        "counter",
+        "Runs by probe and outcome.",
+    );
+    m.describe(
+        "watchpost_runs_skipped_total",
+        "counter",
+        "Planned runs skipped because the previous run was still going.",
+    );
+    m.describe(
+        "watchpost_schedule_lag_seconds",
+        "histogram",
+        "Actual start minus planned start of runs.",
+    );
+}
+
+fn observe_run(m: &Metrics, r: &RunResult) {
+    let o = r.outcome.as_str();
+    m.inc(
+        "watchpost_runs_total",
+        &[("probe", &r.probe), ("outcome", o)],
+    );
+    m.set(
+        "watchpost_probe_up",
+        &[("probe", &r.probe)],
+        if r.outcome == probe::Outcome::Down {
+            0.0
+        } else {
+            1.0
+        },
+    );
+    m.set(
+        "watchpost_probe_outcome",
+        &[("probe", &r.probe)],
+        r.outcome as u8 as f64,
+    );
+    for (phase, d) in &r.phases {
+        m.observe(
+            "watchpost_probe_duration_seconds",
+            &[("probe", &r.probe), ("phase", phase)],
+            d.as_secs_f64(),
+        );
+    }
+    for s in &r.subchecks {
+        m.set(
+            "watchpost_probe_up",
+            &[("probe", &s.series)],
+            if s.outcome == probe::Outcome::Down {
+                0.0
+            } else {
+                1.0
+            },
+        );
+    }
+    match &r.error {
+        Some(e) => {
+            tracing::info!(probe = %r.probe, outcome = %o, class = %e.class, message = %e.message, duration_ms = probe::ms(r.duration), "run")
+        }
+        None => {
+            tracing::info!(probe = %r.probe, outcome = %o, duration_ms = probe::ms(r.duration), "run")
+        }
+    }
+}
