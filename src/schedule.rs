@@ -342,13 +342,15 @@ impl Scheduler {
             names.insert(h.id(), loop_name);
         }
         let mut tick = tokio::time::interval(BEAT_EVERY);
+        // Stamp while scheduling; a probe loop that ends before shutdown is a fault. With no
+        // probe at all the scheduler still runs (and stamps) until shutdown.
         let fault = loop {
             beat.stamp();
             let done = tokio::select! {
                 _ = tick.tick() => continue,
-                r = loops.join_next_with_id() => r,
+                _ = shutdown.cancelled(), if loops.is_empty() => break None,
+                Some(done) = loops.join_next_with_id() => done,
             };
-            let Some(done) = done else { break None };
             let (id, what) = match done {
                 Ok((id, ())) => (id, "ended"),
                 Err(e) if e.is_panic() => (e.id(), "panicked"),
@@ -526,5 +528,87 @@ mod tests {
                 "run {k} at {d:?}"
             );
         }
+    }
+
+    /// The wrapper the scheduler puts around every run, with a run that panics: each slot
+    /// still runs (the probe keeps its schedule), each becomes a down run of class
+    /// `internal` carrying the panic message, and the counter and `/health` show it.
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_run_becomes_down_internal_and_the_probe_keeps_its_schedule() {
+        let origin = Instant::now();
+        let (metrics, health) = (Metrics::new(), Health::new());
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (m, h, out) = (metrics.clone(), health.clone(), results.clone());
+        let run = move |slot: Slot| {
+            let (m, h, out) = (m.clone(), h.clone(), out.clone());
+            async move {
+                let r = guard_run("flaky", "http", &m, &h, async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if slot.index % 2 == 0 {
+                        panic!("dotted number in slot {}", slot.index);
+                    }
+                    let mut a = Attempt::new();
+                    a.phase("total", Duration::from_millis(20));
+                    RunResult {
+                        probe: "flaky".into(),
+                        kind: "http",
+                        started_at: chrono::Utc::now(),
+                        duration: Duration::from_millis(20),
+                        lag: None,
+                        outcome: a.outcome,
+                        error: None,
+                        phases: a.phases,
+                        details: a.details,
+                        subchecks: a.subchecks,
+                    }
+                })
+                .await;
+                out.lock().unwrap().push((slot.index, r));
+            }
+        };
+        let skips = Arc::new(Mutex::new(0u32));
+        let sk = skips.clone();
+        let l = tokio::spawn(probe_loop(
+            plan(1000),
+            origin,
+            token.clone(),
+            tracker.clone(),
+            run,
+            move |_| *sk.lock().unwrap() += 1,
+        ));
+        tokio::time::sleep(Duration::from_millis(5_500)).await;
+        token.cancel();
+        l.await.unwrap();
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(*skips.lock().unwrap(), 0, "no slot skipped after a panic");
+        let results = results.lock().unwrap();
+        let indices: Vec<u64> = results.iter().map(|r| r.0).collect();
+        assert_eq!(indices, [0, 1, 2, 3, 4, 5], "every slot ran");
+        for (k, r) in results.iter() {
+            if k % 2 == 0 {
+                assert_eq!(r.outcome, crate::probe::Outcome::Down, "slot {k}");
+                let e = r.error.as_ref().unwrap();
+                assert_eq!(e.class, "internal");
+                assert!(
+                    e.message.contains(&format!("dotted number in slot {k}")),
+                    "{}",
+                    e.message
+                );
+                assert_eq!(r.probe, "flaky");
+            } else {
+                assert_eq!(r.outcome, crate::probe::Outcome::Up, "slot {k}");
+            }
+        }
+        assert!(
+            metrics
+                .render()
+                .contains("watchpost_probe_panics_total{probe=\"flaky\"} 3"),
+            "{}",
+            metrics.render()
+        );
+        assert_eq!(health.probes().status(), "degraded");
     }
 }

@@ -547,11 +547,12 @@ impl Dispatcher {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             beat.stamp();
+            // With no notifier (or all stopped at shutdown) it waits for `stop`.
             let done = tokio::select! {
                 _ = tick.tick() => continue,
-                r = set.join_next_with_id() => r,
+                _ = stop.cancelled(), if set.is_empty() => return Ok(()),
+                Some(done) = set.join_next_with_id() => done,
             };
-            let Some(done) = done else { return Ok(()) };
             let (id, what) = match done {
                 Ok((id, ())) => (id, "returned".to_string()),
                 Err(e) if e.is_panic() => (
