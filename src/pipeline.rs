@@ -426,20 +426,34 @@ async fn maintenance(
             _ = stop.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let now = clock.now_ms();
-        let retention = config.retention.clone();
-        match store
-            .write(move |c| store::maintain(c, now, &retention))
-            .await
-        {
-            Ok(s) => tracing::debug!(
-                rolled = s.rolled_minutes,
-                pruned_runs = s.pruned_runs,
-                "store maintenance"
-            ),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "store maintenance failed"),
+        if let Err(e) = maintain_once(&config, &store, clock.now_ms()).await {
+            tracing::warn!(error = %format!("{e:#}"), "store maintenance failed");
         }
     }
+}
+
+/// One maintenance pass at `now_ms`: roll up and prune runs and histograms, then prune the
+/// outbox, resolved incidents' timelines and notifier references by the runs retention.
+pub async fn maintain_once(
+    config: &Config,
+    store: &Store,
+    now_ms: i64,
+) -> anyhow::Result<incident::PruneStats> {
+    let retention = config.retention.clone();
+    let s = store
+        .write(move |c| store::maintain(c, now_ms, &retention))
+        .await?;
+    let before = now_ms - config.retention.runs.0.as_millis() as i64;
+    let p = store.write(move |c| incident::prune(c, before)).await?;
+    tracing::debug!(
+        rolled = s.rolled_minutes,
+        pruned_runs = s.pruned_runs,
+        pruned_outbox = p.outbox,
+        pruned_events = p.events,
+        pruned_refs = p.refs,
+        "store maintenance"
+    );
+    Ok(p)
 }
 
 fn describe_metrics(m: &Metrics) {

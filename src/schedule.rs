@@ -591,7 +591,7 @@ mod tests {
             if k % 2 == 0 {
                 assert_eq!(r.outcome, crate::probe::Outcome::Down, "slot {k}");
                 let e = r.error.as_ref().unwrap();
-                assert_eq!(e.class, "internal");
+                assert_eq!(e.class, ErrorClass::Internal);
                 assert!(
                     e.message.contains(&format!("dotted number in slot {k}")),
                     "{}",

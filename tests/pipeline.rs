@@ -193,3 +193,100 @@ async fn the_shutdown_deadline_cuts_a_delivery_in_flight_which_stays_pending() {
         "a cut delivery is retried after the next start"
     );
 }
+
+fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_prunes_the_outbox_resolved_timelines_and_notifier_refs() {
+    use watchpost::probe::Outcome::Up;
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Recorder::start().await;
+    let cfg = config(dir.path(), &hook.url(), FAST, "");
+    let agent = Agent::start(cfg.clone(), true).await;
+    // Incident 1: opened and resolved. Incident 2: opened and still open.
+    agent.both(Down).await;
+    agent.both(Down).await;
+    hook.wait_for("opened", T, |l| !l.is_empty()).await;
+    agent.both(Up).await;
+    agent.both(Up).await;
+    until("the first incident resolved", T, || {
+        agent.incidents(true).is_empty() && agent.incidents(false).len() == 1
+    })
+    .await;
+    agent.drained(T).await;
+    agent.both(Down).await;
+    agent.both(Down).await;
+    until("the second incident opened", T, || {
+        agent.incidents(true).len() == 1
+    })
+    .await;
+    agent.drained(T).await;
+    let (resolved, open) = {
+        let all = agent.incidents(false);
+        let id = |v: &Value| v["id"].as_i64().unwrap();
+        let open = all.iter().find(|v| v["open"] == true).map(id).unwrap();
+        let resolved = all.iter().find(|v| v["open"] == false).map(id).unwrap();
+        (resolved, open)
+    };
+    // References: one of each incident, a delivery step of a finished row, and one old
+    // reference of the open incident, which must stay.
+    let now = chrono::Utc::now().timestamp_millis();
+    agent
+        .store
+        .write(move |c| {
+            for scope in [resolved, open, -1] {
+                watchpost::notify::outbox::set_ref(c, "mitigate", scope, "k", "v", now)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let conn = agent.store.reader().unwrap();
+    let events_of = |id: i64| {
+        count(
+            &conn,
+            &format!("SELECT count(*) FROM incident_events WHERE incident_id = {id}"),
+        )
+    };
+    assert!(events_of(resolved) >= 2 && events_of(open) >= 1);
+    assert!(count(&conn, "SELECT count(*) FROM outbox") >= 3);
+
+    // A pass within retention removes nothing.
+    let kept = watchpost::pipeline::maintain_once(&cfg, &agent.store, now + 1000)
+        .await
+        .unwrap();
+    assert_eq!(kept, Default::default());
+
+    // Eight days later (runs retention is 7 days).
+    let later = now + 8 * 86_400_000;
+    let pruned = watchpost::pipeline::maintain_once(&cfg, &agent.store, later)
+        .await
+        .unwrap();
+    assert!(pruned.outbox >= 3, "{pruned:?}");
+    assert_eq!(count(&conn, "SELECT count(*) FROM outbox"), 0);
+    assert_eq!(
+        events_of(resolved),
+        0,
+        "resolved incident's timeline pruned"
+    );
+    assert!(events_of(open) >= 1, "open incident keeps its timeline");
+    let refs: Vec<i64> = {
+        let mut st = conn
+            .prepare("SELECT incident_id FROM notifier_refs ORDER BY incident_id")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert_eq!(refs, [open], "only the open incident's reference is left");
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM incidents"),
+        2,
+        "incident rows stay"
+    );
+    drop(conn);
+    agent.stop().await;
+}

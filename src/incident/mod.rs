@@ -653,3 +653,39 @@ fn write_transition(
     )?;
     Ok(())
 }
+
+/// What one retention pass of the incident tables removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PruneStats {
+    pub outbox: usize,
+    pub events: usize,
+    pub refs: usize,
+}
+
+/// Retention of the incident tables: finished (delivered or dead) outbox rows, the timeline
+/// of incidents resolved before `before_ms` (and component events not tied to an incident),
+/// and notifier references nothing can need any more: those of incidents resolved before
+/// the cutoff with no notification still pending, and the per-delivery steps of outbox rows
+/// that are no longer pending. Open incidents keep everything; incident rows themselves are
+/// kept (they are small and make the history).
+pub fn prune(conn: &Connection, before_ms: i64) -> rusqlite::Result<PruneStats> {
+    let outbox = outbox::prune(conn, before_ms)?;
+    let events = conn.execute(
+        "DELETE FROM incident_events WHERE at < ?1 AND (incident_id IS NULL OR incident_id IN
+           (SELECT id FROM incidents WHERE resolved_at IS NOT NULL AND resolved_at < ?1))",
+        [before_ms],
+    )?;
+    let refs = conn.execute(
+        "DELETE FROM notifier_refs WHERE created_at < ?1 AND (
+           (incident_id > 0
+             AND incident_id IN (SELECT id FROM incidents WHERE resolved_at IS NOT NULL AND resolved_at < ?1)
+             AND incident_id NOT IN (SELECT incident_id FROM outbox WHERE status = 'pending' AND incident_id IS NOT NULL))
+           OR (incident_id < 0 AND -incident_id NOT IN (SELECT id FROM outbox WHERE status = 'pending')))",
+        [before_ms],
+    )?;
+    Ok(PruneStats {
+        outbox,
+        events,
+        refs,
+    })
+}
