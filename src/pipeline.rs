@@ -265,12 +265,25 @@ impl Pipeline {
         let handles = self.tasks.iter_mut().map(|t| &mut t.handle);
         let all: Vec<_> = handles.chain(writer).collect();
         let (r, i, _) = futures_util::future::select_all(all).await;
-        let task = if i < self.tasks.len() {
+        let mut task = if i < self.tasks.len() {
             self.tasks.remove(i).name
         } else {
             self.writer.take().map_or("writer", |w| w.name)
         };
-        let what = judge(r).unwrap_or_else(|| "returned before shutdown".to_string());
+        let mut what = judge(r);
+        // A task that returned cleanly may only be following one that died (the evaluator
+        // ends when the fan-out is gone): name the one that died, if it already ended too.
+        if what.is_none() {
+            tokio::task::yield_now().await;
+            while let Some(j) = self.tasks.iter().position(|t| t.handle.is_finished()) {
+                let t = self.tasks.remove(j);
+                if let Some(w) = judge(t.handle.await) {
+                    (task, what) = (t.name, Some(w));
+                    break;
+                }
+            }
+        }
+        let what = what.unwrap_or_else(|| "returned before shutdown".to_string());
         tracing::error!(task, what = %what, "a task of the daemon stopped; stopping the daemon");
         let part = match task {
             "fan-out" => "evaluator",

@@ -32,7 +32,10 @@ async fn a_confirmation_retry_holds_no_permit_while_it_waits() {
     let t = config(
         "max_concurrency = 1\nhost_rate_limit = 0",
         &[
-            ("a", http_probe("a", &down, "retries = 2\nretry_delay = \"1s\"")),
+            (
+                "a",
+                http_probe("a", &down, "retries = 2\nretry_delay = \"1s\""),
+            ),
             ("b", http_probe("b", &srv.url("/health"), "")),
         ],
     );

@@ -230,7 +230,9 @@ async fn a_slow_or_dead_notifier_never_delays_another() {
     agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Virtual time: retries and the breaker's cooldowns move only when the test advances, so
+// "no attempt during the cooldown" is exact instead of a wall-clock window.
+#[tokio::test(start_paused = true)]
 async fn circuit_breaker_stops_hammering_a_dead_endpoint() {
     let dir = tempfile::tempdir().unwrap();
     let hook = Recorder::with_default(|_| Reply::status(503)).await;
@@ -243,9 +245,18 @@ async fn circuit_breaker_stops_hammering_a_dead_endpoint() {
     let agent = Agent::start(write_config(dir.path(), &t, THRESHOLDS, ""), true).await;
     agent.send(run("api", Down)).await;
     agent.send(run("api", Down)).await;
-    let log = hook.wait_for("three failures", T, |l| l.len() >= 3).await;
-    let t3 = log[2].at;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    hook.wait_for("the first attempt", T, |l| !l.is_empty())
+        .await;
+    advance_until("three failures", Duration::from_millis(5), || {
+        hook.requests().len() >= 3
+    })
+    .await;
+    // The cooldown runs from the third failure, handled (and committed) at this virtual
+    // instant.
+    let attempts = |n: i64| agent.outbox().first().is_some_and(|r| r.3 == n);
+    until("the third failure committed", T, || attempts(3)).await;
+    tokio::time::advance(Duration::from_millis(690)).await;
+    settle(Duration::from_millis(300)).await;
     assert_eq!(
         hook.requests().len(),
         3,
@@ -255,18 +266,20 @@ async fn circuit_breaker_stops_hammering_a_dead_endpoint() {
         .metrics
         .render()
         .contains("watchpost_notifier_circuit_open{notifier=\"mitigate\"} 1"));
-    let log = hook.wait_for("half-open probe", T, |l| l.len() >= 4).await;
-    assert!(
-        log[3].at - t3 >= Duration::from_millis(650),
-        "{:?}",
-        log[3].at - t3
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::advance(Duration::from_millis(20)).await;
+    hook.wait_for("half-open probe", T, |l| l.len() >= 4).await;
+    until("the probe's failure committed", T, || attempts(4)).await;
+    // The failed probe doubles the cooldown to 1.4 s.
+    tokio::time::advance(Duration::from_millis(1390)).await;
+    settle(Duration::from_millis(300)).await;
     assert_eq!(
         hook.requests().len(),
         4,
         "failed probe re-opens the breaker with a longer cooldown"
     );
+    tokio::time::advance(Duration::from_millis(20)).await;
+    hook.wait_for("second half-open probe", T, |l| l.len() >= 5)
+        .await;
     agent.stop().await;
 }
 

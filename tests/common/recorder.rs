@@ -224,7 +224,9 @@ impl Recorder {
                     seen.join("\n")
                 );
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // A real wait (not a tokio timer), so this also works under paused tokio time.
+            let _ =
+                tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(20))).await;
         }
     }
 

@@ -2,6 +2,13 @@
 //! a component and notifiers pointing at local recorders), starts the daemon's
 //! [`Pipeline`] without its scheduler, and feeds synthetic runs (the evaluator is the unit
 //! under test; probes are tested elsewhere).
+//!
+//! Virtual time: under `#[tokio::test(start_paused = true)]` the evaluator's and the
+//! dispatcher's clocks follow tokio time, which then moves only when the test calls
+//! `tokio::time::advance` (tokio does not auto-advance while a blocking task runs, and the
+//! pipeline's writer supervision is one for its whole life). The waiting helpers here wait
+//! in real time ([`settle`]), so real work (SQLite, sockets) proceeds while virtual time
+//! stands still.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -251,12 +258,12 @@ impl Agent {
                 "outbox not drained: {:?}",
                 self.outbox()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            settle(Duration::from_millis(20)).await;
         }
     }
 }
 
-/// Wait until `f` is true (polling), or panic with `what`.
+/// Wait until `f` is true (polling in real time), or panic with `what`.
 pub async fn until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !f() {
@@ -264,6 +271,25 @@ pub async fn until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
             std::time::Instant::now() < deadline,
             "timed out waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle(Duration::from_millis(20)).await;
+    }
+}
+
+/// Let real work (the writer thread, sockets) run for `d` of real time; under paused tokio
+/// time, virtual time does not move meanwhile.
+pub async fn settle(d: Duration) {
+    let _ = tokio::task::spawn_blocking(move || std::thread::sleep(d)).await;
+}
+
+/// Advance virtual time in `step`s, letting real work settle after each, until `f` holds.
+pub async fn advance_until(what: &str, step: Duration, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::advance(step).await;
+        settle(Duration::from_millis(10)).await;
     }
 }
