@@ -1,44 +1,45 @@
-//! The wall clock the evaluator and the dispatcher read. It is the wall time at start plus
-//! the tokio time elapsed since, so a test that pauses tokio time (`tokio::time::pause()`,
-//! `advance()`) moves it too: incident and notifier timing can be tested in virtual time.
+//! The wall clock the evaluator and the dispatcher read. In the daemon it is the system
+//! clock (so it agrees with the runs' `started_at`, also after the host's clock is set).
+//! Tests use [`Clock::tokio`]: the wall time at its creation plus the tokio time elapsed
+//! since, so pausing tokio time (`tokio::time::pause()`, `advance()`) moves it too and
+//! incident and notifier timing can be tested in virtual time.
 //!
 //! Not for probe measurements: runs time themselves with monotonic clocks.
 
 use tokio::time::Instant;
 
-/// Wall-clock milliseconds derived from tokio's monotonic clock. Cheap to copy.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    wall0_ms: i64,
-    mono0: Instant,
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Clock::new()
-    }
-}
+/// Wall-clock milliseconds. Cheap to copy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Clock(Option<(i64, Instant)>);
 
 impl Clock {
-    /// A clock that starts at the current wall time.
-    pub fn new() -> Clock {
-        Clock {
-            wall0_ms: chrono::Utc::now().timestamp_millis(),
-            mono0: Instant::now(),
-        }
+    /// The system clock.
+    pub fn system() -> Clock {
+        Clock(None)
+    }
+
+    /// A clock that starts at the current wall time and follows tokio time.
+    pub fn tokio() -> Clock {
+        Clock(Some((
+            chrono::Utc::now().timestamp_millis(),
+            Instant::now(),
+        )))
     }
 
     /// Milliseconds since the Unix epoch.
     pub fn now_ms(&self) -> i64 {
-        let elapsed = Instant::now().saturating_duration_since(self.mono0);
-        self.wall0_ms
-            .saturating_add(i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        match self.0 {
+            None => chrono::Utc::now().timestamp_millis(),
+            Some((wall0_ms, mono0)) => {
+                let elapsed = Instant::now().saturating_duration_since(mono0);
+                wall0_ms.saturating_add(i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+            }
+        }
     }
 
-    /// The tokio instant at which the wall clock reads `at_ms` (now, if that has passed).
-    pub fn instant_at(&self, at_ms: i64) -> Instant {
-        let ahead = at_ms.saturating_sub(self.now_ms()).max(0) as u64;
-        Instant::now() + std::time::Duration::from_millis(ahead)
+    /// [`Clock::now_ms`] as a timestamp.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp_millis(self.now_ms()).unwrap_or_default()
     }
 }
 
@@ -48,10 +49,12 @@ mod tests {
     use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
-    async fn follows_paused_tokio_time() {
-        let c = Clock::new();
+    async fn the_tokio_clock_follows_paused_time() {
+        let c = Clock::tokio();
         let t0 = c.now_ms();
         tokio::time::advance(Duration::from_secs(90)).await;
         assert_eq!(c.now_ms() - t0, 90_000);
+        let s = Clock::system();
+        assert!((s.now_ms() - chrono::Utc::now().timestamp_millis()).abs() < 1000);
     }
 }

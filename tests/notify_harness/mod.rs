@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
+use watchpost::clock::Clock;
 use watchpost::config::{self, Config};
 use watchpost::metrics::Metrics;
 use watchpost::pipeline::{Options, Pipeline, Shared};
@@ -177,8 +178,13 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Start with a clock that follows tokio time (the wall clock unless a test pauses it).
     pub async fn start(config: Arc<Config>, dispatcher: bool) -> Agent {
-        Agent::start_with(config, dispatcher, Shared::default()).await
+        let shared = Shared {
+            clock: Clock::tokio(),
+            ..Shared::default()
+        };
+        Agent::start_with(config, dispatcher, shared).await
     }
 
     /// Start with a given [`Shared`] (e.g. one whose clock was made under paused time).
@@ -197,8 +203,10 @@ impl Agent {
         }
     }
 
-    /// Hand a run to the fan-out (stored, counted, evaluated), as the scheduler does.
-    pub async fn send(&self, r: RunResult) {
+    /// Hand a run to the fan-out (stored, counted, evaluated), as the scheduler does; it
+    /// starts now by the agent's clock.
+    pub async fn send(&self, mut r: RunResult) {
+        r.started_at = self.pipeline.shared.clock.now();
         self.pipeline.send(r).await.unwrap();
     }
 
