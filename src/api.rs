@@ -3,7 +3,7 @@
 //! its own read connection; only the writer task writes.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
@@ -26,7 +26,9 @@ const WRITER_PING: Duration = Duration::from_secs(5);
 pub struct AppState {
     config: Arc<Config>,
     metrics: Metrics,
-    store: Store,
+    /// The writer handle for `/health`'s ping; released at shutdown so that a connection
+    /// still open does not keep the writer from finishing.
+    store: Arc<Mutex<Option<Store>>>,
     db: PathBuf,
     health: Health,
 }
@@ -37,9 +39,14 @@ impl AppState {
             config,
             metrics,
             db: store.path().to_path_buf(),
-            store,
+            store: Arc::new(Mutex::new(Some(store))),
             health,
         }
+    }
+
+    /// Drop the writer handle (the API is stopping).
+    pub fn release_store(&self) {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -86,7 +93,14 @@ async fn read<T: Send + 'static>(
 /// of everything queued before it), the other parts by their progress stamps and faults.
 async fn health(State(s): State<AppState>) -> Response {
     let t = Instant::now();
-    let writer = match tokio::time::timeout(WRITER_PING, s.store.flush()).await {
+    let store = s.store.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let ping = async {
+        match store {
+            Some(store) => store.flush().await,
+            None => Err(anyhow::anyhow!("the agent is stopping")),
+        }
+    };
+    let writer = match tokio::time::timeout(WRITER_PING, ping).await {
         Ok(Ok(())) => Check::Ok {
             latency_ms: t.elapsed().as_secs_f64() * 1e3,
         },

@@ -198,12 +198,14 @@ impl Pipeline {
             );
             let (stop, force) = (stop.clone(), force.clone());
             tasks.push(spawn("api", async move {
-                let serve = axum::serve(l, api::router(state))
+                let serve = axum::serve(l, api::router(state.clone()))
                     .with_graceful_shutdown(stop.cancelled_owned());
-                tokio::select! {
+                let r = tokio::select! {
                     r = serve => r.context("API server"),
                     _ = force.cancelled() => Ok(()),
-                }
+                };
+                state.release_store();
+                r
             }));
         }
         let runs = if opts.scheduler {
