@@ -551,3 +551,28 @@ fn observe_run(m: &Metrics, r: &RunResult) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_end_is_judged_by_how_it_ended() {
+        let panicked = tokio::spawn(async {
+            if std::hint::black_box(true) {
+                panic!("index out of bounds");
+            }
+            Ok(())
+        });
+        assert_eq!(
+            judge(panicked.await).as_deref(),
+            Some("panicked: index out of bounds")
+        );
+        let failed = tokio::spawn(async { Err(anyhow::anyhow!("disk full")) });
+        assert_eq!(judge(failed.await).as_deref(), Some("failed: disk full"));
+        let killed = tokio::spawn(std::future::pending::<anyhow::Result<()>>());
+        killed.abort();
+        assert_eq!(judge(killed.await).as_deref(), Some("was killed"));
+        assert_eq!(judge(tokio::spawn(async { Ok(()) }).await), None);
+    }
+}
