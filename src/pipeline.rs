@@ -404,7 +404,8 @@ async fn join_writer(w: WriterHandle) {
     w.join().await;
 }
 
-/// Every run: counted, stored, then evaluated.
+/// Every run: counted, stored, then evaluated. Runs that arrive after the shutdown deadline
+/// stopped the evaluator are still stored (the evaluator reads its state back at start).
 async fn fan_out(
     mut runs: mpsc::Receiver<RunResult>,
     eval: mpsc::Sender<RunResult>,
@@ -412,20 +413,23 @@ async fn fan_out(
     metrics: Metrics,
     force: CancellationToken,
 ) -> anyhow::Result<()> {
-    loop {
-        let r = tokio::select! {
-            _ = force.cancelled() => return Ok(()),
-            r = runs.recv() => match r {
-                Some(r) => r,
-                None => return Ok(()),
-            },
-        };
+    let mut eval = Some(eval);
+    while let Some(r) = runs.recv().await {
         observe_run(&metrics, &r);
         store.record(r.clone()).await;
-        if eval.send(r).await.is_err() {
-            anyhow::bail!("the evaluator is gone");
+        let Some(tx) = &eval else { continue };
+        let sent = tokio::select! {
+            sent = tx.send(r) => sent.is_ok(),
+            _ = force.cancelled() => false,
+        };
+        if !sent {
+            if !force.is_cancelled() {
+                anyhow::bail!("the evaluator is gone");
+            }
+            eval = None;
         }
     }
+    Ok(())
 }
 
 /// Roll up and prune on a fixed period until `stop`.
