@@ -546,7 +546,7 @@ mod tests {
             async move {
                 let r = guard_run("flaky", "http", &m, &h, async move {
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    if slot.index % 2 == 0 {
+                    if slot.index.is_multiple_of(2) {
                         panic!("dotted number in slot {}", slot.index);
                     }
                     let mut a = Attempt::new();
