@@ -70,6 +70,10 @@ max_wer = 0.2
 speed = 2.0
 tail = "300ms"
 final_timeout = "10s"
+# The peer decodes on one Python thread: on a loaded machine its handshake and results come
+# late. Generous deadlines keep this a test of recognition, not of machine load.
+connect_timeout = "20s"
+timeout = "60s"
 retries = 0
 "#,
             audio = audio.join(&u.file).display()
@@ -106,7 +110,11 @@ retries = 0
         if a.outcome != Outcome::Up {
             failures.push(format!("{name}: {:?} {:?}", a.outcome, a.error));
         }
-        assert!(a.details.get("request_id").is_some(), "dg-request-id kept");
+        assert!(
+            a.details.get("request_id").is_some(),
+            "dg-request-id kept ({name}: {:?})",
+            a.error
+        );
     }
     assert!(
         failures.is_empty(),
