@@ -432,11 +432,11 @@ impl ComponentState {
                 && m.budget.is_none()
                 && m.bad_streak == 0
                 && (m.good_streak >= rules.success_threshold
-                    || m.last_bad_at.map_or(true, |t| t < inc.opened_at))
+                    || m.last_bad_at.is_none_or(|t| t < inc.opened_at))
         });
         let clear_since_ok = self
             .last_bad_at()
-            .map_or(true, |t| now - t >= rules.recovery_ms);
+            .is_none_or(|t| now - t >= rules.recovery_ms);
         if !(members_clear && clear_since_ok) {
             return None;
         }
