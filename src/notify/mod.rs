@@ -871,3 +871,94 @@ pub(crate) fn check_http_url(url: &str) -> Result<(), String> {
         Err(e) => Err(format!("invalid URL {url:?}: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A destination whose delivery panics (a bug in a notifier).
+    struct PanickingDestination;
+
+    impl Destination for PanickingDestination {
+        fn deliver<'a>(
+            &'a self,
+            _ctx: &'a Ctx,
+            ev: &'a Event,
+        ) -> BoxFuture<'a, Result<(), DeliveryError>> {
+            Box::pin(async move { panic!("cannot format component {}", ev.component) })
+        }
+        fn test<'a>(&'a self, _ctx: &'a Ctx) -> BoxFuture<'a, Result<String, DeliveryError>> {
+            Box::pin(async { Ok(String::new()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_notifier_worker_that_dies_stops_the_dispatcher_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = Store::start(&dir.path().join("w.db")).unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        let ev = Event {
+            kind: EventKind::Opened,
+            component: "API".into(),
+            status: Status::MajorOutage,
+            previous: Status::Operational,
+            incident_id: Some(1),
+            opened_at: Some(now),
+            at: now,
+            flapping: false,
+            cause: None,
+            note: None,
+            location: "here".into(),
+            details: None,
+            test: false,
+        };
+        store
+            .write(move |c| outbox::enqueue(c, "pager", &ev, now).map(|_| ()))
+            .await
+            .unwrap();
+        let shared = Shared::default();
+        let metrics = Metrics::new();
+        let opts = DeliveryOptions::default();
+        let worker = Worker {
+            name: "pager".into(),
+            dest: Arc::new(PanickingDestination),
+            ctx: Ctx {
+                notifier: "pager".into(),
+                client: reqwest::Client::new(),
+                limiter: Arc::new(RateLimiter::direct(Quota::per_second(NonZeroU32::MIN))),
+                timeout: opts.timeout.0,
+                store: Some(store.clone()),
+                delivery_id: None,
+                location: "here".into(),
+            },
+            beat: shared.health.beat(
+                "dispatcher",
+                "notifier worker pager",
+                Duration::from_secs(60),
+            ),
+            opts,
+            store: store.clone(),
+            metrics: metrics.clone(),
+            clock: shared.clock,
+            bell: shared.bell.clone(),
+        };
+        let d = Dispatcher {
+            workers: vec![worker],
+            store: store.clone(),
+            metrics,
+            health: shared.health.clone(),
+        };
+        let (stop, force) = (CancellationToken::new(), CancellationToken::new());
+        let r = tokio::time::timeout(Duration::from_secs(10), d.run(stop, force)).await;
+        let err = match r {
+            Ok(Err(e)) => format!("{e:#}"),
+            other => panic!("expected the dispatcher to fail, got {other:?}"),
+        };
+        assert_eq!(
+            err,
+            "notifier worker pager panicked: cannot format component API"
+        );
+        drop(store);
+        writer.join().await;
+    }
+}
