@@ -9,7 +9,7 @@ mod recorder;
 #[path = "common/smtp.rs"]
 mod smtp;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use notify_harness::*;
 use recorder::{Recorded, Recorder, Reply};
