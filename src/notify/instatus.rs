@@ -74,7 +74,7 @@ pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
             (true, true) => return Err(err("use either the API (page_id, api_key_env, components) or integration webhooks (webhooks), not both")),
             (false, false) => return Err(err("needs page_id, api_key_env and components (API mode) or webhooks (integration mode)")),
             (true, false) => {
-                if c.page_id.as_deref().map_or(true, str::is_empty) {
+                if c.page_id.as_deref().is_none_or(str::is_empty) {
                     return Err(err("API mode needs page_id"));
                 }
                 if c.api_key_env.is_none() {
