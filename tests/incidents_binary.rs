@@ -146,7 +146,7 @@ async fn sigkill_with_pending_notifications_then_restart_delivers_once_and_resol
     assert_eq!(
         is.requests()
             .iter()
-            .filter(|r| r.path == "/v1/pg/incidents")
+            .filter(|r| r.method == "POST" && r.path == "/v1/pg/incidents")
             .count(),
         1,
         "one status-page incident"

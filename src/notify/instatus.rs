@@ -111,6 +111,37 @@ pub fn component_status(s: Status) -> &'static str {
     }
 }
 
+/// The suffix of a status-page incident's name that ties it to watchpost incident `id`.
+fn incident_marker(id: i64) -> String {
+    format!(" (#{id})")
+}
+
+/// An Instatus id (a string, or a number in some answers).
+fn id_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The id of the first unresolved incident in a `GET /v1/{page}/incidents` answer (an array,
+/// or an object with `incidents`) whose name ends with `marker`.
+fn find_marked(text: &str, marker: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    let list = v
+        .as_array()
+        .or_else(|| v.get("incidents").and_then(Value::as_array))?;
+    list.iter()
+        .filter(|i| {
+            i.get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| n.ends_with(marker))
+        })
+        .filter(|i| i.get("status").and_then(Value::as_str) != Some("RESOLVED"))
+        .find_map(|i| i.get("id").and_then(id_string))
+}
+
 impl InstatusConfig {
     fn mode(&self) -> Mode {
         if self.webhooks.is_empty() {
@@ -161,6 +192,12 @@ impl InstatusConfig {
     }
 
     /// Open the status-page incident (once per watchpost incident) and remember its id.
+    ///
+    /// Instatus has no idempotency key, so a POST that was accepted but whose answer never
+    /// reached us (a timeout, a crash before the id was stored) would open a second incident
+    /// on retry. The name carries a marker (` (#<incident id>)`), a flag is stored before
+    /// every POST, and a retry with the flag set first looks for an unresolved incident with
+    /// that marker and adopts it.
     async fn open(
         &self,
         ctx: &Ctx,
@@ -171,8 +208,18 @@ impl InstatusConfig {
         if ctx.get_ref(incident, "incident").await?.is_some() {
             return Ok(());
         }
+        let marker = incident_marker(incident);
+        if ctx.get_ref(incident, "open_posting").await?.is_some() {
+            let text = ctx
+                .send(self.auth(ctx.client.get(self.api("/incidents"))))
+                .await?;
+            if let Some(id) = find_marked(&text, &marker) {
+                tracing::info!(notifier = %ctx.notifier, component = %ev.component, incident, instatus_incident = %id, "adopting the Instatus incident an earlier attempt opened");
+                return ctx.set_ref(incident, "incident", &id).await;
+            }
+        }
         let body = json!({
-            "name": format!("{} {}", ev.component, ev.status.human()),
+            "name": format!("{} {}{marker}", ev.component, ev.status.human()),
             "message": ev.body_text(),
             "components": [cid],
             "started": iso(ev.opened_at.unwrap_or(ev.at)),
@@ -180,6 +227,7 @@ impl InstatusConfig {
             "notify": self.notify_subscribers,
             "statuses": [{"id": cid, "status": component_status(ev.status)}],
         });
+        ctx.set_ref(incident, "open_posting", "1").await?;
         let text = ctx
             .send(
                 self.auth(ctx.client.post(self.api("/incidents")))
@@ -190,10 +238,10 @@ impl InstatusConfig {
             .ok()
             .as_ref()
             .and_then(|v| v.get("id"))
+            .and_then(id_string)
         {
-            Some(Value::String(id)) => ctx.set_ref(incident, "incident", id).await,
-            Some(Value::Number(n)) => ctx.set_ref(incident, "incident", &n.to_string()).await,
-            _ => {
+            Some(id) => ctx.set_ref(incident, "incident", &id).await,
+            None => {
                 // Opened, but we cannot follow it up: say so; updates fall back to components.
                 tracing::warn!(notifier = %ctx.notifier, component = %ev.component, "Instatus answered without an incident id; later updates only set the component status");
                 ctx.set_ref(incident, "incident", "").await
@@ -387,5 +435,45 @@ impl Destination for InstatusConfig {
                 self.components.len()
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marked_incidents_are_found_only_when_unresolved_and_exact() {
+        let list = r#"[
+            {"id": "a", "name": "API major outage (#11)", "status": "INVESTIGATING"},
+            {"id": "b", "name": "API major outage (#1)", "status": "RESOLVED"},
+            {"id": "c", "name": "API major outage (#1) again", "status": "INVESTIGATING"},
+            {"id": 7, "name": "API partial outage (#1)", "status": "MONITORING"}
+        ]"#;
+        let cases: &[(&str, i64, Option<&str>)] = &[
+            (list, 1, Some("7")),
+            (list, 11, Some("a")),
+            (list, 2, None),
+            (
+                r#"{"incidents": [{"id": "x", "name": "n (#3)", "status": "IDENTIFIED"}]}"#,
+                3,
+                Some("x"),
+            ),
+            (
+                r#"[{"id": "", "name": "n (#3)", "status": "INVESTIGATING"}]"#,
+                3,
+                None,
+            ),
+            (r#"[{"name": "n (#3)"}]"#, 3, None),
+            ("not json", 3, None),
+            (r#"{"error": {"code": "x"}}"#, 3, None),
+        ];
+        for (text, id, want) in cases {
+            assert_eq!(
+                find_marked(text, &incident_marker(*id)).as_deref(),
+                *want,
+                "{text} #{id}"
+            );
+        }
     }
 }
