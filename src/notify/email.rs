@@ -10,9 +10,10 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use lettre::message::{header::ContentType, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 
@@ -41,6 +42,9 @@ pub struct EmailConfig {
     /// Also mail de-escalations and maintenance windows (default: open, escalation, resolve).
     #[serde(default)]
     pub all_events: bool,
+    /// Absolute path of a PEM file with CA certificates to trust for the server's certificate
+    /// (e.g. a private CA), in addition to the public roots. Needs smtps:// or ?tls=starttls.
+    pub ca_file: Option<toml::Spanned<String>>,
     /// Retry, rate limit and timeout settings.
     #[serde(default)]
     pub delivery: DeliveryOptions,
@@ -134,6 +138,21 @@ pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
                 target.host
             )));
         }
+        if let Some(ca) = &c.ca_file {
+            let at = |m: String| SpanError::at(ca.span(), m);
+            if target.tls == SmtpTls::None {
+                return Err(at(
+                    "ca_file needs TLS: use smtps:// or ?tls=starttls in smtp_url".into(),
+                ));
+            }
+            if !std::path::Path::new(ca.get_ref()).is_absolute() {
+                return Err(at(format!(
+                    "ca_file {:?} must be an absolute path",
+                    ca.get_ref()
+                )));
+            }
+            crate::probe::websocket::read_ca_file(std::path::Path::new("/"), &c.ca_file)?;
+        }
         c.from
             .parse::<Mailbox>()
             .map_err(|e| err(format!("from = {:?}: {e}", c.from.as_str())))?;
@@ -164,10 +183,18 @@ impl Spec for EmailConfig {
     }
     fn build(&self) -> anyhow::Result<Arc<dyn Destination>> {
         let target = parse_smtp_url(&self.smtp_url).map_err(anyhow::Error::msg)?;
+        let mut params = TlsParameters::builder(target.host.clone());
+        if let Some(ca) = &self.ca_file {
+            let pem = std::fs::read(ca.get_ref())
+                .with_context(|| format!("reading ca_file {}", ca.get_ref()))?;
+            let cert =
+                Certificate::from_pem(&pem).with_context(|| format!("ca_file {}", ca.get_ref()))?;
+            params = params.add_root_certificate(cert);
+        }
         let tls = match target.tls {
             SmtpTls::None => Tls::None,
-            SmtpTls::StartTls => Tls::Required(TlsParameters::new(target.host.clone())?),
-            SmtpTls::Implicit => Tls::Wrapper(TlsParameters::new(target.host.clone())?),
+            SmtpTls::StartTls => Tls::Required(params.build_rustls()?),
+            SmtpTls::Implicit => Tls::Wrapper(params.build_rustls()?),
         };
         let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(target.host.clone())
             .port(target.port)
@@ -345,9 +372,40 @@ impl Mailer {
             Ok(Err(e)) if e.is_permanent() => Err(DeliveryError::Rejected(super::error_chain(&e))),
             Ok(Err(e)) if e.is_transient() => Err(DeliveryError::Transient(super::error_chain(&e))),
             Ok(Err(e)) if e.is_timeout() => Err(DeliveryError::Timeout(t)),
-            Ok(Err(e)) => Err(DeliveryError::Network(super::error_chain(&e))),
+            Ok(Err(e)) => Err(DeliveryError::Network(match tls_failure(&e) {
+                Some(t) => t,
+                None => super::error_chain(&e),
+            })),
         }
     }
+}
+
+/// A TLS failure inside a lettre error, as a sentence. lettre reports a failed handshake as a
+/// "connection error" wrapping an I/O error wrapping the rustls error; find the latter.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        let inner = x
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        if let Some(t) = x
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| inner.and_then(|i| i.downcast_ref::<rustls::Error>()))
+        {
+            let hint = match t {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+                    " (the server's certificate is not signed by a trusted CA; set ca_file to trust a private one)"
+                }
+                _ => "",
+            };
+            return Some(format!(
+                "TLS handshake with the SMTP server failed: {t}{hint}"
+            ));
+        }
+        cur = inner.or_else(|| x.source());
+    }
+    None
 }
 
 impl Destination for Mailer {

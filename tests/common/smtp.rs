@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub struct SmtpSink {
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// `None` (plain), `Some("implicit")` or `Some("starttls")`.
+    tls: Option<&'static str>,
     child: Child,
 }
 
@@ -46,6 +48,25 @@ fn peers_dir() -> PathBuf {
 impl SmtpSink {
     /// Start the sink; `auth` = Some(("user", "pass")) requires AUTH.
     pub fn start(auth: Option<(&str, &str)>, reject: bool) -> SmtpSink {
+        SmtpSink::start_with(auth, reject, None)
+    }
+
+    /// Start a TLS sink: `tls` is "implicit" (SMTPS) or "starttls" (required), serving the
+    /// PEM certificate chain and key files `(cert, key)`.
+    pub fn start_tls(
+        auth: Option<(&str, &str)>,
+        tls: &'static str,
+        cert: &Path,
+        key: &Path,
+    ) -> SmtpSink {
+        SmtpSink::start_with(auth, false, Some((tls, cert, key)))
+    }
+
+    fn start_with(
+        auth: Option<(&str, &str)>,
+        reject: bool,
+        tls: Option<(&'static str, &Path, &Path)>,
+    ) -> SmtpSink {
         let check = Command::new("python3")
             .args(["-c", "import aiosmtpd"])
             .output();
@@ -75,6 +96,12 @@ impl SmtpSink {
         if reject {
             cmd.arg("--reject");
         }
+        if let Some((mode, cert, key)) = tls {
+            cmd.args(["--tls", mode, "--cert"])
+                .arg(cert)
+                .arg("--key")
+                .arg(key);
+        }
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -86,11 +113,20 @@ impl SmtpSink {
             .read_line(&mut line)
             .unwrap();
         assert_eq!(line.trim(), "ready", "smtp_sink.py did not start");
-        SmtpSink { port, dir, child }
+        SmtpSink {
+            port,
+            dir,
+            tls: tls.map(|t| t.0),
+            child,
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("smtp://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("smtp://127.0.0.1:{}", self.port),
+            Some("implicit") => format!("smtps://127.0.0.1:{}", self.port),
+            Some(_) => format!("smtp://127.0.0.1:{}?tls=starttls", self.port),
+        }
     }
 
     pub fn mails(&self) -> Vec<Mail> {
