@@ -255,7 +255,16 @@ fn connect_error(e: tungstenite::Error) -> Failure {
         ),
         E::Io(io) => {
             let text = io.to_string();
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+            // tokio-tungstenite hands a failed rustls handshake up as an I/O error.
+            if let Some(t) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                let hint = match t {
+                    rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+                        " (not signed by a trusted CA; set ca_file to trust a private one)"
+                    }
+                    _ => "",
+                };
+                Failure::new(ErrorClass::Tls, format!("TLS handshake failed: {t}{hint}"))
+            } else if io.kind() == std::io::ErrorKind::ConnectionRefused {
                 Failure::new(
                     ErrorClass::ConnectRefused,
                     format!("connection refused: {text}"),
@@ -271,6 +280,10 @@ fn connect_error(e: tungstenite::Error) -> Failure {
         }
         E::Tls(t) => Failure::new(ErrorClass::Tls, format!("TLS handshake failed: {t}")),
         E::Url(u) => Failure::new(ErrorClass::Internal, format!("bad url: {u}")),
+        E::Protocol(ProtocolError::HttparseError(h)) => Failure::new(
+            ErrorClass::Protocol,
+            format!("WebSocket upgrade failed: the server answered with something that is not an HTTP response ({h}); is this a WebSocket endpoint?"),
+        ),
         E::Capacity(c) => Failure::new(
             ErrorClass::Protocol,
             format!("upgrade response too large: {c}"),
