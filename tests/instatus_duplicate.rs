@@ -34,6 +34,8 @@ struct Page {
     first_post_delay: Duration,
     /// The first incident POST is refused with 503 and stores nothing.
     first_post_fails: bool,
+    /// The incident list answers 403 (a key without read access).
+    list_forbidden: bool,
 }
 
 type Shared = Arc<Mutex<Page>>;
@@ -71,9 +73,15 @@ async fn create(
     )
 }
 
-async fn list(State(s): State<Shared>) -> Json<Value> {
+async fn list(State(s): State<Shared>) -> (StatusCode, Json<Value>) {
     let mut p = s.lock().unwrap();
     p.lists += 1;
+    if p.list_forbidden {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": {"code": "forbidden", "message": "no read access"}})),
+        );
+    }
     // Decoys: a resolved incident and another watchpost incident's marker.
     let mut v = vec![
         json!({"id": "old-resolved", "name": "API major outage (#1)", "status": "RESOLVED"}),
@@ -85,7 +93,7 @@ async fn list(State(s): State<Shared>) -> Json<Value> {
             .map(|(id, name, status)| json!({"id": id, "name": name, "status": status})),
     );
     v.reverse();
-    Json(Value::Array(v))
+    (StatusCode::OK, Json(Value::Array(v)))
 }
 
 async fn update(
@@ -106,6 +114,7 @@ async fn instatus(first_post_delay: Duration, first_post_fails: bool) -> (String
     let s: Shared = Arc::new(Mutex::new(Page {
         first_post_delay,
         first_post_fails,
+        list_forbidden: false,
         ..Default::default()
     }));
     let app = axum::Router::new()
@@ -236,6 +245,31 @@ async fn a_refused_incident_post_is_sent_again_after_a_look_up() {
         assert_eq!(p.posts, 2, "refused, then sent again");
         assert!(p.lists >= 1);
     }
+    resolve_and_check(agent, &s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_incident_list_does_not_block_the_open() {
+    // Refused first POST, then the list answers 403 (not worth retrying): the incident is
+    // opened anyway rather than dead-lettered.
+    let dir = tempfile::tempdir().unwrap();
+    let (url, s) = instatus(Duration::ZERO, true).await;
+    s.lock().unwrap().list_forbidden = true;
+    let cfg = write_config(dir.path(), &targets(&url, "2s"), THRESHOLDS, "");
+    let agent = Agent::start(cfg, true).await;
+    agent.both(Down).await;
+    agent.both(Down).await;
+    opened(&agent, &s).await;
+    {
+        let p = s.lock().unwrap();
+        assert_eq!(p.posts, 2);
+        assert_eq!(p.lists, 1);
+    }
+    assert!(
+        agent.outbox().iter().all(|r| r.2 == "delivered"),
+        "{:?}",
+        agent.outbox()
+    );
     resolve_and_check(agent, &s).await;
 }
 

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::event::{iso, Event, EventKind, Status};
-use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
+use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Retry, Spec};
 use crate::config::{Interp, Rest, Secret, SpanError};
 
 fn default_base_url() -> Interp {
@@ -210,12 +210,22 @@ impl InstatusConfig {
         }
         let marker = incident_marker(incident);
         if ctx.get_ref(incident, "open_posting").await?.is_some() {
-            let text = ctx
+            match ctx
                 .send(self.auth(ctx.client.get(self.api("/incidents"))))
-                .await?;
-            if let Some(id) = find_marked(&text, &marker) {
-                tracing::info!(notifier = %ctx.notifier, component = %ev.component, incident, instatus_incident = %id, "adopting the Instatus incident an earlier attempt opened");
-                return ctx.set_ref(incident, "incident", &id).await;
+                .await
+            {
+                Ok(text) => {
+                    if let Some(id) = find_marked(&text, &marker) {
+                        tracing::info!(notifier = %ctx.notifier, component = %ev.component, incident, instatus_incident = %id, "adopting the Instatus incident an earlier attempt opened");
+                        return ctx.set_ref(incident, "incident", &id).await;
+                    }
+                }
+                // The list cannot be read for good (e.g. 403 for this key): a possible
+                // duplicate is better than no incident on the page.
+                Err(e) if e.retry() == Retry::Never => {
+                    tracing::warn!(notifier = %ctx.notifier, component = %ev.component, incident, error = %e, "cannot list Instatus incidents to find an earlier attempt's; opening the incident again");
+                }
+                Err(e) => return Err(e),
             }
         }
         let body = json!({
