@@ -166,3 +166,22 @@ fn ca_file_errors_point_at_the_key() {
         );
     }
 }
+
+/// `?tls=starttls` against a server that does not offer STARTTLS: no mail and no AUTH in
+/// clear text; the error says STARTTLS is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn starttls_required_but_not_offered_fails_without_sending_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SmtpSink::start(Some((SMTP_USER, SMTP_PASS)), false);
+    let table =
+        mail_notifier(&sink, None).replace(&sink.url(), &format!("{}?tls=starttls", sink.url()));
+    let cfg = write_config_raw(dir.path(), &["oncall"], &table, THRESHOLDS, "");
+    let e = match watchpost::notify::notify_test(&cfg, "oncall").await {
+        Ok(()) => panic!("sent without STARTTLS"),
+        Err(e) => format!("{e:#}"),
+    };
+    eprintln!("{e}");
+    assert!(e.to_lowercase().contains("starttls"), "{e}");
+    assert!(!e.contains(SMTP_PASS), "password leaked: {e}");
+    assert!(sink.mails().is_empty());
+}
