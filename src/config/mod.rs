@@ -552,6 +552,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
                     continue;
                 }
             };
+            if p.is_dir() {
+                diags.push(src.diag(
+                    find_span(&src.text, pattern),
+                    format!(
+                        "probe glob {pattern:?} matches the directory {}; probe files are matched by a glob like \"{}/*.toml\"",
+                        p.display(),
+                        pattern.trim_end_matches('/')
+                    ),
+                ));
+                continue;
+            }
             match load_probe(&p, &main.defaults) {
                 Ok((probe, pos)) => {
                     if let Some((f, l, c)) = seen.get(&probe.name) {
@@ -1003,10 +1014,11 @@ fn load_probe(
     defaults: &Defaults,
 ) -> Result<(ProbeConfig, (usize, usize)), Vec<Diagnostic>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
+        // A whole-file problem: no position.
         vec![Diagnostic {
             file: path.to_path_buf(),
-            line: 1,
-            col: 1,
+            line: 0,
+            col: 0,
             message: format!("cannot read probe file: {e}"),
         }]
     })?;
