@@ -640,3 +640,136 @@ fn transcript_defaults_to_the_manifest() {
         "default timeout leaves room"
     );
 }
+
+// ---- issue 14: settling dialects are judged on when the transcript arrived ----------------
+
+fn timed(final_after_ms: u64, churn: Option<Duration>) -> stt::Timed {
+    stt::Timed {
+        partial: "check the".into(),
+        transcript: "Check the system status.".into(),
+        final_after: Duration::from_millis(final_after_ms),
+        churn,
+    }
+}
+
+fn generic_timed_probe(url: &str, extra: &str) -> String {
+    format!(
+        r#"name = "listen-generic"
+kind = "listen"
+dialect = "generic"
+url = "{url}"
+audio = "{audio}"
+sample_rate = 16000
+channels = 1
+speed = 4.0
+retries = 0
+transcript_path = "result.text"
+final_path = "result.final"
+accumulate = "replace"
+{extra}
+"#,
+        audio = wav("check-system-status.wav"),
+    )
+}
+
+/// `final_timeout = 2s`, `settle = 3s`: the final transcript at 0.5×, 0.9× and 1.1×
+/// `final_timeout` is up, up, degraded — the settle wait (longer than the margin left) does
+/// not count against the server. Real time (a paused clock races real sockets); the rows run
+/// side by side.
+async fn settle_rows(start: impl Fn(stt::Timed) -> Behavior, probe: impl Fn(&str) -> String) {
+    let rows = [
+        (1000, Outcome::Up),
+        (1800, Outcome::Up),
+        (2200, Outcome::Degraded),
+    ];
+    let mut servers = Vec::new();
+    for (after, _) in rows {
+        servers.push(Server::start(start(timed(after, None))).await);
+    }
+    let runs = futures_util::future::join_all(
+        servers
+            .iter()
+            .map(|srv| run_owned(probe(&srv.url(OMI_QUERY)))),
+    )
+    .await;
+    for ((after, want), a) in rows.into_iter().zip(runs) {
+        assert_eq!(a.outcome, want, "final after {after} ms: {a:?}");
+        let fin = phase(&a, "final").expect("final phase");
+        assert!(
+            fin >= Duration::from_millis(after) && fin < Duration::from_millis(after + 150),
+            "final after {after} ms measured as {fin:?}"
+        );
+        assert_eq!(a.details["completed_by"], "settled");
+        assert_eq!(a.details["wer"], Value::from(0.0));
+        if want == Outcome::Degraded {
+            assert_eq!(class(&a), "timeout");
+            assert!(
+                message(&a).starts_with("the transcript last changed 2.")
+                    && message(&a)
+                        .ends_with(" s after the last audio frame, later than final_timeout 2s"),
+                "{}",
+                message(&a)
+            );
+        }
+        assert!(!message(&a).contains("Metadata"), "{}", message(&a));
+    }
+}
+
+async fn run_owned(probe: String) -> Attempt {
+    run(&probe).await
+}
+
+const SETTLE_ROWS: &str = "settle = \"3s\"\nfinal_timeout = \"2s\"";
+
+#[tokio::test]
+async fn omi_final_is_judged_when_it_arrived_not_after_the_settle_wait() {
+    settle_rows(Behavior::OmiTimed, |url| {
+        omi_probe(url, "").replace("settle = \"500ms\"\nfinal_timeout = \"3s\"", SETTLE_ROWS)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn generic_final_is_judged_when_it_arrived_not_after_the_settle_wait() {
+    settle_rows(Behavior::GenericTimed, |url| {
+        generic_timed_probe(url, SETTLE_ROWS)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn omi_transcript_that_never_settles_says_what_it_saw() {
+    let srv = Server::start(Behavior::OmiTimed(timed(
+        300,
+        Some(Duration::from_millis(400)),
+    )))
+    .await;
+    let probe = omi_probe(&srv.url(OMI_QUERY), "timeout = \"5s\"")
+        .replace("settle = \"500ms\"", "settle = \"1s\"");
+    let a = run(&probe).await;
+    assert_eq!(a.outcome, Outcome::Degraded, "{a:?}");
+    assert_eq!(class(&a), "timeout");
+    let m = message(&a);
+    assert!(
+        m.starts_with("the transcript never settled: it last changed ")
+            && m.ends_with(
+                "after the last audio frame and had not been stable for 1s when the 5s timeout hit"
+            ),
+        "{m}"
+    );
+    assert!(!m.contains("Metadata"), "{m}");
+    assert_eq!(a.details["wer"], Value::from(0.0));
+}
+
+#[tokio::test]
+async fn omi_with_no_transcript_at_final_timeout_is_no_transcript() {
+    // Nothing at all before final_timeout: the settle wait never starts.
+    let mut t = timed(1500, None);
+    t.partial = String::new();
+    let srv = Server::start(Behavior::OmiTimed(t)).await;
+    let probe = omi_probe(&srv.url(OMI_QUERY), "")
+        .replace("final_timeout = \"3s\"", "final_timeout = \"1s\"");
+    let a = run(&probe).await;
+    assert_eq!(class(&a), "no_transcript", "{a:?}");
+    assert!(!message(&a).contains("Metadata"), "{}", message(&a));
+}

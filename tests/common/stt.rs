@@ -54,6 +54,17 @@ impl Dg {
     }
 }
 
+/// A settling server's script (Omi or generic wire): `partial` on the first audio frame, the
+/// whole `transcript` `final_after` after the last audio frame, then silence — or, with
+/// `churn`, the transcript keeps changing (with and without a trailing ".") at that interval.
+#[derive(Clone, Debug)]
+pub struct Timed {
+    pub partial: String,
+    pub transcript: String,
+    pub final_after: Duration,
+    pub churn: Option<Duration>,
+}
+
 /// What a server does with each connection.
 #[derive(Clone, Debug)]
 pub enum Behavior {
@@ -72,6 +83,18 @@ pub enum Behavior {
         status: Option<&'static str>,
         pings: bool,
         wrapped: bool,
+    },
+    /// Omi segments on a [`Timed`] script (segment id `seg-1` throughout).
+    OmiTimed(Timed),
+    /// Generic finals `{"result":{"text","final":true}}` on a [`Timed`] script (for
+    /// `accumulate = "replace"`); end messages are ignored, the socket is never closed.
+    GenericTimed(Timed),
+    /// Deepgram finals: `count` final results of `bytes` each as soon as the audio starts,
+    /// then the usual Metadata and close after CloseStream.
+    Flood {
+        count: usize,
+        bytes: usize,
+        transcript: String,
     },
     /// Generic JSON: `{"result":{"text","final"}}`; `{"op":"end"}` → final + close 1000.
     Generic {
@@ -318,6 +341,60 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
             };
             generic(&mut ws, &transcript, &log).await;
         }
+        Behavior::OmiTimed(t) => {
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
+            let msg = |text: &str| {
+                Message::text(
+                    json!([{"id": "seg-1", "text": text, "speaker": "SPEAKER_00"}]).to_string(),
+                )
+            };
+            timed(&mut ws, &t, &log, msg).await;
+        }
+        Behavior::GenericTimed(t) => {
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
+            let msg = |text: &str| {
+                Message::text(json!({"result": {"text": text, "final": true}}).to_string())
+            };
+            timed(&mut ws, &t, &log, msg).await;
+        }
+        Behavior::Flood {
+            count,
+            bytes,
+            transcript,
+        } => {
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
+            let mut sent = false;
+            while let Some(Ok(m)) = ws.next().await {
+                match m {
+                    Message::Binary(b) => {
+                        record_frame(&log, &b);
+                        if !sent {
+                            sent = true;
+                            let words = "flood ".repeat(bytes / 6);
+                            for _ in 0..count {
+                                if ws.send(results(&words, true)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Message::Text(t) if t.contains("CloseStream") => {
+                        let _ = ws.send(results(&transcript, true)).await;
+                        let meta = json!({"type": "Metadata", "request_id": "req-fake-0001"});
+                        let _ = ws.send(Message::text(meta.to_string())).await;
+                        close(&mut ws, 1000, "").await;
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+        }
         Behavior::Echo => {
             let Some(mut ws) = accept(sock, &log, false).await else {
                 return;
@@ -534,6 +611,57 @@ async fn omi(
                     let _ = ws.send(seg(&prefix(transcript, frames))).await;
                 }
             }
+            Message::Close(_) => return,
+            _ => {}
+        }
+    }
+}
+
+async fn timed(
+    ws: &mut WebSocketStream<TcpStream>,
+    t: &Timed,
+    log: &Arc<Mutex<Log>>,
+    msg: impl Fn(&str) -> Message,
+) {
+    let mut frames = 0usize;
+    let mut sent_full = false;
+    let mut churned = 0u64;
+    loop {
+        // Until the whole transcript is out, the clock restarts with every audio frame.
+        let wait = match (frames, sent_full, t.churn) {
+            (0, _, _) => Duration::from_secs(3600),
+            (_, false, _) => t.final_after,
+            (_, true, Some(c)) => c,
+            (_, true, None) => Duration::from_secs(3600),
+        };
+        let m = match tokio::time::timeout(wait, ws.next()).await {
+            Err(_) if !sent_full => {
+                sent_full = true;
+                let _ = ws.send(msg(&t.transcript)).await;
+                continue;
+            }
+            Err(_) => {
+                churned += 1;
+                let text = if churned % 2 == 1 {
+                    format!("{}.", t.transcript)
+                } else {
+                    t.transcript.clone()
+                };
+                let _ = ws.send(msg(&text)).await;
+                continue;
+            }
+            Ok(Some(Ok(m))) => m,
+            Ok(_) => return,
+        };
+        match m {
+            Message::Binary(b) => {
+                record_frame(log, &b);
+                frames += 1;
+                if frames == 1 {
+                    let _ = ws.send(msg(&t.partial)).await;
+                }
+            }
+            Message::Text(x) => log.lock().unwrap().texts.push(x.to_string()),
             Message::Close(_) => return,
             _ => {}
         }

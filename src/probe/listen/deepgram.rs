@@ -3,10 +3,18 @@
 //! `CloseStream`, `UtteranceEnd` / `SpeechStarted` events, `KeepAlive` while no audio flows.
 //! Messages are read as loose JSON because fields come and go between API versions.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
-use super::Event;
+pub use super::config::DeepgramEnd;
+use super::{Event, Wire};
 use crate::probe::assert::json_path;
+
+/// Upgrade response header carrying the request id support asks for.
+pub const REQUEST_ID_HEADER: &str = "dg-request-id";
+/// After `Metadata` the server closes with 1000: wait this long to record the close code.
+pub const CLOSE_AFTER_METADATA: Duration = Duration::from_millis(300);
 
 /// Text frame that keeps an idle stream open (Deepgram closes with 1011 NET-0001 after ~10 s
 /// without audio or a KeepAlive).
@@ -15,6 +23,68 @@ pub const KEEPALIVE: &str = r#"{"type":"KeepAlive"}"#;
 pub const FINALIZE: &str = r#"{"type":"Finalize"}"#;
 /// Flush and finish: final results, then `Metadata`, then close 1000.
 pub const CLOSE_STREAM: &str = r#"{"type":"CloseStream"}"#;
+
+/// The dialect's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub end: DeepgramEnd,
+}
+
+impl Wire for Settings {
+    fn name(&self) -> &'static str {
+        "deepgram"
+    }
+    fn parse(&self, text: &str) -> Result<Event, String> {
+        parse(text)
+    }
+    fn keepalive_message(&self) -> Option<&str> {
+        Some(KEEPALIVE)
+    }
+    fn end_messages(&self) -> Vec<&str> {
+        match self.end {
+            DeepgramEnd::CloseStream => vec![CLOSE_STREAM],
+            DeepgramEnd::Finalize => vec![FINALIZE],
+        }
+    }
+    /// The server says when it is done (Metadata, a `from_finalize` result, close 1000).
+    fn settles(&self) -> bool {
+        false
+    }
+    fn completes(&self, ev: &Event) -> Option<&'static str> {
+        match (ev, self.end) {
+            (Event::Done { .. }, _) => Some("Metadata"),
+            (
+                Event::Results {
+                    is_final: true,
+                    from_finalize: true,
+                    ..
+                },
+                DeepgramEnd::Finalize,
+            ) => Some("from_finalize result"),
+            _ => None,
+        }
+    }
+    fn unfinished(&self) -> &'static str {
+        match self.end {
+            DeepgramEnd::CloseStream => {
+                "the server did not finish the stream (no Metadata or close)"
+            }
+            DeepgramEnd::Finalize => {
+                "the server did not finish the stream (no from_finalize result)"
+            }
+        }
+    }
+    fn linger_after(&self, how: &str) -> Option<Duration> {
+        (how == "Metadata").then_some(CLOSE_AFTER_METADATA)
+    }
+    fn request_id_header(&self) -> &'static str {
+        REQUEST_ID_HEADER
+    }
+    /// Raw PCM is only read when the URL says what it is.
+    fn needs_declared_format(&self) -> bool {
+        true
+    }
+}
 
 /// Read one server text message.
 pub fn parse(text: &str) -> Result<Event, String> {

@@ -5,8 +5,51 @@
 
 use serde_json::Value;
 
-use super::Event;
+pub use super::config::Accumulate;
+use super::{Event, Wire};
 use crate::probe::assert::json_path;
+
+/// The dialect's settings, all from config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub layout: Layout,
+    pub accumulate: Accumulate,
+    /// Text frames sent after the last audio frame.
+    pub end_messages: Vec<String>,
+    /// Text frame sent as a keepalive while no audio flows.
+    pub keepalive_message: Option<String>,
+}
+
+impl Wire for Settings {
+    fn name(&self) -> &'static str {
+        "generic"
+    }
+    fn parse(&self, text: &str) -> Result<Event, String> {
+        parse(&self.layout, text)
+    }
+    fn keepalive_message(&self) -> Option<&str> {
+        self.keepalive_message.as_deref()
+    }
+    fn end_messages(&self) -> Vec<&str> {
+        self.end_messages.iter().map(String::as_str).collect()
+    }
+    /// Providers differ in how they end a stream; a close 1000 ends it, and otherwise the
+    /// transcript is final once unchanged for `settle`.
+    fn settles(&self) -> bool {
+        true
+    }
+    fn replaces(&self) -> bool {
+        self.accumulate == Accumulate::Replace
+    }
+    fn unfinished(&self) -> &'static str {
+        "the transcript never settled"
+    }
+    /// Binary messages carry nothing this dialect reads (some providers send audio or
+    /// protobuf side channels): skipped, not a protocol error.
+    fn ignores_binary(&self) -> bool {
+        true
+    }
+}
 
 /// The JSON layout of a provider's messages.
 #[derive(Debug, Clone)]

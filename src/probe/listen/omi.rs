@@ -2,11 +2,33 @@
 //! JSON array of segments (or `{"type":"segments","segments":[…]}`), `ping` text frames to
 //! ignore, and `service_status` events (`ready`, `stt_degraded`, `stt_recovered`,
 //! `stt_failed`). There is no "final" flag: a run ends when the transcript has been stable
-//! for the configured settle time after the audio.
+//! for the configured settle time after the audio. Segment merges arrive as an updated
+//! segment (same `id`) plus `{"type":"segments_deleted","segment_ids":[…]}`.
 
 use serde_json::Value;
 
-use super::{Event, Segment};
+use super::{Event, Segment, Wire};
+
+/// The Omi dialect has no settings of its own.
+#[derive(Debug, Clone, Default)]
+pub struct Settings;
+
+impl Wire for Settings {
+    fn name(&self) -> &'static str {
+        "omi"
+    }
+    fn parse(&self, text: &str) -> Result<Event, String> {
+        parse(text)
+    }
+    /// Omi has no final flag and no end-of-stream message: the transcript is final once it
+    /// has been unchanged for `settle` (or the server closes with 1000).
+    fn settles(&self) -> bool {
+        true
+    }
+    fn unfinished(&self) -> &'static str {
+        "the transcript never settled"
+    }
+}
 
 /// Read one server text message.
 pub fn parse(text: &str) -> Result<Event, String> {
@@ -20,6 +42,12 @@ pub fn parse(text: &str) -> Result<Event, String> {
             Some("segments") => match m.get("segments") {
                 Some(Value::Array(items)) => segments(items),
                 _ => Err("segments message without a segments array".into()),
+            },
+            Some("segments_deleted") => match m.get("segment_ids") {
+                Some(Value::Array(ids)) => Ok(Event::SegmentsDeleted(
+                    ids.iter().filter_map(segment_id).collect(),
+                )),
+                _ => Err("segments_deleted message without a segment_ids array".into()),
             },
             Some("service_status") => Ok(Event::Status {
                 status: m
@@ -51,14 +79,18 @@ fn segments(items: &[Value]) -> Result<Event, String> {
             Some(Value::String(t)) => t.clone(),
             _ => return Err(format!("segment {i} has no text")),
         };
-        let id = match m.get("id") {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        };
+        let id = m.get("id").and_then(segment_id);
         out.push(Segment { id, text });
     }
     Ok(Event::Segments(out))
+}
+
+fn segment_id(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -95,6 +127,11 @@ mod tests {
             parse(r#"{"type":"memory_created"}"#).unwrap(),
             Event::Ignore
         );
+        assert_eq!(
+            parse(r#"{"type":"segments_deleted","segment_ids":["a",7]}"#).unwrap(),
+            Event::SegmentsDeleted(vec!["a".into(), "7".into()])
+        );
+        assert!(parse(r#"{"type":"segments_deleted"}"#).is_err());
         assert!(parse("{oops").is_err());
         assert!(parse(r#"[{"id":"a"}]"#).is_err());
         assert!(parse("42").is_err());
