@@ -773,3 +773,162 @@ async fn omi_with_no_transcript_at_final_timeout_is_no_transcript() {
     assert_eq!(class(&a), "no_transcript", "{a:?}");
     assert!(!message(&a).contains("Metadata"), "{}", message(&a));
 }
+
+// ---- issue 8: what the server sends must never blind, crash or bloat the probe ---------------
+
+/// Peak resident memory of this process, in bytes (Linux).
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    kb.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|k| k * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_of_huge_finals_is_bounded_and_timely() {
+    // 200 finals of 1 MB each (before the fix: 24 s against an 8 s timeout and 5.8 GB).
+    let srv = Server::start(Behavior::Flood {
+        count: 200,
+        bytes: 1_000_000,
+        transcript: UTTERANCE.into(),
+    })
+    .await;
+    let t = Instant::now();
+    let a = run(&deepgram_probe(&srv.url(DG_QUERY), "timeout = \"8s\"")).await;
+    let took = t.elapsed();
+    eprintln!("flood run took {took:?}, peak RSS {:?} bytes", peak_rss());
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert_eq!(class(&a), "transcript_mismatch", "{}", message(&a));
+    let m = message(&a);
+    assert!(m.len() < 700, "message of {} bytes", m.len());
+    assert!(m.contains("passed the 64 KiB cap and was cut"), "{m}");
+    assert_eq!(a.details["transcript_truncated"], true);
+    assert!(a.details["text"].as_str().unwrap().len() <= 1010);
+    assert!(a.details["final_results"].as_u64().unwrap() > 0);
+    if let Some(peak) = peak_rss() {
+        assert!(peak < 1 << 30, "peak RSS {peak} bytes");
+    }
+}
+
+#[tokio::test]
+async fn dotted_numbers_in_a_transcript_are_judged_not_a_panic() {
+    let srv = Server::start(Behavior::Deepgram(Dg::new(
+        "Version 1.2.3 runs on 10.0.0.1",
+    )))
+    .await;
+    let probe = deepgram_probe(
+        &srv.url(DG_QUERY),
+        "transcript = \"version one point two point three runs on ten point zero point zero point one\"",
+    );
+    let a = run(&probe).await;
+    assert_eq!(a.outcome, Outcome::Up, "{a:?}");
+    assert_eq!(a.details["wer"], Value::from(0.0));
+    // And the other way round: dotted numbers in the expectation.
+    let probe = deepgram_probe(
+        &srv.url(DG_QUERY),
+        "transcript = \"version 1.2.4 runs on 10.0.0.1\"\nmax_wer = 0.0",
+    );
+    let a = run(&probe).await;
+    assert_eq!(class(&a), "transcript_mismatch", "{a:?}");
+}
+
+#[tokio::test]
+async fn validate_accepts_a_dotted_number_in_the_transcript() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("probes")).unwrap();
+    std::fs::write(
+        dir.path().join("probes/p.toml"),
+        deepgram_probe(
+            "ws://127.0.0.1:1/v1/listen?encoding=linear16&sample_rate=16000&channels=1",
+            "transcript = \"version 1.2.3 at 10.0.0.1\"",
+        ),
+    )
+    .unwrap();
+    let cfg = dir.path().join("watchpost.toml");
+    std::fs::write(
+        &cfg,
+        "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n",
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_watchpost"))
+            .env_remove("WATCHPOST_CONFIG")
+            .arg("-c")
+            .arg(&cfg)
+            .arg("validate")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("validate finished")
+    .expect("spawn watchpost");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn audio_must_be_a_regular_file_under_the_cap() {
+    let url = "ws://h/v1/listen?encoding=linear16&sample_rate=16000";
+    let e = config_error(
+        &deepgram_probe(url, "").replace(&wav("testing-one-two-three.wav"), "/dev/zero"),
+    );
+    assert!(
+        e.contains("p.toml:6:9: /dev/zero is not a regular file"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.wav");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let e = config_error(&deepgram_probe(url, "").replace(
+        &wav("testing-one-two-three.wav"),
+        &big.display().to_string(),
+    ));
+    assert!(
+        e.contains("p.toml:6:9: ") && e.contains("over the 33554432 byte cap"),
+        "{e}"
+    );
+}
+
+#[test]
+fn closed_sets_name_their_key_and_values() {
+    let url = "ws://h/v1/listen?encoding=linear16&sample_rate=16000";
+    let e = config_error(&deepgram_probe(url, "end = \"flush\""));
+    assert!(
+        e.contains("p.toml:10:7: unknown end \"flush\" (expected close_stream, finalize)"),
+        "{e}"
+    );
+    let e =
+        config_error(&deepgram_probe(url, "end = \"finalize\"").replace("\"deepgram\"", "\"omi\""));
+    assert!(e.contains("end is only for dialect = \"deepgram\""), "{e}");
+    let e = config_error(
+        &generic_timed_probe(url, "").replace("accumulate = \"replace\"", "accumulate = \"merge\""),
+    );
+    assert!(
+        e.contains("p.toml:12:14: unknown accumulate \"merge\" (expected append, replace)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_expected_transcript_too_long_to_score_is_refused_at_its_key() {
+    let url = "ws://h/v1/listen?encoding=linear16&sample_rate=16000";
+    let long = "word ".repeat(2001);
+    let e = config_error(&deepgram_probe(url, &format!("transcript = \"{long}\"")));
+    assert!(
+        e.contains("p.toml:10:14: transcript has 2001 words; at most 2000 are compared"),
+        "{e}"
+    );
+}

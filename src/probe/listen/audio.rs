@@ -34,6 +34,48 @@ pub enum AudioError {
     },
     #[error("{0} holds no audio samples")]
     Empty(PathBuf),
+    #[error("{0} is not a regular file")]
+    NotAFile(PathBuf),
+    #[error("{path} is {size} bytes, over the {MAX_AUDIO_BYTES} byte cap for test audio")]
+    TooLarge { path: PathBuf, size: u64 },
+}
+
+/// Largest audio file read (about 17 minutes of 16 kHz mono): every run streams all of it,
+/// and a device or a runaway file must not decide the agent's memory.
+pub const MAX_AUDIO_BYTES: u64 = 32 * 1024 * 1024;
+/// Largest `manifest.toml` read.
+const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
+
+/// Read a regular file of at most `cap` bytes (a device such as `/dev/zero` or a FIFO is
+/// refused before anything is read; the read itself stops at the cap too, in case the file
+/// grows meanwhile).
+fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, AudioError> {
+    use std::io::Read as _;
+    let io = |source| AudioError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(AudioError::NotAFile(path.to_path_buf()));
+    }
+    let too_large = |size| AudioError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+    };
+    if meta.len() > cap {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > cap {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// PCM 16-bit little-endian audio, interleaved, exactly as it is sent.
@@ -62,10 +104,7 @@ fn u32le(b: &[u8], at: usize) -> Option<u32> {
 impl Audio {
     /// Read a WAV file; with `channel`, keep only that channel (0-based) as mono.
     pub fn load(path: &Path, channel: Option<u16>) -> Result<Audio, AudioError> {
-        let bytes = std::fs::read(path).map_err(|source| AudioError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_capped(path, MAX_AUDIO_BYTES)?;
         Audio::parse(path, &bytes, channel)
     }
 
@@ -233,8 +272,9 @@ pub struct Utterance {
 
 /// The utterances listed in a `manifest.toml`.
 pub fn read_manifest(path: &Path) -> Result<Vec<Utterance>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = read_capped(path, MAX_MANIFEST_BYTES).map_err(|e| e.to_string())?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
     let m: Manifest =
         toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message().trim()))?;
     Ok(m.utterance)
@@ -318,6 +358,30 @@ mod tests {
             Audio::parse(p, &wav(1, 8000, 16, 1, &[]), None),
             Err(AudioError::Empty(_))
         ));
+    }
+
+    #[test]
+    fn only_regular_files_under_the_cap_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Audio::load(Path::new("/dev/zero"), None),
+            Err(AudioError::NotAFile(_))
+        ));
+        assert!(matches!(
+            Audio::load(dir.path(), None),
+            Err(AudioError::NotAFile(_))
+        ));
+        let big = dir.path().join("big.wav");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_AUDIO_BYTES + 1)
+            .unwrap();
+        let e = Audio::load(&big, None).unwrap_err();
+        assert!(matches!(e, AudioError::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("over the 33554432 byte cap"), "{e}");
+        let ok = dir.path().join("ok.wav");
+        std::fs::write(&ok, wav(1, 8000, 16, 1, &[1, 2])).unwrap();
+        assert_eq!(Audio::load(&ok, None).unwrap().pcm.len(), 4);
     }
 
     #[test]

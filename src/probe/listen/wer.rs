@@ -54,15 +54,18 @@ fn below_thousand(n: u64, out: &mut Vec<String>) {
     }
 }
 
-/// Spell an integer written in digits.
+/// Spell an integer written in digits. Anything but ASCII digits is skipped.
 fn spell_digits(digits: &str, out: &mut Vec<String>) {
     // Leading zeros and very long runs are read digit by digit ("007", card numbers).
     let n = match digits.parse::<u64>() {
         Ok(n) if !(digits.len() > 1 && digits.starts_with('0')) && digits.len() <= 15 => n,
         _ => {
-            for d in digits.bytes() {
-                out.push(ONES[(d - b'0') as usize].into());
-            }
+            out.extend(
+                digits
+                    .bytes()
+                    .filter(u8::is_ascii_digit)
+                    .map(|d| ONES[usize::from(d - b'0')].to_string()),
+            );
             return;
         }
     };
@@ -101,6 +104,15 @@ fn ordinal(word: &str) -> String {
     }
 }
 
+fn spell_digits_one_by_one(digits: &str, out: &mut Vec<String>) {
+    out.extend(
+        digits
+            .bytes()
+            .filter(u8::is_ascii_digit)
+            .map(|d| ONES[usize::from(d - b'0')].to_string()),
+    );
+}
+
 /// Normalise a transcript into comparable words.
 pub fn normalize(text: &str) -> Vec<String> {
     let lower = text.to_lowercase();
@@ -119,7 +131,12 @@ pub fn normalize(text: &str) -> Vec<String> {
             cur.push(c);
         } else if c == '\'' || c == '’' {
             // dropped, word continues
-        } else if (c == '.' || c == ',') && between_digits(()) {
+        } else if (c == '.' || c == ',')
+            && between_digits(())
+            && cur
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'.' || b == b',')
+        {
             cur.push(c);
         } else {
             if !cur.is_empty() {
@@ -147,15 +164,25 @@ pub fn normalize(text: &str) -> Vec<String> {
             .unwrap_or(t.len());
         let (num, suffix) = t.split_at(digits_end);
         let mut spelled = Vec::new();
-        match num.split_once('.') {
-            Some((int, frac)) if !frac.is_empty() && !frac.contains('.') => {
-                spell_digits(if int.is_empty() { "0" } else { int }, &mut spelled);
+        match num.split('.').filter(|p| !p.is_empty()).collect::<Vec<_>>()[..] {
+            [] => {}
+            [int] => spell_digits(int, &mut spelled),
+            // "3.5" → three point five: digits after the point one by one.
+            [int, frac] => {
+                spell_digits(int, &mut spelled);
                 spelled.push("point".into());
-                for d in frac.bytes() {
-                    spelled.push(ONES[(d - b'0') as usize].into());
+                spell_digits_one_by_one(frac, &mut spelled);
+            }
+            // "1.2.3", "10.0.0.1": versions and addresses are said group by group,
+            // "one point two point three", "ten point zero point zero point one".
+            ref groups => {
+                for (i, g) in groups.iter().enumerate() {
+                    if i > 0 {
+                        spelled.push("point".into());
+                    }
+                    spell_digits(g, &mut spelled);
                 }
             }
-            _ => spell_digits(num.trim_matches('.'), &mut spelled),
         }
         match suffix {
             "st" | "nd" | "rd" | "th" => {
@@ -242,6 +269,15 @@ mod tests {
             ("2,500,017", "two million five hundred thousand seventeen"),
             ("  CHECK   the SYSTEM—status!  ", "check the system status"),
             ("don’t stop", "dont stop"),
+            // Dotted numbers used to panic (issue 8).
+            ("version 1.2.3", "version one point two point three"),
+            ("10.0.0.1", "ten point zero point zero point one"),
+            ("v1.2.3.4-rc1", "v1 two point three point four rc1"),
+            ("1..2", "one two"),
+            ("0.5", "zero point five"),
+            ("3.05", "three point zero five"),
+            ("1.2.3rd", "one point two point third"),
+            ("99999999999999999999.1.1", "nine nine nine nine nine nine nine nine nine nine nine nine nine nine nine nine nine nine nine nine point one point one"),
             ("", ""),
         ] {
             assert_eq!(normalize(input).join(" "), want, "{input:?}");
