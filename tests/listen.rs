@@ -932,3 +932,15 @@ fn an_expected_transcript_too_long_to_score_is_refused_at_its_key() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn omi_segment_merges_replace_and_delete() {
+    let srv = Server::start(Behavior::OmiMerge {
+        transcript: "Check the system status.".into(),
+    })
+    .await;
+    let a = run(&omi_probe(&srv.url(OMI_QUERY), "")).await;
+    assert_eq!(a.outcome, Outcome::Up, "{a:?}");
+    assert_eq!(a.details["text"], "Check the system status.");
+    assert_eq!(a.details["wer"], Value::from(0.0));
+}

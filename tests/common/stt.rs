@@ -86,6 +86,12 @@ pub enum Behavior {
     },
     /// Omi segments on a [`Timed`] script (segment id `seg-1` throughout).
     OmiTimed(Timed),
+    /// Omi segment merges: one segment per word (ids `w0`, `w1`, …) while audio flows; once
+    /// the audio is over, `w0` updated to the whole utterance and the others deleted with
+    /// `segments_deleted`.
+    OmiMerge {
+        transcript: String,
+    },
     /// Generic finals `{"result":{"text","final":true}}` on a [`Timed`] script (for
     /// `accumulate = "replace"`); end messages are ignored, the socket is never closed.
     GenericTimed(Timed),
@@ -351,6 +357,42 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                 )
             };
             timed(&mut ws, &t, &log, msg).await;
+        }
+        Behavior::OmiMerge { transcript } => {
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
+            let words: Vec<&str> = transcript.split_whitespace().collect();
+            let mut frames = 0usize;
+            loop {
+                match tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
+                    Err(_) if frames > 0 => {
+                        let merged = json!([{"id": "w0", "text": transcript}]);
+                        let _ = ws.send(Message::text(merged.to_string())).await;
+                        let gone: Vec<String> = (1..words.len()).map(|i| format!("w{i}")).collect();
+                        let del = json!({"type": "segments_deleted", "segment_ids": gone});
+                        let _ = ws.send(Message::text(del.to_string())).await;
+                        // Stay quiet until the probe has settled and closes.
+                        while let Some(Ok(m)) = ws.next().await {
+                            if let Message::Close(_) = m {
+                                return;
+                            }
+                        }
+                        return;
+                    }
+                    Err(_) => continue,
+                    Ok(Some(Ok(Message::Binary(b)))) => {
+                        record_frame(&log, &b);
+                        if let Some(w) = words.get(frames) {
+                            let seg = json!([{"id": format!("w{frames}"), "text": w}]);
+                            let _ = ws.send(Message::text(seg.to_string())).await;
+                        }
+                        frames += 1;
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(_) => return,
+                }
+            }
         }
         Behavior::GenericTimed(t) => {
             let Some(mut ws) = accept(sock, &log, false).await else {
