@@ -684,14 +684,20 @@ async fn timed(
                 continue;
             }
             Err(_) => {
-                churned += 1;
-                let text = if churned % 2 == 1 {
-                    format!("{}.", t.transcript)
-                } else {
-                    t.transcript.clone()
-                };
-                let _ = ws.send(msg(&text)).await;
-                continue;
+                // Churning: a hostile server that also stops reading, so it never answers
+                // the probe's close frame either.
+                loop {
+                    churned += 1;
+                    let text = if churned % 2 == 1 {
+                        format!("{}.", t.transcript)
+                    } else {
+                        t.transcript.clone()
+                    };
+                    if ws.send(msg(&text)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(wait).await;
+                }
             }
             Ok(Some(Ok(m))) => m,
             Ok(_) => return,

@@ -22,6 +22,8 @@
 pub mod audio;
 pub mod config;
 pub mod deepgram;
+#[cfg(test)]
+mod fuzz;
 pub mod generic;
 pub mod judge;
 pub mod omi;
@@ -239,15 +241,19 @@ impl ListenProbe {
             a.detail("send_lateness_p99_ms", super::ms(percentile(&late, 99.0)));
             a.detail("send_lateness_max_ms", super::ms(late[late.len() - 1]));
         }
+        // The polite close must not push a run judged at its deadline past the caller's own
+        // (which allows 250 ms of slack) and turn the verdict into a bare timeout.
+        let close_by = deadline.max(Instant::now()) + Duration::from_millis(200);
+        let close = |ws| tokio::time::timeout_at(close_by, wsock::close_quietly(ws, 1000));
         match result {
             Ok(closed_by_server) => {
                 if !closed_by_server {
-                    wsock::close_quietly(&mut ws, 1000).await;
+                    let _ = close(&mut ws).await;
                 }
             }
             Err(f) => {
                 f.apply(&mut a);
-                wsock::close_quietly(&mut ws, 1000).await;
+                let _ = close(&mut ws).await;
             }
         }
         (a, stats)
