@@ -805,7 +805,10 @@ async fn flood_of_huge_finals_is_bounded_and_timely() {
     assert_eq!(class(&a), "transcript_mismatch", "{}", message(&a));
     let m = message(&a);
     assert!(m.len() < 700, "message of {} bytes", m.len());
-    assert!(m.contains("passed the 64 KiB cap and was cut"), "{m}");
+    assert!(
+        m.contains("passed its cap (64 KiB or 4096 results/segments) and was cut"),
+        "{m}"
+    );
     assert_eq!(a.details["transcript_truncated"], true);
     assert!(a.details["text"].as_str().unwrap().len() <= 1010);
     assert!(a.details["final_results"].as_u64().unwrap() > 0);
@@ -943,4 +946,27 @@ async fn omi_segment_merges_replace_and_delete() {
     assert_eq!(a.outcome, Outcome::Up, "{a:?}");
     assert_eq!(a.details["text"], "Check the system status.");
     assert_eq!(a.details["wer"], Value::from(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omi_flood_of_new_segments_is_capped_and_timely() {
+    // 2,000 messages × 100 new segments: 200,000 segments. Assembly is incremental (a map of
+    // ids, no rebuild per message) and capped, so the run ends on time with a short message.
+    let srv = Server::start(Behavior::OmiFlood {
+        messages: 2000,
+        per_message: 100,
+    })
+    .await;
+    let t = Instant::now();
+    let a = run(&omi_probe(&srv.url(OMI_QUERY), "timeout = \"8s\"")).await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert_eq!(class(&a), "transcript_mismatch", "{a:?}");
+    assert_eq!(a.details["transcript_truncated"], true);
+    assert!(message(&a).len() < 700, "{}", message(&a));
+    assert!(
+        message(&a).contains("passed its cap (64 KiB or 4096 results/segments)"),
+        "{}",
+        message(&a)
+    );
 }

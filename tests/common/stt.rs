@@ -92,6 +92,12 @@ pub enum Behavior {
     OmiMerge {
         transcript: String,
     },
+    /// Omi flood: on the first audio frame, `messages` segment arrays of `per_message`
+    /// segments each, every segment with a new id; then silence.
+    OmiFlood {
+        messages: usize,
+        per_message: usize,
+    },
     /// Generic finals `{"result":{"text","final":true}}` on a [`Timed`] script (for
     /// `accumulate = "replace"`); end messages are ignored, the socket is never closed.
     GenericTimed(Timed),
@@ -391,6 +397,37 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                     }
                     Ok(Some(Ok(_))) => {}
                     Ok(_) => return,
+                }
+            }
+        }
+        Behavior::OmiFlood {
+            messages,
+            per_message,
+        } => {
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
+            let mut sent = false;
+            while let Some(Ok(m)) = ws.next().await {
+                match m {
+                    Message::Binary(b) => {
+                        record_frame(&log, &b);
+                        if sent {
+                            continue;
+                        }
+                        sent = true;
+                        for i in 0..messages {
+                            let segs: Vec<Value> = (0..per_message)
+                                .map(|j| json!({"id": format!("s{i}-{j}"), "text": "word"}))
+                                .collect();
+                            let m = Message::text(Value::Array(segs).to_string());
+                            if ws.send(m).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Message::Close(_) => return,
+                    _ => {}
                 }
             }
         }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use super::config::Expectation;
-use super::transcript::MAX_TRANSCRIPT_BYTES;
+use super::transcript::{MAX_PIECES, MAX_TRANSCRIPT_BYTES};
 use super::wer;
 use crate::config::duration::human;
 use crate::probe::assert::excerpt;
@@ -191,7 +191,7 @@ pub fn judge(h: &Heard<'_>, r: &Rules<'_>, ending: Ending) -> Verdict {
 
     let truncated = if h.truncated {
         format!(
-            "; the transcript passed the {} KiB cap and was cut",
+            "; the transcript passed its cap ({} KiB or {MAX_PIECES} results/segments) and was cut",
             MAX_TRANSCRIPT_BYTES / 1024
         )
     } else {
@@ -331,7 +331,7 @@ mod tests {
             (heard("the weather is nice", Some(100), 200), Complete("Metadata"), Outcome::Down, Some(ErrorClass::TranscriptMismatch),
                 "expected \"testing one two three\" but heard \"the weather is nice\" (WER 1.00 > 0.20)", Some(100)),
             (Heard { truncated: true, ..heard("the weather", Some(100), 200) }, Complete("Metadata"), Outcome::Down,
-                Some(ErrorClass::TranscriptMismatch), "the transcript passed the 64 KiB cap and was cut", Some(100)),
+                Some(ErrorClass::TranscriptMismatch), "the transcript passed its cap (64 KiB or 4096 results/segments) and was cut", Some(100)),
             (Heard { service_degraded: Some("server reported service_status stt_degraded"), ..heard(u, Some(5000), 7000) },
                 Settled, Outcome::Degraded, Some(ErrorClass::SttDegraded), "server reported service_status stt_degraded", Some(5000)),
         ];
