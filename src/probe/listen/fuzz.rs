@@ -3,9 +3,10 @@
 //! input and must never panic. Seeds are real messages; mutations flip, insert, delete,
 //! duplicate and splice bytes, with a dictionary of tokens that matter to these parsers.
 //!
-//! A run is bounded: `WATCHPOST_FUZZ_ITERS` inputs per target (default 3000, so the unit
-//! suite stays quick; CI can ask for more) from `WATCHPOST_FUZZ_SEED` (default: a fixed seed,
-//! so a failure reproduces). A failing input is printed; it goes into [`REGRESSIONS`].
+//! A run is bounded by the same knob as `tests/fuzz.rs`: `WATCHPOST_FUZZ_CASES` inputs per
+//! target (default 3000 here: a mutation costs microseconds), from `WATCHPOST_FUZZ_SEED`
+//! (default: a fixed seed, so a failure reproduces). A failing input is printed; it goes
+//! into [`REGRESSIONS`].
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -84,7 +85,7 @@ const TOKENS: &[&str] = &[
 ];
 
 fn iterations() -> usize {
-    std::env::var("WATCHPOST_FUZZ_ITERS")
+    std::env::var("WATCHPOST_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3000)
