@@ -119,7 +119,7 @@ async fn frames_are_paced_on_absolute_deadlines() {
     for (i, t) in log.frame_times.iter().enumerate() {
         let due = Duration::from_millis(50 * i as u64);
         let off = t.duration_since(t0);
-        worst = worst.max(if off > due { off - due } else { due - off });
+        worst = worst.max(off.abs_diff(due));
     }
     assert!(
         worst < Duration::from_millis(30),

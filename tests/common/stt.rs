@@ -587,7 +587,7 @@ async fn deepgram(ws: &mut WebSocketStream<TcpStream>, dg: &Dg, log: &Arc<Mutex<
                         return;
                     }
                 }
-                if dg.interim && frames % 4 == 0 {
+                if dg.interim && frames.is_multiple_of(4) {
                     if dg.pings {
                         let _ = ws.send(Message::Ping(Bytes::from_static(b"hi"))).await;
                     }
@@ -684,10 +684,10 @@ async fn omi(
                         ))
                         .await;
                 }
-                if pings && frames % 3 == 0 {
+                if pings && frames.is_multiple_of(3) {
                     let _ = ws.send(Message::text("ping")).await;
                 }
-                if frames % 5 == 0 {
+                if frames.is_multiple_of(5) {
                     let _ = ws.send(seg(&prefix(transcript, frames))).await;
                 }
             }
@@ -761,7 +761,7 @@ async fn generic(ws: &mut WebSocketStream<TcpStream>, transcript: &str, log: &Ar
             Message::Binary(b) => {
                 record_frame(log, &b);
                 frames += 1;
-                if frames % 4 == 0 {
+                if frames.is_multiple_of(4) {
                     let v = json!({"result": {"text": prefix(transcript, frames), "final": false}});
                     let _ = ws.send(Message::text(v.to_string())).await;
                 }

@@ -89,7 +89,7 @@ pub fn parse(layout: &Layout, text: &str) -> Result<Event, String> {
             is_final: layout
                 .final_path
                 .as_ref()
-                .map_or(true, |p| truthy(json_path(&v, p))),
+                .is_none_or(|p| truthy(json_path(&v, p))),
             from_finalize: false,
             request_id: None,
         }),

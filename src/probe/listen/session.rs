@@ -105,7 +105,7 @@ impl<'a> Session<'a> {
     fn keepalive_at(&self, send_at: Option<Instant>) -> Option<Instant> {
         self.wire.keepalive_message()?;
         let due = self.last_sent + self.spec.keepalive?;
-        send_at.map_or(true, |t| t > due).then_some(due)
+        send_at.is_none_or(|t| t > due).then_some(due)
     }
 
     /// A transcript is waiting to settle: `final_timeout` no longer ends the wait.
