@@ -198,8 +198,9 @@ pub fn judge(h: &Heard<'_>, r: &Rules<'_>, ending: Ending) -> Verdict {
         String::new()
     };
     if let Some(expected) = &r.expect.transcript {
-        let w = wer::wer(expected, &v.judged);
+        let (w, exact) = wer::wer_bounded(expected, &v.judged, r.expect.max_wer + 1e-9);
         v.wer = Some((w * 1000.0).round() / 1000.0);
+        let at_least = if exact { "" } else { "at least " };
         if w > r.expect.max_wer + 1e-9 {
             // Partial interim text that never finalised is a missing transcript, not a
             // misheard one.
@@ -207,7 +208,7 @@ pub fn judge(h: &Heard<'_>, r: &Rules<'_>, ending: Ending) -> Verdict {
                 (
                     ErrorClass::NoTranscript,
                     format!(
-                        "no final transcript {after} after the last audio frame; interim results only ({}, WER {w:.2} against {})",
+                        "no final transcript {after} after the last audio frame; interim results only ({}, WER {at_least}{w:.2} against {})",
                         quote(&v.judged),
                         quote(expected)
                     ),
@@ -216,7 +217,7 @@ pub fn judge(h: &Heard<'_>, r: &Rules<'_>, ending: Ending) -> Verdict {
                 (
                     ErrorClass::TranscriptMismatch,
                     format!(
-                        "expected {} but heard {} (WER {w:.2} > {:.2}){truncated}",
+                        "expected {} but heard {} (WER {at_least}{w:.2} > {:.2}){truncated}",
                         quote(expected),
                         quote(&v.judged),
                         r.expect.max_wer

@@ -235,6 +235,27 @@ pub fn wer(expected: &str, heard: &str) -> f64 {
     edit_distance(&r, &h) as f64 / r.len() as f64
 }
 
+/// Edit-distance tables up to this many cells are always computed exactly.
+const EXACT_CELLS: usize = 1_000_000;
+
+/// Word error rate, with the work bounded: when the table would be large and the word counts
+/// alone already put the rate above `limit` (a server that sent far more, or far less, than
+/// the utterance), the edit distance is not computed and the lower bound
+/// `|heard − expected| / expected` comes back with `false`. Otherwise the exact rate and
+/// `true`; a large table then has at most expected × expected × (1 + limit) cells.
+pub fn wer_bounded(expected: &str, heard: &str, limit: f64) -> (f64, bool) {
+    let r = normalize(expected);
+    let h = normalize(heard);
+    if r.is_empty() {
+        return (if h.is_empty() { 0.0 } else { 1.0 }, true);
+    }
+    let lower = r.len().abs_diff(h.len()) as f64 / r.len() as f64;
+    if lower > limit && r.len().saturating_mul(h.len()) > EXACT_CELLS {
+        return (lower, false);
+    }
+    (edit_distance(&r, &h) as f64 / r.len() as f64, true)
+}
+
 /// Whether the normalised `phrase` occurs as whole words in the normalised `heard`.
 pub fn contains_phrase(heard: &str, phrase: &str) -> bool {
     let h = normalize(heard);
@@ -308,6 +329,31 @@ mod tests {
             assert!(
                 (got - want).abs() < 1e-9,
                 "{expected:?} vs {heard:?}: {got} != {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn bounded_wer_table() {
+        let many = "word ".repeat(30_000);
+        let long = "word ".repeat(2000);
+        let longer = "word ".repeat(2300);
+        for (expected, heard, limit, want, exact) in [
+            ("a b c d", "a b c d", 0.2, 0.0, true),
+            ("a b c d", "a x c d", 0.2, 0.25, true),
+            // Small tables are always exact.
+            ("a b c d", "a b c d e f", 0.2, 0.5, true),
+            ("a b c d", "a", 0.5, 0.75, true),
+            // Large ones only when the counts leave the rate in doubt.
+            ("a b c d", many.as_str(), 1.0, 7500.0, true),
+            (long.as_str(), many.as_str(), 1.0, 14.0, false),
+            (long.as_str(), longer.as_str(), 0.2, 0.15, true),
+            ("", "x", 0.2, 1.0, true),
+        ] {
+            let (got, ex) = wer_bounded(expected, heard, limit);
+            assert!(
+                (got - want).abs() < 1e-9 && ex == exact,
+                "{expected:?} vs {heard:.20}: {got} {ex}"
             );
         }
     }
