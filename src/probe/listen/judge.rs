@@ -378,6 +378,21 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_against_a_long_expectation_is_scored_by_its_bound() {
+        let heard: &'static str = Box::leak("word ".repeat(30_000).into_boxed_str());
+        let e = expect(&"said ".repeat(2000));
+        let v = judge(&heard_with(heard), &rules(&e), Ending::Complete("Metadata"));
+        let (class, m) = v.error.unwrap();
+        assert_eq!(class, ErrorClass::TranscriptMismatch);
+        assert!(m.contains("(WER at least 14.00 > 0.20)"), "{m}");
+        assert_eq!(v.wer, Some(14.0));
+    }
+
+    fn heard_with(text: &'static str) -> Heard<'static> {
+        heard(text, Some(1), 2)
+    }
+
+    #[test]
     fn messages_quote_a_bounded_excerpt() {
         let long: &'static str = Box::leak("é".repeat(100_000).into_boxed_str());
         let e = expect("testing one two three");
