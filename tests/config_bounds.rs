@@ -174,3 +174,26 @@ fn max_concurrency_zero_points_at_its_value() {
         ["watchpost.toml:5:19: max_concurrency must be at least 1"]
     );
 }
+
+#[test]
+fn notifier_and_probe_value_errors_point_at_the_key_not_the_table() {
+    let main = format!(
+        "{MAIN}\n[notifier.hook]\nkind = \"webhook\"\nurl = \"ftp://example.com/x\"\n\n\
+         [notifier.pager]\nkind = \"pagerduty\"\nrouting_key_env = \"HOME\"\n\
+         [notifier.pager.delivery]\ntimeout = \"0s\"\n"
+    );
+    let probe = format!("{HTTP}headers = {{ \"Bad Name\" = \"x\" }}\n");
+    let e = main_errors(&main, &probe);
+    assert_eq!(e.len(), 3, "{e:#?}");
+    // Each at the line of the offending key, never at 1:1 or the [notifier.x] header.
+    assert!(e.iter().any(|d| d.starts_with("p.toml:4:")), "{e:#?}");
+    assert!(
+        e.iter().any(|d| d.starts_with("watchpost.toml:8:7: url")),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter()
+            .any(|d| d.starts_with("watchpost.toml:14:11: delivery.timeout")),
+        "{e:#?}"
+    );
+}

@@ -72,6 +72,9 @@ impl fmt::Display for ConfigErrors {
 #[derive(Debug, Clone)]
 pub struct SpanError {
     pub span: Option<Range<usize>>,
+    /// Where the span is not known to the code that found the problem: the path of the
+    /// offending key inside the table being parsed; the loader turns it into a position.
+    pub key: Vec<String>,
     pub message: String,
 }
 
@@ -79,14 +82,43 @@ impl SpanError {
     pub fn at(span: Range<usize>, message: impl Into<String>) -> Self {
         SpanError {
             span: Some(span),
+            key: Vec::new(),
             message: message.into(),
         }
     }
     pub fn new(message: impl Into<String>) -> Self {
         SpanError {
             span: None,
+            key: Vec::new(),
             message: message.into(),
         }
+    }
+    /// A problem with the value at `path` (e.g. `["headers", "X-Key"]`) of the table being
+    /// parsed; positioned by the loader, which holds the parsed file.
+    pub fn key(path: &[&str], message: impl Into<String>) -> Self {
+        SpanError {
+            span: None,
+            key: path.iter().map(|k| k.to_string()).collect(),
+            message: message.into(),
+        }
+    }
+    /// Fill in the span from `table` (the table the parsed keys came from) when only the
+    /// key path is known.
+    fn located(mut self, table: &DeTable<'_>) -> Self {
+        if self.span.is_none() {
+            self.span = locate(table, &self.key);
+        }
+        self
+    }
+}
+
+/// Span of the value at `path` in `table`, or of the deepest part of the path that exists.
+fn locate(table: &DeTable<'_>, path: &[String]) -> Option<Range<usize>> {
+    let (first, rest) = path.split_first()?;
+    let v = table.get(first.as_str())?;
+    match v.get_ref() {
+        DeValue::Table(t) if !rest.is_empty() => locate(t, rest).or(Some(v.span())),
+        _ => Some(v.span()),
     }
 }
 
@@ -94,6 +126,7 @@ impl From<toml::de::Error> for SpanError {
     fn from(e: toml::de::Error) -> Self {
         SpanError {
             span: e.span(),
+            key: Vec::new(),
             message: e.message().trim().to_string(),
         }
     }
@@ -836,7 +869,7 @@ fn parse_main(src: &Source, diags: &mut Vec<Diagnostic>) -> (MainFile, Vec<Notif
                 };
                 match NotifierConfig::from_kind(kind.get_ref(), kind.span(), rest) {
                     Ok(config) => notifiers.push(Notifier { name, config }),
-                    Err(e) => diags.push(src.err(e)),
+                    Err(e) => diags.push(src.err(e.located(body_t))),
                 }
             }
         }
@@ -1097,7 +1130,7 @@ fn load_probe(
     let spec = match ProbeSpec::from_kind(common.kind.get_ref(), common.kind.span(), rest, &dir) {
         Ok(s) => Some(s),
         Err(e) => {
-            diags.push(src.err(e));
+            diags.push(src.err(e.located(&doc)));
             None
         }
     };

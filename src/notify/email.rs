@@ -126,7 +126,7 @@ fn is_loopback(host: &str) -> bool {
 pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
     super::parse_with::<EmailConfig, _>(rest, |c, span| {
         let err = |m: String| SpanError::at(span.clone(), m);
-        let target = parse_smtp_url(&c.smtp_url).map_err(err)?;
+        let target = parse_smtp_url(&c.smtp_url).map_err(|m| SpanError::key(&["smtp_url"], m))?;
         if c.username_env.is_some() != c.password_env.is_some() {
             return Err(err(
                 "set both username_env and password_env, or neither".into()
@@ -155,13 +155,16 @@ pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
         }
         c.from
             .parse::<Mailbox>()
-            .map_err(|e| err(format!("from = {:?}: {e}", c.from.as_str())))?;
+            .map_err(|e| SpanError::key(&["from"], format!("from = {:?}: {e}", c.from.as_str())))?;
         if c.to.is_empty() {
-            return Err(err("to is empty: list at least one recipient".into()));
+            return Err(SpanError::key(
+                &["to"],
+                "to is empty: list at least one recipient",
+            ));
         }
         for t in &c.to {
             t.parse::<Mailbox>()
-                .map_err(|e| err(format!("to: {:?}: {e}", t.as_str())))?;
+                .map_err(|e| SpanError::key(&["to"], format!("to: {:?}: {e}", t.as_str())))?;
         }
         Ok(())
     })

@@ -86,10 +86,13 @@ pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
             }
             (false, true) => {}
         }
-        super::check_http_url(&c.base_url).map_err(|m| err(&format!("base_url: {m}")))?;
+        super::check_http_url(&c.base_url)
+            .map_err(|m| SpanError::key(&["base_url"], format!("base_url: {m}")))?;
         for (name, w) in &c.webhooks {
             if w.starts_with("http") {
-                super::check_http_url(w).map_err(|m| err(&format!("webhooks.{name:?}: {m}")))?;
+                super::check_http_url(w).map_err(|m| {
+                    SpanError::key(&["webhooks", name], format!("webhooks.{name:?}: {m}"))
+                })?;
             } else if w.is_empty() || w.contains('/') {
                 return Err(err(&format!(
                     "webhooks.{name:?}: expected a webhook URL or id"

@@ -186,12 +186,12 @@ impl Default for DeliveryOptions {
 }
 
 impl DeliveryOptions {
-    /// Check values; `span` is the notifier table.
-    pub fn validate(&self, span: Range<usize>) -> Result<(), SpanError> {
+    /// Check values; errors name their key under `delivery` (positioned by the loader).
+    pub fn validate(&self) -> Result<(), SpanError> {
         if let Some(r) = self.rate_limit {
             if !(r.is_finite() && r > 0.0 && r <= 1000.0) {
-                return Err(SpanError::at(
-                    span,
+                return Err(SpanError::key(
+                    &["delivery", "rate_limit"],
                     format!(
                         "delivery.rate_limit = {r} must be between 0 and 1000 requests per second"
                     ),
@@ -199,17 +199,20 @@ impl DeliveryOptions {
             }
         }
         if self.timeout.0.is_zero() {
-            return Err(SpanError::at(span, "delivery.timeout must be above zero"));
+            return Err(SpanError::key(
+                &["delivery", "timeout"],
+                "delivery.timeout must be above zero",
+            ));
         }
         if self.retry_initial.0.is_zero() || self.retry_max.0 < self.retry_initial.0 {
-            return Err(SpanError::at(
-                span,
+            return Err(SpanError::key(
+                &["delivery", "retry_initial"],
                 "delivery.retry_initial must be above zero and at most retry_max",
             ));
         }
         if self.breaker_failures == 0 {
-            return Err(SpanError::at(
-                span,
+            return Err(SpanError::key(
+                &["delivery", "breaker_failures"],
                 "delivery.breaker_failures must be at least 1",
             ));
         }
@@ -393,7 +396,7 @@ where
 {
     let span = rest.span();
     let spec: T = rest.parse()?;
-    spec.delivery().validate(span.clone())?;
+    spec.delivery().validate()?;
     validate(&spec, span)?;
     Ok(Arc::new(spec))
 }

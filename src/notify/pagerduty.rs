@@ -49,12 +49,12 @@ pub struct PagerDutyConfig {
 }
 
 pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
-    super::parse_with::<PagerDutyConfig, _>(rest, |c, span| {
+    super::parse_with::<PagerDutyConfig, _>(rest, |c, _span| {
         super::check_http_url(&c.events_url)
-            .map_err(|m| SpanError::at(span.clone(), format!("events_url: {m}")))?;
+            .map_err(|m| SpanError::key(&["events_url"], format!("events_url: {m}")))?;
         if let Some(u) = &c.client_url {
             super::check_http_url(u)
-                .map_err(|m| SpanError::at(span.clone(), format!("client_url: {m}")))?;
+                .map_err(|m| SpanError::key(&["client_url"], format!("client_url: {m}")))?;
         }
         Ok(())
     })

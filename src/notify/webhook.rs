@@ -98,25 +98,33 @@ const EVENT_NAMES: &[&str] = &[
 ];
 
 pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
-    super::parse_with::<WebhookConfig, _>(rest, |c, span| {
-        let err = |m: String| SpanError::at(span.clone(), m);
-        super::check_http_url(&c.url).map_err(|m| err(format!("url: {m}")))?;
+    super::parse_with::<WebhookConfig, _>(rest, |c, _span| {
+        super::check_http_url(&c.url).map_err(|m| SpanError::key(&["url"], format!("url: {m}")))?;
         for e in c.events.iter().flatten() {
             if !EVENT_NAMES.contains(&e.as_str()) {
-                return Err(err(format!(
-                    "unknown event {e:?} in events (expected {})",
-                    EVENT_NAMES.join(", ")
-                )));
+                return Err(SpanError::key(
+                    &["events"],
+                    format!(
+                        "unknown event {e:?} in events (expected {})",
+                        EVENT_NAMES.join(", ")
+                    ),
+                ));
             }
         }
         for k in c.headers.keys().chain(std::iter::once(&c.signature_header)) {
             if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                return Err(err(format!("invalid header name {k:?}")));
+                return Err(SpanError::key(
+                    &["headers", k],
+                    format!("invalid header name {k:?}"),
+                ));
             }
         }
         for (k, v) in &c.headers {
             if reqwest::header::HeaderValue::from_str(v).is_err() {
-                return Err(err(format!("invalid value for header {k:?}")));
+                return Err(SpanError::key(
+                    &["headers", k],
+                    format!("invalid value for header {k:?}"),
+                ));
             }
         }
         Ok(())

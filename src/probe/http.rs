@@ -167,14 +167,7 @@ impl HttpSpec {
                         format!("invalid method {:?}", f.method.get_ref()),
                     )
                 })?;
-        for (k, v) in &f.headers {
-            if HeaderName::from_bytes(k.as_bytes()).is_err() {
-                return Err(SpanError::new(format!("invalid header name {k:?}")));
-            }
-            if HeaderValue::from_str(v).is_err() {
-                return Err(SpanError::new(format!("invalid value for header {k:?}")));
-            }
-        }
+        super::websocket::validate_headers(&f.headers)?;
         let ca_pem = super::websocket::read_ca_file(dir, &f.ca_file)?;
         Ok(HttpSpec {
             url,

@@ -101,10 +101,16 @@ pub struct Connected {
 pub fn validate_headers(headers: &BTreeMap<String, Interp>) -> Result<(), SpanError> {
     for (k, v) in headers {
         if HeaderName::from_bytes(k.as_bytes()).is_err() {
-            return Err(SpanError::new(format!("invalid header name {k:?}")));
+            return Err(SpanError::key(
+                &["headers", k],
+                format!("invalid header name {k:?}"),
+            ));
         }
         if HeaderValue::from_str(v).is_err() {
-            return Err(SpanError::new(format!("invalid value for header {k:?}")));
+            return Err(SpanError::key(
+                &["headers", k],
+                format!("invalid value for header {k:?}"),
+            ));
         }
     }
     Ok(())
@@ -528,11 +534,17 @@ impl WsSpec {
         validate_headers(&f.headers)?;
         for p in &f.subprotocols {
             if p.is_empty() || !p.chars().all(|c| c.is_ascii_graphic() && c != ',') {
-                return Err(SpanError::new(format!("invalid subprotocol name {p:?}")));
+                return Err(SpanError::key(
+                    &["subprotocols"],
+                    format!("invalid subprotocol name {p:?}"),
+                ));
             }
         }
         if f.max_message_bytes < 125 {
-            return Err(SpanError::new("max_message_bytes must be at least 125"));
+            return Err(SpanError::key(
+                &["max_message_bytes"],
+                "max_message_bytes must be at least 125",
+            ));
         }
         let ca_pem = read_ca_file(dir, &f.ca_file)?;
         let mut steps = Vec::new();

@@ -337,7 +337,10 @@ fn check_numbers(f: &ListenFile) -> Result<(), SpanError> {
         ));
     }
     if f.max_message_bytes < 1024 {
-        return Err(SpanError::new("max_message_bytes must be at least 1024"));
+        return Err(SpanError::key(
+            &["max_message_bytes"],
+            "max_message_bytes must be at least 1024",
+        ));
     }
     Ok(())
 }
@@ -459,9 +462,10 @@ fn expectation(f: &ListenFile, audio_path: &Path) -> Result<Expectation, SpanErr
     }
     for p in &f.contains {
         if wer::normalize(p).len() > MAX_EXPECTED_WORDS {
-            return Err(SpanError::new(format!(
-                "a contains phrase has more than {MAX_EXPECTED_WORDS} words"
-            )));
+            return Err(SpanError::key(
+                &["contains"],
+                format!("a contains phrase has more than {MAX_EXPECTED_WORDS} words"),
+            ));
         }
     }
     if transcript.is_none() && f.contains.is_empty() {
