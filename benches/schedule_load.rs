@@ -133,7 +133,7 @@ fn main() {
 
     let conn = rusqlite::Connection::open(&db).unwrap();
     let mut lags: Vec<f64> = conn
-        .prepare("SELECT lag_ms FROM runs WHERE lag_ms IS NOT NULL")
+        .prepare("SELECT lag_us / 1000.0 FROM runs WHERE lag_us IS NOT NULL")
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()
@@ -142,7 +142,7 @@ fn main() {
     lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let runs = lags.len() as f64;
     let down: i64 = conn
-        .query_row("SELECT count(*) FROM runs WHERE outcome != 'up'", [], |r| {
+        .query_row("SELECT count(*) FROM runs WHERE outcome != 0", [], |r| {
             r.get(0)
         })
         .unwrap();

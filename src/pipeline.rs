@@ -29,7 +29,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::notify::outbox::Bell;
 use crate::probe::{self, RunResult};
-use crate::store::{self, Store, WriterHandle};
+use crate::store::{Store, WriterHandle};
 use crate::{api, incident, notify, schedule};
 
 /// How often old minute histograms are rolled up and old rows pruned.
@@ -458,14 +458,12 @@ pub async fn maintain_once(
     store: &Store,
     now_ms: i64,
 ) -> anyhow::Result<incident::PruneStats> {
-    let retention = config.retention.clone();
-    let s = store
-        .write(move |c| store::maintain(c, now_ms, &retention))
-        .await?;
+    let s = store.maintain(now_ms, &config.retention).await?;
     let before = now_ms - config.retention.runs.0.as_millis() as i64;
     let p = store.write(move |c| incident::prune(c, before)).await?;
     tracing::debug!(
-        rolled = s.rolled_minutes,
+        rolled_hours = s.rolled_hours,
+        chunks = s.chunks,
         pruned_runs = s.pruned_runs,
         pruned_outbox = p.outbox,
         pruned_events = p.events,

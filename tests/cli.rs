@@ -336,7 +336,7 @@ async fn run_drains_on_sigterm_and_report_shows_percentiles() {
     let conn = rusqlite::Connection::open(&db).expect("open db");
     let (runs, up): (i64, i64) = conn
         .query_row(
-            "SELECT count(*), sum(outcome = 'up') FROM runs WHERE probe = 'alpha'",
+            "SELECT count(*), sum(outcome = 0) FROM runs WHERE series = (SELECT id FROM series WHERE name = 'alpha')",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )

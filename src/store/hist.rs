@@ -1,5 +1,15 @@
-//! HDR latency histograms: 1 µs .. 1 h at 3 significant digits, stored V2 + deflate, one row
-//! per series, phase and bucket (minute or hour). Merging is exact: HDR histograms add.
+//! HDR latency histograms: 1 µs .. 1 h at 3 significant digits. Two sources, never both for
+//! the same hour of a query:
+//!
+//! - the runs themselves (every run keeps its phase times, see [`super::codec`]): minute-level
+//!   detail, used from `meta.fine_from` on — the hour at which `[retention]
+//!   minute_histograms` (or the runs retention, if shorter) ends;
+//! - `hourly` rows (V2 + deflate), rolled up from the runs once an hour has passed
+//!   ([`super::Store::maintain`]), used before `fine_from` and kept `hourly_histograms`.
+//!
+//! Merging is exact: HDR histograms add, and a histogram built from a run's values equals the
+//! merge of histograms built from its parts, so a report gives the same figures whichever
+//! source it reads.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -7,16 +17,23 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer}
 use hdrhistogram::Histogram;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{HOUR, MINUTE};
+use super::{codec, HOUR, MINUTE};
 
 /// Largest value tracked, in microseconds (1 hour); larger values are clamped.
 pub const HIST_MAX_US: u64 = 3_600_000_000;
 
 pub type Hist = Histogram<u64>;
 
+/// An empty histogram. It starts small and grows to the largest value recorded (at most
+/// [`HIST_MAX_US`]): a histogram sized for 1 h up front is a 190 KB counts array, allocated and
+/// zeroed for every merge. Buckets and percentiles are the same either way.
 pub fn new_hist() -> Hist {
     // Bounds are constants known to be valid.
-    Histogram::new_with_bounds(1, HIST_MAX_US, 3)
+    Histogram::new_with_bounds(1, 2, 3)
+        .map(|mut h| {
+            h.auto(true);
+            h
+        })
         .unwrap_or_else(|_| unreachable!("valid HDR bounds"))
 }
 
@@ -38,134 +55,158 @@ pub fn decode(bytes: &[u8]) -> Option<Hist> {
     Some(out)
 }
 
-fn load(
-    conn: &Connection,
-    series: &str,
-    phase: &str,
-    res: i64,
-    bucket: i64,
-) -> rusqlite::Result<Option<Hist>> {
-    let blob: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT data FROM histograms WHERE series = ?1 AND phase = ?2 AND resolution = ?3 AND bucket_start = ?4",
-            params![series, phase, res, bucket],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(blob.and_then(|b| decode(&b)))
+pub(crate) fn floor(ms: i64, res: i64) -> i64 {
+    ms.div_euclid(res * 1000) * res * 1000
 }
 
-fn save(
+pub(crate) fn meta(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Merge `h` into the hourly row of `series`/`phase` at `hour`.
+pub(crate) fn add_hourly(
     conn: &Connection,
-    series: &str,
+    hour: i64,
+    series: i64,
     phase: &str,
-    res: i64,
-    bucket: i64,
     h: &Hist,
 ) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO histograms (series, phase, resolution, bucket_start, count, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (series, phase, resolution, bucket_start) DO UPDATE SET count = excluded.count, data = excluded.data",
-        params![series, phase, res, bucket, h.len() as i64, encode(h)],
-    )?;
+    let old: Option<Vec<u8>> = conn
+        .prepare_cached(
+            "SELECT data FROM hourly WHERE bucket_start = ?1 AND series = ?2 AND phase = ?3",
+        )?
+        .query_row(params![hour, series, phase], |r| r.get(0))
+        .optional()?;
+    let merged = match old.as_deref().and_then(decode) {
+        Some(mut m) => {
+            let _ = m.add(h);
+            m
+        }
+        None => h.clone(),
+    };
+    conn.prepare_cached(
+        "INSERT INTO hourly (bucket_start, series, phase, count, data) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (bucket_start, series, phase) DO UPDATE SET count = excluded.count, data = excluded.data",
+    )?
+    .execute(params![hour, series, phase, merged.len() as i64, encode(&merged)])?;
     Ok(())
 }
 
-/// Add raw values (µs) to one bucket.
-pub fn add_values(
+/// A series' name and phase names, by id.
+pub(crate) struct SeriesNames {
+    pub name: String,
+    pub phases: Vec<String>,
+}
+
+pub(crate) fn parse_phases(json: &str) -> Vec<String> {
+    serde_json::from_str(json).unwrap_or_default()
+}
+
+fn all_series(conn: &Connection) -> rusqlite::Result<HashMap<i64, SeriesNames>> {
+    let mut st = conn.prepare_cached("SELECT id, name, phases FROM series")?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            SeriesNames {
+                name: r.get(1)?,
+                phases: parse_phases(&r.get::<_, String>(2)?),
+            },
+        ))
+    })?;
+    rows.collect()
+}
+
+/// Call `f(phase index, µs)` for every phase of every run of `series` in `[lo, hi)`.
+pub(crate) fn fold_runs(
     conn: &Connection,
-    series: &str,
-    phase: &str,
-    res: i64,
-    bucket: i64,
-    values: &[u64],
+    series: i64,
+    lo: i64,
+    hi: i64,
+    mut f: impl FnMut(usize, u64),
 ) -> rusqlite::Result<()> {
-    let mut h = load(conn, series, phase, res, bucket)?.unwrap_or_else(new_hist);
-    for v in values {
-        record(&mut h, *v);
-    }
-    save(conn, series, phase, res, bucket, &h)
-}
-
-/// Merge minute buckets that start before `cutoff_ms` into hourly buckets; returns how many
-/// minute rows were rolled.
-pub fn rollup(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize> {
-    let mut groups: HashMap<(String, String, i64), Hist> = HashMap::new();
-    let mut n = 0;
-    {
-        let mut st = conn.prepare(
-            "SELECT series, phase, bucket_start, data FROM histograms WHERE resolution = ?1 AND bucket_start < ?2",
-        )?;
-        let rows = st.query_map(params![MINUTE, cutoff_ms], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
-            ))
-        })?;
-        for row in rows {
-            let (series, phase, start, data) = row?;
-            n += 1;
-            let hour = start.div_euclid(HOUR * 1000) * HOUR * 1000;
-            if let Some(h) = decode(&data) {
-                let g = groups.entry((series, phase, hour)).or_insert_with(new_hist);
-                let _ = g.add(&h);
-            }
-        }
-    }
-    for ((series, phase, hour), h) in groups {
-        let mut merged = load(conn, &series, &phase, HOUR, hour)?.unwrap_or_else(new_hist);
-        let _ = merged.add(&h);
-        save(conn, &series, &phase, HOUR, hour, &merged)?;
-    }
-    conn.execute(
-        "DELETE FROM histograms WHERE resolution = ?1 AND bucket_start < ?2",
-        params![MINUTE, cutoff_ms],
+    let mut st = conn.prepare_cached(
+        "SELECT data FROM runs WHERE series = ?1 AND started_at >= ?2 AND started_at < ?3",
     )?;
-    Ok(n)
+    let mut rows = st.query(params![series, lo, hi])?;
+    while let Some(r) = rows.next()? {
+        let data = r.get_ref(0)?.as_blob().unwrap_or(&[]);
+        let _ = codec::decode(data, &mut f);
+    }
+    Ok(())
 }
 
-/// Merge every bucket of every series and phase overlapping `[since_ms, until_ms)`. Hourly
-/// buckets are taken whole when they overlap the window's start.
+/// Where a window `[since, until)` reads hourly rows (`hours`) and where runs (`runs`).
+struct Split {
+    hours: (i64, i64),
+    runs: (i64, i64),
+}
+
+fn split(conn: &Connection, since_ms: i64, until_ms: i64) -> rusqlite::Result<Split> {
+    let fine_from = meta(conn, "fine_from")?;
+    // A window takes whole minutes from the runs (as minute buckets did) and whole hours from
+    // the hourly rows.
+    let run_lo = floor(since_ms, MINUTE).max(fine_from);
+    let run_hi = floor(until_ms - 1, MINUTE) + MINUTE * 1000;
+    Ok(Split {
+        hours: (floor(since_ms, HOUR), until_ms.min(fine_from)),
+        runs: (run_lo, run_hi),
+    })
+}
+
+/// Merge the latency of every series and phase over `[since_ms, until_ms)`: minutes from the
+/// runs, whole hours from the hourly rows before `fine_from` (an hour overlapping the
+/// window's start is taken whole).
 pub fn window(
     conn: &Connection,
     since_ms: i64,
     until_ms: i64,
 ) -> rusqlite::Result<BTreeMap<(String, String), Hist>> {
+    let sp = split(conn, since_ms, until_ms)?;
+    let series = all_series(conn)?;
     let mut out: BTreeMap<(String, String), Hist> = BTreeMap::new();
-    let hour_since = since_ms.div_euclid(HOUR * 1000) * HOUR * 1000;
-    let mut st = conn.prepare(
-        "SELECT series, phase, data FROM histograms
-         WHERE (resolution = ?1 AND bucket_start >= ?2 AND bucket_start < ?4)
-            OR (resolution = ?3 AND bucket_start >= ?5 AND bucket_start < ?4)",
-    )?;
-    let rows = st.query_map(
-        params![
-            MINUTE,
-            since_ms.div_euclid(MINUTE * 1000) * MINUTE * 1000,
-            HOUR,
-            until_ms,
-            hour_since
-        ],
-        |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        },
-    )?;
-    for row in rows {
-        let (series, phase, data) = row?;
-        if let Some(h) = decode(&data) {
-            let _ = out.entry((series, phase)).or_insert_with(new_hist).add(&h);
+    if sp.hours.0 < sp.hours.1 {
+        let mut st = conn.prepare_cached(
+            "SELECT series, phase, data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2",
+        )?;
+        let mut rows = st.query(params![sp.hours.0, sp.hours.1])?;
+        while let Some(r) = rows.next()? {
+            let Some(s) = series.get(&r.get::<_, i64>(0)?) else {
+                continue;
+            };
+            if let Some(h) = r.get_ref(2)?.as_blob().ok().and_then(decode) {
+                let _ = out
+                    .entry((s.name.clone(), r.get(1)?))
+                    .or_insert_with(new_hist)
+                    .add(&h);
+            }
+        }
+    }
+    if sp.runs.0 < sp.runs.1 {
+        for (id, s) in &series {
+            let mut per_phase: Vec<Option<Hist>> = vec![None; s.phases.len()];
+            fold_runs(conn, *id, sp.runs.0, sp.runs.1, |i, us| {
+                if let Some(slot) = per_phase.get_mut(i) {
+                    record(slot.get_or_insert_with(new_hist), us);
+                }
+            })?;
+            for (i, h) in per_phase.into_iter().enumerate() {
+                if let Some(h) = h {
+                    let _ = out
+                        .entry((s.name.clone(), s.phases[i].clone()))
+                        .or_insert_with(new_hist)
+                        .add(&h);
+                }
+            }
         }
     }
     Ok(out)
 }
 
-/// Merged histogram of one series and phase over a window.
+/// Merged histogram of one series and phase over a window (see [`window`]).
 pub fn series_window(
     conn: &Connection,
     series: &str,
@@ -174,17 +215,32 @@ pub fn series_window(
     until_ms: i64,
 ) -> rusqlite::Result<Hist> {
     let mut h = new_hist();
-    let mut st = conn.prepare(
-        "SELECT data FROM histograms WHERE series = ?1 AND phase = ?2 AND bucket_start >= ?3 AND bucket_start < ?4
-         AND (resolution = ?5 OR resolution = ?6)",
-    )?;
-    let since = since_ms.div_euclid(MINUTE * 1000) * MINUTE * 1000;
-    let rows = st.query_map(params![series, phase, since, until_ms, MINUTE, HOUR], |r| {
-        r.get::<_, Vec<u8>>(0)
-    })?;
-    for row in rows {
-        if let Some(x) = decode(&row?) {
-            let _ = h.add(&x);
+    let row: Option<(i64, String)> = conn
+        .prepare_cached("SELECT id, phases FROM series WHERE name = ?1")?
+        .query_row([series], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((id, phases)) = row else {
+        return Ok(h);
+    };
+    let sp = split(conn, since_ms, until_ms)?;
+    if sp.hours.0 < sp.hours.1 {
+        let mut st = conn.prepare_cached(
+            "SELECT data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2 AND series = ?3 AND phase = ?4",
+        )?;
+        let mut rows = st.query(params![sp.hours.0, sp.hours.1, id, phase])?;
+        while let Some(r) = rows.next()? {
+            if let Some(x) = r.get_ref(0)?.as_blob().ok().and_then(decode) {
+                let _ = h.add(&x);
+            }
+        }
+    }
+    if let Some(want) = parse_phases(&phases).iter().position(|p| p == phase) {
+        if sp.runs.0 < sp.runs.1 {
+            fold_runs(conn, id, sp.runs.0, sp.runs.1, |i, us| {
+                if i == want {
+                    record(&mut h, us);
+                }
+            })?;
         }
     }
     Ok(h)
@@ -206,5 +262,35 @@ mod tests {
         // 3 significant digits
         let q = back.value_at_quantile(0.5);
         assert!((999..=1001).contains(&q), "{q}");
+    }
+
+    #[test]
+    fn growing_histogram_answers_like_a_full_size_one() {
+        let mut full = Histogram::<u64>::new_with_bounds(1, HIST_MAX_US, 3).unwrap();
+        let mut small = new_hist();
+        for v in [
+            3u64,
+            1_999,
+            2_048,
+            20_000,
+            20_011,
+            987_654,
+            3_599_999_999,
+            HIST_MAX_US,
+        ] {
+            full.record(v).unwrap();
+            record(&mut small, v);
+        }
+        for q in [0.0, 0.25, 0.5, 0.9, 0.99, 1.0] {
+            assert_eq!(
+                small.value_at_quantile(q),
+                full.value_at_quantile(q),
+                "q{q}"
+            );
+        }
+        assert_eq!(small.max(), full.max());
+        let mut merged = new_hist();
+        merged.add(&full).unwrap();
+        assert_eq!(merged.value_at_quantile(0.5), full.value_at_quantile(0.5));
     }
 }

@@ -1,22 +1,63 @@
-//! SQLite storage: runs, per-minute latency histograms (rolled up hourly), skips, and the
+//! SQLite storage: compact runs, hourly latency histograms rolled up from them, skips, and the
 //! tables other modules add through [`MIGRATIONS`]. rusqlite is synchronous, so one thread
 //! owns the write connection and applies queued operations in batched transactions; readers
-//! open their own connections ([`Store::reader`]).
+//! open their own connections ([`Store::reader`]). The newest run of every series is kept in
+//! memory ([`Store::latest`]).
+//!
+//! A run is one row of about 30 bytes: the series as an integer id (`series` table), start in
+//! ms, outcome as 0/1/2 (up/degraded/down), lag in µs, phase times in a varint blob
+//! ([`codec`]), and a `note` (error class and message, details) only when the run has an error,
+//! is not up, or its details say something new: the series' first run since start, a change
+//! after a failure, or a change at most hourly ([`DETAILS_EVERY_MS`]). Minute-level latency comes
+//! from the runs; whole hours are rolled up into `hourly` rows ([`hist`]). Rollup and pruning
+//! run in chunks of a few milliseconds on the writer ([`Store::maintain`]).
 //!
 //! Not here: deciding anything. The store records and answers queries.
 
+pub mod codec;
 pub mod hist;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rusqlite::{params, Connection, OpenFlags};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::probe::{ms, RunResult};
+use crate::probe::{ms, Outcome, RunResult};
 pub use hist::{Hist, HIST_MAX_US};
+
+/// Migration 3: compact runs keyed by series id, hourly histograms, bookkeeping. Its rows are
+/// converted from the version-1 tables by [`convert_v1`] in the same transaction.
+const COMPACT: &str = "ALTER TABLE runs RENAME TO runs_v1;
+    ALTER TABLE histograms RENAME TO histograms_v1;
+    CREATE TABLE series (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        phases TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE TABLE runs (
+        series INTEGER NOT NULL,
+        started_at INTEGER NOT NULL,
+        outcome INTEGER NOT NULL,
+        lag_us INTEGER,
+        data BLOB NOT NULL,
+        note TEXT,
+        PRIMARY KEY (series, started_at)
+    ) WITHOUT ROWID;
+    CREATE TABLE hourly (
+        bucket_start INTEGER NOT NULL,
+        series INTEGER NOT NULL,
+        phase TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (bucket_start, series, phase)
+    ) WITHOUT ROWID;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;";
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 /// Append only: never edit a shipped entry.
@@ -51,11 +92,30 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX skips_time ON skips(planned_at);",
     // 2: incidents, timeline, component state, notification outbox, notifier references
     crate::incident::MIGRATION,
+    // 3: compact runs, series ids, hourly histograms (old rows converted)
+    COMPACT,
 ];
 
-/// Seconds per minute bucket and per hourly bucket (the `resolution` column).
+/// Seconds per minute and per hour (histogram bucket sizes).
 pub const MINUTE: i64 = 60;
 pub const HOUR: i64 = 3600;
+const HOUR_MS: i64 = HOUR * 1000;
+
+/// An hour is rolled up this long after it ends, so runs still in flight at its end (a slow
+/// probe, its confirmation retries) are in. A run that arrives later still is merged into
+/// its hourly row directly.
+const ROLL_DELAY_MS: i64 = 5 * 60 * 1000;
+
+/// Work one maintenance chunk does before it yields the writer to queued runs.
+pub const CHUNK_BUDGET: Duration = Duration::from_millis(5);
+
+/// An up run's details are stored when they differ from the last stored ones and those are
+/// this old (or were a failure's): details such as a request id or a send lateness change on
+/// every run and would otherwise cost more than the run.
+const DETAILS_EVERY_MS: i64 = HOUR_MS;
+
+/// Rows one pruning statement deletes at most.
+const PRUNE_ROWS: i64 = 200;
 
 /// Open (creating if needed) the database for writing and bring the schema up to date.
 pub fn open(path: &Path) -> anyhow::Result<Connection> {
@@ -100,20 +160,82 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)
             .with_context(|| format!("applying migration {}", i + 1))?;
+        if *sql == COMPACT {
+            let n = convert_v1(&tx)
+                .with_context(|| format!("converting stored runs (migration {})", i + 1))?;
+            if n > 0 {
+                tracing::info!(runs = n, "converted stored runs to the compact format");
+            }
+        }
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }
     Ok(())
 }
 
+fn outcome_code(o: Outcome) -> i64 {
+    match o {
+        Outcome::Up => 0,
+        Outcome::Degraded => 1,
+        Outcome::Down => 2,
+    }
+}
+
+fn outcome_of(code: i64) -> Outcome {
+    match code {
+        0 => Outcome::Up,
+        1 => Outcome::Degraded,
+        _ => Outcome::Down,
+    }
+}
+
+/// The newest run of each series, kept by the writer after every commit.
+#[derive(Clone, Default)]
+pub struct Latest(Arc<RwLock<HashMap<String, LatestRun>>>);
+
+impl Latest {
+    /// Every series' newest run, ordered by series name.
+    pub fn runs(&self) -> Vec<LatestRun> {
+        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<LatestRun> = map.values().cloned().collect();
+        v.sort_by(|a, b| a.probe.cmp(&b.probe));
+        v
+    }
+
+    fn update(&self, runs: Vec<LatestRun>) {
+        if runs.is_empty() {
+            return;
+        }
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        for r in runs {
+            match map.get_mut(&r.probe) {
+                Some(old) if old.started_at > r.started_at => {}
+                Some(old) => *old = r,
+                None => {
+                    map.insert(r.probe.clone(), r);
+                }
+            }
+        }
+    }
+}
+
 /// Called once the batch holding the operation has committed (`Ok`) or failed (`Err`).
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 type ExecFn = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+type StepResult = anyhow::Result<(MaintainStats, Option<MaintainCursor>)>;
 
 enum Op {
     Run(Box<RunResult>),
-    Skip { probe: String, planned_at_ms: i64 },
+    Skip {
+        probe: String,
+        planned_at_ms: i64,
+    },
     Exec(ExecFn),
+    Maintain {
+        cut: Cutoffs,
+        cursor: MaintainCursor,
+        reply: oneshot::Sender<StepResult>,
+    },
 }
 
 /// Handle to the single writer. Cheap to clone; the writer stops when every handle is gone.
@@ -121,6 +243,7 @@ enum Op {
 pub struct Store {
     tx: mpsc::Sender<Op>,
     path: PathBuf,
+    latest: Latest,
 }
 
 /// Join handle of the writer thread.
@@ -140,14 +263,19 @@ impl Store {
     /// Open the database and start the writer thread.
     pub fn start(path: &Path) -> anyhow::Result<(Store, WriterHandle)> {
         let conn = open(path)?;
+        let latest = Latest::default();
+        latest.update(latest_runs(&conn)?);
+        let state = State::load(&conn)?;
         let (tx, rx) = mpsc::channel(8192);
+        let l = latest.clone();
         let handle = std::thread::Builder::new()
             .name("watchpost-writer".into())
-            .spawn(move || writer_loop(conn, rx))?;
+            .spawn(move || writer_loop(conn, state, l, rx))?;
         Ok((
             Store {
                 tx,
                 path: path.to_path_buf(),
+                latest,
             },
             WriterHandle(handle),
         ))
@@ -157,7 +285,12 @@ impl Store {
         &self.path
     }
 
-    /// Queue a run (and its histograms) for writing.
+    /// The in-memory newest run of each series (for `GET /api/runs/latest`).
+    pub fn latest(&self) -> Latest {
+        self.latest.clone()
+    }
+
+    /// Queue a run for writing.
     pub async fn record(&self, run: RunResult) {
         if self.tx.send(Op::Run(Box::new(run))).await.is_err() {
             tracing::error!("store writer has stopped; run dropped");
@@ -184,19 +317,7 @@ impl Store {
     {
         let (otx, orx) = oneshot::channel::<anyhow::Result<T>>();
         let op = Op::Exec(Box::new(move |conn: &Connection| -> Reply {
-            let r = (|| {
-                conn.execute_batch("SAVEPOINT op")?;
-                match f(conn) {
-                    Ok(v) => {
-                        conn.execute_batch("RELEASE op")?;
-                        Ok(v)
-                    }
-                    Err(e) => {
-                        let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
-                        Err(e)
-                    }
-                }
-            })();
+            let r = savepoint(conn, f);
             // Answer only after the batch commits, so callers never see uncommitted writes.
             Box::new(move |commit: Result<(), String>| {
                 let r = match commit {
@@ -219,13 +340,121 @@ impl Store {
         self.write(|_| Ok(())).await
     }
 
+    /// One maintenance pass at `now_ms`: roll finished hours up into hourly histograms, then
+    /// prune runs, hourly histograms and skips by `retention`. Done in chunks of at most
+    /// [`CHUNK_BUDGET`] of work, each its own writer operation, so runs queued meanwhile are
+    /// written between chunks.
+    pub async fn maintain(
+        &self,
+        now_ms: i64,
+        retention: &crate::config::Retention,
+    ) -> anyhow::Result<MaintainStats> {
+        let age = |d: &crate::config::Dur| now_ms - d.0.as_millis() as i64;
+        let cut = Cutoffs {
+            now: now_ms,
+            minute: age(&retention.minute_histograms),
+            runs: age(&retention.runs),
+            hourly: age(&retention.hourly_histograms),
+        };
+        let mut total = MaintainStats::default();
+        let mut cursor = MaintainCursor::default();
+        loop {
+            let (otx, orx) = oneshot::channel();
+            self.tx
+                .send(Op::Maintain {
+                    cut,
+                    cursor,
+                    reply: otx,
+                })
+                .await
+                .map_err(|_| anyhow::anyhow!("store writer has stopped"))?;
+            let (stats, next) = orx
+                .await
+                .map_err(|_| anyhow::anyhow!("store writer dropped the operation"))??;
+            total.add(&stats);
+            match next {
+                Some(c) => cursor = c,
+                None => return Ok(total),
+            }
+        }
+    }
+
     /// A fresh read connection.
     pub fn reader(&self) -> anyhow::Result<Connection> {
         open_reader(&self.path)?.context("database disappeared")
     }
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
+fn savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.execute_batch("SAVEPOINT op")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE op")?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
+            Err(e)
+        }
+    }
+}
+
+struct SeriesInfo {
+    id: i64,
+    kind: String,
+    phases: Vec<String>,
+}
+
+struct LastDetails {
+    details: Map<String, Value>,
+    at: i64,
+    up: bool,
+}
+
+/// What the writer keeps between batches; reloaded from the database when a batch fails.
+struct State {
+    series: HashMap<String, SeriesInfo>,
+    /// The details last stored per series id, to store only what is new.
+    details: HashMap<i64, LastDetails>,
+    /// Hours before this are rolled up (a late run is merged into its hourly row).
+    rolled_until: i64,
+    /// Last series id rolled up within the hour `rolled_until`.
+    roll_cursor: i64,
+    buf: Vec<u8>,
+}
+
+impl State {
+    fn load(conn: &Connection) -> rusqlite::Result<State> {
+        let mut series = HashMap::new();
+        let mut st = conn.prepare("SELECT id, name, kind, phases FROM series")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(1)?,
+                SeriesInfo {
+                    id: r.get(0)?,
+                    kind: r.get(2)?,
+                    phases: hist::parse_phases(&r.get::<_, String>(3)?),
+                },
+            ))
+        })?;
+        for row in rows {
+            let (name, info) = row?;
+            series.insert(name, info);
+        }
+        Ok(State {
+            series,
+            details: HashMap::new(),
+            rolled_until: hist::meta(conn, "rolled_until")?,
+            roll_cursor: hist::meta(conn, "roll_cursor")?,
+            buf: Vec::with_capacity(64),
+        })
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut state: State, latest: Latest, mut rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(op) = rx.blocking_recv() {
         batch.push(op);
@@ -235,7 +464,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        if let Err(e) = apply_batch(&mut conn, &mut batch) {
+        if let Err(e) = apply_batch(&mut conn, &mut state, &latest, &mut batch) {
             tracing::error!(error = %format!("{e:#}"), "store write failed; batch lost");
         }
         batch.clear();
@@ -243,9 +472,24 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
     let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
 }
 
-fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> anyhow::Result<()> {
+fn apply_batch(
+    conn: &mut Connection,
+    state: &mut State,
+    latest: &Latest,
+    batch: &mut Vec<Op>,
+) -> anyhow::Result<()> {
     let mut replies: Vec<Reply> = Vec::new();
-    let result = apply_ops(conn, batch, &mut replies);
+    let mut fresh: Vec<LatestRun> = Vec::new();
+    let result = apply_ops(conn, state, batch, &mut replies, &mut fresh);
+    match &result {
+        Ok(()) => latest.update(fresh),
+        Err(_) => {
+            // The in-memory view may name series or rollup progress that were rolled back.
+            if let Ok(s) = State::load(conn) {
+                *state = s;
+            }
+        }
+    }
     let outcome = result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}"));
     for reply in replies {
         reply(outcome.clone());
@@ -253,144 +497,528 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> anyhow::Result<()>
     result
 }
 
-type HistKey = (String, String, i64);
-
-fn flush_hists(tx: &Connection, hists: &mut HashMap<HistKey, Vec<u64>>) -> rusqlite::Result<()> {
-    for ((series, phase, bucket), values) in hists.drain() {
-        hist::add_values(tx, &series, &phase, MINUTE, bucket, &values)?;
-    }
-    Ok(())
-}
-
 fn apply_ops(
     conn: &mut Connection,
+    state: &mut State,
     batch: &mut Vec<Op>,
     replies: &mut Vec<Reply>,
+    fresh: &mut Vec<LatestRun>,
 ) -> anyhow::Result<()> {
     let tx = conn.transaction()?;
-    // Histogram updates are grouped per bucket and written before any operation that may read
-    // them, and at the end, so every operation sees the batch's earlier effects.
-    let mut hists: HashMap<HistKey, Vec<u64>> = HashMap::new();
     for op in batch.drain(..) {
         match op {
-            Op::Run(r) => insert_run(&tx, &r, &mut hists)?,
+            Op::Run(r) => insert_run(&tx, state, &r, fresh)?,
             Op::Skip {
                 probe,
                 planned_at_ms,
             } => {
-                tx.execute(
-                    "INSERT INTO skips (probe, planned_at) VALUES (?1, ?2)",
-                    params![probe, planned_at_ms],
-                )?;
+                tx.prepare_cached("INSERT INTO skips (probe, planned_at) VALUES (?1, ?2)")?
+                    .execute(params![probe, planned_at_ms])?;
             }
-            Op::Exec(f) => {
-                flush_hists(&tx, &mut hists)?;
-                replies.push(f(&tx));
+            Op::Exec(f) => replies.push(f(&tx)),
+            Op::Maintain { cut, cursor, reply } => {
+                let (t0, cpu0) = (Instant::now(), thread_cpu());
+                let r = savepoint(&tx, |c| maintain_step(c, state, &cut, cursor, CHUNK_BUDGET));
+                let took = t0.elapsed();
+                let cpu = thread_cpu().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
+                if r.is_err() {
+                    if let Ok(s) = State::load(&tx) {
+                        *state = s;
+                    }
+                }
+                let r = r.map(|(mut s, next)| {
+                    s.chunks = 1;
+                    s.longest_chunk = took;
+                    s.longest_chunk_cpu = cpu.unwrap_or(took);
+                    (s, next)
+                });
+                replies.push(Box::new(move |commit: Result<(), String>| {
+                    let r = match commit {
+                        Ok(()) => r.map_err(anyhow::Error::from),
+                        Err(e) => Err(anyhow::anyhow!("store commit failed: {e}")),
+                    };
+                    let _ = reply.send(r);
+                }));
             }
         }
     }
-    flush_hists(&tx, &mut hists)?;
     tx.commit()?;
     Ok(())
 }
 
+/// One row of `runs`, from a probe run, one of its sub-checks, or a converted old row.
+struct Row<'a> {
+    series: &'a str,
+    kind: &'a str,
+    started_ms: i64,
+    outcome: Outcome,
+    lag: Option<Duration>,
+    duration: Duration,
+    phases: Vec<(&'a str, Duration)>,
+    error: Option<(&'a str, &'a str)>,
+    details: Option<&'a Map<String, Value>>,
+}
+
 fn insert_run(
     tx: &Connection,
+    state: &mut State,
     r: &RunResult,
-    hists: &mut HashMap<HistKey, Vec<u64>>,
+    fresh: &mut Vec<LatestRun>,
 ) -> rusqlite::Result<()> {
-    let mut ins = tx.prepare_cached(
-        "INSERT INTO runs (probe, kind, started_at, outcome, error_class, error_message, duration_ms, lag_ms, phases, details)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?;
-    let started = r.started_at.timestamp_millis();
-    let minute = started.div_euclid(MINUTE * 1000) * MINUTE * 1000;
-    let phases: serde_json::Map<String, serde_json::Value> = r
-        .phases
-        .iter()
-        .map(|(n, d)| (n.clone(), serde_json::json!(ms(*d))))
-        .collect();
-    ins.execute(params![
-        r.probe,
-        r.kind,
-        started,
-        r.outcome.as_str(),
-        r.error.as_ref().map(|e| e.class.as_str()),
-        r.error.as_ref().map(|e| e.message.as_str()),
-        ms(r.duration),
-        r.lag.map(ms),
-        serde_json::Value::Object(phases).to_string(),
-        serde_json::Value::Object(r.details.clone()).to_string(),
-    ])?;
-    for (phase, d) in &r.phases {
-        hists
-            .entry((r.probe.clone(), phase.clone(), minute))
-            .or_default()
-            .push(d.as_micros() as u64);
-    }
+    let started_ms = r.started_at.timestamp_millis();
+    let row = Row {
+        series: &r.probe,
+        kind: r.kind,
+        started_ms,
+        outcome: r.outcome,
+        lag: r.lag,
+        duration: r.duration,
+        phases: r.phases.iter().map(|(n, d)| (n.as_str(), *d)).collect(),
+        error: r
+            .error
+            .as_ref()
+            .map(|e| (e.class.as_str(), e.message.as_str())),
+        details: Some(&r.details),
+    };
+    fresh.push(insert_row(tx, state, &row)?);
     for s in &r.subchecks {
-        let phases = match s.latency {
-            Some(l) => {
-                hists
-                    .entry((s.series.clone(), "latency".into(), minute))
-                    .or_default()
-                    .push(l.as_micros() as u64);
-                serde_json::json!({"latency": ms(l)})
-            }
-            None => serde_json::json!({}),
+        let row = Row {
+            series: &s.series,
+            kind: "subcheck",
+            started_ms,
+            outcome: s.outcome,
+            lag: None,
+            duration: s.latency.unwrap_or_default(),
+            phases: s.latency.map(|l| ("latency", l)).into_iter().collect(),
+            error: s
+                .error
+                .as_ref()
+                .map(|e| (e.class.as_str(), e.message.as_str())),
+            details: None,
         };
-        ins.execute(params![
-            s.series,
-            "subcheck",
-            started,
-            s.outcome.as_str(),
-            s.error.as_ref().map(|e| e.class.as_str()),
-            s.error.as_ref().map(|e| e.message.as_str()),
-            s.latency.map(ms).unwrap_or(0.0),
-            Option::<f64>::None,
-            phases.to_string(),
-            "{}",
-        ])?;
+        fresh.push(insert_row(tx, state, &row)?);
     }
     Ok(())
 }
 
-/// Roll minute histograms older than `minute_keep` into hourly ones and prune by retention.
-/// Runs on the writer (through [`Store::write`]) or directly on a write connection.
-pub fn maintain(
-    conn: &Connection,
-    now_ms: i64,
-    retention: &crate::config::Retention,
-) -> rusqlite::Result<MaintainStats> {
-    let minute_cutoff = now_ms - retention.minute_histograms.0.as_millis() as i64;
-    let rolled = hist::rollup(conn, minute_cutoff)?;
-    let hourly_cutoff = now_ms - retention.hourly_histograms.0.as_millis() as i64;
-    let pruned_hist = conn.execute(
-        "DELETE FROM histograms WHERE resolution = ?1 AND bucket_start < ?2",
-        params![HOUR, hourly_cutoff],
-    )?;
-    let runs_cutoff = now_ms - retention.runs.0.as_millis() as i64;
-    let pruned_runs = conn.execute(
-        "DELETE FROM runs WHERE started_at < ?1",
-        params![runs_cutoff],
-    )?;
-    conn.execute(
-        "DELETE FROM skips WHERE planned_at < ?1",
-        params![runs_cutoff],
-    )?;
-    Ok(MaintainStats {
-        rolled_minutes: rolled,
-        pruned_hourly: pruned_hist,
-        pruned_runs,
+fn ensure_series<'s>(
+    tx: &Connection,
+    state: &'s mut State,
+    name: &str,
+    kind: &str,
+) -> rusqlite::Result<&'s mut SeriesInfo> {
+    if !state.series.contains_key(name) {
+        tx.prepare_cached(
+            "INSERT INTO series (name, kind) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+        )?
+        .execute(params![name, kind])?;
+        let info = tx
+            .prepare_cached("SELECT id, kind, phases FROM series WHERE name = ?1")?
+            .query_row([name], |r| {
+                Ok(SeriesInfo {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    phases: hist::parse_phases(&r.get::<_, String>(2)?),
+                })
+            })?;
+        state.series.insert(name.to_string(), info);
+    }
+    match state.series.get_mut(name) {
+        Some(info) => Ok(info),
+        None => Err(rusqlite::Error::QueryReturnedNoRows),
+    }
+}
+
+fn insert_row(tx: &Connection, state: &mut State, row: &Row) -> rusqlite::Result<LatestRun> {
+    let info = ensure_series(tx, state, row.series, row.kind)?;
+    if info.kind != row.kind {
+        tx.prepare_cached("UPDATE series SET kind = ?2 WHERE id = ?1")?
+            .execute(params![info.id, row.kind])?;
+        info.kind = row.kind.to_string();
+    }
+    let id = info.id;
+    let mut idx: Vec<(usize, u64)> = Vec::with_capacity(row.phases.len());
+    let mut new_phase = false;
+    for (name, d) in &row.phases {
+        let i = match info.phases.iter().position(|p| p == name) {
+            Some(i) => i,
+            None => {
+                info.phases.push(name.to_string());
+                new_phase = true;
+                info.phases.len() - 1
+            }
+        };
+        idx.push((i, d.as_micros() as u64));
+    }
+    if new_phase {
+        let json = serde_json::to_string(&info.phases).unwrap_or_else(|_| "[]".into());
+        tx.prepare_cached("UPDATE series SET phases = ?2 WHERE id = ?1")?
+            .execute(params![id, json])?;
+    }
+
+    let details = row.details.filter(|d| match state.details.get(&id) {
+        _ if row.outcome != Outcome::Up => !d.is_empty(),
+        None => !d.is_empty(),
+        Some(last) => {
+            &last.details != *d && (!last.up || row.started_ms - last.at >= DETAILS_EVERY_MS)
+        }
+    });
+    let note = (row.error.is_some() || details.is_some()).then(|| {
+        let mut m = Map::new();
+        if let Some((class, message)) = row.error {
+            m.insert("class".into(), class.into());
+            m.insert("message".into(), message.into());
+        }
+        if let Some(d) = details {
+            m.insert("details".into(), Value::Object(d.clone()));
+        }
+        Value::Object(m).to_string()
+    });
+    if let Some(d) = details {
+        let last = LastDetails {
+            details: d.clone(),
+            at: row.started_ms,
+            up: row.outcome == Outcome::Up,
+        };
+        state.details.insert(id, last);
+    }
+
+    state.buf.clear();
+    codec::encode(&mut state.buf, &idx, row.duration.as_micros() as u64);
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO runs (series, started_at, outcome, lag_us, data, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        id,
+        row.started_ms,
+        outcome_code(row.outcome),
+        row.lag.map(|l| l.as_micros() as i64),
+        &state.buf,
+        note,
+    ])?;
+
+    if row.started_ms < state.rolled_until {
+        // Its hour is already rolled up: add it there too.
+        let hour = hist::floor(row.started_ms, HOUR);
+        for (name, d) in &row.phases {
+            let mut h = hist::new_hist();
+            hist::record(&mut h, d.as_micros() as u64);
+            hist::add_hourly(tx, hour, id, name, &h)?;
+        }
+    }
+
+    let phases: Map<String, Value> = row
+        .phases
+        .iter()
+        .map(|(n, d)| (n.to_string(), Value::from(ms(*d))))
+        .collect();
+    Ok(LatestRun {
+        probe: row.series.to_string(),
+        kind: row.kind.to_string(),
+        started_at: row.started_ms,
+        outcome: row.outcome.as_str().to_string(),
+        error_class: row.error.map(|e| e.0.to_string()),
+        error_message: row.error.map(|e| e.1.to_string()),
+        duration_ms: ms(row.duration),
+        phases: Value::Object(phases),
     })
 }
 
-/// What one maintenance pass did.
+/// Convert the rows of the version-1 tables (runs with text columns, per-minute and hourly
+/// histograms keyed by name) and drop them. The old histograms become hourly rows (they hold
+/// exactly the old runs' latencies), and `rolled_until`/`fine_from` start after them.
+fn convert_v1(tx: &Connection) -> rusqlite::Result<usize> {
+    let mut state = State::load(tx)?;
+    let mut n = 0;
+    {
+        let mut st = tx.prepare(
+            "SELECT probe, kind, started_at, outcome, error_class, error_message, duration_ms, lag_ms, phases, details
+             FROM runs_v1 ORDER BY id",
+        )?;
+        let mut rows = st.query([])?;
+        let dur = |ms: f64| Duration::from_micros((ms.max(0.0) * 1000.0).round() as u64);
+        while let Some(r) = rows.next()? {
+            let probe: String = r.get(0)?;
+            let kind: String = r.get(1)?;
+            let class: Option<String> = r.get(4)?;
+            let message: Option<String> = r.get(5)?;
+            let phases: Map<String, Value> =
+                serde_json::from_str(&r.get::<_, String>(8)?).unwrap_or_default();
+            let details: Map<String, Value> =
+                serde_json::from_str(&r.get::<_, String>(9)?).unwrap_or_default();
+            let row = Row {
+                series: &probe,
+                kind: &kind,
+                started_ms: r.get(2)?,
+                outcome: Outcome::parse(&r.get::<_, String>(3)?).unwrap_or(Outcome::Down),
+                lag: r.get::<_, Option<f64>>(7)?.map(dur),
+                duration: dur(r.get(6)?),
+                phases: phases
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.as_str(), dur(v.as_f64()?))))
+                    .collect(),
+                error: class
+                    .as_deref()
+                    .map(|c| (c, message.as_deref().unwrap_or(""))),
+                details: (kind != "subcheck").then_some(&details),
+            };
+            insert_row(tx, &mut state, &row)?;
+            n += 1;
+        }
+    }
+    // Old histograms, merged per series, phase and hour (read in that order, so only one
+    // hour is held at a time).
+    {
+        let mut st = tx.prepare(
+            "SELECT series, phase, bucket_start, data FROM histograms_v1 ORDER BY series, phase, bucket_start",
+        )?;
+        let mut rows = st.query([])?;
+        let mut cur: Option<(String, String, i64, Hist)> = None;
+        let flush =
+            |state: &mut State, c: Option<(String, String, i64, Hist)>| -> rusqlite::Result<()> {
+                if let Some((series, phase, hour, h)) = c {
+                    let kind = if series.contains('/') { "subcheck" } else { "" };
+                    let id = ensure_series(tx, state, &series, kind)?.id;
+                    hist::add_hourly(tx, hour, id, &phase, &h)?;
+                }
+                Ok(())
+            };
+        while let Some(r) = rows.next()? {
+            let series: String = r.get(0)?;
+            let phase: String = r.get(1)?;
+            let hour = hist::floor(r.get(2)?, HOUR);
+            let Some(h) = r.get_ref(3)?.as_blob().ok().and_then(hist::decode) else {
+                continue;
+            };
+            match &mut cur {
+                Some((s, p, hr, acc)) if *s == series && *p == phase && *hr == hour => {
+                    let _ = acc.add(&h);
+                }
+                _ => {
+                    flush(&mut state, cur.take())?;
+                    cur = Some((series, phase, hour, h));
+                }
+            }
+        }
+        flush(&mut state, cur.take())?;
+    }
+    let end: Option<i64> = tx.query_row(
+        "SELECT max(bucket_start + resolution * 1000) FROM histograms_v1",
+        [],
+        |r| r.get(0),
+    )?;
+    if let Some(end) = end {
+        let rolled = hist::floor(end + HOUR_MS - 1, HOUR);
+        set_meta(tx, "rolled_until", rolled)?;
+        set_meta(tx, "fine_from", rolled)?;
+    }
+    tx.execute_batch("DROP TABLE runs_v1; DROP TABLE histograms_v1;")?;
+    Ok(n)
+}
+
+fn set_meta(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value])?;
+    Ok(())
+}
+
+/// The instants one maintenance pass works against.
+#[derive(Debug, Clone, Copy)]
+struct Cutoffs {
+    now: i64,
+    /// Before this, latency is read from hourly rows (`minute_histograms`).
+    minute: i64,
+    runs: i64,
+    hourly: i64,
+}
+
+/// Where a maintenance pass continues.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MaintainCursor {
+    stage: u8,
+    after: i64,
+}
+
+/// What maintenance did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MaintainStats {
-    pub rolled_minutes: usize,
-    pub pruned_hourly: usize,
+    /// Hours rolled up into hourly histograms.
+    pub rolled_hours: usize,
+    /// Hourly rows written by the rollup.
+    pub hourly_rows: usize,
     pub pruned_runs: usize,
+    pub pruned_hourly: usize,
+    /// Writer operations the pass took, and the longest: wall-clock, and on-CPU time (what
+    /// the chunk itself cost, without the time a busy machine kept the thread waiting;
+    /// Linux only, elsewhere the wall-clock time).
+    pub chunks: usize,
+    pub longest_chunk: Duration,
+    pub longest_chunk_cpu: Duration,
+}
+
+impl MaintainStats {
+    fn add(&mut self, o: &MaintainStats) {
+        self.rolled_hours += o.rolled_hours;
+        self.hourly_rows += o.hourly_rows;
+        self.pruned_runs += o.pruned_runs;
+        self.pruned_hourly += o.pruned_hourly;
+        self.chunks += o.chunks;
+        self.longest_chunk = self.longest_chunk.max(o.longest_chunk);
+        self.longest_chunk_cpu = self.longest_chunk_cpu.max(o.longest_chunk_cpu);
+    }
+}
+
+/// Time the calling thread has spent on a CPU (`/proc/thread-self/schedstat`, ns).
+fn thread_cpu() -> Option<Duration> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// Up to `budget` of maintenance work from `cur`; returns where to go on, `None` when done.
+/// Stages: 0 roll up finished hours, 1 move the read boundaries, 2 prune runs series by
+/// series, 3 prune hourly rows and skips.
+fn maintain_step(
+    tx: &Connection,
+    state: &mut State,
+    cut: &Cutoffs,
+    mut cur: MaintainCursor,
+    budget: Duration,
+) -> rusqlite::Result<(MaintainStats, Option<MaintainCursor>)> {
+    let t0 = Instant::now();
+    let mut stats = MaintainStats::default();
+    let more = |cur| Ok(Some(cur));
+    let r: rusqlite::Result<Option<MaintainCursor>> = (|| {
+        if cur.stage == 0 {
+            loop {
+                if t0.elapsed() >= budget {
+                    return more(cur);
+                }
+                let hour = state.rolled_until;
+                if hour + HOUR_MS + ROLL_DELAY_MS > cut.now {
+                    break;
+                }
+                if state.roll_cursor == 0 {
+                    // Skip hours without runs (a new database, an agent that was stopped).
+                    let first: Option<i64> = tx
+                        .prepare_cached(
+                            "SELECT min((SELECT started_at FROM runs WHERE series = s.id AND started_at >= ?1
+                                         ORDER BY started_at LIMIT 1)) FROM series s",
+                        )?
+                        .query_row([hour], |r| r.get(0))?;
+                    let Some(first) = first else { break };
+                    let first_hour = hist::floor(first, HOUR);
+                    if first_hour > hour {
+                        state.rolled_until = first_hour;
+                        continue;
+                    }
+                }
+                let next: Option<i64> = tx
+                    .prepare_cached("SELECT id FROM series WHERE id > ?1 ORDER BY id LIMIT 1")?
+                    .query_row([state.roll_cursor], |r| r.get(0))
+                    .optional()?;
+                match next {
+                    Some(id) => {
+                        stats.hourly_rows += roll_series(tx, id, hour)?;
+                        state.roll_cursor = id;
+                    }
+                    None => {
+                        state.rolled_until = hour + HOUR_MS;
+                        state.roll_cursor = 0;
+                        stats.rolled_hours += 1;
+                    }
+                }
+            }
+            cur = MaintainCursor { stage: 1, after: 0 };
+        }
+        if cur.stage == 1 {
+            // Latency is read from the runs from `fine_from` on and from hourly rows before
+            // it: an hour boundary no earlier than the minute-level retention and the oldest
+            // runs kept, and no later than what is rolled up.
+            let runs_from = hist::meta(tx, "runs_from")?;
+            let ceil_hour = |ms: i64| hist::floor(ms + HOUR_MS - 1, HOUR);
+            let fine_from = hist::floor(cut.minute, HOUR)
+                .max(ceil_hour(runs_from.max(cut.runs)))
+                .min(state.rolled_until);
+            let prune_before = cut.runs.min(fine_from);
+            set_meta(tx, "fine_from", fine_from)?;
+            set_meta(tx, "runs_from", runs_from.max(prune_before))?;
+            cur = MaintainCursor { stage: 2, after: 0 };
+        }
+        if cur.stage == 2 {
+            let before = hist::meta(tx, "runs_from")?;
+            loop {
+                if t0.elapsed() >= budget {
+                    return more(cur);
+                }
+                let next: Option<i64> = tx
+                    .prepare_cached("SELECT id FROM series WHERE id > ?1 ORDER BY id LIMIT 1")?
+                    .query_row([cur.after], |r| r.get(0))
+                    .optional()?;
+                let Some(id) = next else { break };
+                let n = tx
+                    .prepare_cached(
+                        "DELETE FROM runs WHERE series = ?1 AND started_at IN
+                         (SELECT started_at FROM runs WHERE series = ?1 AND started_at < ?2 ORDER BY started_at LIMIT ?3)",
+                    )?
+                    .execute(params![id, before, PRUNE_ROWS])?;
+                stats.pruned_runs += n;
+                if (n as i64) < PRUNE_ROWS {
+                    cur.after = id;
+                }
+            }
+            cur = MaintainCursor { stage: 3, after: 0 };
+        }
+        let runs_from = hist::meta(tx, "runs_from")?;
+        loop {
+            if t0.elapsed() >= budget {
+                return more(cur);
+            }
+            let n = tx
+                .prepare_cached(
+                    "DELETE FROM hourly WHERE (bucket_start, series, phase) IN
+                     (SELECT bucket_start, series, phase FROM hourly WHERE bucket_start < ?1 LIMIT ?2)",
+                )?
+                .execute(params![cut.hourly, PRUNE_ROWS])?;
+            stats.pruned_hourly += n;
+            let s = tx
+                .prepare_cached(
+                    "DELETE FROM skips WHERE rowid IN (SELECT rowid FROM skips WHERE planned_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![runs_from, PRUNE_ROWS])?;
+            if (n as i64) < PRUNE_ROWS && (s as i64) < PRUNE_ROWS {
+                return Ok(None);
+            }
+        }
+    })();
+    let next = r?;
+    set_meta(tx, "rolled_until", state.rolled_until)?;
+    set_meta(tx, "roll_cursor", state.roll_cursor)?;
+    Ok((stats, next))
+}
+
+/// Roll one series' runs of the hour starting at `hour` into hourly rows; returns how many.
+fn roll_series(tx: &Connection, id: i64, hour: i64) -> rusqlite::Result<usize> {
+    let phases: String = tx
+        .prepare_cached("SELECT phases FROM series WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))?;
+    let names = hist::parse_phases(&phases);
+    let mut per: Vec<Option<Hist>> = vec![None; names.len()];
+    hist::fold_runs(tx, id, hour, hour + HOUR_MS, |i, us| {
+        if let Some(slot) = per.get_mut(i) {
+            hist::record(slot.get_or_insert_with(hist::new_hist), us);
+        }
+    })?;
+    let mut n = 0;
+    for (name, h) in names.iter().zip(per) {
+        if let Some(h) = h {
+            hist::add_hourly(tx, hour, id, name, &h)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Outcome counts of one series over a window.
@@ -414,24 +1042,25 @@ impl Counts {
 
 /// Outcome counts per series since `since_ms`.
 pub fn counts_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<HashMap<String, Counts>> {
-    let mut st = conn.prepare(
-        "SELECT probe, outcome, count(*) FROM runs WHERE started_at >= ?1 GROUP BY probe, outcome",
+    let mut st = conn.prepare_cached(
+        "SELECT s.name, r.outcome, count(*) FROM series s JOIN runs r ON r.series = s.id AND r.started_at >= ?1
+         GROUP BY s.id, r.outcome",
     )?;
     let mut out: HashMap<String, Counts> = HashMap::new();
     let rows = st.query_map([since_ms], |r| {
         Ok((
             r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
+            r.get::<_, i64>(1)?,
             r.get::<_, i64>(2)?,
         ))
     })?;
     for row in rows {
-        let (probe, outcome, n) = row?;
-        let c = out.entry(probe).or_default();
-        match outcome.as_str() {
-            "up" => c.up += n as u64,
-            "degraded" => c.degraded += n as u64,
-            _ => c.down += n as u64,
+        let (series, outcome, n) = row?;
+        let c = out.entry(series).or_default();
+        match outcome_of(outcome) {
+            Outcome::Up => c.up += n as u64,
+            Outcome::Degraded => c.degraded += n as u64,
+            Outcome::Down => c.down += n as u64,
         }
     }
     Ok(out)
@@ -450,22 +1079,43 @@ pub struct LatestRun {
     pub phases: serde_json::Value,
 }
 
+/// The newest stored run of each series, from the database (the writer keeps the same in
+/// memory: [`Store::latest`]).
 pub fn latest_runs(conn: &Connection) -> rusqlite::Result<Vec<LatestRun>> {
     let mut st = conn.prepare(
-        "SELECT probe, kind, started_at, outcome, error_class, error_message, duration_ms, phases FROM runs
-         WHERE id IN (SELECT max(id) FROM runs GROUP BY probe) ORDER BY probe",
+        "SELECT s.name, s.kind, s.phases, r.started_at, r.outcome, r.data, r.note FROM series s
+         JOIN runs r ON r.series = s.id
+          AND r.started_at = (SELECT max(started_at) FROM runs WHERE series = s.id)
+         ORDER BY s.name",
     )?;
     let rows = st.query_map([], |r| {
+        let names = hist::parse_phases(&r.get::<_, String>(2)?);
+        let mut phases = Map::new();
+        let data = r.get_ref(5)?.as_blob().unwrap_or(&[]);
+        let duration_us = codec::decode(data, |i, us| {
+            if let Some(n) = names.get(i) {
+                phases.insert(n.clone(), Value::from(us as f64 / 1000.0));
+            }
+        })
+        .unwrap_or(0);
+        let note: Option<Value> = r
+            .get::<_, Option<String>>(6)?
+            .and_then(|n| serde_json::from_str(&n).ok());
+        let text = |k: &str| {
+            note.as_ref()
+                .and_then(|n| n.get(k))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
         Ok(LatestRun {
             probe: r.get(0)?,
             kind: r.get(1)?,
-            started_at: r.get(2)?,
-            outcome: r.get(3)?,
-            error_class: r.get(4)?,
-            error_message: r.get(5)?,
-            duration_ms: r.get(6)?,
-            phases: serde_json::from_str(&r.get::<_, String>(7)?)
-                .unwrap_or(serde_json::Value::Null),
+            started_at: r.get(3)?,
+            outcome: outcome_of(r.get(4)?).as_str().to_string(),
+            error_class: text("class"),
+            error_message: text("message"),
+            duration_ms: duration_us as f64 / 1000.0,
+            phases: Value::Object(phases),
         })
     })?;
     rows.collect()
