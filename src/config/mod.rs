@@ -308,7 +308,8 @@ pub struct Retention {
     /// Individual runs.
     #[serde(default = "default_ret_runs")]
     pub runs: Dur,
-    /// Per-minute histograms; older ones are merged into hourly ones.
+    /// How far back latency is read at minute precision (from the runs themselves); older
+    /// windows use the hourly histograms. The key keeps its historic name.
     #[serde(default = "default_ret_minute")]
     pub minute_histograms: Dur,
     /// Hourly histograms.
