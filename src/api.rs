@@ -1,18 +1,38 @@
 //! The agent's own HTTP surface: `/health` (the same health contract it reads), `/metrics`
 //! (Prometheus), a small JSON API and a one-page dashboard. Read-only: every handler opens
 //! its own read connection; only the writer task writes.
+//!
+//! Nothing a client does may blind the agent: [`serve`] closes a connection whose request
+//! headers are not complete within [`HEADER_TIMEOUT`] (also the idle keep-alive limit) and
+//! one on which nothing moved for [`IDLE_TIMEOUT`], and serves at most
+//! [`Limits::max_connections`] at once (derived from the open-files budget, see
+//! `fdlimit`): beyond that a new connection is accepted and closed at once. Database reads
+//! and reports are bounded in concurrency; a report is kept for [`REPORT_TTL`] per window.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::health::{Check, Health};
@@ -21,6 +41,82 @@ use crate::store::{self, Store};
 
 /// How long the store writer may take to answer a ping before `/health` calls it wedged.
 const WRITER_PING: Duration = Duration::from_secs(5);
+/// How long a client has to send a request's complete headers, counted from when the
+/// server starts waiting for the request: also how long an idle keep-alive connection
+/// stays open (the dashboard asks every 3 s).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection on which no byte moved either way for this long is closed (a client that
+/// stopped reading its response).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a failed `accept` (out of descriptors), wait this long before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(250);
+/// At most one warning per this period about refused connections or failed accepts.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Database reads in flight at once (each holds its own connection: three descriptors).
+const READERS: usize = 4;
+/// How long a read waits for a free reader before the answer is 503.
+const READ_WAIT: Duration = Duration::from_secs(5);
+/// Reports computed at once (one costs seconds of CPU on a large store).
+const REPORTS: usize = 1;
+/// How long a report request waits for its turn before the answer is 503 + Retry-After.
+const REPORT_WAIT: Duration = Duration::from_secs(2);
+/// The Retry-After of a 503 (seconds).
+const RETRY_AFTER: u32 = 5;
+/// A computed report is served again for this long to any request for the same window.
+pub const REPORT_TTL: Duration = Duration::from_secs(5);
+/// Windows kept in the report cache.
+const REPORT_CACHE: usize = 8;
+
+/// What the listener allows.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more are accepted and closed at once.
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Limits {
+    /// The default timeouts with this connection cap.
+    pub fn new(max_connections: usize) -> Limits {
+        Limits {
+            max_connections: max_connections.max(1),
+            header_timeout: HEADER_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// "Busy": the read or report could not start within its wait (→ 503 + Retry-After).
+#[derive(Debug, thiserror::Error)]
+#[error("busy: {0}; retry later")]
+struct Busy(&'static str);
+
+/// Reports in the making and the ones just made.
+#[derive(Default)]
+struct Reports {
+    cache: Mutex<Vec<(Duration, Instant, Bytes)>>,
+}
+
+impl Reports {
+    fn get(&self, window: Duration) -> Option<Bytes> {
+        let now = Instant::now();
+        let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter()
+            .find(|(w, at, _)| *w == window && now.duration_since(*at) < REPORT_TTL)
+            .map(|(_, _, b)| b.clone())
+    }
+
+    fn put(&self, window: Duration, body: Bytes) {
+        let now = Instant::now();
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.retain(|(w, at, _)| *w != window && now.duration_since(*at) < REPORT_TTL);
+        if c.len() >= REPORT_CACHE {
+            c.remove(0);
+        }
+        c.push((window, now, body));
+    }
+}
 
 #[derive(Clone)]
 pub struct AppState {
@@ -31,6 +127,11 @@ pub struct AppState {
     store: Arc<Mutex<Option<Store>>>,
     db: PathBuf,
     health: Health,
+    /// Database reads in flight.
+    readers: Arc<Semaphore>,
+    /// Reports computed at once.
+    report_turns: Arc<Semaphore>,
+    reports: Arc<Reports>,
 }
 
 impl AppState {
@@ -41,6 +142,9 @@ impl AppState {
             db: store.path().to_path_buf(),
             store: Arc::new(Mutex::new(Some(store))),
             health,
+            readers: Arc::new(Semaphore::new(READERS)),
+            report_turns: Arc::new(Semaphore::new(REPORTS)),
+            reports: Arc::default(),
         }
     }
 
@@ -61,6 +165,232 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The warning due when the API listens on `addr`: reads are open to whoever can reach
+/// a non-loopback address, and without a token the mutating routes will be refused there.
+pub fn exposure_warning(addr: SocketAddr, token: bool) -> Option<&'static str> {
+    (!addr.ip().is_loopback() && !token).then_some(
+        "the API listens on a non-loopback address without api_token_env: runs, incidents, \
+         reports and metrics are readable by anyone who can reach it, and mutating routes are \
+         refused; publish the port only where it is needed, or set api_token_env",
+    )
+}
+
+/// Serve the API on `listener` within `limits` until `stop`; then stop accepting, let each
+/// connection finish its request in flight and return once they are all closed.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    limits: Limits,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        if let Some(w) = exposure_warning(addr, state.config.agent.api_token.is_some()) {
+            tracing::warn!(%addr, "{w}");
+        }
+    }
+    let metrics = state.metrics.clone();
+    metrics.describe(
+        "watchpost_api_connections",
+        "gauge",
+        "Connections the API is serving.",
+    );
+    metrics.describe(
+        "watchpost_api_connections_refused_total",
+        "counter",
+        "Connections closed at once because the API served its maximum already.",
+    );
+    let app = router(state);
+    let mut conns = JoinSet::new();
+    let mut last_warn: Option<Instant> = None;
+    let mut may_warn = move || {
+        let now = Instant::now();
+        let due = last_warn.is_none_or(|t| now.duration_since(t) >= WARN_EVERY);
+        if due {
+            last_warn = Some(now);
+        }
+        due
+    };
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some(done) = conns.join_next() => {
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        let what = crate::pipeline::panic_message(e.into_panic().as_ref());
+                        tracing::warn!(panic = %what, "an API connection panicked");
+                    }
+                }
+                metrics.set("watchpost_api_connections", &[], conns.len() as f64);
+                continue;
+            }
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            // The peer gave up before we took it: nothing to wait for.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue
+            }
+            // Out of descriptors, most likely: wait rather than spin.
+            Err(e) => {
+                if may_warn() {
+                    tracing::warn!(error = %e, "the API cannot accept a connection");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                }
+            }
+        };
+        if conns.len() >= limits.max_connections {
+            refuse(stream);
+            metrics.inc("watchpost_api_connections_refused_total", &[]);
+            if may_warn() {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    "the API serves its maximum of connections; closing new ones"
+                );
+            }
+            continue;
+        }
+        conns.spawn(connection(stream, app.clone(), limits, stop.clone()));
+        metrics.set("watchpost_api_connections", &[], conns.len() as f64);
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+    metrics.set("watchpost_api_connections", &[], 0.0);
+    Ok(())
+}
+
+/// Best effort: tell the client why before closing (nothing waits for it to be sent).
+fn refuse(stream: TcpStream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n\
+        Connection: close\r\nContent-Length: 0\r\n\r\n";
+    let _ = stream.try_write(BUSY);
+}
+
+/// One connection: HTTP/1.1 with the header-read timeout; closed when idle for
+/// `idle_timeout`; on `stop`, finishes the request in flight and closes.
+async fn connection(stream: TcpStream, app: Router, limits: Limits, stop: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let seen = Arc::new(Progress::new());
+    let io = TokioIo::new(Watched {
+        io: stream,
+        seen: seen.clone(),
+    });
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let conn = b.serve_connection(io, TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        let idle_at = seen.last() + limits.idle_timeout;
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "API connection ended");
+                }
+                return;
+            }
+            _ = stop.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tokio::time::sleep_until(idle_at) => {
+                if seen.last() + limits.idle_timeout <= Instant::now() {
+                    tracing::debug!("closing an API connection idle for {:?}", limits.idle_timeout);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// When bytes last moved on a connection.
+struct Progress {
+    start: Instant,
+    ms: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            ms: AtomicU64::new(0),
+        }
+    }
+    fn mark(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.ms.fetch_max(ms, Ordering::Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A socket that marks [`Progress`] whenever a read or write moves bytes.
+struct Watched {
+    io: TcpStream,
+    seen: Arc<Progress>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.seen.mark();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.seen.mark();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.seen.mark();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 fn no_store(mut r: Response) -> Response {
     r.headers_mut().insert(
         header::CACHE_CONTROL,
@@ -70,6 +400,9 @@ fn no_store(mut r: Response) -> Response {
 }
 
 fn internal(e: anyhow::Error) -> Response {
+    if let Some(b) = e.downcast_ref::<Busy>() {
+        return busy(b.0);
+    }
     (
         StatusCode::INTERNAL_SERVER_ERROR,
         Json(json!({"error": format!("{e:#}")})),
@@ -77,14 +410,35 @@ fn internal(e: anyhow::Error) -> Response {
         .into_response()
 }
 
-/// Run a blocking read on its own connection off the async threads.
+/// 503 with Retry-After: the agent is busy with the same kind of work.
+fn busy(what: &str) -> Response {
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": format!("busy: {what}; retry later")})),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER));
+    no_store(r)
+}
+
+/// Run a blocking read on its own connection off the async threads, at most [`READERS`]
+/// at once (a read that waits longer than [`READ_WAIT`] fails as [`Busy`]).
 async fn read<T: Send + 'static>(
-    db: PathBuf,
+    s: &AppState,
     f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<Option<T>> {
-    tokio::task::spawn_blocking(move || match store::open_reader(&db)? {
-        Some(c) => f(&c).map(Some),
-        None => Ok(None),
+    let permit = match tokio::time::timeout(READ_WAIT, s.readers.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        _ => return Err(Busy("too many database reads in flight").into()),
+    };
+    let db = s.db.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        match store::open_reader(&db)? {
+            Some(c) => f(&c).map(Some),
+            None => Ok(None),
+        }
     })
     .await?
 }
@@ -171,7 +525,7 @@ async fn latest(State(s): State<AppState>) -> Response {
     if let Some(l) = mem {
         return no_store(Json(json!({"runs": l.runs()})).into_response());
     }
-    match read(s.db.clone(), |c| Ok(store::latest_runs(c)?)).await {
+    match read(&s, |c| Ok(store::latest_runs(c)?)).await {
         Ok(v) => no_store(Json(json!({"runs": v.unwrap_or_default()})).into_response()),
         Err(e) => internal(e),
     }
@@ -184,11 +538,7 @@ struct IncidentQuery {
 }
 
 async fn incidents(State(s): State<AppState>, Query(q): Query<IncidentQuery>) -> Response {
-    match read(s.db.clone(), move |c| {
-        crate::incident::list_incidents(c, q.open)
-    })
-    .await
-    {
+    match read(&s, move |c| crate::incident::list_incidents(c, q.open)).await {
         Ok(v) => no_store(Json(json!({"incidents": v.unwrap_or_default()})).into_response()),
         Err(e) => internal(e),
     }
@@ -209,17 +559,42 @@ async fn report(State(s): State<AppState>, Query(q): Query<ReportQuery>) -> Resp
         Ok(w) => w,
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response(),
     };
+    if let Some(body) = s.reports.get(window) {
+        return json_bytes(body);
+    }
+    // One report in the making at a time; the others wait a little, then 503.
+    let Ok(Ok(_turn)) = tokio::time::timeout(REPORT_WAIT, s.report_turns.acquire()).await else {
+        return busy("a report is being computed");
+    };
+    // Made by the request we waited behind?
+    if let Some(body) = s.reports.get(window) {
+        return json_bytes(body);
+    }
     let cfg = s.config.clone();
     let now = chrono::Utc::now().timestamp_millis();
-    match read(s.db.clone(), move |c| {
-        crate::report::build(&cfg, c, window, now)
+    let built = read(&s, move |c| {
+        let r = crate::report::build(&cfg, c, window, now)?;
+        Ok(Bytes::from(serde_json::to_vec(&r)?))
     })
-    .await
-    {
-        Ok(Some(r)) => no_store(Json(r).into_response()),
+    .await;
+    match built {
+        Ok(Some(body)) => {
+            s.reports.put(window, body.clone());
+            json_bytes(body)
+        }
         Ok(None) => no_store(Json(Value::Null).into_response()),
         Err(e) => internal(e),
     }
+}
+
+fn json_bytes(body: Bytes) -> Response {
+    no_store(
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from(body),
+        )
+            .into_response(),
+    )
 }
 
 async fn dashboard() -> Html<&'static str> {
@@ -259,3 +634,217 @@ async function tick(){
 }
 tick();setInterval(tick,3000);
 </script></body></html>"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Served {
+        addr: SocketAddr,
+        state: AppState,
+        stop: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    async fn start(limits: Limits) -> Served {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = dir.path().join("watchpost.toml");
+        std::fs::write(
+            &main,
+            "[agent]\ndata_dir = \"data\"\nprobes = []\nlisten = \"\"\n",
+        )
+        .expect("write config");
+        let config = match crate::config::load(&main) {
+            Ok(c) => Arc::new(c),
+            Err(e) => panic!("config: {e}"),
+        };
+        let (store, _writer) = Store::start(&config.db_path()).expect("store");
+        let state = AppState::new(config, Metrics::new(), store, Health::default());
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(l, state.clone(), limits, stop.clone()));
+        Served {
+            addr,
+            state,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    /// A request on a fresh connection: (status, Retry-After, body).
+    async fn get(addr: SocketAddr, path: impl AsRef<str>) -> (u16, Option<String>, String) {
+        let path = path.as_ref();
+        let c = reqwest::Client::new();
+        let r = c
+            .get(format!("http://{addr}{path}"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("response");
+        let retry = r
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        (
+            r.status().as_u16(),
+            retry,
+            r.text().await.unwrap_or_default(),
+        )
+    }
+
+    /// Read until the server closes; how long that took (None: still open at `within`).
+    async fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(t + within, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(t.elapsed()),
+                Ok(Ok(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    #[test]
+    fn a_non_loopback_listener_without_a_token_is_warned_about() {
+        let cases = [
+            ("127.0.0.1:9464", false, false),
+            ("[::1]:9464", false, false),
+            ("0.0.0.0:9464", false, true),
+            ("0.0.0.0:9464", true, false),
+            ("[::]:9464", false, true),
+            ("192.0.2.7:9464", false, true),
+        ];
+        for (addr, token, warned) in cases {
+            let addr: SocketAddr = addr.parse().expect("addr");
+            assert_eq!(
+                exposure_warning(addr, token).is_some(),
+                warned,
+                "{addr} {token}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn beyond_the_cap_connections_are_closed_and_half_sent_ones_time_out() {
+        let limits = Limits {
+            max_connections: 2,
+            header_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(30),
+        };
+        let s = start(limits).await;
+        let mut held = Vec::new();
+        let opened = Instant::now();
+        for _ in 0..2 {
+            let mut c = TcpStream::connect(s.addr).await.expect("connect");
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .expect("half a request");
+            held.push(c);
+        }
+        // Let the server take both before the third arrives.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = TcpStream::connect(s.addr).await.expect("connect");
+        let _ = extra
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .await;
+        let cut = closed_within(&mut extra, Duration::from_millis(300)).await;
+        assert!(
+            cut.is_some(),
+            "a connection beyond the cap must be closed at once"
+        );
+        assert_eq!(
+            s.state
+                .metrics
+                .get("watchpost_api_connections_refused_total", &[]),
+            1.0
+        );
+        for c in &mut held {
+            let cut = closed_within(c, Duration::from_secs(3)).await;
+            assert!(
+                cut.is_some(),
+                "a half-sent request must be cut by the header timeout"
+            );
+        }
+        let t = opened.elapsed();
+        assert!(
+            t >= Duration::from_millis(450),
+            "cut before the header timeout: {t:?}"
+        );
+        let (status, _, body) = get(s.addr, "/health").await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_client_stops_reading_is_closed_when_idle() {
+        let limits = Limits {
+            max_connections: 4,
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_millis(500),
+        };
+        let s = start(limits).await;
+        // A /metrics far larger than what the socket buffers hold.
+        let label = "x".repeat(100);
+        for i in 0..100_000 {
+            s.state
+                .metrics
+                .set("watchpost_test_big", &[("i", &format!("{label}{i}"))], 1.0);
+        }
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096)
+            .expect("small receive buffer");
+        let mut c = sock.connect(s.addr).await.expect("connect");
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let open = || s.state.metrics.get("watchpost_api_connections", &[]);
+        let t = Instant::now();
+        while open() != 1.0 && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(open(), 1.0, "the connection is served");
+        // Never read: the server's write stalls; it must give up after the idle timeout.
+        while open() != 0.0 && t.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(open(), 0.0, "a stalled connection must be closed");
+        drop(c);
+    }
+
+    #[tokio::test]
+    async fn one_report_at_a_time_the_others_get_503_and_a_fresh_one_comes_from_memory() {
+        let s = start(Limits::new(16)).await;
+        let (status, _, first) = get(s.addr, "/api/report?window=1h").await;
+        assert_eq!(status, 200, "{first}");
+        // Someone else is computing a report.
+        let turn = s.state.report_turns.acquire().await.expect("turn");
+        let t = Instant::now();
+        let (status, _, again) = get(s.addr, "/api/report?window=1h").await;
+        assert_eq!(
+            status, 200,
+            "the same window within the TTL is served from memory"
+        );
+        assert_eq!(again, first);
+        assert!(t.elapsed() < Duration::from_secs(1));
+        let many = ["2h", "3h", "3h"].map(|w| get(s.addr, format!("/api/report?window={w}")));
+        for (status, retry, body) in futures_util::future::join_all(many).await {
+            assert_eq!(status, 503, "{body}");
+            assert_eq!(retry.as_deref(), Some("5"));
+        }
+        assert!(t.elapsed() >= REPORT_WAIT, "they waited their turn first");
+        drop(turn);
+        let (status, _, body) = get(s.addr, "/api/report?window=2h").await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert!(v.get("rows").is_some(), "{v}");
+    }
+}

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod demo_stt;
+pub mod fdlimit;
 pub mod health;
 pub mod incident;
 pub mod metrics;
@@ -37,6 +38,8 @@ pub async fn run(
     listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Probes must not run out of descriptors: take all the process may have.
+    fdlimit::raise();
     let p = Pipeline::start(
         config.clone(),
         Options {

@@ -189,7 +189,15 @@ impl Pipeline {
         ));
         if let Some(l) = opts.listener {
             let addr = l.local_addr().context("API listener")?;
-            tracing::info!(%addr, "serving API, /metrics and dashboard");
+            let soft = crate::fdlimit::limits().map(|(soft, _)| soft);
+            let reserve = crate::fdlimit::reserve(&config);
+            let limits = api::Limits::new(crate::fdlimit::api_connection_cap(soft, reserve));
+            tracing::info!(
+                %addr,
+                max_connections = limits.max_connections,
+                fd_reserve = reserve,
+                "serving API, /metrics and dashboard"
+            );
             let state = api::AppState::new(
                 config.clone(),
                 metrics.clone(),
@@ -198,8 +206,7 @@ impl Pipeline {
             );
             let (stop, force) = (stop.clone(), force.clone());
             tasks.push(spawn("api", async move {
-                let serve = axum::serve(l, api::router(state.clone()))
-                    .with_graceful_shutdown(stop.cancelled_owned());
+                let serve = api::serve(l, state.clone(), limits, stop);
                 let r = tokio::select! {
                     r = serve => r.context("API server"),
                     _ = force.cancelled() => Ok(()),
