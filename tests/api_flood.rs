@@ -72,8 +72,7 @@ fn series(metrics: &str, name: &str, labels: &[&str]) -> f64 {
 async fn flood(addr: &str, n: usize) -> Vec<TcpStream> {
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
-        let Ok(Ok(mut s)) = timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
-        else {
+        let Ok(Ok(mut s)) = timeout(Duration::from_secs(2), TcpStream::connect(addr)).await else {
             continue;
         };
         let _ = s
@@ -141,7 +140,10 @@ async fn a_flood_of_half_sent_requests_neither_blinds_the_api_nor_the_probes() {
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "the agent never answered");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the agent never answered"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A first run or two before the flood.
@@ -157,7 +159,11 @@ async fn a_flood_of_half_sent_requests_neither_blinds_the_api_nor_the_probes() {
     for wave in 0..2 {
         let t = Instant::now();
         let mut held = flood(&addr, FLOOD).await;
-        assert!(held.len() > FD_LIMIT as usize, "wave {wave}: {}", held.len());
+        assert!(
+            held.len() > FD_LIMIT as usize,
+            "wave {wave}: {}",
+            held.len()
+        );
         // A fresh client gets through once the header timeout has cut the flood.
         let answered = loop {
             if let Some((200, _)) = get(&addr, "/health").await {
@@ -174,7 +180,12 @@ async fn a_flood_of_half_sent_requests_neither_blinds_the_api_nor_the_probes() {
             "wave {wave}: /health answered only after {answered:?}"
         );
         let n = closed(&mut held, Duration::from_secs(10)).await;
-        assert_eq!(n, held.len(), "wave {wave}: the agent closed every idle connection");
+        assert_eq!(
+            n,
+            held.len(),
+            "wave {wave}: the agent closed every idle connection"
+        );
+        eprintln!("wave {wave}: {FLOOD} half-sent requests; /health answered after {answered:?}");
     }
 
     let after = get(&addr, "/metrics").await.expect("metrics").1;
