@@ -411,6 +411,49 @@ async fn join_writer(w: WriterHandle) {
     w.join().await;
 }
 
+/// Most distinct sub-check series one agent records over all its probes (each probe has its
+/// own, smaller cap): the watched services do not decide our memory, rows or metrics.
+pub const MAX_AGENT_SUBCHECKS: usize = 10_000;
+
+/// The agent-wide budget of sub-check series: known series always pass; new ones only
+/// while under the cap. A run whose sub-checks were dropped says so in its details.
+pub struct SeriesBudget {
+    known: std::collections::HashSet<String>,
+    cap: usize,
+    warned: bool,
+}
+
+impl SeriesBudget {
+    pub fn new(cap: usize) -> Self {
+        SeriesBudget {
+            known: Default::default(),
+            cap,
+            warned: false,
+        }
+    }
+
+    /// Drop the run's sub-checks that would be new series beyond the cap.
+    pub fn admit(&mut self, r: &mut RunResult) {
+        if r.subchecks.is_empty() {
+            return;
+        }
+        let before = r.subchecks.len();
+        let (known, cap) = (&mut self.known, self.cap);
+        r.subchecks.retain(|sc| {
+            known.contains(&sc.series) || (known.len() < cap && known.insert(sc.series.clone()))
+        });
+        let dropped = before - r.subchecks.len();
+        if dropped > 0 {
+            r.details
+                .insert("subchecks_dropped_agent".into(), (dropped as u64).into());
+            if !self.warned {
+                self.warned = true;
+                tracing::warn!(probe = %r.probe, cap, "agent-wide sub-check series cap reached; new sub-checks are not recorded");
+            }
+        }
+    }
+}
+
 /// Every run: counted, stored, then evaluated. Runs that arrive after the shutdown deadline
 /// stopped the evaluator are still stored (the evaluator reads its state back at start).
 async fn fan_out(
@@ -421,7 +464,9 @@ async fn fan_out(
     force: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut eval = Some(eval);
-    while let Some(r) = runs.recv().await {
+    let mut budget = SeriesBudget::new(MAX_AGENT_SUBCHECKS);
+    while let Some(mut r) = runs.recv().await {
+        budget.admit(&mut r);
         observe_run(&metrics, &r);
         store.record(r.clone()).await;
         let Some(tx) = &eval else { continue };
@@ -563,6 +608,46 @@ fn observe_run(m: &Metrics, r: &RunResult) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn agent_series_budget_admits_known_series_and_new_ones_under_the_cap() {
+        use crate::probe::{Outcome, SubCheck};
+        let run = |names: &[&str]| RunResult {
+            probe: "p".into(),
+            kind: "http",
+            started_at: chrono::Utc::now(),
+            duration: Duration::from_millis(1),
+            lag: None,
+            outcome: Outcome::Up,
+            error: None,
+            phases: vec![],
+            details: Default::default(),
+            subchecks: names
+                .iter()
+                .map(|n| SubCheck {
+                    series: format!("p/checks.{n}"),
+                    outcome: Outcome::Up,
+                    latency: None,
+                    error: None,
+                })
+                .collect(),
+        };
+        let mut b = SeriesBudget::new(3);
+        let mut r = run(&["a", "b"]);
+        b.admit(&mut r);
+        assert_eq!(r.subchecks.len(), 2);
+        assert!(!r.details.contains_key("subchecks_dropped_agent"));
+        let mut r = run(&["a", "c", "d", "e"]);
+        b.admit(&mut r);
+        let kept: Vec<&str> = r.subchecks.iter().map(|s| s.series.as_str()).collect();
+        assert_eq!(kept, ["p/checks.a", "p/checks.c"]);
+        assert_eq!(r.details["subchecks_dropped_agent"], 2);
+        // Known series keep passing once the cap is reached.
+        let mut r = run(&["b", "c", "z"]);
+        b.admit(&mut r);
+        assert_eq!(r.subchecks.len(), 2);
+    }
+
     use super::*;
 
     #[tokio::test]
