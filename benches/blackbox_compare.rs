@@ -16,9 +16,10 @@
 //! Both probers open a fresh connection to nginx per probe and run at the same time, so they
 //! share whatever else the machine is doing. After `--warmup` seconds (at least one interval,
 //! so every watchpost probe is on its schedule), the harness reads utime+stime from
-//! /proc/PID/stat of each measured process and the probe counts (watchpost's own
-//! `watchpost_runs_total` from /metrics; the driver's completed `/probe` answers), waits
-//! `--seconds`, reads them again and prints CPU-seconds per 1,000 probes and the ratio.
+//! /proc/PID/stat of each measured process, waits `--seconds`, reads them again and counts
+//! the probes of the window (watchpost: runs stored with a start inside it, read from its
+//! database after it stopped; blackbox: the driver's `/probe` answers with `probe_success
+//! 1`), then prints CPU-seconds per 1,000 probes and the ratio.
 //!
 //! Bounded: fixed duration, every request has a timeout, children are stopped at the end.
 //! Needs `apt-get install -y nginx prometheus-blackbox-exporter` (see docs/BENCHMARKS.md).
@@ -107,28 +108,27 @@ async fn wait_http(client: &reqwest::Client, url: &str, what: &str) {
     }
 }
 
-/// Sum of every `watchpost_runs_total` series on the agent's /metrics.
-async fn watchpost_runs(client: &reqwest::Client, url: &str) -> (f64, f64) {
-    let text = match client.get(url).send().await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    };
-    let (mut all, mut up) = (0.0, 0.0);
-    for l in text
-        .lines()
-        .filter(|l| l.starts_with("watchpost_runs_total{"))
-    {
-        let v: f64 = l
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        all += v;
-        if l.contains("outcome=\"up\"") {
-            up += v;
-        }
-    }
-    (all, up)
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs (all, up) the agent stored with a start in `[from_ms, to_ms)`. Read from its
+/// database by this process, so counting costs the agent nothing (a /metrics scrape of
+/// thousands of series would land in the measured window).
+fn watchpost_runs(db: &std::path::Path, from_ms: i64, to_ms: i64) -> (f64, f64) {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open watchpost db");
+    conn.query_row(
+        "SELECT count(*), coalesce(sum(outcome = 'up'), 0) FROM runs
+         WHERE kind != 'subcheck' AND started_at >= ?1 AND started_at < ?2",
+        [from_ms, to_ms],
+        |r| Ok((r.get::<_, i64>(0)? as f64, r.get::<_, i64>(1)? as f64)),
+    )
+    .expect("count runs")
 }
 
 fn main() {
@@ -290,18 +290,18 @@ fn main() {
 
         tokio::time::sleep(Duration::from_secs(warmup)).await;
         let (wp_cpu0, bb_cpu0) = (cpu_seconds(agent.id()), cpu_seconds(blackbox.id()));
-        let (wp_runs0, wp_up0) = watchpost_runs(&client, &metrics_url).await;
+        let from_ms = now_ms();
         let (bb0, bbf0) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         let (wp_cpu1, bb_cpu1) = (cpu_seconds(agent.id()), cpu_seconds(blackbox.id()));
-        let (wp_runs1, wp_up1) = watchpost_runs(&client, &metrics_url).await;
+        let to_ms = now_ms();
         let (bb1, bbf1) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
         let wall = t0.elapsed().as_secs_f64();
         let rss = (rss_mib(agent.id()), rss_mib(blackbox.id()));
         driver.abort();
         (
-            (wp_cpu1 - wp_cpu0, wp_runs1 - wp_runs0, wp_up1 - wp_up0),
+            (wp_cpu1 - wp_cpu0, from_ms, to_ms),
             (bb_cpu1 - bb_cpu0, (bb1 - bb0) as f64, (bbf1 - bbf0) as f64),
             wall,
             rss,
@@ -311,13 +311,14 @@ fn main() {
     stop("watchpost", &mut agent);
     stop("blackbox_exporter", &mut blackbox);
     stop("nginx", &mut nginx);
+    let ((wp_cpu, from_ms, to_ms), (bb_cpu, bb_ok, bb_failed), wall, (wp_rss, bb_rss)) = result;
+    let (wp_runs, wp_up) = watchpost_runs(&root.join("data/watchpost.db"), from_ms, to_ms);
     let db_bytes: u64 = ["", "-wal"]
         .iter()
         .filter_map(|s| std::fs::metadata(root.join(format!("data/watchpost.db{s}"))).ok())
         .map(|m| m.len())
         .sum();
 
-    let ((wp_cpu, wp_runs, wp_up), (bb_cpu, bb_ok, bb_failed), wall, (wp_rss, bb_rss)) = result;
     let wp_per_k = wp_cpu / wp_runs * 1000.0;
     let bb_per_k = bb_cpu / bb_ok * 1000.0;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
