@@ -192,6 +192,8 @@ impl HttpSpec {
 pub struct HttpProbe {
     name: String,
     spec: HttpSpec,
+    /// The spec's URL, parsed once rather than on every request.
+    url: reqwest::Url,
     client: reqwest::Client,
     headers: HeaderMap,
     timeout: Duration,
@@ -261,6 +263,7 @@ impl HttpProbe {
         Ok(HttpProbe {
             name: cfg.name.clone(),
             spec: spec.clone(),
+            url: reqwest::Url::parse(&spec.url)?,
             client: shared_client(clients, spec.ca_pem.as_ref())?,
             headers,
             timeout: cfg.timeout,
@@ -327,10 +330,7 @@ impl HttpProbe {
         t0: Instant,
     ) -> Option<reqwest::Response> {
         let s = &self.spec;
-        let Ok(mut url) = reqwest::Url::parse(s.url.as_str()) else {
-            a.down(ErrorClass::Internal, "the probe URL no longer parses");
-            return None;
-        };
+        let mut url = self.url.clone();
         let origin = url.clone();
         let mut method = s.method.clone();
         let mut body = s.body.as_ref().map(|b| b.to_string());
@@ -407,7 +407,7 @@ impl HttpProbe {
         a.phase("ttfb", t0.elapsed());
         let status = resp.status();
         a.detail("status", status.as_u16());
-        if resp.url().as_str() != s.url.as_str() {
+        if resp.url() != &self.url {
             // Where redirects led, without query or credentials (they may carry secrets).
             let mut u = resp.url().clone();
             u.set_query(None);
@@ -749,7 +749,9 @@ async fn read_capped(mut resp: reqwest::Response, cap: u64) -> Result<Vec<u8>, B
             return Err(BodyError::TooLarge(0));
         }
     }
-    let mut buf = Vec::new();
+    // One allocation when the server says how much is coming (a health body: a few hundred
+    // bytes); the cap bounds it either way.
+    let mut buf = Vec::with_capacity(resp.content_length().unwrap_or(0).min(cap) as usize);
     // The client's overall timeout also bounds this loop: a trickling body times out.
     while let Some(chunk) = resp.chunk().await.map_err(BodyError::Read)? {
         if buf.len() as u64 + chunk.len() as u64 > cap {
