@@ -80,6 +80,27 @@ fn rusage() -> (f64, f64) {
     (cpu, hwm_kib.unwrap_or(r.maxrss as f64) / 1024.0)
 }
 
+/// utime + stime of another process (the server child), in seconds.
+fn proc_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The 1-minute load average: how busy the machine was around the run.
+fn load1() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -244,6 +265,8 @@ retries = 0
         .build()
         .expect("runtime");
     let (cpu0, _) = rusage();
+    let server_cpu0 = proc_cpu(child.id());
+    let load_before = load1();
     let wall = Instant::now();
     let results = rt.block_on(async {
         let probe = Arc::new(Probe::build(&pc).expect("build"));
@@ -271,6 +294,8 @@ retries = 0
     });
     let elapsed = wall.elapsed();
     let (cpu1, rss) = rusage();
+    let server_cpu = proc_cpu(child.id()) - server_cpu0;
+    let load_after = load1();
     // Let the last GAP lines arrive.
     std::thread::sleep(Duration::from_millis(300));
     let _ = child.kill();
@@ -333,6 +358,10 @@ retries = 0
         cpu * 1e3 / runs.max(1) as f64,
         cpu / elapsed.as_secs_f64() * 100.0,
         rss
+    );
+    println!(
+        "  server child CPU {server_cpu:.2} s ({:.0}% of its one runtime thread); load average 1 min {load_before} before, {load_after} after",
+        server_cpu / elapsed.as_secs_f64() * 100.0
     );
     let ok_late = pct(&late, 99.0) <= Duration::from_millis(5);
     let ok_over = pct(&overhead, 99.0) <= Duration::from_millis(2);
