@@ -101,6 +101,15 @@ fn load1() -> String {
         .unwrap_or_default()
 }
 
+/// Wall-clock microseconds: both processes read the same system clock, so the server's and
+/// the agent's instants can be put on one time line (µs precision, no NTP step in 10 s).
+fn wall_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -144,13 +153,15 @@ async fn serve() {
                 return;
             };
             let mut last_audio = Instant::now();
+            let mut last_audio_wall = wall_us();
             let mut frames = 0u32;
             while let Some(Ok(m)) = ws.next().await {
                 match m {
                     Message::Binary(_) => {
                         last_audio = Instant::now();
+                        last_audio_wall = wall_us();
                         frames += 1;
-                        if frames % 10 == 0 {
+                        if frames.is_multiple_of(10) {
                             let words: Vec<&str> =
                                 TRANSCRIPT.split(' ').take((frames / 10) as usize).collect();
                             let _ = ws.send(results(&words.join(" "), false)).await;
@@ -161,7 +172,11 @@ async fn serve() {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         let _ = ws.send(results(TRANSCRIPT, true)).await;
                         let gap = last_audio.elapsed();
-                        println!("GAP {id} {}", gap.as_micros());
+                        println!(
+                            "GAP {id} {} {last_audio_wall} {}",
+                            gap.as_micros(),
+                            wall_us()
+                        );
                         let _ = ws
                             .send(Message::text(r#"{"type":"Metadata","request_id":"x"}"#))
                             .await;
@@ -215,16 +230,24 @@ fn main() {
         .strip_prefix("LISTENING ")
         .and_then(|p| p.parse().ok())
         .expect("LISTENING <port>");
-    let gaps: Arc<Mutex<HashMap<String, Duration>>> = Arc::default();
+    // request id → (server gap, last audio frame read (wall µs), final written (wall µs)).
+    type Gap = (Duration, i64, i64);
+    let gaps: Arc<Mutex<HashMap<String, Gap>>> = Arc::default();
     let g2 = gaps.clone();
     std::thread::spawn(move || {
         for l in out.lines().map_while(Result::ok) {
             let mut it = l.split_whitespace();
-            if let (Some("GAP"), Some(id), Some(us)) = (it.next(), it.next(), it.next()) {
-                if let Ok(us) = us.parse::<u64>() {
+            if let (Some("GAP"), Some(id), Some(us), Some(read), Some(written)) =
+                (it.next(), it.next(), it.next(), it.next(), it.next())
+            {
+                if let (Ok(us), Ok(read), Ok(written)) = (
+                    us.parse::<u64>(),
+                    read.parse::<i64>(),
+                    written.parse::<i64>(),
+                ) {
                     g2.lock()
                         .expect("gaps")
-                        .insert(id.to_string(), Duration::from_micros(us));
+                        .insert(id.to_string(), (Duration::from_micros(us), read, written));
                 }
             }
         }
@@ -268,6 +291,8 @@ retries = 0
     let server_cpu0 = proc_cpu(child.id());
     let load_before = load1();
     let wall = Instant::now();
+    let wall0 = wall_us();
+    let on_wall = |i: Instant| wall0 + i.saturating_duration_since(wall).as_micros() as i64;
     let results = rt.block_on(async {
         let probe = Arc::new(Probe::build(&pc).expect("build"));
         let mut tasks = Vec::new();
@@ -303,6 +328,12 @@ retries = 0
 
     let mut late = Vec::new();
     let mut overhead = Vec::new();
+    // The two halves of the overhead: agent's last frame sent → server read it (loopback and
+    // the server's own queue), and server wrote the final → agent read it (loopback and the
+    // agent's scheduling: the agent's own share).
+    let mut inbound = Vec::new();
+    let mut outbound = Vec::new();
+    let us = |v: i64| Duration::from_micros(v.max(0) as u64);
     let mut outcomes: HashMap<String, usize> = HashMap::new();
     let gaps = gaps.lock().expect("gaps");
     let mut unmatched = 0;
@@ -318,14 +349,18 @@ retries = 0
             s.final_at,
             s.request_id.as_ref().and_then(|r| gaps.get(r)),
         ) {
-            (Some(l), Some(f), Some(gap)) => {
-                overhead.push(f.saturating_duration_since(l).saturating_sub(*gap))
+            (Some(l), Some(f), Some((gap, read, written))) => {
+                overhead.push(f.saturating_duration_since(l).saturating_sub(*gap));
+                inbound.push(us(read - on_wall(l)));
+                outbound.push(us(on_wall(f) - written));
             }
             _ => unmatched += 1,
         }
     }
     late.sort_unstable();
     overhead.sort_unstable();
+    inbound.sort_unstable();
+    outbound.sort_unstable();
     let runs = results.len();
     println!(
         "listen_load: {sessions} concurrent sessions × {rounds} rounds = {runs} runs, {} frames",
@@ -350,6 +385,13 @@ retries = 0
         ms(pct(&overhead, 99.0)),
         ms(overhead.last().copied().unwrap_or_default()),
         overhead.len()
+    );
+    println!(
+        "    of which last frame → server read p50 {}  p99 {};  final written → agent read p50 {}  p99 {}",
+        ms(pct(&inbound, 50.0)),
+        ms(pct(&inbound, 99.0)),
+        ms(pct(&outbound, 50.0)),
+        ms(pct(&outbound, 99.0))
     );
     let cpu = cpu1 - cpu0;
     println!(
