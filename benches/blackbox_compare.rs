@@ -115,7 +115,7 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Runs (all, up) the agent stored with a start in `[from_ms, to_ms)`. Read from its
+/// Runs (all, up — outcome 0 in the compact schema) the agent stored with a start in `[from_ms, to_ms)`. Read from its
 /// database by this process, so counting costs the agent nothing (a /metrics scrape of
 /// thousands of series would land in the measured window).
 fn watchpost_runs(db: &std::path::Path, from_ms: i64, to_ms: i64) -> (f64, f64) {
@@ -123,8 +123,8 @@ fn watchpost_runs(db: &std::path::Path, from_ms: i64, to_ms: i64) -> (f64, f64) 
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .expect("open watchpost db");
     conn.query_row(
-        "SELECT count(*), coalesce(sum(outcome = 'up'), 0) FROM runs
-         WHERE kind != 'subcheck' AND started_at >= ?1 AND started_at < ?2",
+        "SELECT count(*), coalesce(sum(r.outcome = 0), 0) FROM runs r JOIN series s ON s.id = r.series
+         WHERE s.kind != 'subcheck' AND r.started_at >= ?1 AND r.started_at < ?2",
         [from_ms, to_ms],
         |r| Ok((r.get::<_, i64>(0)? as f64, r.get::<_, i64>(1)? as f64)),
     )

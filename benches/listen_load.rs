@@ -351,8 +351,8 @@ retries = 0
         ) {
             (Some(l), Some(f), Some((gap, read, written))) => {
                 overhead.push(f.saturating_duration_since(l).saturating_sub(*gap));
-                inbound.push(us(read - on_wall(l)));
-                outbound.push(us(on_wall(f) - written));
+                inbound.push(us(read - on_wall(l.into_std())));
+                outbound.push(us(on_wall(f.into_std()) - written));
             }
             _ => unmatched += 1,
         }
