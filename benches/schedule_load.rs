@@ -69,6 +69,17 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
+/// Pages in use × page size, as a reader sees the database (WAL included).
+fn logical_db_bytes(db: &std::path::Path) -> u64 {
+    let Ok(c) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return 0;
+    };
+    let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap_or(0);
+    let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap_or(0);
+    (pages * size) as u64
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--serve") {
         return serve();
@@ -114,6 +125,14 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // Database growth in steady state: the logical size (pages, WAL included) once every
+    // series exists (after the first interval), and at the end.
+    let sampler_db = db.clone();
+    let sampler = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(seconds.min(75)));
+        let t = Instant::now();
+        (t, logical_db_bytes(&sampler_db))
+    });
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     rt.block_on(async {
@@ -126,6 +145,9 @@ fn main() {
     })
     .unwrap();
     let wall = t0.elapsed().as_secs_f64();
+    let t_end = Instant::now();
+    let end_bytes = logical_db_bytes(&db);
+    let (t_mid, mid_bytes) = sampler.join().unwrap();
     let cpu = cpu_seconds() - cpu0;
     let peak_rss_mb = status_kb("VmHWM:") as f64 / 1024.0;
     let _ = server.kill();
@@ -166,6 +188,15 @@ fn main() {
         cpu / wall
     );
     println!("peak RSS MB={peak_rss_mb:.1}");
+    let span = t_end.duration_since(t_mid).as_secs_f64();
+    if span > 10.0 {
+        let per_day = (end_bytes as f64 - mid_bytes as f64) / span * 86_400.0;
+        println!(
+            "database growth per day={:.1} MB ({:.1} KB per probe per day; logical size {mid_bytes} → {end_bytes} bytes over {span:.0} s)",
+            per_day / 1e6,
+            per_day / probes as f64 / 1e3
+        );
+    }
     println!(
         "sqlite bytes per 1000 runs={:.0} (db+wal {db_bytes} bytes)",
         db_bytes as f64 / runs * 1000.0
