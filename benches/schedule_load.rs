@@ -71,12 +71,17 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// Pages in use × page size, as a reader sees the database (WAL included).
 fn logical_db_bytes(db: &std::path::Path) -> u64 {
-    let Ok(c) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    let Ok(c) =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
     else {
         return 0;
     };
-    let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap_or(0);
-    let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap_or(0);
+    let pages: i64 = c
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap_or(0);
+    let size: i64 = c
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap_or(0);
     (pages * size) as u64
 }
 

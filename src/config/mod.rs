@@ -747,6 +747,22 @@ fn key_span(doc: &DeTable<'_>, table: &str, key: &str) -> Option<Range<usize>> {
     t.get(key).map(|v| v.span())
 }
 
+fn timeout_too_long(timeout: Duration, interval: Duration) -> String {
+    format!(
+        "timeout {} is longer than the interval {}: runs would overlap and be skipped",
+        duration::human(timeout),
+        duration::human(interval)
+    )
+}
+
+fn jitter_too_long(jitter: Duration, interval: Duration) -> String {
+    format!(
+        "jitter {} must be shorter than the interval {}",
+        duration::human(jitter),
+        duration::human(interval)
+    )
+}
+
 /// `[defaults]` checks: each reported once, at the key.
 fn check_defaults(d: &Defaults, doc: &DeTable<'_>, src: &Source, diags: &mut Vec<Diagnostic>) {
     let at = |key: &str| key_span(doc, "defaults", key);
@@ -762,24 +778,10 @@ fn check_defaults(d: &Defaults, doc: &DeTable<'_>, src: &Source, diags: &mut Vec
     if d.timeout.0.is_zero() {
         diags.push(src.diag(at("timeout"), "timeout must be longer than 0s"));
     } else if d.timeout.0 > d.interval.0 {
-        diags.push(src.diag(
-            at("timeout"),
-            format!(
-                "timeout {} is longer than the interval {}: runs would overlap and be skipped",
-                duration::human(d.timeout.0),
-                duration::human(d.interval.0)
-            ),
-        ));
+        diags.push(src.diag(at("timeout"), timeout_too_long(d.timeout.0, d.interval.0)));
     }
     if d.jitter.0 >= d.interval.0 {
-        diags.push(src.diag(
-            at("jitter"),
-            format!(
-                "jitter {} must be shorter than the interval {}",
-                duration::human(d.jitter.0),
-                duration::human(d.interval.0)
-            ),
-        ));
+        diags.push(src.diag(at("jitter"), jitter_too_long(d.jitter.0, d.interval.0)));
     }
     if d.retries > MAX_RETRIES {
         diags.push(src.diag(
@@ -997,7 +999,6 @@ fn check_probe_timing(
             format!("retries = {} is more than {MAX_RETRIES}", r.get_ref()),
         ));
     }
-    let h = duration::human;
     match &common.timeout {
         Some(t) if t.get_ref().0.is_zero() => {
             diags.push(src.diag(Some(t.span()), "timeout must be longer than 0s"))
@@ -1012,14 +1013,7 @@ fn check_probe_timing(
                 .or(own_interval.clone())
                 .or_else(|| (spec.default_timeout() == Some(timeout)).then(|| common.kind.span()));
             if span.is_some() || timeout != defaults.timeout.0 {
-                diags.push(src.diag(
-                    span,
-                    format!(
-                        "timeout {} is longer than the interval {}: runs would overlap and be skipped",
-                        h(timeout),
-                        h(interval)
-                    ),
-                ));
+                diags.push(src.diag(span, timeout_too_long(timeout, interval)));
             }
         }
         _ => {}
@@ -1030,14 +1024,7 @@ fn check_probe_timing(
         .map_or(defaults.jitter.0, |j| j.get_ref().0);
     if jitter >= interval {
         if let Some(span) = common.jitter.as_ref().map(|j| j.span()).or(own_interval) {
-            diags.push(src.diag(
-                Some(span),
-                format!(
-                    "jitter {} must be shorter than the interval {}",
-                    h(jitter),
-                    h(interval)
-                ),
-            ));
+            diags.push(src.diag(Some(span), jitter_too_long(jitter, interval)));
         }
     }
 }
