@@ -117,6 +117,9 @@ pub struct Evaluator {
     store: Store,
     metrics: Metrics,
     comps: Vec<Comp>,
+    /// Probe name → the components with a member of that probe (itself or a sub-check), so
+    /// a run is matched against its components only, not against every member of every one.
+    by_probe: HashMap<String, Vec<usize>>,
     next_id: i64,
     tick: Duration,
     reader: Option<Connection>,
@@ -226,11 +229,22 @@ impl Evaluator {
             .min()
             .unwrap_or(100_000);
         let tick = Duration::from_millis((shortest / 100).clamp(50, 1000) as u64);
+        let mut by_probe: HashMap<String, Vec<usize>> = HashMap::new();
+        for (ci, c) in comps.iter().enumerate() {
+            for m in &c.members {
+                let probe = m.split('/').next().unwrap_or(m).to_string();
+                let list = by_probe.entry(probe).or_default();
+                if list.last() != Some(&ci) {
+                    list.push(ci);
+                }
+            }
+        }
         let ev = Evaluator {
             config,
             store,
             metrics,
             comps,
+            by_probe,
             next_id: max_id + 1,
             tick,
             reader: Some(reader),
@@ -278,7 +292,8 @@ impl Evaluator {
     pub async fn on_run(&mut self, run: &RunResult) {
         let now = self.clock.now_ms();
         let at = run.started_at.timestamp_millis();
-        for ci in 0..self.comps.len() {
+        let comps = self.by_probe.get(&run.probe).cloned().unwrap_or_default();
+        for ci in comps {
             let inputs = member_inputs(&self.comps[ci].members, run, at);
             if inputs.is_empty() {
                 continue;
