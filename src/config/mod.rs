@@ -508,8 +508,13 @@ pub struct Config {
 }
 
 impl Config {
+    /// The probe named `name`. The loader keeps probes sorted by name, so this is a binary
+    /// search (it runs per run in the evaluator); a hand-built unsorted list still works.
     pub fn probe(&self, name: &str) -> Option<&ProbeConfig> {
-        self.probes.iter().find(|p| p.name == name)
+        match self.probes.binary_search_by(|p| p.name.as_str().cmp(name)) {
+            Ok(i) => Some(&self.probes[i]),
+            Err(_) => self.probes.iter().find(|p| p.name == name),
+        }
     }
     pub fn db_path(&self) -> PathBuf {
         self.agent.data_dir.join("watchpost.db")
