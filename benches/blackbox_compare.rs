@@ -24,40 +24,19 @@
 //! Bounded: fixed duration, every request has a timeout, children are stopped at the end.
 //! Needs `apt-get install -y nginx prometheus-blackbox-exporter` (see docs/BENCHMARKS.md).
 
+mod common;
+
+use common::{arg, cpu_seconds};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
 
 const SIGTERM: i32 = 15;
-
-/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`; 100 on every Linux we run on).
-const TICKS: f64 = 100.0;
-
-/// utime + stime of one process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
-        + f.get(12)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN);
-    ticks / TICKS
-}
 
 /// Resident set size of one process in MiB.
 fn rss_mib(pid: u32) -> f64 {
@@ -289,12 +268,18 @@ fn main() {
         });
 
         tokio::time::sleep(Duration::from_secs(warmup)).await;
-        let (wp_cpu0, bb_cpu0) = (cpu_seconds(agent.id()), cpu_seconds(blackbox.id()));
+        let (wp_cpu0, bb_cpu0) = (
+            cpu_seconds(Some(agent.id())),
+            cpu_seconds(Some(blackbox.id())),
+        );
         let from_ms = now_ms();
         let (bb0, bbf0) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
-        let (wp_cpu1, bb_cpu1) = (cpu_seconds(agent.id()), cpu_seconds(blackbox.id()));
+        let (wp_cpu1, bb_cpu1) = (
+            cpu_seconds(Some(agent.id())),
+            cpu_seconds(Some(blackbox.id())),
+        );
         let to_ms = now_ms();
         let (bb1, bbf1) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
         let wall = t0.elapsed().as_secs_f64();

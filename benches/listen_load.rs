@@ -14,6 +14,9 @@
 //! Targets: lateness p99 ≤ 5 ms, overhead p99 ≤ 2 ms. Sessions start spread over one second
 //! (as the scheduler's phase offsets spread probes), then run on their absolute schedules.
 
+mod common;
+
+use common::{arg, cpu_seconds};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -25,15 +28,6 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use watchpost::probe::Probe;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[repr(C)]
 #[derive(Default)]
@@ -78,19 +72,6 @@ fn rusage() -> (f64, f64) {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         });
     (cpu, hwm_kib.unwrap_or(r.maxrss as f64) / 1024.0)
-}
-
-/// utime + stime of another process (the server child), in seconds.
-fn proc_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// The 1-minute load average: how busy the machine was around the run.
@@ -288,7 +269,7 @@ retries = 0
         .build()
         .expect("runtime");
     let (cpu0, _) = rusage();
-    let server_cpu0 = proc_cpu(child.id());
+    let server_cpu0 = cpu_seconds(Some(child.id()));
     let load_before = load1();
     let wall = Instant::now();
     let wall0 = wall_us();
@@ -319,7 +300,7 @@ retries = 0
     });
     let elapsed = wall.elapsed();
     let (cpu1, rss) = rusage();
-    let server_cpu = proc_cpu(child.id()) - server_cpu0;
+    let server_cpu = cpu_seconds(Some(child.id())) - server_cpu0;
     let load_after = load1();
     // Let the last GAP lines arrive.
     std::thread::sleep(Duration::from_millis(300));

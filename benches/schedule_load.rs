@@ -7,29 +7,13 @@
 //!
 //! Bounded: the agent stops itself after `--seconds`; the server child is killed at the end.
 
+mod common;
+
+use common::{arg, cpu_seconds};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// utime + stime of this process, in seconds (clock ticks of 10 ms on Linux).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
 
 fn status_kb(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -138,7 +122,7 @@ fn main() {
         let t = Instant::now();
         (t, logical_db_bytes(&sampler_db))
     });
-    let cpu0 = cpu_seconds();
+    let cpu0 = cpu_seconds(None);
     let t0 = Instant::now();
     rt.block_on(async {
         watchpost::run(
@@ -153,7 +137,7 @@ fn main() {
     let t_end = Instant::now();
     let end_bytes = logical_db_bytes(&db);
     let (t_mid, mid_bytes) = sampler.join().unwrap();
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = cpu_seconds(None) - cpu0;
     let peak_rss_mb = status_kb("VmHWM:") as f64 / 1024.0;
     let _ = server.kill();
     let _ = server.wait();
