@@ -113,9 +113,9 @@ impl SpanError {
 }
 
 /// Span of the value at `path` in `table`, or of the deepest part of the path that exists.
-fn locate(table: &DeTable<'_>, path: &[String]) -> Option<Range<usize>> {
+fn locate<S: AsRef<str>>(table: &DeTable<'_>, path: &[S]) -> Option<Range<usize>> {
     let (first, rest) = path.split_first()?;
-    let v = table.get(first.as_str())?;
+    let v = table.get(first.as_ref())?;
     match v.get_ref() {
         DeValue::Table(t) if !rest.is_empty() => locate(t, rest).or(Some(v.span())),
         _ => Some(v.span()),
@@ -629,7 +629,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             let span = find_span(&src.text, pattern).or_else(|| {
                 DeTable::parse(&src.text)
                     .ok()
-                    .and_then(|d| key_span(d.get_ref(), "agent", "probes"))
+                    .and_then(|d| locate(d.get_ref(), &["agent", "probes"]))
             });
             let msg = if pattern.contains(['*', '?', '[']) {
                 format!(
@@ -744,14 +744,6 @@ fn list_or_none(names: &[&str]) -> String {
 /// would only delay the verdict (and 4e9 of them never end).
 pub const MAX_RETRIES: u32 = 10;
 
-/// Span of the value of `table.key` in a parsed file (where the fix goes).
-fn key_span(doc: &DeTable<'_>, table: &str, key: &str) -> Option<Range<usize>> {
-    let DeValue::Table(t) = doc.get(table)?.get_ref() else {
-        return None;
-    };
-    t.get(key).map(|v| v.span())
-}
-
 fn timeout_too_long(timeout: Duration, interval: Duration) -> String {
     format!(
         "timeout {} is longer than the interval {}: runs would overlap and be skipped",
@@ -770,7 +762,7 @@ fn jitter_too_long(jitter: Duration, interval: Duration) -> String {
 
 /// `[defaults]` checks: each reported once, at the key.
 fn check_defaults(d: &Defaults, doc: &DeTable<'_>, src: &Source, diags: &mut Vec<Diagnostic>) {
-    let at = |key: &str| key_span(doc, "defaults", key);
+    let at = |key: &str| locate(doc, &["defaults", key]);
     if d.interval.0 < Duration::from_secs(1) {
         diags.push(src.diag(
             at("interval"),
@@ -921,7 +913,7 @@ impl<'a> Rest<'a> {
 
 /// `[agent]` checks, each at its key.
 fn check_agent(a: &AgentFile, doc: &DeTable<'_>, src: &Source, diags: &mut Vec<Diagnostic>) {
-    let at = |key: &str| key_span(doc, "agent", key);
+    let at = |key: &str| locate(doc, &["agent", key]);
     if a.max_concurrency == 0 {
         diags.push(src.diag(at("max_concurrency"), "max_concurrency must be at least 1"));
     }
