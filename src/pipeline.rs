@@ -415,40 +415,30 @@ async fn join_writer(w: WriterHandle) {
 /// own, smaller cap): the watched services do not decide our memory, rows or metrics.
 pub const MAX_AGENT_SUBCHECKS: usize = 10_000;
 
-/// The agent-wide budget of sub-check series: known series always pass; new ones only
-/// while under the cap. A run whose sub-checks were dropped says so in its details.
-pub struct SeriesBudget {
-    known: std::collections::HashSet<String>,
-    cap: usize,
+/// The agent-wide budget of sub-check series: a [`probe::SeriesBudget`] that also marks
+/// the run and warns once when the cap is reached.
+pub struct AgentSeries {
+    budget: probe::SeriesBudget,
     warned: bool,
 }
 
-impl SeriesBudget {
+impl AgentSeries {
     pub fn new(cap: usize) -> Self {
-        SeriesBudget {
-            known: Default::default(),
-            cap,
+        AgentSeries {
+            budget: probe::SeriesBudget::new(cap),
             warned: false,
         }
     }
 
     /// Drop the run's sub-checks that would be new series beyond the cap.
     pub fn admit(&mut self, r: &mut RunResult) {
-        if r.subchecks.is_empty() {
-            return;
-        }
-        let before = r.subchecks.len();
-        let (known, cap) = (&mut self.known, self.cap);
-        r.subchecks.retain(|sc| {
-            known.contains(&sc.series) || (known.len() < cap && known.insert(sc.series.clone()))
-        });
-        let dropped = before - r.subchecks.len();
+        let dropped = self.budget.admit(&mut r.subchecks, |_| true);
         if dropped > 0 {
             r.details
                 .insert("subchecks_dropped_agent".into(), (dropped as u64).into());
             if !self.warned {
                 self.warned = true;
-                tracing::warn!(probe = %r.probe, cap, "agent-wide sub-check series cap reached; new sub-checks are not recorded");
+                tracing::warn!(probe = %r.probe, cap = self.budget.cap(), "agent-wide sub-check series cap reached; new sub-checks are not recorded");
             }
         }
     }
@@ -464,7 +454,7 @@ async fn fan_out(
     force: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut eval = Some(eval);
-    let mut budget = SeriesBudget::new(MAX_AGENT_SUBCHECKS);
+    let mut budget = AgentSeries::new(MAX_AGENT_SUBCHECKS);
     while let Some(mut r) = runs.recv().await {
         budget.admit(&mut r);
         observe_run(&metrics, &r);
@@ -632,7 +622,7 @@ mod tests {
                 })
                 .collect(),
         };
-        let mut b = SeriesBudget::new(3);
+        let mut b = AgentSeries::new(3);
         let mut r = run(&["a", "b"]);
         b.admit(&mut r);
         assert_eq!(r.subchecks.len(), 2);

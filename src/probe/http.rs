@@ -199,7 +199,7 @@ pub struct HttpProbe {
     timeout: Duration,
     /// Sub-check series this probe has reported, capped at [`MAX_SUBCHECKS`]: the watched
     /// service does not decide how many series, rows and metrics we keep.
-    known_subchecks: Mutex<std::collections::HashSet<String>>,
+    known_subchecks: Mutex<super::SeriesBudget>,
 }
 
 /// Most distinct sub-check series one probe records over its life.
@@ -267,7 +267,7 @@ impl HttpProbe {
             client: shared_client(clients, spec.ca_pem.as_ref())?,
             headers,
             timeout: cfg.timeout,
-            known_subchecks: Mutex::default(),
+            known_subchecks: Mutex::new(super::SeriesBudget::new(MAX_SUBCHECKS)),
         })
     }
 
@@ -286,28 +286,15 @@ impl HttpProbe {
         if a.subchecks.is_empty() {
             return;
         }
-        let mut known = self
+        let prefix_len = self.name.len() + self.spec.subchecks.as_deref().unwrap_or("").len() + 2;
+        let dropped = self
             .known_subchecks
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let prefix = format!(
-            "{}/{}.",
-            self.name,
-            self.spec.subchecks.as_deref().unwrap_or("")
-        );
-        let before = a.subchecks.len();
-        a.subchecks.retain(|sc| {
-            if known.contains(&sc.series) {
-                return true;
-            }
-            let name = sc.series.get(prefix.len()..).unwrap_or("");
-            if known.len() < MAX_SUBCHECKS && name.chars().count() <= MAX_SUBCHECK_NAME {
-                known.insert(sc.series.clone());
-                return true;
-            }
-            false
-        });
-        let dropped = before - a.subchecks.len();
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(&mut a.subchecks, |sc| {
+                let name = sc.series.get(prefix_len..).unwrap_or("");
+                name.chars().count() <= MAX_SUBCHECK_NAME
+            });
         if dropped > 0 {
             a.detail("subchecks_dropped", dropped as u64);
             a.detail(

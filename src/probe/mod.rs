@@ -76,6 +76,43 @@ pub struct SubCheck {
     pub error: Option<ErrorInfo>,
 }
 
+/// A cap on distinct sub-check series: series already known always pass, new ones only
+/// while under the cap (and when `fits` accepts them). The watched service does not decide
+/// how many series, rows and metrics we keep. Used per probe and per agent.
+#[derive(Debug, Default)]
+pub struct SeriesBudget {
+    known: std::collections::HashSet<String>,
+    cap: usize,
+}
+
+impl SeriesBudget {
+    pub fn new(cap: usize) -> Self {
+        SeriesBudget {
+            known: Default::default(),
+            cap,
+        }
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Keep the sub-checks that are known or may become known; returns how many were dropped.
+    pub fn admit(
+        &mut self,
+        subchecks: &mut Vec<SubCheck>,
+        fits: impl Fn(&SubCheck) -> bool,
+    ) -> usize {
+        let before = subchecks.len();
+        let (known, cap) = (&mut self.known, self.cap);
+        subchecks.retain(|sc| {
+            known.contains(&sc.series)
+                || (known.len() < cap && fits(sc) && known.insert(sc.series.clone()))
+        });
+        before - subchecks.len()
+    }
+}
+
 /// What one attempt of a probe found. Probe kinds build these.
 #[derive(Debug, Clone)]
 pub struct Attempt {
