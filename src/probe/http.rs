@@ -395,12 +395,9 @@ impl HttpProbe {
         let status = resp.status();
         a.detail("status", status.as_u16());
         if resp.url() != &self.url {
-            // Where redirects led, without query or credentials (they may carry secrets).
-            let mut u = resp.url().clone();
-            u.set_query(None);
-            let _ = u.set_password(None);
-            let _ = u.set_username("");
-            a.detail("final_url", u.as_str());
+            // Where redirects led, redacted like every URL we show (credentials, path
+            // tokens and query values may be secrets).
+            a.detail("final_url", crate::redact::redact_url(resp.url().as_str()));
         }
         let cert_days = resp
             .extensions()
