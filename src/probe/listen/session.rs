@@ -270,13 +270,10 @@ impl<'a> Session<'a> {
         self.on_event(ev, at, since)
     }
 
-    fn on_close(
-        &mut self,
-        frame: Option<tungstenite::protocol::CloseFrame>,
-        since: Duration,
-    ) -> Result<Ending, Failure> {
+    /// The server closed: remember that, keep its code and (an excerpt of) its reason.
+    fn record_close(&mut self, frame: &Option<tungstenite::protocol::CloseFrame>) -> (u16, String) {
         self.closed_by_server = true;
-        let (code, reason_text) = close_text(&frame);
+        let (code, text) = close_text(frame);
         self.a.detail("close_code", code);
         self.a.detail(
             "close_reason",
@@ -285,6 +282,15 @@ impl<'a> Session<'a> {
                 .map(|f| excerpt(&f.reason, 120))
                 .unwrap_or_default(),
         );
+        (code, text)
+    }
+
+    fn on_close(
+        &mut self,
+        frame: Option<tungstenite::protocol::CloseFrame>,
+        since: Duration,
+    ) -> Result<Ending, Failure> {
+        let (code, reason_text) = self.record_close(&frame);
         if code == 1000 && self.audio_done().is_some() {
             return Ok(Ending::Complete("close 1000"));
         }
@@ -380,15 +386,7 @@ impl<'a> Session<'a> {
         loop {
             match tokio::time::timeout_at(until, self.ws.next()).await {
                 Ok(Some(Ok(Message::Close(frame)))) => {
-                    self.closed_by_server = true;
-                    self.a.detail("close_code", close_text(&frame).0);
-                    self.a.detail(
-                        "close_reason",
-                        frame
-                            .as_ref()
-                            .map(|f| excerpt(&f.reason, 120))
-                            .unwrap_or_default(),
-                    );
+                    self.record_close(&frame);
                     return;
                 }
                 Ok(Some(Ok(_))) => continue,
