@@ -661,3 +661,68 @@ async fn latency_budget_breach_over_the_window_degrades() {
     assert_eq!(agent.incidents(true)[0]["status"], "degraded");
     agent.stop().await;
 }
+
+/// The stored state of component API, if written yet.
+fn stored_state(agent: &Agent) -> Option<serde_json::Value> {
+    let conn = agent.store.reader().unwrap();
+    let s: Option<String> = conn
+        .query_row(
+            "SELECT state FROM component_state WHERE component = 'API'",
+            [],
+            |r| r.get(0),
+        )
+        .ok();
+    s.map(|s| serde_json::from_str(&s).unwrap())
+}
+
+// Component state is written when it changes, not on every run: a steady good component
+// costs no write per run, and what a restart needs is still there. A trigger counts the
+// writes the agent makes to the table.
+#[tokio::test(start_paused = true)]
+async fn component_state_is_written_on_change_not_on_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &Targets::default(), THRESHOLDS, "");
+    let agent = Agent::start(cfg.clone(), false).await;
+    let counter = rusqlite::Connection::open(cfg.db_path()).unwrap();
+    counter
+        .execute_batch(
+            "CREATE TABLE t_writes (n INTEGER);
+             CREATE TRIGGER t_ins AFTER INSERT ON component_state BEGIN INSERT INTO t_writes VALUES (1); END;
+             CREATE TRIGGER t_upd AFTER UPDATE ON component_state BEGIN INSERT INTO t_writes VALUES (1); END;",
+        )
+        .unwrap();
+    let writes = || -> i64 {
+        counter
+            .query_row("SELECT count(*) FROM t_writes", [], |r| r.get(0))
+            .unwrap()
+    };
+    // 2 good runs per member reach success_threshold: 4 changes, 4 writes.
+    for _ in 0..2 {
+        agent.both(Up).await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    // 40 more good runs change nothing; the bad run that follows them (same queue, so they
+    // were all evaluated before it) is the fifth write.
+    for _ in 0..20 {
+        agent.both(Up).await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    agent.send(run("api", Down)).await;
+    until("the bad run's state is written", T, || {
+        stored_state(&agent).is_some_and(|v| v["members"]["api"]["bad_streak"] == 1)
+    })
+    .await;
+    assert_eq!(writes(), 5, "steady good runs rewrote the component state");
+    let v = stored_state(&agent).unwrap();
+    assert_eq!(v["members"]["db"]["good_streak"], 2, "{v}");
+
+    // A restart picks the bad streak up: one more bad run confirms the member.
+    agent.stop().await;
+    let agent = Agent::start(cfg, false).await;
+    agent.send(run("api", Down)).await;
+    until("incident opened after restart", T, || {
+        !agent.incidents(true).is_empty()
+    })
+    .await;
+    agent.stop().await;
+}

@@ -109,6 +109,8 @@ struct Comp {
     notify: Vec<(String, NotifierConfig)>,
     budget_window_ms: i64,
     budget_min_samples: u64,
+    /// The state as last written: a run that changes nothing writes nothing.
+    saved: String,
 }
 
 /// Consumes runs, keeps per-component state, opens/updates/resolves incidents.
@@ -177,9 +179,10 @@ impl Evaluator {
         for c in &config.components {
             let name = c.name.get_ref().clone();
             let members: Vec<String> = c.probes.iter().map(|p| p.get_ref().clone()).collect();
-            let mut state = match saved
-                .remove(&name)
-                .map(|s| serde_json::from_str::<ComponentState>(&s))
+            let stored = saved.remove(&name);
+            let mut state = match stored
+                .as_deref()
+                .map(serde_json::from_str::<ComponentState>)
             {
                 Some(Ok(s)) => s,
                 Some(Err(e)) => {
@@ -211,6 +214,7 @@ impl Evaluator {
                 notify,
                 budget_window_ms: c.budget_window.0.as_millis() as i64,
                 budget_min_samples: c.budget_min_samples,
+                saved: stored.unwrap_or_default(),
             });
         }
         for (name, s) in saved {
@@ -393,6 +397,9 @@ impl Evaluator {
                 return;
             }
         };
+        if t.is_none() && state_json == comp.saved {
+            return;
+        }
         let name = comp.name.clone();
         let status = comp.state.status;
         let open_id = comp.state.incident.as_ref().map(|i| i.id);
@@ -439,6 +446,7 @@ impl Evaluator {
             }
         }
         let has_transition = tr.is_some();
+        let written = state_json.clone();
         let r = self
             .store
             .write(move |conn| {
@@ -461,6 +469,7 @@ impl Evaluator {
             tracing::error!(component = %self.comps[ci].name, error = %format!("{e:#}"), "cannot store the component's state");
             return;
         }
+        self.comps[ci].saved = written;
         if has_transition {
             // Make the rows visible to the dispatcher's readers before ringing.
             if let Err(e) = self.store.flush().await {

@@ -237,7 +237,9 @@ impl ComponentState {
                     return;
                 };
                 if outcome == Outcome::Up {
-                    m.good_streak = m.good_streak.saturating_add(1);
+                    // Counted only up to the threshold it is compared with, so that a steady
+                    // good member's state stops changing (and stops being written) once clear.
+                    m.good_streak = m.good_streak.saturating_add(1).min(rules.success_threshold);
                     m.bad_streak = 0;
                     if m.good_streak >= rules.success_threshold {
                         m.level = None;
