@@ -1,6 +1,8 @@
 //! The agent's own HTTP surface: `/health` (the same health contract it reads), `/metrics`
-//! (Prometheus), a small JSON API and a one-page dashboard. Read-only: every handler opens
-//! its own read connection; only the writer task writes.
+//! (Prometheus), the JSON API under `/api/v1` (reads open; state changes behind the bearer
+//! token, see [`Authorized`]) and a one-page dashboard. Reads open their own read
+//! connection; state changes go through [`Control`] to the scheduler and the evaluator, and
+//! only the writer task writes.
 //!
 //! Nothing a client does may blind the agent: [`serve`] closes a connection whose request
 //! headers are not complete within [`HEADER_TIMEOUT`] (also the idle keep-alive limit) and
@@ -18,15 +20,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -35,6 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::control::{Command, CommandError, Control, Origin};
 use crate::health::{Check, Health};
 use crate::metrics::Metrics;
 use crate::store::{self, Store};
@@ -125,6 +132,9 @@ pub struct AppState {
     /// The writer handle for `/health`'s ping; released at shutdown so that a connection
     /// still open does not keep the writer from finishing.
     store: Arc<Mutex<Option<Store>>>,
+    /// The running agent, for the mutating routes (none: they answer 503). Released with
+    /// the store.
+    control: Arc<Mutex<Option<Control>>>,
     db: PathBuf,
     health: Health,
     /// Database reads in flight.
@@ -141,6 +151,7 @@ impl AppState {
             metrics,
             db: store.path().to_path_buf(),
             store: Arc::new(Mutex::new(Some(store))),
+            control: Arc::default(),
             health,
             readers: Arc::new(Semaphore::new(READERS)),
             report_turns: Arc::new(Semaphore::new(REPORTS)),
@@ -148,9 +159,141 @@ impl AppState {
         }
     }
 
-    /// Drop the writer handle (the API is stopping).
+    /// Serve the mutating routes through `control`.
+    pub fn with_control(self, control: Control) -> Self {
+        *self.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(control);
+        self
+    }
+
+    /// Drop the writer handle and the control handle (the API is stopping).
     pub fn release_store(&self) {
         self.store.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    /// The paused probes (empty without a control handle).
+    fn paused(&self) -> crate::control::Paused {
+        self.control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.paused().clone())
+            .unwrap_or_default()
+    }
+
+    /// The control handle, or the 503 to answer without one.
+    pub fn control(&self) -> Result<Control, ApiError> {
+        self.control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the agent is not running its scheduler and evaluator here (or is stopping)",
+                )
+            })
+    }
+}
+
+/// Proof that a request carries the agent's API token: `Authorization: Bearer <token>` with
+/// the value of `[agent] api_token_env`. Every route that changes state takes it as its
+/// first argument (before any body is read), so a refused request changes nothing:
+///
+/// * no token configured → 403 (mutating routes are off);
+/// * header missing, not `Bearer`, or a wrong token → 401 with `WWW-Authenticate: Bearer`.
+///
+/// The comparison is constant-time over SHA-256 digests of both sides (`subtle`), so
+/// neither the token's bytes nor its length leak through response timing.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    /// The client's address, for the log and the timeline (`unknown` if not known).
+    pub remote: String,
+}
+
+impl FromRequestParts<AppState> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
+        let remote = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
+        let path = parts.uri.path().to_string();
+        let Some(token) = &s.config.agent.api_token else {
+            tracing::warn!(%remote, path, "mutating API call refused: no api_token_env configured");
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "no API token is configured ([agent] api_token_env): state-changing routes are off",
+            ));
+        };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            });
+        let ok = presented.is_some_and(|p| token_matches(p, token.expose()));
+        if !ok {
+            tracing::warn!(%remote, path, header = presented.is_some(), "mutating API call refused: missing or wrong bearer token");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer <token from api_token_env>)",
+            ));
+        }
+        Ok(Authorized { remote })
+    }
+}
+
+/// Constant-time token check (digests first, so the lengths need not match).
+fn token_matches(presented: &str, token: &str) -> bool {
+    let a = Sha256::digest(presented.as_bytes());
+    let b = Sha256::digest(token.as_bytes());
+    a.ct_eq(&b).into()
+}
+
+/// A refused API call: answered as `{"error": "..."}` with its status (a 401 also says
+/// `WWW-Authenticate: Bearer`).
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub msg: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            msg: msg.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = no_store((self.status, Json(json!({"error": self.msg}))).into_response());
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> ApiError {
+        let status = match &e {
+            CommandError::NotFound(_) => StatusCode::NOT_FOUND,
+            CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
+            CommandError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            CommandError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
     }
 }
 
@@ -159,9 +302,23 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(dashboard))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        // The first, unversioned paths stay as aliases (dashboards and scripts use them).
         .route("/api/runs/latest", get(latest))
         .route("/api/incidents", get(incidents))
         .route("/api/report", get(report))
+        .route("/api/v1/runs/latest", get(latest))
+        .route("/api/v1/incidents", get(incidents))
+        .route("/api/v1/report", get(report))
+        .route("/api/v1/components", get(components))
+        .route("/api/v1/probes/{name}/pause", post(pause))
+        .route("/api/v1/probes/{name}/resume", post(resume))
+        .route("/api/v1/probes/{name}/run", post(run_now))
+        .route(
+            "/api/v1/maintenance",
+            post(start_maintenance).get(list_maintenance),
+        )
+        .route("/api/v1/maintenance/{id}", delete(end_maintenance))
+        .route("/api/v1/incidents/{id}/resolve", post(resolve))
         .with_state(state)
 }
 
@@ -226,8 +383,8 @@ pub async fn serve(
             }
             a = listener.accept() => a,
         };
-        let stream = match accepted {
-            Ok((s, _)) => s,
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             // The peer gave up before we took it: nothing to wait for.
             Err(e)
                 if matches!(
@@ -259,7 +416,7 @@ pub async fn serve(
             }
             continue;
         }
-        conns.spawn(connection(stream, app.clone(), limits, stop.clone()));
+        conns.spawn(connection(stream, peer, app.clone(), limits, stop.clone()));
         metrics.set("watchpost_api_connections", &[], conns.len() as f64);
     }
     drop(listener);
@@ -277,7 +434,13 @@ fn refuse(stream: TcpStream) {
 
 /// One connection: HTTP/1.1 with the header-read timeout; closed when idle for
 /// `idle_timeout`; on `stop`, finishes the request in flight and closes.
-async fn connection(stream: TcpStream, app: Router, limits: Limits, stop: CancellationToken) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    limits: Limits,
+    stop: CancellationToken,
+) {
     let _ = stream.set_nodelay(true);
     let seen = Arc::new(Progress::new());
     let io = TokioIo::new(Watched {
@@ -288,6 +451,11 @@ async fn connection(stream: TcpStream, app: Router, limits: Limits, stop: Cancel
     b.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
+    // The client's address for the handlers (who changed what, in the log).
+    let app = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req
+    });
     let conn = b.serve_connection(io, TowerToHyperService::new(app));
     tokio::pin!(conn);
     let mut closing = false;
@@ -522,11 +690,15 @@ async fn latest(State(s): State<AppState>) -> Response {
         .unwrap_or_else(|p| p.into_inner())
         .as_ref()
         .map(Store::latest);
+    // Paused probes are listed by name (their newest run stays in `runs`).
+    let paused = s.paused().names();
     if let Some(l) = mem {
-        return no_store(Json(json!({"runs": l.runs()})).into_response());
+        return no_store(Json(json!({"runs": l.runs(), "paused": paused})).into_response());
     }
     match read(&s, |c| Ok(store::latest_runs(c)?)).await {
-        Ok(v) => no_store(Json(json!({"runs": v.unwrap_or_default()})).into_response()),
+        Ok(v) => {
+            no_store(Json(json!({"runs": v.unwrap_or_default(), "paused": paused})).into_response())
+        }
         Err(e) => internal(e),
     }
 }
@@ -595,6 +767,207 @@ fn json_bytes(body: Bytes) -> Response {
         )
             .into_response(),
     )
+}
+
+/// `GET /api/v1/components`: every component with its status, open incident, members and
+/// active maintenance window.
+async fn components(State(s): State<AppState>) -> Response {
+    let (cfg, paused) = (s.config.clone(), s.paused());
+    let now = chrono::Utc::now().timestamp_millis();
+    let r = read(&s, move |c| {
+        crate::incident::read::list_components(c, &cfg, &paused, now)
+    })
+    .await;
+    match r {
+        Ok(v) => no_store(Json(json!({"components": v.unwrap_or_default()})).into_response()),
+        Err(e) => internal(e),
+    }
+}
+
+/// Largest JSON body a control route accepts.
+const MAX_CONTROL_BODY: usize = 64 * 1024;
+
+/// The JSON body of a control route; an empty body is `T::default()`.
+fn body<T: DeserializeOwned + Default>(b: &Bytes) -> Result<T, ApiError> {
+    if b.len() > MAX_CONTROL_BODY {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body over {MAX_CONTROL_BODY} bytes"),
+        ));
+    }
+    if b.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(b)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+/// `{reason}`, optional, of pause, resume, run and resolve.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Why {
+    #[serde(default)]
+    reason: String,
+}
+
+impl Why {
+    fn origin(self, who: Authorized) -> Origin {
+        Origin {
+            who: who.remote,
+            reason: self.reason,
+        }
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
+fn answer(status: StatusCode, v: Value) -> Answer {
+    Ok(no_store((status, Json(v)).into_response()))
+}
+
+async fn set_paused(s: AppState, who: Authorized, name: String, b: Bytes, paused: bool) -> Answer {
+    let origin = body::<Why>(&b)?.origin(who);
+    let changed = s.control()?.set_paused(&name, paused, &origin).await?;
+    answer(
+        StatusCode::OK,
+        json!({"probe": name, "paused": paused, "changed": changed}),
+    )
+}
+
+/// `POST /api/v1/probes/{name}/pause`: no more scheduled runs until resumed (kept across
+/// restarts).
+async fn pause(
+    who: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> Answer {
+    set_paused(s, who, name, b, true).await
+}
+
+/// `POST /api/v1/probes/{name}/resume`.
+async fn resume(
+    who: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> Answer {
+    set_paused(s, who, name, b, false).await
+}
+
+/// `POST /api/v1/probes/{name}/run`: run now; the answer is the run as `check --json`
+/// prints it.
+async fn run_now(
+    who: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> Answer {
+    let origin = body::<Why>(&b)?.origin(who);
+    let r = s.control()?.run_now(&name, &origin).await?;
+    answer(StatusCode::OK, r.to_json())
+}
+
+/// `POST /api/v1/maintenance` body.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StartWindow {
+    component: String,
+    /// `"15m"`, `"2h"`…
+    duration: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /api/v1/maintenance`: a window on `component` from now for `duration`; answers
+/// 201 with the window (its `id` ends it).
+async fn start_maintenance(who: Authorized, State(s): State<AppState>, b: Bytes) -> Answer {
+    let req: StartWindow = body(&b)?;
+    if req.component.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "component is required",
+        ));
+    }
+    let duration = crate::config::duration::parse(&req.duration)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("duration: {e}")))?;
+    let origin = Origin {
+        who: who.remote,
+        reason: req.reason,
+    };
+    let w = s
+        .control()?
+        .command(|reply| Command::StartMaintenance {
+            component: req.component,
+            duration,
+            origin,
+            reply,
+        })
+        .await?;
+    answer(StatusCode::CREATED, w.to_json())
+}
+
+/// `GET /api/v1/maintenance`: windows started through the API that have not ended.
+async fn list_maintenance(State(s): State<AppState>) -> Response {
+    let now = chrono::Utc::now().timestamp_millis();
+    let r = read(&s, move |c| {
+        let has = c
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'maintenance_windows'",
+                [],
+                |_| Ok(()),
+            )
+            .is_ok();
+        if !has {
+            return Ok(Vec::new());
+        }
+        Ok(crate::control::load_windows(c, now)?
+            .iter()
+            .map(crate::control::Window::to_json)
+            .collect::<Vec<_>>())
+    })
+    .await;
+    match r {
+        Ok(v) => no_store(Json(json!({"windows": v.unwrap_or_default()})).into_response()),
+        Err(e) => internal(e),
+    }
+}
+
+/// `DELETE /api/v1/maintenance/{id}`: end a running window now.
+async fn end_maintenance(
+    who: Authorized,
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+) -> Answer {
+    let origin = Why::default().origin(who);
+    let w = s
+        .control()?
+        .command(|reply| Command::EndMaintenance { id, origin, reply })
+        .await?;
+    answer(StatusCode::OK, w.to_json())
+}
+
+/// `POST /api/v1/incidents/{id}/resolve` with `{reason}`: resolve by hand; the reason goes
+/// on the timeline and into the resolve notifications.
+async fn resolve(
+    who: Authorized,
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+    b: Bytes,
+) -> Answer {
+    let why: Why = body(&b)?;
+    if why.reason.trim().is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "reason is required"));
+    }
+    let origin = why.origin(who);
+    s.control()?
+        .command(|reply| Command::Resolve {
+            incident: id,
+            origin,
+            reply,
+        })
+        .await?;
+    answer(StatusCode::OK, json!({"incident": id, "resolved": true}))
 }
 
 async fn dashboard() -> Html<&'static str> {

@@ -7,6 +7,7 @@ pub mod api;
 pub mod check;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod demo_stt;
 pub mod fdlimit;

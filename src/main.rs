@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use watchpost::{check, config, demo, incident, notify, report, store};
+use watchpost::{check, config, control, demo, incident, notify, report, store};
 
 /// `println!` that returns the write error instead of panicking, so a closed pipe
 /// (`watchpost validate | head -0`) ends the command quietly (see `main`).
@@ -105,6 +105,11 @@ enum Cmd {
         /// Name of a `[notifier.NAME]` table in the config.
         notifier: String,
     },
+    /// Maintenance windows on a running agent, through its API (token from api_token_env).
+    Maintenance {
+        #[command(subcommand)]
+        cmd: MaintenanceCmd,
+    },
     /// Embedded demo services + agent + dashboard, one command.
     Demo {
         /// Dashboard address.
@@ -117,6 +122,153 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum MaintenanceCmd {
+    /// Start a window on COMPONENT now (no incident opens for it while it runs).
+    Start {
+        /// The component's name, as in `[[component]] name`.
+        component: String,
+        /// How long the window lasts (e.g. "15m", "2h"; at most 7d).
+        #[arg(long = "for")]
+        duration: String,
+        /// Shown on the timeline and in notifications.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// The agent's API (default: http://<[agent] listen>).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Print the window as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a running window now.
+    End {
+        /// The window's id (printed by `start`, listed by `list`).
+        id: i64,
+        /// The agent's API (default: http://<[agent] listen>).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Print the window as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the windows started through the API that have not ended.
+    List {
+        /// The agent's API (default: http://<[agent] listen>).
+        #[arg(long)]
+        agent: Option<String>,
+        /// One JSON object per window per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `watchpost maintenance …`: 0 done · 1 refused or unreachable · 3 config or usage error.
+async fn maintenance(c: &config::Config, cmd: MaintenanceCmd) -> anyhow::Result<u8> {
+    use reqwest::Method;
+    let agent = match &cmd {
+        MaintenanceCmd::Start { agent, .. }
+        | MaintenanceCmd::End { agent, .. }
+        | MaintenanceCmd::List { agent, .. } => agent.clone(),
+    };
+    let base = match control::agent_url(c, agent.as_deref()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(3);
+        }
+    };
+    let token = c.agent.api_token.as_ref();
+    let (method, path, body, json) = match cmd {
+        MaintenanceCmd::Start {
+            component,
+            duration,
+            reason,
+            json,
+            ..
+        } => {
+            if let Err(e) = config::duration::parse(&duration) {
+                eprintln!("error: --for: {e}");
+                return Ok(3);
+            }
+            let body =
+                serde_json::json!({"component": component, "duration": duration, "reason": reason});
+            (
+                Method::POST,
+                "/api/v1/maintenance".to_string(),
+                Some(body),
+                json,
+            )
+        }
+        MaintenanceCmd::End { id, json, .. } => (
+            Method::DELETE,
+            format!("/api/v1/maintenance/{id}"),
+            None,
+            json,
+        ),
+        MaintenanceCmd::List { json, .. } => {
+            (Method::GET, "/api/v1/maintenance".to_string(), None, json)
+        }
+    };
+    let is_list = method == Method::GET;
+    let is_end = method == Method::DELETE;
+    let v = match control::call(&base, token, method, &path, body).await {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if token.is_none()
+                && matches!(
+                    e,
+                    control::ClientError::Refused {
+                        status: 401 | 403,
+                        ..
+                    }
+                )
+            {
+                eprintln!("hint: set [agent] api_token_env and export the token in this shell");
+            }
+            return Ok(1);
+        }
+    };
+    let windows: Vec<serde_json::Value> = if is_list {
+        v.get("windows")
+            .and_then(|w| w.as_array())
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        vec![v]
+    };
+    if is_list && windows.is_empty() && !json {
+        out!("no maintenance windows running");
+    }
+    for w in &windows {
+        if json {
+            out!("{w}");
+        } else {
+            let f = |k: &str| {
+                w.get(k)
+                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+                    .unwrap_or_default()
+            };
+            let verb = if is_end {
+                "ended"
+            } else if is_list {
+                "running"
+            } else {
+                "started"
+            };
+            out!(
+                "maintenance window {} on {:?} {verb}, until {}: {}",
+                f("id"),
+                f("component"),
+                f("ends_at"),
+                f("reason")
+            );
+        }
+    }
+    Ok(0)
 }
 
 fn main() -> ExitCode {
@@ -341,6 +493,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     Ok(1)
                 }
             }
+        }
+        Cmd::Maintenance { cmd } => {
+            let c = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            maintenance(&c, cmd).await
         }
         Cmd::Demo {
             listen,

@@ -25,10 +25,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::control::{self, Command, Control, Paused};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::notify::outbox::Bell;
 use crate::probe::{self, RunResult};
+use crate::schedule::Gate;
 use crate::store::{Store, WriterHandle};
 use crate::{api, incident, notify, schedule};
 
@@ -48,6 +50,8 @@ pub struct Shared {
     pub http: probe::http::Clients,
     /// Progress stamps and faults of the parts, for `/health`.
     pub health: Health,
+    /// Probes paused through the API (read back from the store at start).
+    pub paused: Paused,
 }
 
 /// What to start.
@@ -91,6 +95,8 @@ struct Task {
 /// A running agent.
 pub struct Pipeline {
     pub config: Arc<Config>,
+    /// Pause/resume/run-now and the evaluator's commands (what the API's mutating routes use).
+    pub control: Control,
     pub store: Store,
     pub metrics: Metrics,
     pub shared: Shared,
@@ -152,6 +158,13 @@ impl Pipeline {
         let (store, writer) = Store::start(&config.db_path())?;
         let metrics = Metrics::new();
         describe_metrics(&metrics);
+        shared
+            .paused
+            .load(&store.reader()?)
+            .context("reading the paused probes")?;
+        for p in config.probes.iter().filter(|p| p.enabled) {
+            control::export_paused(&metrics, &p.name, shared.paused.contains(&p.name));
+        }
         let (sched_stop, stop, force) = (
             CancellationToken::new(),
             CancellationToken::new(),
@@ -165,9 +178,23 @@ impl Pipeline {
 
         let (run_tx, run_rx) = mpsc::channel::<RunResult>(1024);
         let (eval_tx, eval_rx) = mpsc::channel::<RunResult>(1024);
+        let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
         let evaluator =
             incident::Evaluator::new(config.clone(), store.clone(), metrics.clone(), &shared)?;
-        tasks.push(spawn("evaluator", evaluator.run(eval_rx, force.clone())));
+        tasks.push(spawn(
+            "evaluator",
+            evaluator.run(eval_rx, cmd_rx, force.clone()),
+        ));
+        let gate = Gate::new(&config);
+        let control = Control::new(
+            config.clone(),
+            store.clone(),
+            metrics.clone(),
+            shared.clone(),
+            gate.clone(),
+            run_tx.downgrade(),
+            cmd_tx,
+        );
         if opts.dispatcher {
             let d =
                 notify::Dispatcher::new(config.clone(), store.clone(), metrics.clone(), &shared)?;
@@ -203,7 +230,8 @@ impl Pipeline {
                 metrics.clone(),
                 store.clone(),
                 shared.health.clone(),
-            );
+            )
+            .with_control(control.clone());
             let (stop, force) = (stop.clone(), force.clone());
             tasks.push(spawn("api", async move {
                 let serve = api::serve(l, state.clone(), limits, stop);
@@ -222,6 +250,7 @@ impl Pipeline {
                 store: Some(store.clone()),
                 sink: run_tx,
                 shared: shared.clone(),
+                gate,
             };
             tasks.push(spawn(
                 "scheduler",
@@ -233,6 +262,7 @@ impl Pipeline {
         };
         Ok(Pipeline {
             config,
+            control,
             store,
             metrics,
             shared,
@@ -329,6 +359,7 @@ impl Pipeline {
         let deadline = Instant::now() + self.config.agent.shutdown_grace;
         let Pipeline {
             store,
+            control,
             runs,
             mut tasks,
             writer,
@@ -360,7 +391,8 @@ impl Pipeline {
             stop.cancel();
         }
         timer.abort();
-        drop(store);
+        // The control handle holds a writer handle too.
+        drop((store, control));
         if let Some(w) = writer {
             let limit = deadline.max(Instant::now() + WRITER_FLUSH);
             join_task(w, limit, &mut errors).await;
@@ -384,6 +416,7 @@ impl Pipeline {
         }
         drop(self.runs);
         drop(self.store);
+        drop(self.control);
         if let Some(w) = self.writer {
             let _ = w.handle.await;
         }

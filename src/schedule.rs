@@ -235,6 +235,8 @@ pub struct Scheduler {
     pub store: Option<Store>,
     pub sink: mpsc::Sender<RunResult>,
     pub shared: Shared,
+    /// The concurrency cap and per-host limit (shared with runs started through the API).
+    pub gate: Gate,
 }
 
 impl Scheduler {
@@ -257,7 +259,7 @@ impl Scheduler {
         let mut loops = JoinSet::new();
         let mut names = HashMap::new();
         let abandon = CancellationToken::new();
-        let gate = Gate::new(&self.config);
+        let gate = self.gate.clone();
         for cfg in self.config.probes.iter().filter(|p| p.enabled) {
             let probe = match Probe::build_with(cfg, &self.shared.http) {
                 Ok(p) => Arc::new(p),
@@ -280,8 +282,9 @@ impl Scheduler {
             let skip_metrics = self.metrics.clone();
             let skip_name = cfg.name.clone();
             let loop_name = cfg.name.clone();
+            let paused = self.shared.paused.clone();
             let run = move |slot: Slot| {
-                let (probe, cfg, gate, sink, metrics, health, host, abandon) = (
+                let (probe, cfg, gate, sink, metrics, health, host, abandon, paused) = (
                     probe.clone(),
                     cfg.clone(),
                     gate.clone(),
@@ -290,8 +293,13 @@ impl Scheduler {
                     health.clone(),
                     host.clone(),
                     abandon.clone(),
+                    paused.clone(),
                 );
                 async move {
+                    // Paused through the API: the slot passes without a run (not a skip).
+                    if paused.contains(&cfg.name) {
+                        return;
+                    }
                     let work = async {
                         let lag = OnceLock::new();
                         let (gate, host, metrics_ref, lag_ref) = (&gate, &host, &metrics, &lag);

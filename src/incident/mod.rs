@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::{Config, ProbeConfig};
+use crate::control::{self, Command, CommandError, Origin, Window};
 use crate::health::Beat;
 use crate::metrics::Metrics;
 use crate::notify::event::Event;
@@ -123,6 +124,8 @@ pub struct Evaluator {
     /// a run is matched against its components only, not against every member of every one.
     by_probe: HashMap<String, Vec<usize>>,
     next_id: i64,
+    /// Maintenance windows started through the API that have not ended yet.
+    windows: Vec<Window>,
     tick: Duration,
     reader: Option<Connection>,
     clock: Clock,
@@ -175,6 +178,10 @@ impl Evaluator {
             reader.query_row("SELECT coalesce(max(id), 0) FROM incidents", [], |r| {
                 r.get(0)
             })?;
+        let windows = control::load_windows(&reader, shared.clock.now_ms())?;
+        for w in &windows {
+            tracing::info!(component = %w.component, window = w.id, ends_at = %crate::notify::event::iso(w.ends_at), "maintenance window started through the API still runs");
+        }
         let mut comps = Vec::new();
         for c in &config.components {
             let name = c.name.get_ref().clone();
@@ -250,6 +257,7 @@ impl Evaluator {
             comps,
             by_probe,
             next_id: max_id + 1,
+            windows,
             tick,
             reader: Some(reader),
             clock: shared.clock,
@@ -263,10 +271,12 @@ impl Evaluator {
     }
 
     /// Runs until `runs` closes (the scheduler has drained), or stops where it is when
-    /// `force` is cancelled (the shutdown deadline passed).
+    /// `force` is cancelled (the shutdown deadline passed). `commands` are the non-run
+    /// inputs (the control API); each is answered once its effect is stored.
     pub async fn run(
         mut self,
         mut runs: mpsc::Receiver<RunResult>,
+        mut commands: mpsc::Receiver<Command>,
         force: CancellationToken,
     ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(self.tick);
@@ -283,6 +293,7 @@ impl Evaluator {
                     Some(run) => self.on_run(&run).await,
                     None => break,
                 },
+                Some(c) = commands.recv() => self.on_command(c).await,
                 _ = tick.tick() => self.on_tick().await,
             }
         }
@@ -319,6 +330,7 @@ impl Evaluator {
     /// Time passing: recovery holds, maintenance windows.
     pub async fn on_tick(&mut self) {
         let now = self.clock.now_ms();
+        self.windows.retain(|w| w.ends_at > now);
         for ci in 0..self.comps.len() {
             if let Some(t) = self.evaluate(ci, now) {
                 self.persist(ci, Some(t), now).await;
@@ -326,11 +338,23 @@ impl Evaluator {
         }
     }
 
-    fn evaluate(&mut self, ci: usize, now: i64) -> Option<Transition> {
+    /// The reason of a maintenance window (configured or started through the API) active
+    /// for component `ci` at `now`.
+    fn maintenance_reason(&self, ci: usize, now: i64) -> Option<String> {
+        let name = &self.comps[ci].name;
         let now_dt = chrono::DateTime::from_timestamp_millis(now).unwrap_or_default();
-        let reason =
-            maintenance::active_reason(&self.config.maintenance, &self.comps[ci].name, now_dt)
-                .map(str::to_string);
+        maintenance::active_reason(&self.config.maintenance, name, now_dt)
+            .or_else(|| {
+                self.windows
+                    .iter()
+                    .find(|w| &w.component == name && w.active(now))
+                    .map(|w| w.reason.as_str())
+            })
+            .map(str::to_string)
+    }
+
+    fn evaluate(&mut self, ci: usize, now: i64) -> Option<Transition> {
+        let reason = self.maintenance_reason(ci, now);
         let next_id = &mut self.next_id;
         let comp = &mut self.comps[ci];
         comp.state
@@ -478,6 +502,185 @@ impl Evaluator {
             self.bell.ring();
             self.export(ci);
         }
+    }
+
+    /// One command of the control API (also usable directly by tests and rehearsals).
+    pub async fn on_command(&mut self, c: Command) {
+        match c {
+            Command::StartMaintenance {
+                component,
+                duration,
+                origin,
+                reply,
+            } => {
+                let r = self.start_maintenance(&component, duration, &origin).await;
+                let _ = reply.send(r);
+            }
+            Command::EndMaintenance { id, origin, reply } => {
+                let r = self.end_maintenance(id, &origin).await;
+                let _ = reply.send(r);
+            }
+            Command::Resolve {
+                incident,
+                origin,
+                reply,
+            } => {
+                let r = self.resolve_by_hand(incident, &origin).await;
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn component_index(&self, name: &str) -> Result<usize, CommandError> {
+        self.comps
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.comps.iter().map(|c| c.name.as_str()).collect();
+                CommandError::NotFound(format!(
+                    "no component named {name:?} (defined: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })
+    }
+
+    async fn start_maintenance(
+        &mut self,
+        component: &str,
+        duration: Duration,
+        origin: &Origin,
+    ) -> Result<Window, CommandError> {
+        let ci = self.component_index(component)?;
+        if duration.is_zero() || duration > control::MAX_MAINTENANCE {
+            return Err(CommandError::Invalid(
+                "duration must be between 1s and 7d".into(),
+            ));
+        }
+        let now = self.clock.now_ms();
+        let reason = if origin.reason.trim().is_empty() {
+            "maintenance".to_string()
+        } else {
+            crate::notify::event::truncate(origin.reason.trim(), 500)
+        };
+        let mut w = Window {
+            id: 0,
+            component: component.to_string(),
+            starts_at: now,
+            ends_at: now.saturating_add(duration.as_millis() as i64),
+            reason,
+        };
+        let row = w.clone();
+        w.id = self
+            .store
+            .write(move |c| {
+                c.execute(
+                    "INSERT INTO maintenance_windows (component, starts_at, ends_at, reason) VALUES (?1, ?2, ?3, ?4)",
+                    params![row.component, row.starts_at, row.ends_at, row.reason],
+                )?;
+                Ok(c.last_insert_rowid())
+            })
+            .await
+            .map_err(CommandError::Internal)?;
+        tracing::info!(component, window = w.id, what = "maintenance start", until = %crate::notify::event::iso(w.ends_at), who = %origin.who, reason = %w.reason, "maintenance window started by the API");
+        self.windows.push(w.clone());
+        self.after_window_change(ci, EventKind::MaintenanceStarted, &w, now)
+            .await;
+        Ok(w)
+    }
+
+    async fn end_maintenance(&mut self, id: i64, origin: &Origin) -> Result<Window, CommandError> {
+        let now = self.clock.now_ms();
+        let Some(i) = self
+            .windows
+            .iter()
+            .position(|w| w.id == id && w.ends_at > now)
+        else {
+            return Err(CommandError::NotFound(format!(
+                "no running maintenance window {id}"
+            )));
+        };
+        self.store
+            .write(move |c| {
+                c.execute(
+                    "UPDATE maintenance_windows SET ends_at = ?2, ended_early = 1 WHERE id = ?1",
+                    params![id, now],
+                )
+            })
+            .await
+            .map_err(CommandError::Internal)?;
+        let mut w = self.windows.remove(i);
+        w.ends_at = now;
+        tracing::info!(component = %w.component, window = id, what = "maintenance end", who = %origin.who, "maintenance window ended by the API");
+        if let Ok(ci) = self.component_index(&w.component) {
+            self.after_window_change(ci, EventKind::MaintenanceEnded, &w, now)
+                .await;
+        }
+        Ok(w)
+    }
+
+    /// After a window started or ended: evaluate the component now (its status follows at
+    /// once); with an incident open, which maintenance does not touch, the change goes on
+    /// the incident's timeline instead.
+    async fn after_window_change(&mut self, ci: usize, kind: EventKind, w: &Window, now: i64) {
+        if let Some(inc) = self.comps[ci].state.incident.clone() {
+            let status = self.comps[ci].state.status;
+            let note = match kind {
+                EventKind::MaintenanceStarted => format!(
+                    "maintenance window {} started until {}: {}",
+                    w.id,
+                    crate::notify::event::iso(w.ends_at),
+                    w.reason
+                ),
+                _ => format!("maintenance window {} ended: {}", w.id, w.reason),
+            };
+            let component = w.component.clone();
+            let r = self
+                .store
+                .write(move |c| {
+                    c.execute(
+                        "INSERT INTO incident_events (component, incident_id, at, kind, from_status, to_status, note)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+                        params![component, inc.id, now, kind.as_str(), status.as_str(), note],
+                    )
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %format!("{e:#}"), "cannot store the maintenance timeline entry");
+            }
+        }
+        let t = self.evaluate(ci, now);
+        self.persist(ci, t, now).await;
+    }
+
+    async fn resolve_by_hand(&mut self, id: i64, origin: &Origin) -> Result<(), CommandError> {
+        let Some(ci) = self
+            .comps
+            .iter()
+            .position(|c| c.state.incident.as_ref().is_some_and(|i| i.id == id))
+        else {
+            return Err(CommandError::NotFound(format!(
+                "no open incident {id} (resolved already, or not one of this agent's components)"
+            )));
+        };
+        let reason = crate::notify::event::truncate(origin.reason.trim(), 500);
+        let note = if reason.is_empty() {
+            "resolved by hand".to_string()
+        } else {
+            format!("resolved by hand: {reason}")
+        };
+        let now = self.clock.now_ms();
+        let t = self.comps[ci].state.resolve_by_hand(note);
+        tracing::info!(component = %self.comps[ci].name, incident = id, what = "resolve", who = %origin.who, reason = %reason, "incident resolved by the API");
+        self.persist(ci, t, now).await;
+        // A maintenance window may be running: the status follows it at once.
+        if let Some(t) = self.evaluate(ci, now) {
+            self.persist(ci, Some(t), now).await;
+        }
+        Ok(())
     }
 
     fn export(&self, ci: usize) {

@@ -211,3 +211,138 @@ pub fn render_incidents(list: &[IncidentView]) -> String {
     }
     out
 }
+
+/// One component as `/api/v1/components` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ComponentView {
+    pub name: String,
+    /// `operational`, `maintenance`, `degraded`, `partial_outage` or `major_outage`.
+    pub status: String,
+    /// The open incident, if any.
+    pub incident: Option<OpenIncidentView>,
+    pub members: Vec<MemberView>,
+    /// The maintenance window active now, if any.
+    pub maintenance: Option<MaintenanceView>,
+}
+
+/// The open incident of a component.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OpenIncidentView {
+    pub id: i64,
+    pub opened_at: String,
+    pub flapping: bool,
+}
+
+/// One member series of a component and what the evaluator knows of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemberView {
+    /// A probe or a sub-check (`api-health/checks.database`).
+    pub name: String,
+    /// `down` or `degraded` once confirmed (failure_threshold bad runs), else null.
+    pub level: Option<String>,
+    pub bad_streak: u32,
+    pub good_streak: u32,
+    pub last_error: Option<CauseView>,
+    /// An active latency-budget breach.
+    pub budget: Option<String>,
+    /// The member's probe is paused through the API.
+    pub paused: bool,
+}
+
+/// An active maintenance window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MaintenanceView {
+    /// `api` (started through the API; `id` ends it) or `config` (`[[maintenance]]`).
+    pub source: &'static str,
+    pub id: Option<i64>,
+    pub reason: String,
+    /// End of an API window (configured ones follow their calendar).
+    pub ends_at: Option<String>,
+}
+
+/// Every configured component with its stored state at `now_ms` (state not yet stored:
+/// operational with fresh members).
+pub fn list_components(
+    conn: &Connection,
+    config: &crate::config::Config,
+    paused: &crate::control::Paused,
+    now_ms: i64,
+) -> anyhow::Result<Vec<ComponentView>> {
+    use crate::incident::state::{ComponentState, Level};
+    let mut saved = std::collections::HashMap::new();
+    let mut windows = Vec::new();
+    if table_exists(conn, "component_state")? {
+        let mut st = conn.prepare("SELECT component, state FROM component_state")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (c, s) = row?;
+            if let Ok(state) = serde_json::from_str::<ComponentState>(&s) {
+                saved.insert(c, state);
+            }
+        }
+    }
+    if table_exists(conn, "maintenance_windows")? {
+        windows = crate::control::load_windows(conn, now_ms)?;
+    }
+    let now_dt = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
+    let mut out = Vec::new();
+    for c in &config.components {
+        let name = c.name.get_ref().clone();
+        let state = saved.remove(&name).unwrap_or_default();
+        let members = c
+            .probes
+            .iter()
+            .map(|m| {
+                let m = m.get_ref();
+                let s = state.members.get(m).cloned().unwrap_or_default();
+                let probe = m.split('/').next().unwrap_or(m);
+                MemberView {
+                    name: m.clone(),
+                    level: s.level.map(|l| match l {
+                        Level::Down => "down".to_string(),
+                        Level::Degraded => "degraded".to_string(),
+                    }),
+                    bad_streak: s.bad_streak,
+                    good_streak: s.good_streak,
+                    last_error: s.last_error.map(|e| CauseView {
+                        member: e.member,
+                        class: Some(e.class),
+                        message: Some(e.message),
+                    }),
+                    budget: s.budget.map(|b| b.message),
+                    paused: paused.contains(probe),
+                }
+            })
+            .collect();
+        let maintenance =
+            match crate::incident::maintenance::active_reason(&config.maintenance, &name, now_dt) {
+                Some(reason) => Some(MaintenanceView {
+                    source: "config",
+                    id: None,
+                    reason: reason.to_string(),
+                    ends_at: None,
+                }),
+                None => windows
+                    .iter()
+                    .find(|w| w.component == name && w.active(now_ms))
+                    .map(|w| MaintenanceView {
+                        source: "api",
+                        id: Some(w.id),
+                        reason: w.reason.clone(),
+                        ends_at: Some(iso(w.ends_at)),
+                    }),
+            };
+        out.push(ComponentView {
+            name,
+            status: state.status.as_str().to_string(),
+            incident: state.incident.map(|i| OpenIncidentView {
+                id: i.id,
+                opened_at: iso(i.opened_at),
+                flapping: i.flapping,
+            }),
+            members,
+            maintenance,
+        });
+    }
+    Ok(out)
+}

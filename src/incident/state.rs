@@ -323,6 +323,29 @@ impl ComponentState {
             .and_then(|m| m.last_error.clone())
     }
 
+    /// Resolve the open incident by hand (`watchpost` API): the members start over (a new
+    /// incident needs `failure_threshold` fresh bad runs) and the component is operational
+    /// until the next evaluation says otherwise (e.g. a maintenance window). `None` when
+    /// there is no open incident.
+    pub fn resolve_by_hand(&mut self, note: String) -> Option<Transition> {
+        let inc = self.incident.take()?;
+        let cause = self.latest_cause();
+        for m in self.members.values_mut() {
+            *m = MemberState::default();
+        }
+        let from = self.status;
+        self.status = Status::Operational;
+        Some(Transition {
+            kind: EventKind::Resolved,
+            from,
+            to: Status::Operational,
+            incident: Some(inc),
+            cause,
+            note: Some(note),
+            notify: true,
+        })
+    }
+
     /// Decide what changes at `now`. `maintenance` is the reason of an active window for
     /// this component; `next_id` allocates an incident id when one opens.
     pub fn evaluate(
@@ -656,6 +679,24 @@ mod tests {
         assert_eq!((t.kind, t.from, t.to), (Resolved, MajorOutage, Operational));
         assert_eq!(t.incident.unwrap().id, 1);
         assert!(sim.s.incident.is_none());
+    }
+
+    #[test]
+    fn resolved_by_hand_starts_the_members_over() {
+        let mut sim = Sim::new(&["a"], RULES);
+        assert!(sim.s.resolve_by_hand("nothing open".into()).is_none());
+        sim.feed("a", X, 0);
+        let opened = sim.feed("a", X, 1000).unwrap();
+        let t = sim.s.resolve_by_hand("fixed by hand".into()).unwrap();
+        assert_eq!((t.kind, t.from, t.to), (Resolved, MajorOutage, Operational));
+        assert_eq!(t.incident, opened.incident);
+        assert_eq!(t.note.as_deref(), Some("fixed by hand"));
+        assert!(t.notify);
+        assert!(sim.s.incident.is_none());
+        // Still failing: a new incident only after failure_threshold fresh bad runs.
+        assert!(sim.step(None, 2000, None).is_none());
+        assert!(sim.feed("a", X, 3000).is_none());
+        assert_eq!(sim.feed("a", X, 4000).map(|t| t.kind), Some(Opened));
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub const MIGRATIONS: &[&str] = &[
     crate::incident::MIGRATION,
     // 3: compact runs, series ids, hourly histograms (old rows converted)
     COMPACT,
+    // 4: paused probes, maintenance windows started through the API
+    crate::control::MIGRATION,
 ];
 
 /// Seconds per minute and per hour (histogram bucket sizes).
