@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 use watchpost::{check, config, control, demo, incident, notify, report, store};
 
@@ -30,7 +30,13 @@ macro_rules! out_raw {
 #[command(
     name = "watchpost",
     version,
-    about = "Synthetic monitoring for HTTP, WebSocket and realtime speech-to-text services"
+    about = "Synthetic monitoring for HTTP, WebSocket and realtime speech-to-text services",
+    after_long_help = "Exit codes: 0 ok; 1 degraded (check) or not delivered (notify-test); 2 down (check); \
+3 configuration or usage error.\n\
+Environment: WATCHPOST_CONFIG (the config file), WATCHPOST_LOG (log filter, e.g. debug). \
+Logs go to stderr.\n\
+Files: config/watchpost.toml (relative to the working directory unless -c or WATCHPOST_CONFIG \
+says otherwise), the probe files its [agent] probes globs name, <data_dir>/watchpost.db."
 )]
 struct Cli {
     /// Main configuration file.
@@ -122,6 +128,28 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Print a JSON Schema of the configuration, for editors (taplo / Even Better TOML).
+    Schema {
+        /// Which file: the main config or a probe file.
+        #[arg(value_enum, default_value_t = SchemaFile::Config)]
+        file: SchemaFile,
+    },
+    /// Print a shell completion script (e.g. `watchpost completions bash > /etc/bash_completion.d/watchpost`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `watchpost man > watchpost.1`.
+    Man,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SchemaFile {
+    /// `config/watchpost.toml`.
+    Config,
+    /// A probe file (`probes/*.toml`).
+    Probe,
 }
 
 #[derive(Subcommand)]
@@ -350,6 +378,29 @@ fn load(path: &std::path::Path) -> Result<config::Config, u8> {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.cmd {
+        Cmd::Schema { file } => {
+            let which = match file {
+                SchemaFile::Config => config::schema::Which::Main,
+                SchemaFile::Probe => config::schema::Which::Probe,
+            };
+            out!(
+                "{}",
+                serde_json::to_string_pretty(&config::schema::schema(which))?
+            );
+            Ok(0)
+        }
+        Cmd::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "watchpost", &mut buf);
+            out_raw!("{}", String::from_utf8_lossy(&buf));
+            Ok(0)
+        }
+        Cmd::Man => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
+            out_raw!("{}", String::from_utf8_lossy(&buf));
+            Ok(0)
+        }
         Cmd::Validate => {
             let c = match load(&cli.config) {
                 Ok(c) => c,
@@ -557,7 +608,6 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn every_argument_and_flag_has_help_text() {

@@ -110,6 +110,20 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+impl schemars::JsonSchema for Dur {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration: a number and a unit (us, ms, s, m, h, d), or a sum like \"1m30s\"; `${ENV}` allowed.",
+            "pattern": "^\\s*([0-9.]+(us|µs|ms|s|m|h|d))+\\s*$|\\$\\{",
+            "examples": ["250ms", "5s", "1m30s", "7d"]
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,18 @@ impl<'de> Deserialize<'de> for Interp {
     }
 }
 
+impl schemars::JsonSchema for Interp {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Text".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "Text; `${ENV_VAR}` and `${ENV_VAR:-default}` are replaced from the environment."
+        })
+    }
+}
+
 /// A secret read from the environment variable a `*_env` key names. Never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret {
@@ -121,6 +133,19 @@ impl<'de> Deserialize<'de> for Secret {
                 "environment variable {var} is not set (this key names the variable holding the secret)"
             ))),
         }
+    }
+}
+
+impl schemars::JsonSchema for Secret {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SecretEnv".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "Name of the environment variable holding the secret (it must be set).",
+            "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"
+        })
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod duration;
 pub mod interp;
+pub mod schema;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -170,13 +171,16 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 // File shapes
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct MainFile {
+    /// The agent itself: data directory, probe files, API address.
     #[serde(default)]
     agent: AgentFile,
+    /// Inherited by every probe.
     #[serde(default)]
     defaults: Defaults,
+    /// How long stored data lives.
     #[serde(default)]
     retention: Retention,
     /// Components shown on status pages.
@@ -187,11 +191,12 @@ struct MainFile {
     maintenance: Vec<crate::incident::MaintenanceConfig>,
     /// Notifiers, read separately (their shape depends on `kind`).
     #[serde(default, rename = "notifier")]
+    #[schemars(with = "BTreeMap<String, crate::notify::NotifierTable>")]
     _notifiers: Option<serde::de::IgnoredAny>,
 }
 
 /// `[agent]`: the agent itself.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AgentFile {
     /// Vantage point name shown in notifications (default: the host name).
@@ -253,7 +258,7 @@ fn default_host_rate() -> u32 {
 }
 
 /// `[defaults]`: inherited by every probe.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Defaults {
     /// Time between runs (floor 1 s).
@@ -302,7 +307,7 @@ fn default_jitter() -> Dur {
 }
 
 /// `[retention]`: how long stored data lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Retention {
     /// Individual runs.
@@ -338,7 +343,7 @@ fn default_ret_hourly() -> Dur {
 }
 
 /// Latency budget of one phase.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
     /// Median over the budget window.
@@ -352,12 +357,14 @@ pub struct Budget {
 }
 
 /// `[[component]]`: what a status page shows.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentConfig {
     /// Name shown on status pages and in notifications.
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
     /// Member series: probe names or `probe/sub-check`.
+    #[schemars(with = "Vec<String>")]
     pub probes: Vec<Spanned<String>>,
     /// Consecutive bad runs of a member before the component leaves operational.
     #[serde(default = "default_failure_threshold")]
@@ -379,6 +386,7 @@ pub struct ComponentConfig {
     pub max_incidents_per_hour: u32,
     /// Notifier names.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub notify: Vec<Spanned<String>>,
 }
 
@@ -402,12 +410,14 @@ fn default_max_incidents_per_hour() -> u32 {
 }
 
 /// Keys every probe file may carry, whatever its kind.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ProbeCommonFile {
     /// Unique probe name (also its series name).
+    #[schemars(with = "String")]
     name: Spanned<String>,
     /// Probe kind: http, websocket or listen.
+    #[schemars(with = "String")]
     kind: Spanned<String>,
     /// Disabled probes are validated but never run.
     #[serde(default = "yes")]
@@ -415,15 +425,26 @@ struct ProbeCommonFile {
     /// Free text shown in reports.
     #[serde(default)]
     description: String,
+    /// Time between runs (default: `[defaults] interval`).
+    #[schemars(with = "Option<Dur>")]
     interval: Option<Spanned<Dur>>,
+    /// Deadline of one attempt (default: `[defaults] timeout`; listen: fits its audio).
+    #[schemars(with = "Option<Dur>")]
     timeout: Option<Spanned<Dur>>,
+    /// Quick confirmation runs before a run counts as down (default: `[defaults] retries`).
+    #[schemars(with = "Option<u32>")]
     retries: Option<Spanned<u32>>,
+    /// Pause between confirmation runs (default: `[defaults] retry_delay`).
     retry_delay: Option<Dur>,
+    /// Random delay below this added to each planned start (default: `[defaults] jitter`).
+    #[schemars(with = "Option<Dur>")]
     jitter: Option<Spanned<Dur>>,
     /// Fixed start within the interval (default: a stable hash of the name).
+    #[schemars(with = "Option<Dur>")]
     offset: Option<Spanned<Dur>>,
     /// Per-phase latency budgets.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, Budget>")]
     budget: BTreeMap<Spanned<String>, Budget>,
 }
 

@@ -26,23 +26,29 @@ use crate::config::{ComponentConfig, Dur, SpanError};
 /// at = "03:00"             # UTC
 /// duration = "30m"
 /// ```
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MaintenanceConfig {
     /// Components in maintenance during the window.
+    #[schemars(with = "Vec<String>")]
     pub components: Vec<Spanned<String>>,
     /// Shown on the timeline and in notifications.
     #[serde(default)]
     pub reason: String,
     /// Fixed window: start, RFC 3339 (`2026-05-01T02:00:00Z`).
+    #[schemars(with = "Option<String>")]
     pub start: Option<Spanned<String>>,
     /// Fixed window: end, RFC 3339; must be after `start`.
+    #[schemars(with = "Option<String>")]
     pub end: Option<Spanned<String>>,
     /// Recurring window: days of the week (`mon` … `sun`); every day when omitted.
+    #[schemars(with = "Option<Vec<String>>")]
     pub days: Option<Vec<Spanned<String>>>,
     /// Recurring window: start time of day, `HH:MM` in UTC.
+    #[schemars(with = "Option<String>")]
     pub at: Option<Spanned<String>>,
     /// Recurring window: length (at most 7 days).
+    #[schemars(with = "Option<Dur>")]
     pub duration: Option<Spanned<Dur>>,
 }
 

@@ -22,7 +22,7 @@ use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
 use crate::config::{Interp, Rest, Secret, SpanError};
 
 /// `[notifier.NAME]` with `kind = "email"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
     /// `smtp://host:port` (no TLS: localhost relays only), `smtp://host:port?tls=starttls`
@@ -44,6 +44,7 @@ pub struct EmailConfig {
     pub all_events: bool,
     /// Absolute path of a PEM file with CA certificates to trust for the server's certificate
     /// (e.g. a private CA), in addition to the public roots. Needs smtps:// or ?tls=starttls.
+    #[schemars(with = "Option<String>")]
     pub ca_file: Option<toml::Spanned<String>>,
     /// Retry, rate limit and timeout settings.
     #[serde(default)]

@@ -31,7 +31,7 @@ fn yes() -> bool {
 }
 
 /// `[notifier.NAME]` with `kind = "instatus"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstatusConfig {
     /// API mode: the status page id.

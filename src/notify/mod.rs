@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -51,13 +52,45 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Parses one notifier kind's keys (everything but `kind`).
 type Parse = fn(Rest<'_>) -> Result<Arc<dyn Spec>, SpanError>;
 
-/// The notifier kinds: one registration line each.
-pub const KINDS: &[(&str, Parse)] = &[
-    ("instatus", instatus::parse),
-    ("pagerduty", pagerduty::parse),
-    ("email", email::parse),
-    ("webhook", webhook::parse),
+/// The notifier kinds: one registration line each (its name, its parser, and the schema of
+/// the struct the parser deserializes, for `watchpost schema`).
+pub const KINDS: &[(&str, Parse, crate::config::schema::SchemaFn)] = &[
+    (
+        "instatus",
+        instatus::parse,
+        <instatus::InstatusConfig as JsonSchema>::json_schema,
+    ),
+    (
+        "pagerduty",
+        pagerduty::parse,
+        <pagerduty::PagerDutyConfig as JsonSchema>::json_schema,
+    ),
+    (
+        "email",
+        email::parse,
+        <email::EmailConfig as JsonSchema>::json_schema,
+    ),
+    (
+        "webhook",
+        webhook::parse,
+        <webhook::WebhookConfig as JsonSchema>::json_schema,
+    ),
 ];
+
+/// A `[notifier.NAME]` table in the JSON Schema: exactly one of the kinds.
+pub struct NotifierTable;
+
+impl JsonSchema for NotifierTable {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Notifier".into()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        crate::config::schema::one_of_kinds(
+            "A notifier: `kind` decides which other keys it takes.",
+            KINDS.iter().map(|(k, _, schema)| (*k, schema(g))),
+        )
+    }
+}
 
 /// A notifier's validated configuration.
 pub trait Spec: fmt::Debug + Send + Sync {
@@ -98,10 +131,10 @@ pub struct NotifierConfig(pub Arc<dyn Spec>);
 impl NotifierConfig {
     /// Parse a `[notifier.NAME]` table whose `kind` was `kind`.
     pub fn from_kind(kind: &str, span: Range<usize>, rest: Rest<'_>) -> Result<Self, SpanError> {
-        match KINDS.iter().find(|(k, _)| *k == kind) {
-            Some((_, parse)) => parse(rest).map(NotifierConfig),
+        match KINDS.iter().find(|(k, _, _)| *k == kind) {
+            Some((_, parse, _)) => parse(rest).map(NotifierConfig),
             None => {
-                let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+                let known: Vec<&str> = KINDS.iter().map(|(k, _, _)| *k).collect();
                 Err(SpanError::at(
                     span,
                     format!(
@@ -146,7 +179,7 @@ fn default_breaker_cooldown() -> Dur {
 }
 
 /// `[notifier.NAME.delivery]`: how hard to try. Every key is optional.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryOptions {
     /// Deadline of one request (connect, send, answer).

@@ -20,7 +20,7 @@ fn default_events_url() -> Interp {
 }
 
 /// A link shown on the alert.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Link {
     /// Target URL.
@@ -30,7 +30,7 @@ pub struct Link {
 }
 
 /// `[notifier.NAME]` with `kind = "pagerduty"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PagerDutyConfig {
     /// Environment variable holding the Events API v2 integration key (routing key).

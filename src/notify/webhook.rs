@@ -47,7 +47,7 @@ use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
 use crate::config::{Interp, Rest, Secret, SpanError};
 
 /// Body format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// The documented watchpost event.
@@ -62,7 +62,7 @@ fn default_signature_header() -> String {
 }
 
 /// `[notifier.NAME]` with `kind = "webhook"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Endpoint receiving the `POST`s.

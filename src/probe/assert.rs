@@ -39,8 +39,21 @@ impl<'de> Deserialize<'de> for Re {
     }
 }
 
+impl schemars::JsonSchema for Re {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Regex".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "format": "regex",
+            "description": "A regular expression (Rust `regex` syntax)."
+        })
+    }
+}
+
 /// One JSON assertion: `{ path = "checks.db.latency_ms", lt = 500 }`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonAssert {
     /// Dotted path with numeric indexes.
@@ -56,10 +69,13 @@ pub struct JsonAssert {
     pub exists: Option<bool>,
     /// The value (as text) must match this regex.
     pub matches: Option<Re>,
-    /// Numeric comparisons.
+    /// The value must be a number below this.
     pub lt: Option<f64>,
+    /// The value must be a number at most this.
     pub le: Option<f64>,
+    /// The value must be a number above this.
     pub gt: Option<f64>,
+    /// The value must be a number at least this.
     pub ge: Option<f64>,
 }
 
@@ -240,6 +256,21 @@ impl<'de> Deserialize<'de> for StatusPattern {
             Raw::S(s) => s,
         };
         StatusPattern::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl schemars::JsonSchema for StatusPattern {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HttpStatus".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "An HTTP status code (200, \"404\") or class (\"2xx\").",
+            "anyOf": [
+                { "type": "integer", "minimum": 100, "maximum": 599 },
+                { "type": "string", "pattern": "^\\s*([1-5][xX][xX]|[1-5][0-9][0-9])\\s*$" }
+            ]
+        })
     }
 }
 

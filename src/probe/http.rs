@@ -28,13 +28,20 @@ pub const PHASES: [&str; 2] = ["ttfb", "total"];
 /// The `User-Agent` every request carries.
 pub const USER_AGENT: &str = concat!("watchpost/", env!("CARGO_PKG_VERSION"));
 
-#[derive(Debug, Clone, Deserialize)]
+/// JSON Schema of this kind's keys (see `crate::probe::KIND_SCHEMAS`).
+pub fn schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    <HttpFile as schemars::JsonSchema>::json_schema(g)
+}
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct HttpFile {
     /// http:// or https:// URL.
+    #[schemars(with = "Interp")]
     url: toml::Spanned<Interp>,
     /// Request method.
     #[serde(default = "default_method")]
+    #[schemars(with = "String")]
     method: toml::Spanned<String>,
     /// Extra request headers (values may use `${ENV}`).
     #[serde(default)]
@@ -45,6 +52,7 @@ struct HttpFile {
     #[serde(default = "default_max_redirects")]
     max_redirects: usize,
     /// PEM file of extra CA certificates to trust, relative to the probe file.
+    #[schemars(with = "Option<String>")]
     ca_file: Option<toml::Spanned<String>>,
     /// Largest body read, in bytes; larger is `body_too_large`.
     #[serde(default = "default_max_body")]
@@ -79,7 +87,7 @@ fn default_status() -> Vec<StatusPattern> {
 }
 
 /// `[expect]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
     /// Accepted status codes or classes (default `["2xx"]`).
@@ -109,7 +117,7 @@ impl Default for Expect {
 }
 
 /// `[degraded_when]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DegradedWhen {
     /// Status codes or classes that mean degraded (207 always does).

@@ -282,6 +282,14 @@ pub fn human_ms(d: Duration) -> String {
     }
 }
 
+/// The probe kinds with the JSON Schema of each kind's own keys (`watchpost schema probe`):
+/// the structs `ProbeSpec::from_kind` deserializes.
+pub const KIND_SCHEMAS: &[(&str, crate::config::schema::SchemaFn)] = &[
+    ("http", http::schema),
+    ("websocket", websocket::schema),
+    ("listen", listen::config::schema),
+];
+
 /// Kind-specific validated configuration.
 #[derive(Debug, Clone)]
 pub enum ProbeSpec {

@@ -422,10 +422,16 @@ pub async fn close_quietly(ws: &mut Ws, code: u16) {
 // kind = "websocket"
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Deserialize)]
+/// JSON Schema of this kind's keys (see `crate::probe::KIND_SCHEMAS`).
+pub fn schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    <WsFile as schemars::JsonSchema>::json_schema(g)
+}
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WsFile {
     /// ws:// or wss:// URL.
+    #[schemars(with = "Interp")]
     url: toml::Spanned<Interp>,
     /// Extra upgrade request headers (values may use `${ENV}`).
     #[serde(default)]
@@ -440,14 +446,16 @@ struct WsFile {
     #[serde(default = "default_max_message_bytes")]
     max_message_bytes: usize,
     /// PEM file of extra CA certificates to trust, relative to the probe file.
+    #[schemars(with = "Option<String>")]
     ca_file: Option<toml::Spanned<String>>,
     /// The script, run in order: `[[step]]` tables.
     #[serde(default)]
+    #[schemars(with = "Vec<StepFile>")]
     step: Vec<toml::Spanned<StepFile>>,
 }
 
 /// One `[[step]]`: exactly one of `send`, `send_json`, `send_binary`, `expect`, `wait`, `close`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct StepFile {
     /// Phase name for this step (default `step<N>`, counting from 1).
@@ -457,6 +465,7 @@ struct StepFile {
     /// Send this value as a JSON text frame (strings may use `${ENV}`).
     send_json: Option<Value>,
     /// Send these bytes (base64) as a binary frame.
+    #[schemars(with = "Option<String>")]
     send_binary: Option<toml::Spanned<String>>,
     /// Wait for a message like this.
     expect: Option<ExpectFile>,
@@ -467,7 +476,7 @@ struct StepFile {
 }
 
 /// `expect = { … }` of a step: every given condition must hold for one message.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExpectFile {
     /// JSON assertions on the message (which must then be JSON).

@@ -45,7 +45,7 @@ fn default_max_message_bytes() -> usize {
 pub const MAX_EXPECTED_WORDS: usize = 2000;
 
 /// `dialect`: which wire protocol the socket speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DialectName {
     Deepgram,
@@ -65,7 +65,7 @@ impl DialectName {
 }
 
 /// `end` (deepgram): how a stream ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeepgramEnd {
     /// CloseStream → final results → Metadata → close 1000.
@@ -80,7 +80,7 @@ impl DeepgramEnd {
 }
 
 /// `accumulate` (generic): what a final result does to the transcript.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Accumulate {
     /// Finals are consecutive pieces of the utterance.
@@ -123,13 +123,20 @@ fn closed_set_error(mut e: SpanError) -> SpanError {
     e
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// JSON Schema of this kind's keys (see `crate::probe::KIND_SCHEMAS`).
+pub fn schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    <ListenFile as schemars::JsonSchema>::json_schema(g)
+}
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ListenFile {
     /// Wire dialect: `deepgram`, `omi` or `generic`.
+    #[schemars(with = "DialectName")]
     dialect: toml::Spanned<DialectName>,
     /// ws:// or wss:// URL of the realtime endpoint, query included
     /// (`encoding=linear16&sample_rate=16000&channels=1` for Deepgram).
+    #[schemars(with = "Interp")]
     url: toml::Spanned<Interp>,
     /// Upgrade request headers, e.g. `Authorization = "Token ${DEEPGRAM_API_KEY}"`.
     #[serde(default)]
@@ -138,26 +145,33 @@ struct ListenFile {
     #[serde(default)]
     subprotocols: Vec<String>,
     /// WAV file (PCM 16-bit), relative to the probe file.
+    #[schemars(with = "String")]
     audio: toml::Spanned<String>,
     /// Send only this channel (0-based) of a multichannel file, as mono.
     channel: Option<u16>,
     /// Sample rate the server expects when the URL has no `sample_rate=`.
+    #[schemars(with = "Option<u32>")]
     sample_rate: Option<toml::Spanned<u32>>,
     /// Channel count the server expects when the URL has no `channels=`.
+    #[schemars(with = "Option<u16>")]
     channels: Option<toml::Spanned<u16>>,
     /// Expected transcript (default: the audio's entry in `manifest.toml` next to it).
+    #[schemars(with = "Option<String>")]
     transcript: Option<toml::Spanned<String>>,
     /// Highest word error rate accepted, after normalisation (0.0–1.0).
     #[serde(default = "default_max_wer")]
+    #[schemars(with = "f64")]
     max_wer: toml::Spanned<f64>,
     /// Phrases that must each occur in the transcript (after normalisation).
     #[serde(default)]
     contains: Vec<String>,
     /// Audio per frame (10ms–1s).
     #[serde(default = "default_chunk")]
+    #[schemars(with = "Dur")]
     chunk: toml::Spanned<Dur>,
     /// Pace: 1.0 = real time, 2.0 = twice as fast (0.1–20).
     #[serde(default = "default_speed")]
+    #[schemars(with = "f64")]
     speed: toml::Spanned<f64>,
     /// Silence sent before the audio (part of the paced stream).
     #[serde(default)]
@@ -185,27 +199,35 @@ struct ListenFile {
     settle: Dur,
     /// deepgram: how the stream ends: `close_stream` (CloseStream → finals → Metadata →
     /// close 1000; the default) or `finalize` (Finalize → `from_finalize` finals).
+    #[schemars(with = "Option<DeepgramEnd>")]
     end: Option<toml::Spanned<DeepgramEnd>>,
     /// Largest frame or message accepted from the server, in bytes; larger is `frame_too_large`.
     #[serde(default = "default_max_message_bytes")]
     max_message_bytes: usize,
     /// PEM file of extra CA certificates to trust, relative to the probe file.
+    #[schemars(with = "Option<String>")]
     ca_file: Option<toml::Spanned<String>>,
     /// Upgrade response header holding the request id (default `dg-request-id` for
     /// deepgram, `x-request-id` otherwise).
     request_id_header: Option<String>,
     /// generic: dotted JSON path of the transcript text in a server message.
+    #[schemars(with = "Option<String>")]
     transcript_path: Option<toml::Spanned<String>>,
     /// generic: dotted JSON path of the flag marking a final result (default: every result
     /// is final).
+    #[schemars(with = "Option<String>")]
     final_path: Option<toml::Spanned<String>>,
     /// generic: dotted JSON path of an in-band error text.
+    #[schemars(with = "Option<String>")]
     error_path: Option<toml::Spanned<String>>,
     /// generic: final results `append` (default) to the transcript or `replace` it.
+    #[schemars(with = "Option<Accumulate>")]
     accumulate: Option<toml::Spanned<Accumulate>>,
     /// generic: text frames sent after the last audio frame (e.g. `['{"type":"CloseStream"}']`).
+    #[schemars(with = "Option<Vec<Interp>>")]
     end_messages: Option<toml::Spanned<Vec<Interp>>>,
     /// generic: text frame sent as a keepalive while no audio flows.
+    #[schemars(with = "Option<Interp>")]
     keepalive_message: Option<toml::Spanned<Interp>>,
 }
 
