@@ -392,7 +392,8 @@ impl Evaluator {
             }
             if !matched {
                 tracing::warn!(
-                    alert = %a.member(), source = a.source.as_str(), labels = ?a.labels,
+                    alert = %a.member(), source = a.source.as_str(),
+                    labels = %crate::notify::event::truncate(&format!("{:?}", a.labels), 300),
                     "inbound alert matches no component (no `component` label naming one, no component's alert_labels); ignored"
                 );
                 report.unmatched.push(a.member());

@@ -1132,6 +1132,38 @@ mod tests {
     }
 
     #[test]
+    fn alerts_obey_maintenance_and_flap_damping() {
+        // A firing alert inside a maintenance window opens nothing until the window ends.
+        let mut sim = Sim::new(&[], RULES);
+        let t = sim.step(None, 0, Some("deploy")).unwrap();
+        assert_eq!(t.kind, MaintenanceStarted);
+        let fire = alert("a/1", true, MajorOutage, 1, 0, 1);
+        assert!(sim.step(Some(fire), 1, Some("deploy")).is_none());
+        let t = sim.step(None, 2, None).unwrap();
+        assert_eq!((t.kind, t.to), (Opened, MajorOutage));
+
+        // An alert that keeps firing and resolving is held in one incident, as probes are.
+        let rules = Rules {
+            recovery_ms: 0,
+            max_incidents_per_hour: 2,
+            ..RULES
+        };
+        let mut sim = Sim::new(&[], rules);
+        for i in 0..4 {
+            let at = i * 60_000;
+            sim.step(Some(alert("a/1", true, MajorOutage, at, 0, at)), at, None);
+            let end = at + 30_000;
+            sim.step(
+                Some(alert("a/1", false, MajorOutage, at, end, end)),
+                end,
+                None,
+            );
+        }
+        assert_eq!(sim.ids, 2, "{:?}", sim.log);
+        assert!(sim.s.incident.as_ref().is_some_and(|i| i.flapping));
+    }
+
+    #[test]
     fn alert_application_reports_stale_and_full_and_members_survive_sync() {
         let mut s = ComponentState::new(&["p".to_string()]);
         let a = |m: &str, firing, starts, at| alert(m, firing, MajorOutage, starts, at, at);
