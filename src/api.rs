@@ -22,7 +22,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::control::{Command, CommandError, Control, Origin};
 use crate::health::{Check, Health};
+use crate::incident::alerts::{self, Source};
 use crate::metrics::Metrics;
 use crate::store::{self, Store};
 
@@ -73,6 +74,8 @@ const RETRY_AFTER: u32 = 5;
 pub const REPORT_TTL: Duration = Duration::from_secs(5);
 /// Windows kept in the report cache.
 const REPORT_CACHE: usize = 8;
+/// Largest inbound alert payload (bytes); a bigger one is refused with 413.
+pub const MAX_ALERT_BODY: usize = 1 << 20;
 
 /// What the listener allows.
 #[derive(Debug, Clone, Copy)]
@@ -258,7 +261,7 @@ fn token_matches(presented: &str, token: &str) -> bool {
 }
 
 /// A refused API call: answered as `{"error": "..."}` with its status (a 401 also says
-/// `WWW-Authenticate: Bearer`).
+/// `WWW-Authenticate: Bearer`, a 503 `Retry-After`).
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -280,6 +283,10 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER));
         }
         r
     }
@@ -319,6 +326,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/maintenance/{id}", delete(end_maintenance))
         .route("/api/v1/incidents/{id}/resolve", post(resolve))
+        .route("/api/v1/alerts/alertmanager", post(alertmanager))
+        .route("/api/v1/alerts/grafana", post(grafana))
         .with_state(state)
 }
 
@@ -968,6 +977,80 @@ async fn resolve(
         })
         .await?;
     answer(StatusCode::OK, json!({"incident": id, "resolved": true}))
+}
+
+/// Read a request body of at most `max` bytes; a bigger one is a 413 (from its
+/// Content-Length when it has one, before anything is read).
+async fn body_within(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "payload over {max} bytes; send fewer alerts per notification (e.g. Alertmanager max_alerts)"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        )),
+    }
+}
+
+/// `POST /api/v1/alerts/alertmanager`: an Alertmanager webhook payload (version 4).
+async fn alertmanager(
+    who: Authorized,
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer {
+    inbound_alerts(s, who, Source::Alertmanager, headers, body).await
+}
+
+/// `POST /api/v1/alerts/grafana`: a Grafana webhook contact point payload.
+async fn grafana(
+    who: Authorized,
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer {
+    inbound_alerts(s, who, Source::Grafana, headers, body).await
+}
+
+/// The alert routes: the token ([`Authorized`], before the body is read), then the body
+/// cap, then the payload; only a payload that passed all three reaches the evaluator, so a
+/// refused request stores nothing. 200 with the [`alerts::AlertReport`] once the alerts'
+/// state is committed.
+async fn inbound_alerts(
+    s: AppState,
+    who: Authorized,
+    source: Source,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer {
+    let body = body_within(&headers, body, MAX_ALERT_BODY).await?;
+    let alerts = alerts::parse(source, &body).map_err(|e| {
+        tracing::warn!(source = source.as_str(), remote = %who.remote, error = %e, "inbound alerts refused");
+        ApiError::new(StatusCode::BAD_REQUEST, e)
+    })?;
+    let report = s.control()?.alerts(alerts).await?;
+    tracing::info!(
+        source = source.as_str(), remote = %who.remote, received = report.received,
+        applied = report.applied, stale = report.stale, unmatched = report.unmatched.len(),
+        components = ?report.components, "inbound alerts"
+    );
+    answer(StatusCode::OK, json!(report))
 }
 
 async fn dashboard() -> Html<&'static str> {

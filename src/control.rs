@@ -157,7 +157,6 @@ pub struct Origin {
 }
 
 /// A non-run input of the incident evaluator, answered on `reply` once it is stored.
-/// Inbound alerts add their variant here.
 #[derive(Debug)]
 pub enum Command {
     /// Start a maintenance window on `component` now, for `duration`.
@@ -178,6 +177,12 @@ pub enum Command {
         incident: i64,
         origin: Origin,
         reply: oneshot::Sender<Result<(), CommandError>>,
+    },
+    /// Apply a payload of inbound alerts (`POST /api/v1/alerts/…`); the report says what
+    /// became of them once their state (and any transition with its outbox rows) is stored.
+    Alerts {
+        alerts: Vec<crate::incident::Alert>,
+        reply: oneshot::Sender<Result<crate::incident::AlertReport, CommandError>>,
     },
 }
 
@@ -304,6 +309,28 @@ impl Control {
         let (tx, rx) = oneshot::channel();
         self.commands.send(make(tx)).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+}
+
+/// How long an inbound alert payload may wait for the evaluator (queue and work) before the
+/// sender is told to retry.
+pub const ALERTS_WAIT: Duration = Duration::from_secs(10);
+
+impl Control {
+    /// Hand inbound alerts to the evaluator and wait (at most [`ALERTS_WAIT`]) for its report.
+    pub async fn alerts(
+        &self,
+        alerts: Vec<crate::incident::Alert>,
+    ) -> Result<crate::incident::AlertReport, CommandError> {
+        let asked = self.command(|reply| Command::Alerts { alerts, reply });
+        tokio::time::timeout(ALERTS_WAIT, asked)
+            .await
+            .map_err(|_| {
+                CommandError::Unavailable(format!(
+                    "the incident evaluator did not answer within {}s; retry later",
+                    ALERTS_WAIT.as_secs()
+                ))
+            })?
     }
 }
 

@@ -363,7 +363,9 @@ pub struct ComponentConfig {
     /// Name shown on status pages and in notifications.
     #[schemars(with = "String")]
     pub name: Spanned<String>,
-    /// Member series: probe names or `probe/sub-check`.
+    /// Member series: probe names or `probe/sub-check` (may be empty when `alert_labels`
+    /// is set: the component is then driven by inbound alerts alone).
+    #[serde(default)]
     #[schemars(with = "Vec<String>")]
     pub probes: Vec<Spanned<String>>,
     /// Consecutive bad runs of a member before the component leaves operational.
@@ -388,6 +390,41 @@ pub struct ComponentConfig {
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
     pub notify: Vec<Spanned<String>>,
+    /// Inbound alerts whose labels include all of these belong here (besides those whose
+    /// `component` label is this component's name).
+    #[schemars(with = "Option<BTreeMap<String, String>>")]
+    pub alert_labels: Option<Spanned<BTreeMap<String, String>>>,
+    /// Component status a firing inbound alert asks for, by its `severity` label (replaces
+    /// the default map; an alert with another or no severity counts as `degraded`).
+    #[serde(default = "default_alert_severity")]
+    pub alert_severity: BTreeMap<String, AlertLevel>,
+}
+
+/// The component status a firing inbound alert asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertLevel {
+    Degraded,
+    PartialOutage,
+    MajorOutage,
+}
+
+impl AlertLevel {
+    pub fn status(self) -> crate::incident::Status {
+        use crate::incident::Status;
+        match self {
+            AlertLevel::Degraded => Status::Degraded,
+            AlertLevel::PartialOutage => Status::PartialOutage,
+            AlertLevel::MajorOutage => Status::MajorOutage,
+        }
+    }
+}
+
+fn default_alert_severity() -> BTreeMap<String, AlertLevel> {
+    BTreeMap::from([
+        ("critical".to_string(), AlertLevel::MajorOutage),
+        ("warning".to_string(), AlertLevel::Degraded),
+    ])
 }
 
 fn default_failure_threshold() -> u32 {
@@ -687,8 +724,23 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
                 format!("duplicate component name {:?}", c.name.get_ref()),
             ));
         }
-        if c.probes.is_empty() {
-            diags.push(src.diag(Some(c.name.span()), "component has no probes"));
+        let labels = c.alert_labels.as_ref();
+        if c.probes.is_empty() && labels.is_none_or(|l| l.get_ref().is_empty()) {
+            diags.push(src.diag(
+                Some(c.name.span()),
+                format!(
+                    "component has no probes and no alert_labels: nothing can change its status \
+                     (list probes, or let inbound alerts drive it with e.g. \
+                     alert_labels = {{ component = {:?} }})",
+                    c.name.get_ref()
+                ),
+            ));
+        }
+        if let Some(l) = labels.filter(|l| l.get_ref().is_empty()) {
+            diags.push(src.diag(
+                Some(l.span()),
+                "alert_labels = {} would match every alert: name at least one label",
+            ));
         }
         for m in &c.probes {
             let probe_name = m.get_ref().split('/').next().unwrap_or_default();

@@ -7,11 +7,12 @@
 //! The rules themselves are pure functions in [`state`]; maintenance calendars are in
 //! [`maintenance`]. Not here: delivering notifications (see `crate::notify`).
 
+pub mod alerts;
 pub mod maintenance;
 pub mod read;
 pub mod state;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use crate::notify::{outbox, NotifierConfig};
 use crate::pipeline::Shared;
 use crate::probe::{ms, Outcome, RunResult};
 use crate::store::Store;
+pub use alerts::{Alert, AlertReport};
 pub use maintenance::MaintenanceConfig;
 pub use read::{list_incidents, render_incidents, IncidentView};
 pub use state::{Cause, ComponentState, EventKind, Input, Rules, Status, Transition};
@@ -106,6 +108,10 @@ struct Comp {
     name: String,
     rules: Rules,
     members: Vec<String>,
+    /// Inbound alerts carrying all of these labels belong here.
+    alert_labels: BTreeMap<String, String>,
+    /// Status of a firing alert by its `severity` label.
+    alert_severity: BTreeMap<String, Status>,
     state: ComponentState,
     notify: Vec<(String, NotifierConfig)>,
     budget_window_ms: i64,
@@ -217,6 +223,16 @@ impl Evaluator {
                     max_incidents_per_hour: c.max_incidents_per_hour,
                 },
                 members,
+                alert_labels: c
+                    .alert_labels
+                    .as_ref()
+                    .map(|l| l.get_ref().clone())
+                    .unwrap_or_default(),
+                alert_severity: c
+                    .alert_severity
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.status()))
+                    .collect(),
                 state,
                 notify,
                 budget_window_ms: c.budget_window.0.as_millis() as i64,
@@ -325,6 +341,71 @@ impl Evaluator {
             let t = self.evaluate(ci, now);
             self.persist(ci, t, now).await;
         }
+    }
+
+    /// Apply inbound alerts to the components they belong to, evaluate each touched
+    /// component once (a grouped payload makes at most one transition per component), and
+    /// commit before answering.
+    pub async fn on_alerts(&mut self, alerts: Vec<Alert>) -> Result<AlertReport, CommandError> {
+        let now = self.clock.now_ms();
+        let mut report = AlertReport {
+            received: alerts.len(),
+            ..AlertReport::default()
+        };
+        let mut touched = BTreeSet::new();
+        for a in &alerts {
+            let mut matched = false;
+            for (ci, comp) in self.comps.iter_mut().enumerate() {
+                if !a.belongs_to(&comp.name, &comp.alert_labels) {
+                    continue;
+                }
+                matched = true;
+                let status = a
+                    .severity()
+                    .and_then(|s| comp.alert_severity.get(s))
+                    .copied()
+                    .unwrap_or(Status::Degraded);
+                let input = Input::Alert {
+                    member: a.member(),
+                    firing: a.firing,
+                    status,
+                    starts_at: a.starts_at.unwrap_or(now),
+                    ends_at: a.ends_at.unwrap_or(now),
+                    at: now,
+                    cause: a.cause(),
+                    details: Some(a.details()),
+                };
+                match comp.state.apply_alert(&comp.rules, input) {
+                    state::AlertApplied::Applied => {
+                        report.applied += 1;
+                        touched.insert(ci);
+                    }
+                    state::AlertApplied::Stale => {
+                        report.stale += 1;
+                        tracing::info!(component = %comp.name, alert = %a.member(), firing = a.firing, "an older notification of an alert than one already seen; ignored");
+                    }
+                    state::AlertApplied::Full => {
+                        report.dropped += 1;
+                        tracing::warn!(component = %comp.name, alert = %a.member(), max = state::MAX_ALERT_MEMBERS, "the component tracks its maximum of firing alerts; this one is ignored");
+                    }
+                }
+            }
+            if !matched {
+                tracing::warn!(
+                    alert = %a.member(), source = a.source.as_str(),
+                    labels = %crate::notify::event::truncate(&format!("{:?}", a.labels), 300),
+                    "inbound alert matches no component (no `component` label naming one, no component's alert_labels); ignored"
+                );
+                report.unmatched.push(a.member());
+            }
+        }
+        for ci in touched {
+            report.components.push(self.comps[ci].name.clone());
+            let t = self.evaluate(ci, now);
+            self.persist(ci, t, now).await;
+        }
+        self.store.flush().await.map_err(CommandError::Internal)?;
+        Ok(report)
     }
 
     /// Time passing: recovery holds, maintenance windows.
@@ -526,6 +607,10 @@ impl Evaluator {
                 reply,
             } => {
                 let r = self.resolve_by_hand(incident, &origin).await;
+                let _ = reply.send(r);
+            }
+            Command::Alerts { alerts, reply } => {
+                let r = self.on_alerts(alerts).await;
                 let _ = reply.send(r);
             }
         }

@@ -136,6 +136,24 @@ pub struct MemberState {
     pub last_details: Option<Value>,
     /// An active latency-budget breach.
     pub budget: Option<Cause>,
+    /// Set for a member that is an inbound alert (`alert:<alertname>/<fingerprint>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert: Option<AlertMember>,
+}
+
+/// Prefix of the members that are inbound alerts (probe names cannot contain `:`).
+pub const ALERT_PREFIX: &str = "alert:";
+
+/// What an inbound-alert member remembers between notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertMember {
+    /// The component status this alert asks for while it fires (from its severity).
+    pub status: Status,
+    /// `startsAt` of the newest firing seen (ms since the epoch).
+    pub starts_at: i64,
+    /// When it ended, once a resolve came (ms): a firing that started before this is an
+    /// old notification arriving late, and is ignored.
+    pub ended_at: Option<i64>,
 }
 
 /// The incident a component is in.
@@ -175,7 +193,44 @@ pub enum Input {
         at: i64,
         breach: Option<Cause>,
     },
+    /// An inbound alert (member `alert:<alertname>/<fingerprint>`, created on first sight):
+    /// firing makes the member bad at once at `status`, resolved makes it good. The source
+    /// (Alertmanager, Grafana) already confirmed it, so no failure/success threshold applies.
+    Alert {
+        member: String,
+        /// Firing (`true`) or resolved.
+        firing: bool,
+        /// The component status it asks for while firing.
+        status: Status,
+        /// The alert's `startsAt` (ms).
+        starts_at: i64,
+        /// When it ended (resolves; ms, at most `at`).
+        ends_at: i64,
+        /// When it arrived (ms).
+        at: i64,
+        cause: Cause,
+        details: Option<Value>,
+    },
 }
+
+/// What applying an [`Input::Alert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertApplied {
+    /// The member changed (or was refreshed by a repeat of the same firing).
+    Applied,
+    /// An older notification than the one already seen (a firing that started before the
+    /// member's last resolve, or a resolve of an earlier firing): ignored.
+    Stale,
+    /// The component already tracks [`MAX_ALERT_MEMBERS`] firing alerts: ignored.
+    Full,
+}
+
+/// Most alert members one component keeps (resolved ones are forgotten first).
+pub const MAX_ALERT_MEMBERS: usize = 1000;
+
+/// A resolved alert member is kept this long (at least the recovery hold), so that a late,
+/// out-of-order firing of the same alert is recognised as old.
+pub const ALERT_MEMORY_MS: i64 = 6 * HOUR_MS;
 
 /// A status change the evaluator stores and (when `notify`) sends.
 #[derive(Debug, Clone, PartialEq)]
@@ -212,7 +267,8 @@ impl ComponentState {
 
     /// Keep exactly the configured members (config may have changed since the state was saved).
     pub fn sync_members(&mut self, members: &[String]) {
-        self.members.retain(|k, _| members.contains(k));
+        self.members
+            .retain(|k, _| members.contains(k) || k.starts_with(ALERT_PREFIX));
         for m in members {
             self.members.entry(m.clone()).or_default();
         }
@@ -281,18 +337,129 @@ impl ComponentState {
                 }
                 m.budget = breach;
             }
+            Input::Alert { .. } => {
+                self.apply_alert(rules, input);
+            }
+        }
+    }
+
+    /// Apply an inbound alert; see [`Input::Alert`] and [`AlertApplied`].
+    pub fn apply_alert(&mut self, rules: &Rules, input: Input) -> AlertApplied {
+        let Input::Alert {
+            member,
+            firing,
+            status,
+            starts_at,
+            ends_at,
+            at,
+            cause,
+            details,
+        } = input
+        else {
+            self.apply(rules, input);
+            return AlertApplied::Applied;
+        };
+        if !self.members.contains_key(&member) && !self.make_room_for_alert(at, rules) {
+            return AlertApplied::Full;
+        }
+        let m = self.members.entry(member).or_default();
+        let known = m.alert.get_or_insert(AlertMember {
+            status,
+            starts_at,
+            ended_at: None,
+        });
+        if firing {
+            if known.ended_at.is_some_and(|e| e >= starts_at) {
+                return AlertApplied::Stale;
+            }
+            *known = AlertMember {
+                status,
+                starts_at: known.starts_at.max(starts_at),
+                ended_at: None,
+            };
+            m.level = Some(if status == Status::Degraded {
+                Level::Degraded
+            } else {
+                Level::Down
+            });
+            m.bad_streak = m.bad_streak.saturating_add(1);
+            m.good_streak = 0;
+            m.last_bad_at = Some(m.last_bad_at.map_or(at, |t| t.max(at)));
+            m.last_error = Some(cause);
+            m.last_details = details;
+        } else {
+            // A resolve of an earlier firing than the one now known.
+            if known.ended_at.is_none() && known.starts_at > starts_at {
+                return AlertApplied::Stale;
+            }
+            let ended = ends_at.min(at);
+            known.ended_at = Some(known.ended_at.map_or(ended, |e| e.max(ended)));
+            let was_bad = m.level.is_some();
+            m.level = None;
+            m.bad_streak = 0;
+            m.good_streak = rules.success_threshold;
+            if was_bad {
+                // The alert was bad until it ended: the recovery hold counts from there.
+                m.last_bad_at = Some(m.last_bad_at.map_or(ended, |t| t.max(ended)));
+            }
+            if m.last_error.is_none() {
+                m.last_error = Some(cause);
+                m.last_details = details;
+            }
+        }
+        AlertApplied::Applied
+    }
+
+    /// Forget resolved alert members older than [`ALERT_MEMORY_MS`] (and the recovery
+    /// hold); if the component is still at [`MAX_ALERT_MEMBERS`], the oldest resolved one.
+    /// False when every slot holds a firing alert.
+    fn make_room_for_alert(&mut self, now: i64, rules: &Rules) -> bool {
+        let keep = ALERT_MEMORY_MS.max(rules.recovery_ms);
+        self.members.retain(|_, m| {
+            !matches!(m.alert, Some(AlertMember { ended_at: Some(e), .. }) if now - e > keep)
+        });
+        let alerts = self.members.values().filter(|m| m.alert.is_some()).count();
+        if alerts < MAX_ALERT_MEMBERS {
+            return true;
+        }
+        let oldest = self
+            .members
+            .iter()
+            .filter_map(|(k, m)| Some((m.alert?.ended_at?, k)))
+            .min()
+            .map(|(_, k)| k.clone());
+        match oldest {
+            Some(k) => {
+                self.members.remove(&k);
+                true
+            }
+            None => false,
         }
     }
 
     /// The status the members add up to, ignoring incidents and maintenance, and the
     /// member behind it.
+    /// A firing alert asks for its own status (from its severity); the probe members add up
+    /// as usual (partial when some are down, major when all are); the worse of the two wins.
     pub fn target(&self) -> (Status, Option<Cause>) {
-        let n = self.members.len();
-        let down: Vec<&MemberState> = self
+        let from_probes = self.probe_target();
+        let from_alerts = self
             .members
             .values()
-            .filter(|m| m.level == Some(Level::Down))
-            .collect();
+            .filter_map(|m| Some((m.alert?.status, m)))
+            .filter(|(_, m)| m.level.is_some())
+            .max_by_key(|(s, _)| s.severity())
+            .map(|(s, m)| (s, m.last_error.clone()));
+        match from_alerts {
+            Some(a) if a.0.severity() > from_probes.0.severity() => a,
+            _ => from_probes,
+        }
+    }
+
+    fn probe_target(&self) -> (Status, Option<Cause>) {
+        let probes = || self.members.values().filter(|m| m.alert.is_none());
+        let n = probes().count();
+        let down: Vec<&MemberState> = probes().filter(|m| m.level == Some(Level::Down)).collect();
         if !down.is_empty() {
             let status = if down.len() == n {
                 Status::MajorOutage
@@ -301,14 +468,10 @@ impl ComponentState {
             };
             return (status, down[0].last_error.clone());
         }
-        if let Some(m) = self
-            .members
-            .values()
-            .find(|m| m.level == Some(Level::Degraded))
-        {
+        if let Some(m) = probes().find(|m| m.level == Some(Level::Degraded)) {
             return (Status::Degraded, m.last_error.clone());
         }
-        if let Some(m) = self.members.values().find(|m| m.budget.is_some()) {
+        if let Some(m) = probes().find(|m| m.budget.is_some()) {
             return (Status::Degraded, m.budget.clone());
         }
         (Status::Operational, None)
@@ -868,6 +1031,177 @@ mod tests {
             sim.step(None, 5, Some("m")).unwrap().kind,
             MaintenanceStarted
         );
+    }
+
+    fn alert(member: &str, firing: bool, status: Status, starts: i64, ends: i64, at: i64) -> Input {
+        Input::Alert {
+            member: format!("alert:{member}"),
+            firing,
+            status,
+            starts_at: starts,
+            ends_at: ends,
+            at,
+            cause: Cause {
+                member: format!("alert:{member}"),
+                class: "alert".into(),
+                message: format!("{member} summary"),
+            },
+            details: None,
+        }
+    }
+
+    /// Alerts on a component with no probes, and on one with probes.
+    #[test]
+    fn alerts_drive_components_without_duplicate_incidents() {
+        type Step = (Option<Input>, i64, Option<(EventKind, Status)>);
+        let fire = |m: &str, s, starts, at| Some(alert(m, true, s, starts, 0, at));
+        let resolve = |m: &str, starts, ends, at| Some(alert(m, false, Degraded, starts, ends, at));
+        let cases: Vec<(&str, Vec<&str>, Vec<Step>)> = vec![
+            (
+                "firing opens at once at its severity's status; repeats change nothing; resolve waits for the recovery hold",
+                vec![],
+                vec![
+                    (fire("a/1", MajorOutage, 0, 10), 10, Some((Opened, MajorOutage))),
+                    (fire("a/1", MajorOutage, 0, 20), 20, None),
+                    (fire("a/1", MajorOutage, 0, 30), 30, None),
+                    (resolve("a/1", 0, 40, 50), 50, None),
+                    (None, 40 + 179_999, None),
+                    (None, 40 + 180_000, Some((Resolved, Operational))),
+                ],
+            ),
+            (
+                "a resolve before its firing: the late firing is old news",
+                vec![],
+                vec![
+                    (resolve("a/1", 100, 200, 300), 300, None),
+                    (fire("a/1", MajorOutage, 100, 310), 310, None),
+                    // The same alert firing anew (started after that end) counts.
+                    (fire("a/1", MajorOutage, 250, 400), 400, Some((Opened, MajorOutage))),
+                ],
+            ),
+            (
+                "a resolve of an earlier firing does not end the current one",
+                vec![],
+                vec![
+                    (fire("a/1", Degraded, 500, 510), 510, Some((Opened, Degraded))),
+                    (resolve("a/1", 100, 200, 520), 520, None),
+                    (None, 1_000_000, None),
+                ],
+            ),
+            (
+                "two alerts: the worse one decides, one incident",
+                vec![],
+                vec![
+                    (fire("w/1", Degraded, 0, 10), 10, Some((Opened, Degraded))),
+                    (fire("c/2", MajorOutage, 0, 20), 20, Some((Escalated, MajorOutage))),
+                    // De-escalation needs no hold, as for probes; resolving does.
+                    (resolve("c/2", 0, 30, 30), 30, Some((Deescalated, Degraded))),
+                    (None, 30 + 180_000, None),
+                    (resolve("w/1", 0, 200_000, 200_000), 200_000, None),
+                    (None, 380_000, Some((Resolved, Operational))),
+                ],
+            ),
+            (
+                "with probes: a critical alert is a major outage even when one probe of two is down",
+                vec!["p", "q"],
+                vec![
+                    (Some(run("p", X, 0)), 0, None),
+                    (Some(run("p", X, 1)), 1, Some((Opened, PartialOutage))),
+                    (fire("c/1", MajorOutage, 0, 2), 2, Some((Escalated, MajorOutage))),
+                    (resolve("c/1", 0, 3, 3), 3, Some((Deescalated, PartialOutage))),
+                ],
+            ),
+            (
+                "with probes: a warning alert does not hide a probe outage",
+                vec!["p"],
+                vec![
+                    (fire("w/1", Degraded, 0, 0), 0, Some((Opened, Degraded))),
+                    (Some(run("p", X, 1)), 1, None),
+                    (Some(run("p", X, 2)), 2, Some((Escalated, MajorOutage))),
+                ],
+            ),
+        ];
+        for (name, members, steps) in cases {
+            let mut sim = Sim::new(&members, RULES);
+            for (i, (input, now, want)) in steps.into_iter().enumerate() {
+                let got = sim.step(input, now, None).map(|t| (t.kind, t.to));
+                assert_eq!(got, want, "{name}: step {i}");
+            }
+            assert!(sim.ids <= 1, "{name}: {} incidents", sim.ids);
+        }
+    }
+
+    #[test]
+    fn alerts_obey_maintenance_and_flap_damping() {
+        // A firing alert inside a maintenance window opens nothing until the window ends.
+        let mut sim = Sim::new(&[], RULES);
+        let t = sim.step(None, 0, Some("deploy")).unwrap();
+        assert_eq!(t.kind, MaintenanceStarted);
+        let fire = alert("a/1", true, MajorOutage, 1, 0, 1);
+        assert!(sim.step(Some(fire), 1, Some("deploy")).is_none());
+        let t = sim.step(None, 2, None).unwrap();
+        assert_eq!((t.kind, t.to), (Opened, MajorOutage));
+
+        // An alert that keeps firing and resolving is held in one incident, as probes are.
+        let rules = Rules {
+            recovery_ms: 0,
+            max_incidents_per_hour: 2,
+            ..RULES
+        };
+        let mut sim = Sim::new(&[], rules);
+        for i in 0..4 {
+            let at = i * 60_000;
+            sim.step(Some(alert("a/1", true, MajorOutage, at, 0, at)), at, None);
+            let end = at + 30_000;
+            sim.step(
+                Some(alert("a/1", false, MajorOutage, at, end, end)),
+                end,
+                None,
+            );
+        }
+        assert_eq!(sim.ids, 2, "{:?}", sim.log);
+        assert!(sim.s.incident.as_ref().is_some_and(|i| i.flapping));
+    }
+
+    #[test]
+    fn alert_application_reports_stale_and_full_and_members_survive_sync() {
+        let mut s = ComponentState::new(&["p".to_string()]);
+        let a = |m: &str, firing, starts, at| alert(m, firing, MajorOutage, starts, at, at);
+        assert_eq!(
+            s.apply_alert(&RULES, a("x/1", false, 10, 20)),
+            AlertApplied::Applied
+        );
+        assert_eq!(
+            s.apply_alert(&RULES, a("x/1", true, 10, 30)),
+            AlertApplied::Stale
+        );
+        for i in 0..MAX_ALERT_MEMBERS {
+            assert_eq!(
+                s.apply_alert(&RULES, a(&format!("f/{i}"), true, 0, 40)),
+                AlertApplied::Applied
+            );
+        }
+        // Full of firing alerts once the resolved one made room: the next one is dropped.
+        assert!(!s.members.contains_key("alert:x/1"));
+        assert_eq!(
+            s.apply_alert(&RULES, a("y/1", true, 0, 50)),
+            AlertApplied::Full
+        );
+        // A known alert is still updated.
+        assert_eq!(
+            s.apply_alert(&RULES, a("f/0", false, 0, 60)),
+            AlertApplied::Applied
+        );
+        // Resolved ones are forgotten once old.
+        assert_eq!(
+            s.apply_alert(&RULES, a("y/1", true, 0, 60 + ALERT_MEMORY_MS + 1)),
+            AlertApplied::Applied
+        );
+        assert!(!s.members.contains_key("alert:f/0"));
+        let json = serde_json::to_string(&s).unwrap();
+        let mut back: ComponentState = serde_json::from_str(&json).unwrap();
+        back.sync_members(&["p".to_string()]);
+        assert_eq!(back, s, "alert members survive a restart");
     }
 
     #[test]

@@ -289,6 +289,7 @@ pub fn html_body(ev: &Event) -> String {
         };
         rows.push((label, format!("{} [{}] {}", c.member, c.class, c.message)));
     }
+    rows.extend(ev.alert_lines());
     if let Some(o) = ev.opened_at.filter(|_| !ev.test) {
         rows.push(("Opened", iso(o)));
     }

@@ -133,6 +133,34 @@ impl Event {
             .map(|c| format!("{}: {}", c.member, c.message))
     }
 
+    /// The inbound alert behind the event (`details.alert`), as labelled lines for people:
+    /// the alert and its severity, its description and where it came from (the summary is
+    /// the cause's message already).
+    pub fn alert_lines(&self) -> Vec<(&'static str, String)> {
+        let Some(a) = self.details.as_ref().and_then(|d| d.get("alert")) else {
+            return Vec::new();
+        };
+        let text = |k: &str| a.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+        let mut out = Vec::new();
+        if let Some(name) = text("name") {
+            let from = text("source").unwrap_or("alert");
+            out.push((
+                "Alert",
+                match text("severity") {
+                    Some(sev) => format!("{name} ({from}, severity {sev})"),
+                    None => format!("{name} ({from})"),
+                },
+            ));
+        }
+        if let Some(d) = text("description") {
+            out.push(("Description", d.to_string()));
+        }
+        if let Some(u) = text("generator_url") {
+            out.push(("Alert source", u.to_string()));
+        }
+        out
+    }
+
     /// One line: `[DOWN] Realtime Transcription: listen-deepgram: closed with 1011`,
     /// `[RESOLVED] Realtime Transcription after 7m 12s`.
     pub fn title(&self) -> String {
@@ -214,6 +242,9 @@ impl Event {
                 "Cause"
             };
             lines.push(format!("{label}: {} [{}] {}", c.member, c.class, c.message));
+        }
+        for (label, v) in self.alert_lines() {
+            lines.push(format!("{label}: {v}"));
         }
         if let Some(n) = &self.note {
             if !self.test {

@@ -118,9 +118,12 @@ impl PagerDutyConfig {
         if let Some(n) = &ev.note {
             custom["note"] = json!(n);
         }
-        if let Some(d) = &ev.details {
+        match ev.details.as_ref().map(|d| (d.get("alert"), d)) {
+            // The inbound alert behind the status: summary, description, labels, source.
+            Some((Some(a), _)) => custom["alert"] = a.clone(),
             // WER, transcript, phase latencies… of the run that caused the status.
-            custom["run"] = d.clone();
+            Some((None, d)) => custom["run"] = d.clone(),
+            None => {}
         }
         let mut payload = json!({
             "summary": truncate(&ev.title(), 1024),
@@ -147,6 +150,13 @@ impl PagerDutyConfig {
         if let Some(u) = &self.client_url {
             body["client_url"] = json!(u.as_str());
             links.push(json!({"href": u.as_str(), "text": "watchpost dashboard"}));
+        }
+        if let Some(u) = ev
+            .details
+            .as_ref()
+            .and_then(|d| d["alert"]["generator_url"].as_str())
+        {
+            links.push(json!({"href": u, "text": "alert source"}));
         }
         links.extend(
             self.links

@@ -189,10 +189,28 @@ impl Agent {
 
     /// Start with a given [`Shared`] (e.g. one whose clock was made under paused time).
     pub async fn start_with(config: Arc<Config>, dispatcher: bool, shared: Shared) -> Agent {
+        Agent::start_opts(config, dispatcher, shared, None).await
+    }
+
+    /// Start serving the API on `listener` too (tokio clock, dispatcher on).
+    pub async fn start_serving(config: Arc<Config>, listener: tokio::net::TcpListener) -> Agent {
+        let shared = Shared {
+            clock: Clock::tokio(),
+            ..Shared::default()
+        };
+        Agent::start_opts(config, true, shared, Some(listener)).await
+    }
+
+    async fn start_opts(
+        config: Arc<Config>,
+        dispatcher: bool,
+        shared: Shared,
+        listener: Option<tokio::net::TcpListener>,
+    ) -> Agent {
         let opts = Options {
             scheduler: false,
             dispatcher,
-            listener: None,
+            listener,
         };
         let pipeline = Pipeline::start_with(config.clone(), opts, shared).unwrap();
         Agent {
