@@ -367,7 +367,18 @@ fn init_tracing(format: LogFormat, daemon: bool) {
 
 /// Load config or print every problem as `file:line:col: message`.
 fn load(path: &std::path::Path) -> Result<config::Config, u8> {
-    config::load(path).map_err(|errs| {
+    report_errors(config::load(path))
+}
+
+/// The config for commands that only read the database: notifiers' secrets not needed.
+fn load_for_reading(path: &std::path::Path) -> Result<config::Config, u8> {
+    report_errors(config::load_for_reading(path))
+}
+
+fn report_errors(
+    loaded: Result<config::Config, config::ConfigErrors>,
+) -> Result<config::Config, u8> {
+    loaded.map_err(|errs| {
         for d in &errs.0 {
             eprintln!("{d}");
         }
@@ -465,7 +476,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             json,
             output,
         } => {
-            let c = match load(&cli.config) {
+            let c = match load_for_reading(&cli.config) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
@@ -500,7 +511,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Incidents { open, json } => {
-            let c = match load(&cli.config) {
+            let c = match load_for_reading(&cli.config) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };

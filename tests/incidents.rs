@@ -81,7 +81,7 @@ async fn outage_opens_one_incident_notifies_everyone_and_resolves_everywhere() {
     let incidents = agent.incidents(true);
     assert_eq!(incidents.len(), 1, "{incidents:#?}");
     let id = incidents[0]["id"].as_i64().unwrap();
-    assert_eq!(trig["dedup_key"], format!("watchpost/API/{id}"));
+    assert_eq!(trig["dedup_key"], agent.key(id));
     // The first confirmed member makes it partial; the second one escalates to major.
     let sev: Vec<String> = pd
         .wait_ok("escalation trigger", 2, T)
@@ -171,7 +171,7 @@ async fn outage_opens_one_incident_notifies_everyone_and_resolves_everywhere() {
     let j = hooks[0].json();
     assert_eq!(j["event"], "incident.opened");
     assert_eq!(j["incident"]["id"], id);
-    assert_eq!(j["incident"]["key"], format!("watchpost/API/{id}"));
+    assert_eq!(j["incident"]["key"], agent.key(id));
 
     // Mail: open + escalation, threaded.
     let mails = sink.wait_mails(2, T).await;
@@ -185,13 +185,10 @@ async fn outage_opens_one_incident_notifies_everyone_and_resolves_everywhere() {
     agent.both(Up).await;
     let pd_log = pd.wait_ok("PagerDuty resolve", 3, T).await;
     let events = pd_events(&pd_log);
-    assert_eq!(
-        events[2],
-        ("resolve".to_string(), format!("watchpost/API/{id}"))
-    );
+    assert_eq!(events[2], ("resolve".to_string(), agent.key(id)));
     assert_eq!(
         pd_log[2].json(),
-        json!({"routing_key": PD_KEY, "dedup_key": format!("watchpost/API/{id}"), "event_action": "resolve"})
+        json!({"routing_key": PD_KEY, "dedup_key": agent.key(id), "event_action": "resolve"})
     );
     let log = is
         .wait_for("Instatus resolve", T, |l| {
@@ -225,10 +222,7 @@ async fn outage_opens_one_incident_notifies_everyone_and_resolves_everywhere() {
         ]
     );
     assert!(hooks[3].json()["incident"]["resolved_at"].is_string());
-    assert_eq!(
-        hooks[3].json()["incident"]["key"],
-        format!("watchpost/API/{id}")
-    );
+    assert_eq!(hooks[3].json()["incident"]["key"], agent.key(id));
     let mails = sink.wait_mails(3, T).await;
     let subject = mails[2].header("subject").unwrap();
     assert!(subject.starts_with("[RESOLVED] API after "), "{subject}");

@@ -134,7 +134,16 @@ async fn sigkill_with_pending_notifications_then_restart_delivers_once_and_resol
     let log = pd
         .wait_ok("trigger after restart", 1, Duration::from_secs(20))
         .await;
-    assert_eq!(log[0].json()["dedup_key"], "watchpost/Target/1");
+    // Keyed by the installation id the database was created with: the same after a restart.
+    let key = {
+        let db = dir.path().join("data/watchpost.db");
+        let conn = watchpost::store::open_reader(&db)
+            .unwrap()
+            .expect("database");
+        let inst = watchpost::store::Installation::read(&conn).unwrap();
+        format!("watchpost/{}/Target/1", inst.id)
+    };
+    assert_eq!(log[0].json()["dedup_key"], key);
     is.wait_ok("Instatus open", 2, Duration::from_secs(10))
         .await;
     tokio::time::sleep(Duration::from_millis(2500)).await; // more failing runs: nothing new
@@ -157,7 +166,7 @@ async fn sigkill_with_pending_notifications_then_restart_delivers_once_and_resol
     let log = pd.wait_ok("resolve", 2, Duration::from_secs(20)).await;
     assert_eq!(
         log[1].json(),
-        json!({"routing_key": "bin-routing-key", "dedup_key": "watchpost/Target/1", "event_action": "resolve"})
+        json!({"routing_key": "bin-routing-key", "dedup_key": key, "event_action": "resolve"})
     );
     let log = is
         .wait_for("Instatus resolve", Duration::from_secs(10), |l| {

@@ -938,14 +938,92 @@ fn an_expected_transcript_too_long_to_score_is_refused_at_its_key() {
 
 #[tokio::test]
 async fn omi_segment_merges_replace_and_delete() {
-    let srv = Server::start(Behavior::OmiMerge {
-        transcript: "Check the system status.".into(),
+    for new_id in [false, true] {
+        let srv = Server::start(Behavior::OmiMerge {
+            transcript: "Check the system status.".into(),
+            new_id,
+        })
+        .await;
+        let a = run(&omi_probe(&srv.url(OMI_QUERY), "")).await;
+        assert_eq!(a.outcome, Outcome::Up, "new_id={new_id}: {a:?}");
+        assert_eq!(a.details["text"], "Check the system status.");
+        assert_eq!(a.details["wer"], Value::from(0.0));
+    }
+}
+
+/// Omi's degraded batch mode: `stt_degraded` with `batch_mode` and a batch interval (3 s
+/// here, 30 s in production) — results only once per interval, the last batch well after
+/// `final_timeout` (1 s). The run waits for it and is degraded with the interval in its
+/// message; without that it was `no_transcript` (down) exactly when the fallback works.
+#[tokio::test]
+async fn omi_batch_mode_waits_for_the_batch_and_is_degraded() {
+    let srv = Server::start(Behavior::OmiBatch {
+        transcript: "check the system status".into(),
+        interval: Duration::from_secs(3),
+        recover_after: None,
+    })
+    .await;
+    let probe = omi_probe(&srv.url(OMI_QUERY), "timeout = \"15s\"")
+        .replace("final_timeout = \"3s\"", "final_timeout = \"1s\"");
+    let a = run(&probe).await;
+    assert_eq!(a.outcome, Outcome::Degraded, "{a:?}");
+    assert_eq!(class(&a), "stt_degraded");
+    let m = message(&a);
+    assert!(m.contains("batch mode") && m.contains("3s"), "{m}");
+    assert_eq!(a.details["text"], "check the system status");
+    assert_eq!(a.details["batch_interval_ms"], Value::from(3000.0));
+    // The transcript came in two batches; the last one after the audio.
+    let fin = phase(&a, "final").expect("final phase");
+    assert!(fin > Duration::from_secs(1), "final {fin:?}");
+
+    // Bounded by the run's timeout: one shorter than the batch says so.
+    let probe = omi_probe(&srv.url(OMI_QUERY), "timeout = \"2s\"")
+        .replace("final_timeout = \"3s\"", "final_timeout = \"1s\"");
+    let a = run(&probe).await;
+    assert_eq!(a.outcome, Outcome::Down, "{a:?}");
+    assert!(message(&a).contains("batch mode"), "{}", message(&a));
+}
+
+/// `stt_recovered` ends the degraded stretch: the run is judged as normal and the time the
+/// service spent degraded is in its details.
+#[tokio::test]
+async fn omi_stt_recovered_ends_the_degraded_stretch() {
+    let srv = Server::start(Behavior::OmiBatch {
+        transcript: "check the system status".into(),
+        interval: Duration::from_secs(30),
+        recover_after: Some(Duration::from_millis(200)),
     })
     .await;
     let a = run(&omi_probe(&srv.url(OMI_QUERY), "")).await;
     assert_eq!(a.outcome, Outcome::Up, "{a:?}");
-    assert_eq!(a.details["text"], "Check the system status.");
-    assert_eq!(a.details["wer"], Value::from(0.0));
+    assert_eq!(a.details["service_degraded_ms"], Value::from(200.0));
+    assert_eq!(a.details["text"], "check the system status");
+}
+
+/// The shipped Omi probe waits out a 30 s batch: its timeout covers the audio, one batch
+/// interval, `final_timeout`'s allowance for the batch's processing and the settle time.
+#[test]
+fn shipped_omi_probe_covers_a_30s_batch() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(dir.join("probes/listen-omi.toml")).expect("read");
+    let probe = text.replace(
+        "audio = \"audio/",
+        &format!("audio = \"{}/", audio_dir().display()),
+    );
+    let (_d, cfg) = load(&probe).unwrap_or_else(|e| panic!("{e}"));
+    let watchpost::probe::ProbeSpec::Listen(spec) = &cfg.spec else {
+        panic!("listen probe");
+    };
+    let need = spec.audio.duration().div_f64(spec.speed)
+        + Duration::from_secs(30)
+        + spec.settle
+        + Duration::from_secs(3);
+    assert!(
+        cfg.timeout >= need,
+        "timeout {:?} < {need:?} (audio + 30 s batch + settle + 3 s processing)",
+        cfg.timeout
+    );
+    assert!(cfg.timeout < cfg.interval);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

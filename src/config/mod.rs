@@ -581,6 +581,17 @@ impl Config {
 
 /// Load and validate the whole configuration; no network is touched.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_as(path, true)
+}
+
+/// Load for commands that only read the database (`watchpost incidents`, `report`): a
+/// notifier that does not load (its `*_env` secret is not in this shell's environment) is
+/// left out instead of failing the command; `validate`, `run` and `check` use [`load`].
+pub fn load_for_reading(path: &Path) -> Result<Config, ConfigErrors> {
+    load_as(path, false)
+}
+
+fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
     let mut diags = Vec::new();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -616,7 +627,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         dir
     };
 
-    let (main, notifiers) = parse_main(&src, &mut diags);
+    let (main, notifiers) = parse_main(&src, &mut diags, need_notifiers);
 
     let agent = build_agent(&main.agent, &dir);
 
@@ -894,7 +905,11 @@ struct LenientDefaults {
     defaults: Defaults,
 }
 
-fn parse_main(src: &Source, diags: &mut Vec<Diagnostic>) -> (MainFile, Vec<Notifier>) {
+fn parse_main(
+    src: &Source,
+    diags: &mut Vec<Diagnostic>,
+    need_notifiers: bool,
+) -> (MainFile, Vec<Notifier>) {
     let doc = match DeTable::parse(&src.text) {
         Ok(d) => d,
         Err(e) => {
@@ -942,7 +957,8 @@ fn parse_main(src: &Source, diags: &mut Vec<Diagnostic>) -> (MainFile, Vec<Notif
                 };
                 match NotifierConfig::from_kind(kind.get_ref(), kind.span(), rest) {
                     Ok(config) => notifiers.push(Notifier { name, config }),
-                    Err(e) => diags.push(src.err(e.located(body_t))),
+                    Err(e) if need_notifiers => diags.push(src.err(e.located(body_t))),
+                    Err(_) => {}
                 }
             }
         }

@@ -529,6 +529,7 @@ impl Evaluator {
                 location: self.config.agent.location.clone(),
                 details,
                 test: false,
+                installation: None,
             };
             if t.notify {
                 for (n, cfg) in &comp.notify {

@@ -36,6 +36,11 @@ pub struct Event {
     /// Sent by `watchpost notify-test`.
     #[serde(default)]
     pub test: bool,
+    /// The agent's installation id, set by the dispatcher when it delivers (never stored
+    /// with the event): part of every key other systems see. `None` for incidents opened
+    /// before the database had one, which keep their old keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installation: Option<String>,
 }
 
 /// RFC 3339 UTC with milliseconds.
@@ -88,14 +93,22 @@ impl Event {
             location: location.to_string(),
             details: None,
             test: true,
+            installation: None,
         }
     }
 
-    /// Stable per incident, across restarts: `watchpost/<component>/<incident id>` (≤ 255).
+    /// Stable per incident, across restarts, and unique across agents and databases:
+    /// `watchpost/<installation>/<component>/<incident id>` (≤ 255);
+    /// `watchpost/<component>/<incident id>` for incidents older than the installation id.
     pub fn dedup_key(&self) -> String {
+        let inst = self
+            .installation
+            .as_deref()
+            .map(|i| format!("{i}/"))
+            .unwrap_or_default();
         let key = match (self.test, self.incident_id) {
-            (true, _) | (false, None) => format!("watchpost/test/{}", self.at),
-            (false, Some(id)) => format!("watchpost/{}/{}", self.component, id),
+            (true, _) | (false, None) => format!("watchpost/{inst}test/{}", self.at),
+            (false, Some(id)) => format!("watchpost/{inst}{}/{}", self.component, id),
         };
         truncate(&key, 255)
     }
@@ -292,6 +305,7 @@ mod tests {
             location: "eu-west-1".into(),
             details: None,
             test: false,
+            installation: None,
         }
     }
 
@@ -322,9 +336,12 @@ mod tests {
         for (k, s, want) in table {
             assert_eq!(ev(k, s).title(), want);
         }
+        let mut e = ev(EventKind::Opened, Status::MajorOutage);
+        assert_eq!(e.dedup_key(), "watchpost/Realtime Transcription/7");
+        e.installation = Some("00c0ffee00c0ffee".into());
         assert_eq!(
-            ev(EventKind::Opened, Status::MajorOutage).dedup_key(),
-            "watchpost/Realtime Transcription/7"
+            e.dedup_key(),
+            "watchpost/00c0ffee00c0ffee/Realtime Transcription/7"
         );
     }
 

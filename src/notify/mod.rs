@@ -266,6 +266,8 @@ pub struct Ctx {
     pub delivery_id: Option<i64>,
     /// `[agent].location`, for test events.
     pub location: String,
+    /// The database's installation id (the daemon; `None` for notify-test).
+    pub installation: Option<crate::store::Installation>,
 }
 
 /// Largest response body read from a notifier endpoint.
@@ -300,6 +302,7 @@ impl Ctx {
             store,
             delivery_id: None,
             location: location.to_string(),
+            installation: None,
         })
     }
 
@@ -525,14 +528,17 @@ impl Dispatcher {
         shared: &Shared,
     ) -> anyhow::Result<Self> {
         describe_metrics(&metrics);
+        let installation = crate::store::Installation::read(&store.reader()?)
+            .context("reading the installation id")?;
         let mut workers = Vec::new();
         for n in &config.notifiers {
             let spec = n.config.0.as_ref();
             let dest = spec
                 .build()
                 .with_context(|| format!("notifier {}", n.name))?;
-            let ctx = Ctx::new(&n.name, spec, Some(store.clone()), &config.agent.location)
+            let mut ctx = Ctx::new(&n.name, spec, Some(store.clone()), &config.agent.location)
                 .with_context(|| format!("notifier {}", n.name))?;
+            ctx.installation = Some(installation.clone());
             let opts = spec.delivery().clone();
             // A worker is busy for at most one delivery (its outer deadline) between loops.
             let stale_after = outer_deadline(&opts) + POLL * 2 + Duration::from_secs(5);
@@ -724,6 +730,13 @@ impl Worker {
         };
         let mut ctx = self.ctx.clone();
         ctx.delivery_id = Some(row.id);
+        let ev = &Event {
+            installation: ctx
+                .installation
+                .as_ref()
+                .and_then(|i| i.for_incident(ev.incident_id)),
+            ..ev.clone()
+        };
         // The notifier's own requests have deadlines; this outer one bounds a delivery that
         // makes several requests (and waits for the rate limiter between them).
         let outer = outer_deadline(&self.opts);
@@ -947,6 +960,7 @@ mod tests {
             location: "here".into(),
             details: None,
             test: false,
+            installation: None,
         };
         store
             .write(move |c| outbox::enqueue(c, "pager", &ev, now).map(|_| ()))
@@ -966,6 +980,7 @@ mod tests {
                 store: Some(store.clone()),
                 delivery_id: None,
                 location: "here".into(),
+                installation: None,
             },
             beat: shared.health.beat(
                 "dispatcher",

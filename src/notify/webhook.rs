@@ -12,7 +12,7 @@
 //! - `X-Watchpost-Event`: the event kind (`opened`, `escalated`, `deescalated`, `resolved`,
 //!   `maintenance_started`, `maintenance_ended`, `test`)
 //! - `X-Watchpost-Delivery`: a delivery id, stable across retries of the same notification
-//!   (use it to ignore duplicates)
+//!   (use it to ignore duplicates): `<installation>-<notifier>-<outbox id>`
 //! - `X-Watchpost-Signature: sha256=<hex>` (when `secret_env` is set): HMAC-SHA256 of the raw
 //!   request body with the secret as key. Verify it over the exact bytes received, before
 //!   parsing, with a constant-time comparison.
@@ -22,12 +22,13 @@
 //! {"version": 1, "event": "incident.opened", "delivery_id": 42, "test": false,
 //!  "component": "Realtime Transcription", "status": "major_outage",
 //!  "previous_status": "operational",
-//!  "incident": {"id": 7, "key": "watchpost/Realtime Transcription/7",
+//!  "incident": {"id": 7, "key": "watchpost/3f9c0a1b2d4e6f70/Realtime Transcription/7",
 //!               "opened_at": "2026-05-01T10:00:00.000Z", "resolved_at": null,
 //!               "duration_seconds": 0, "flapping": false},
 //!  "cause": {"member": "listen-deepgram", "class": "ws_closed", "message": "…"},
 //!  "note": null, "title": "[DOWN] Realtime Transcription: listen-deepgram: …",
-//!  "text": "…", "location": "eu-west-1", "timestamp": "2026-05-01T10:00:00.000Z",
+//!  "text": "…", "location": "eu-west-1", "installation": "3f9c0a1b2d4e6f70",
+//!  "timestamp": "2026-05-01T10:00:00.000Z",
 //!  "details": {…}}
 //! ```
 //! `event` is `incident.opened|escalated|deescalated|resolved`,
@@ -204,6 +205,7 @@ pub fn watchpost_body(ev: &Event, delivery_id: Option<i64>) -> Value {
         "title": ev.title(),
         "text": ev.body_text(),
         "location": ev.location,
+        "installation": ev.installation,
         "timestamp": iso(ev.at),
         "details": ev.details,
     })
@@ -264,9 +266,15 @@ impl WebhookConfig {
         };
         let bytes = serde_json::to_vec(&body)
             .map_err(|e| DeliveryError::Invalid(format!("encoding body: {e}")))?;
+        // Unique across agents and databases, like the incident key.
+        let inst = ev
+            .installation
+            .as_deref()
+            .map(|i| format!("{i}-"))
+            .unwrap_or_default();
         let delivery = match ctx.delivery_id {
-            Some(id) => format!("{}-{id}", ctx.notifier),
-            None => format!("{}-test-{}", ctx.notifier, ev.at),
+            Some(id) => format!("{inst}{}-{id}", ctx.notifier),
+            None => format!("{inst}{}-test-{}", ctx.notifier, ev.at),
         };
         let mut req = ctx
             .client

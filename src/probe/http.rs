@@ -513,18 +513,16 @@ fn judge(s: &HttpSpec, name: &str, r: &Fetched, a: &mut Attempt) {
 
     // Status first: a 5xx with an HTML or empty body is an `http_status`, not a JSON problem.
     if !any_status(&s.expect.status, code) && !any_status(&s.degraded_when.status, code) {
-        let mut msg = format!("HTTP {}", r.status);
-        if let Some(st) = &body_status {
-            msg.push_str(&format!(", body status {st:?}"));
-        }
-        match &body_error {
-            Some(err) => msg.push_str(&format!(": {err}")),
-            None if json.is_none() && !text.trim().is_empty() => {
-                msg.push_str(&format!(": {}", excerpt(&text, 120)))
-            }
-            None => {}
-        }
-        a.down(ErrorClass::HttpStatus, msg);
+        a.down(
+            ErrorClass::HttpStatus,
+            status_message(
+                r.status,
+                body_status.as_deref(),
+                body_error.as_deref(),
+                json,
+                &text,
+            ),
+        );
         return;
     }
     if let Some(Err(e)) = &parsed {
@@ -620,8 +618,16 @@ fn judge_degraded(
     body_error: Option<String>,
     a: &mut Attempt,
 ) {
-    if let (true, Some(st)) = (s.read_status, body_status) {
-        match Outcome::from_health_word(st) {
+    // Only words of the health contract decide; any other `status` (a call-spawn route's
+    // `"active"`) is the application's own field, judged by `[expect]` if at all.
+    let known = body_status.and_then(|st| Some((st, Outcome::from_known_health_word(st)?)));
+    let code = r.status.as_u16();
+    // A status the probe says means degraded (a capacity gate's 429) is degraded, whatever
+    // word the refusal's body uses.
+    let status_degrades = code == 207 || any_status(&s.degraded_when.status, code);
+    let known = known.filter(|(_, o)| !(status_degrades && *o == Outcome::Down));
+    if let (true, Some((st, said))) = (s.read_status, known) {
+        match said {
             Outcome::Down => {
                 let mut msg = format!("service reports status {st:?}");
                 if let Some(err) = &body_error {
@@ -640,12 +646,14 @@ fn judge_degraded(
             Outcome::Up => {}
         }
     }
-    let code = r.status.as_u16();
-    if code == 207 || any_status(&s.degraded_when.status, code) {
-        a.degrade(
-            ErrorClass::Degraded,
-            format!("HTTP {} means degraded", r.status),
-        );
+    if status_degrades {
+        let said = if (200..300).contains(&code) {
+            format!("HTTP {}", r.status)
+        } else {
+            // A 429 from a capacity gate: which limit, in the gate's words.
+            status_message(r.status, body_status, body_error.as_deref(), json, text)
+        };
+        a.degrade(ErrorClass::Degraded, format!("{said} means degraded"));
     }
     if let Some(needle) = &s.degraded_when.body_contains {
         if text.contains(needle.as_str()) {
@@ -662,6 +670,45 @@ fn judge_degraded(
             }
         }
     }
+}
+
+/// `HTTP 429 Too Many Requests, body status "fail": capacity exhausted (code
+/// "capacity_exceeded", scope "org")`: the status, the body's own status word, its error
+/// text, and the `code`/`scope` a capacity gate (osmTalk's) says which limit was hit with.
+fn status_message(
+    status: reqwest::StatusCode,
+    body_status: Option<&str>,
+    body_error: Option<&str>,
+    json: Option<&Value>,
+    text: &str,
+) -> String {
+    let mut msg = format!("HTTP {status}");
+    if let Some(st) = body_status {
+        msg.push_str(&format!(", body status {st:?}"));
+    }
+    match body_error {
+        Some(err) => msg.push_str(&format!(": {err}")),
+        None if json.is_none() && !text.trim().is_empty() => {
+            msg.push_str(&format!(": {}", excerpt(text, 120)))
+        }
+        None => {}
+    }
+    let tags: Vec<String> = ["code", "scope"]
+        .iter()
+        .filter_map(|k| {
+            let v = json?.get(*k).or_else(|| json?.get("error")?.get(*k))?;
+            let v = match v {
+                Value::String(s) => excerpt(s, 80),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            };
+            Some(format!("{k} {v:?}"))
+        })
+        .collect();
+    if !tags.is_empty() {
+        msg.push_str(&format!(" ({})", tags.join(", ")));
+    }
+    msg
 }
 
 /// The human part of an error body: `error`, `message`, `err_msg` or `error.message`.

@@ -48,13 +48,23 @@ impl Outcome {
             _ => None,
         }
     }
-    /// Map a health word (`ok`, `degraded`, `fail`, …) to an outcome.
-    pub fn from_health_word(s: &str) -> Outcome {
+    /// The outcome a known health word (`ok`, `degraded`, `fail`, …) means; `None` for any
+    /// other word (a call-spawn route's `"active"`, a job's `"queued"`), which must not decide.
+    pub fn from_known_health_word(s: &str) -> Option<Outcome> {
         match s.trim().to_ascii_lowercase().as_str() {
-            "ok" | "up" | "healthy" | "pass" | "passed" | "green" | "operational" => Outcome::Up,
-            "degraded" | "warn" | "warning" | "yellow" => Outcome::Degraded,
-            _ => Outcome::Down,
+            "ok" | "up" | "healthy" | "pass" | "passed" | "green" | "operational" => {
+                Some(Outcome::Up)
+            }
+            "degraded" | "warn" | "warning" | "yellow" => Some(Outcome::Degraded),
+            "down" | "fail" | "failed" | "failing" | "failure" | "error" | "unhealthy"
+            | "critical" | "red" => Some(Outcome::Down),
+            _ => None,
         }
+    }
+    /// A sub-check's health word: unknown words are down (a named check that says nothing
+    /// we understand is not a passing check).
+    pub fn from_health_word(s: &str) -> Outcome {
+        Outcome::from_known_health_word(s).unwrap_or(Outcome::Down)
     }
 }
 
@@ -506,9 +516,13 @@ mod tests {
             ("fail", Outcome::Down),
             ("error", Outcome::Down),
             ("unhealthy", Outcome::Down),
+            ("critical", Outcome::Down),
             ("banana", Outcome::Down),
         ] {
             assert_eq!(Outcome::from_health_word(w), o, "{w}");
+        }
+        for w in ["active", "banana", "", "queued"] {
+            assert_eq!(Outcome::from_known_health_word(w), None, "{w}");
         }
     }
 

@@ -96,7 +96,47 @@ pub const MIGRATIONS: &[&str] = &[
     COMPACT,
     // 4: paused probes, maintenance windows started through the API
     crate::control::MIGRATION,
+    // 5: the installation id (see [`Installation`])
+    INSTALLATION,
 ];
+
+/// Migration 5: a random installation id, generated once with the database, and the first
+/// incident id whose notification keys carry it (incidents already open when an older
+/// database is upgraded keep the keys their alerts were opened with).
+const INSTALLATION: &str = "INSERT OR IGNORE INTO meta (key, value)
+        VALUES ('installation_id', random() & 9223372036854775807);
+    INSERT OR IGNORE INTO meta (key, value)
+        VALUES ('installation_since', (SELECT coalesce(max(id), 0) + 1 FROM incidents));";
+
+/// This database's identity in the keys other systems see (PagerDuty dedup keys, webhook
+/// incident keys and delivery ids): two agents, or one whose database was reset, number
+/// their incidents from 1 alike, and must never resolve each other's alerts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installation {
+    /// 16 hex digits, stable for the life of the database.
+    pub id: String,
+    /// Incidents numbered below this were opened before the id existed.
+    pub since_incident: i64,
+}
+
+impl Installation {
+    /// Read it (the migration created it).
+    pub fn read(conn: &Connection) -> rusqlite::Result<Installation> {
+        Ok(Installation {
+            id: format!("{:016x}", hist::meta(conn, "installation_id")?),
+            since_incident: hist::meta(conn, "installation_since")?,
+        })
+    }
+
+    /// The id to put in the keys of `incident`'s notifications: `None` for an incident
+    /// opened before the id existed (its alert must resolve under the key it opened with).
+    pub fn for_incident(&self, incident: Option<i64>) -> Option<String> {
+        match incident {
+            Some(id) if id < self.since_incident => None,
+            _ => Some(self.id.clone()),
+        }
+    }
+}
 
 /// Seconds per minute and per hour (histogram bucket sizes).
 pub const MINUTE: i64 = 60;

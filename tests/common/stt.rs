@@ -88,9 +88,23 @@ pub enum Behavior {
     OmiTimed(Timed),
     /// Omi segment merges: one segment per word (ids `w0`, `w1`, …) while audio flows; once
     /// the audio is over, `w0` updated to the whole utterance and the others deleted with
-    /// `segments_deleted`.
+    /// `segments_deleted`. With `new_id`, as Omi's backend does it: segments carry `start`
+    /// times, `segments_deleted` comes first, and all words but the last are merged into a
+    /// new segment `m0` (start 0.0) that arrives after the last word's segment.
     OmiMerge {
         transcript: String,
+        new_id: bool,
+    },
+    /// Omi degraded batch mode (PR #6059): on the first audio frame `stt_degraded` with
+    /// `{"batch_mode":true,"batch_interval_seconds":…}`; from then on segments only once per
+    /// `interval` — the words so far while audio flows (segment `b1`), the rest once it is
+    /// over (segment `b2`). With `recover_after`, `stt_recovered` (with
+    /// `degraded_duration_s`) that long after the degradation, then the whole utterance
+    /// promptly once the audio is over, as a healthy Omi does.
+    OmiBatch {
+        transcript: String,
+        interval: Duration,
+        recover_after: Option<Duration>,
     },
     /// Omi flood: on the first audio frame, `messages` segment arrays of `per_message`
     /// segments each, every segment with a new id; then silence.
@@ -364,7 +378,7 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
             };
             timed(&mut ws, &t, &log, msg).await;
         }
-        Behavior::OmiMerge { transcript } => {
+        Behavior::OmiMerge { transcript, new_id } => {
             let Some(mut ws) = accept(sock, &log, false).await else {
                 return;
             };
@@ -372,6 +386,20 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
             let mut frames = 0usize;
             loop {
                 match tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
+                    Err(_) if frames > 0 && new_id => {
+                        let n = words.len().saturating_sub(1);
+                        let gone: Vec<String> = (0..n).map(|i| format!("w{i}")).collect();
+                        let del = json!({"type": "segments_deleted", "segment_ids": gone});
+                        let _ = ws.send(Message::text(del.to_string())).await;
+                        let merged = json!([{"id": "m0", "text": words[..n].join(" "), "start": 0.0, "end": 1.0}]);
+                        let _ = ws.send(Message::text(merged.to_string())).await;
+                        while let Some(Ok(m)) = ws.next().await {
+                            if let Message::Close(_) = m {
+                                return;
+                            }
+                        }
+                        return;
+                    }
                     Err(_) if frames > 0 => {
                         let merged = json!([{"id": "w0", "text": transcript}]);
                         let _ = ws.send(Message::text(merged.to_string())).await;
@@ -390,7 +418,8 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                     Ok(Some(Ok(Message::Binary(b)))) => {
                         record_frame(&log, &b);
                         if let Some(w) = words.get(frames) {
-                            let seg = json!([{"id": format!("w{frames}"), "text": w}]);
+                            let start = frames as f64 * 0.4;
+                            let seg = json!([{"id": format!("w{frames}"), "text": w, "start": start, "end": start + 0.4}]);
                             let _ = ws.send(Message::text(seg.to_string())).await;
                         }
                         frames += 1;
@@ -399,6 +428,16 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                     Ok(_) => return,
                 }
             }
+        }
+        Behavior::OmiBatch {
+            transcript,
+            interval,
+            recover_after,
+        } => {
+            let Some(mut ws) = accept(sock, &log, false).await else {
+                return;
+            };
+            omi_batch(&mut ws, &transcript, interval, recover_after, &log).await;
         }
         Behavior::OmiFlood {
             messages,
@@ -776,6 +815,85 @@ async fn generic(ws: &mut WebSocketStream<TcpStream>, transcript: &str, log: &Ar
             }
             Message::Close(_) => break,
             _ => {}
+        }
+    }
+}
+
+async fn omi_batch(
+    ws: &mut WebSocketStream<TcpStream>,
+    transcript: &str,
+    interval: Duration,
+    recover_after: Option<Duration>,
+    log: &Arc<Mutex<Log>>,
+) {
+    let words: Vec<&str> = transcript.split_whitespace().collect();
+    let seg = |id: &str, text: &str| {
+        Message::text(json!([{"id": id, "text": text, "speaker": "SPEAKER_00", "is_user": false, "start": 0.0, "end": 1.0}]).to_string())
+    };
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let mut degraded_at: Option<tokio::time::Instant> = None;
+    let mut last_frame = far;
+    let mut recovered = false;
+    let mut sent_words = 0usize;
+    let mut batches = 0usize;
+    loop {
+        // Next thing due: the recovery, the next batch, or (recovered) the prompt result.
+        let due = match (degraded_at, recover_after, recovered) {
+            (None, _, _) => far,
+            (Some(_), _, true) if sent_words == words.len() => far,
+            (Some(_), _, true) => last_frame + Duration::from_millis(300),
+            (Some(d), Some(r), false) => d + r,
+            (Some(d), None, false) => d + interval * (batches as u32 + 1),
+        };
+        let m = tokio::select! {
+            m = ws.next() => m,
+            _ = tokio::time::sleep_until(due) => {
+                match (recover_after, recovered) {
+                    (Some(r), false) => {
+                        recovered = true;
+                        let ev = json!({"type": "service_status", "status": "stt_recovered",
+                            "status_text": "transcription restored",
+                            "metadata": {"degraded_duration_s": r.as_secs_f64()}});
+                        let _ = ws.send(Message::text(ev.to_string())).await;
+                    }
+                    (Some(_), true) => {
+                        if sent_words < words.len() {
+                            sent_words = words.len();
+                            let _ = ws.send(seg("seg-1", transcript)).await;
+                        }
+                    }
+                    (None, _) => {
+                        batches += 1;
+                        // A batch holds what was said so far: half the words while audio
+                        // still flows, all of them once it has stopped.
+                        let over = tokio::time::Instant::now().saturating_duration_since(last_frame)
+                            > Duration::from_millis(250);
+                        let upto = if over { words.len() } else { words.len() / 2 };
+                        if upto > sent_words {
+                            let text = words[sent_words..upto].join(" ");
+                            let _ = ws.send(seg(&format!("b{batches}"), &text)).await;
+                            sent_words = upto;
+                        }
+                    }
+                }
+                continue;
+            }
+        };
+        match m {
+            Some(Ok(Message::Binary(b))) => {
+                record_frame(log, &b);
+                last_frame = tokio::time::Instant::now();
+                if degraded_at.is_none() {
+                    degraded_at = Some(last_frame);
+                    let secs = interval.as_secs_f64();
+                    let ev = json!({"type": "service_status", "status": "stt_degraded",
+                        "status_text": "STT provider degraded",
+                        "metadata": {"batch_mode": true, "batch_interval_seconds": secs}});
+                    let _ = ws.send(Message::text(ev.to_string())).await;
+                }
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+            Some(Ok(_)) => {}
         }
     }
 }

@@ -260,6 +260,13 @@ impl Agent {
             .collect()
     }
 
+    /// The key other systems see for incident `id`: `watchpost/<installation>/API/<id>`.
+    pub fn key(&self, id: i64) -> String {
+        let conn = self.store.reader().unwrap();
+        let inst = watchpost::store::Installation::read(&conn).unwrap();
+        format!("watchpost/{}/API/{id}", inst.id)
+    }
+
     /// Outbox rows: (notifier, kind, status, attempts).
     pub fn outbox(&self) -> Vec<(String, String, String, i64)> {
         let conn = self.store.reader().unwrap();

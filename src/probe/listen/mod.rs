@@ -48,15 +48,18 @@ pub const PHASES: [&str; 4] = ["connect", "first_result", "final", "total"];
 // ---------------------------------------------------------------------------------------
 
 /// One transcript segment (Omi).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Segment {
     /// Segments with the same id replace each other.
     pub id: Option<String>,
     pub text: String,
+    /// Seconds into the stream: a merged segment that arrives under a new id still takes
+    /// its place in time, not at the end.
+    pub start: Option<f64>,
 }
 
 /// What a server text message means to the session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A transcript result (interim or final).
     Results {
@@ -70,7 +73,14 @@ pub enum Event {
     /// Omi: these segments were merged into another one.
     SegmentsDeleted(Vec<String>),
     /// A service status event (Omi `service_status`).
-    Status { status: String, text: String },
+    Status {
+        status: String,
+        text: String,
+        /// Degraded batch mode: results arrive only once per this interval.
+        batch: Option<Duration>,
+        /// `stt_recovered`: how long the server says it was degraded.
+        degraded_for: Option<Duration>,
+    },
     /// The server says the stream is complete (Deepgram `Metadata`).
     Done { request_id: Option<String> },
     /// The server reported an error in-band.

@@ -37,6 +37,10 @@ pub(super) struct Session<'a> {
     first_frame_at: Option<Instant>,
     last_sent: Instant,
     service_degraded: Option<String>,
+    /// The service is in degraded batch mode: results arrive once per this interval.
+    batch: Option<Duration>,
+    /// When `stt_degraded` arrived (until `stt_recovered`).
+    degraded_at: Option<Instant>,
     server_error: Option<String>,
     closed_by_server: bool,
     keepalives: u64,
@@ -66,6 +70,8 @@ impl<'a> Session<'a> {
             first_frame_at: None,
             last_sent: now,
             service_degraded: None,
+            batch: None,
+            degraded_at: None,
             server_error: None,
             closed_by_server: false,
             keepalives: 0,
@@ -108,14 +114,24 @@ impl<'a> Session<'a> {
         send_at.is_none_or(|t| t > due).then_some(due)
     }
 
-    /// A transcript is waiting to settle: `final_timeout` no longer ends the wait.
+    /// A transcript is waiting to settle: `final_timeout` no longer ends the wait. In batch
+    /// mode only a batch that arrived after the last audio frame holds all of it; text from
+    /// an earlier batch is a part, and the wait goes on for the next batch.
     fn settling(&self) -> bool {
-        self.wire.settles() && self.audio_done().is_some() && !self.heard.is_empty()
+        let Some(done) = self.audio_done() else {
+            return false;
+        };
+        self.wire.settles()
+            && !self.heard.is_empty()
+            && (self.batch.is_none() || self.heard.last_change.is_some_and(|c| c >= done))
     }
 
+    /// `final_timeout` after the last audio frame — plus one batch interval while the
+    /// service transcribes in batches (still bounded by the run's timeout).
     fn final_deadline(&self) -> Option<Instant> {
         let done = self.audio_done()?;
-        (!self.settling()).then(|| done + self.spec.final_timeout)
+        let batch = self.batch.unwrap_or(Duration::ZERO);
+        (!self.settling()).then(|| done + self.spec.final_timeout + batch)
     }
 
     fn settle_at(&self) -> Option<Instant> {
@@ -193,9 +209,10 @@ impl<'a> Session<'a> {
             return Err(Failure::new(
                 ErrorClass::Timeout,
                 format!(
-                    "the {} timeout hit {phase}{}",
+                    "the {} timeout hit {phase}{}{}",
                     human(self.timeout),
-                    self.heard_suffix()
+                    self.heard_suffix(),
+                    self.degraded_suffix()
                 ),
             ));
         }
@@ -336,7 +353,12 @@ impl<'a> Session<'a> {
             }
             Event::Segments(segs) => self.heard.segments(segs, at),
             Event::SegmentsDeleted(ids) => self.heard.delete(&ids, at),
-            Event::Status { status, text } => {
+            Event::Status {
+                status,
+                text,
+                batch,
+                degraded_for,
+            } => {
                 let line = excerpt(
                     &if text.is_empty() {
                         status.clone()
@@ -353,6 +375,24 @@ impl<'a> Session<'a> {
                 match status.as_str() {
                     "stt_degraded" => {
                         self.service_degraded.get_or_insert(said);
+                        self.degraded_at.get_or_insert(at);
+                        if let Some(b) = batch {
+                            self.batch = Some(b);
+                            self.a.detail("batch_interval_ms", crate::probe::ms(b));
+                        }
+                    }
+                    "stt_recovered" => {
+                        // The degraded stretch is over: record how long it lasted (the
+                        // server's figure when it gives one) and judge the rest as normal.
+                        let measured = self
+                            .degraded_at
+                            .take()
+                            .map(|d| at.saturating_duration_since(d));
+                        if let Some(d) = degraded_for.or(measured) {
+                            self.a.detail("service_degraded_ms", crate::probe::ms(d));
+                        }
+                        self.service_degraded = None;
+                        self.batch = None;
                     }
                     "stt_failed" => {
                         return Err(Failure::new(
@@ -455,7 +495,8 @@ impl<'a> Session<'a> {
         }
         match v.error {
             Some((class, msg)) if v.outcome == crate::probe::Outcome::Down => {
-                a.down(class, msg);
+                let suffix = self.degraded_suffix();
+                self.a.down(class, format!("{msg}{suffix}"));
             }
             Some((class, msg)) => {
                 a.degrade(class, msg);
@@ -503,6 +544,15 @@ impl<'a> Session<'a> {
             f.details.push(("close_code", Value::from(c)));
         }
         f
+    }
+
+    /// `; the service had reported service_status stt_degraded …` while it is degraded, so a
+    /// failure in batch mode says so.
+    fn degraded_suffix(&self) -> String {
+        match &self.service_degraded {
+            Some(d) => format!("; {d}"),
+            None => String::new(),
+        }
     }
 
     fn heard_suffix(&self) -> String {

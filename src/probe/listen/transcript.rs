@@ -33,6 +33,8 @@ pub fn cut(s: &str, max: usize) -> &str {
 pub struct Transcript {
     /// Final results or segments, in order; a deleted segment is left empty.
     pieces: Vec<String>,
+    /// Each piece's start time (Omi segments), when it has one.
+    starts: Vec<Option<f64>>,
     /// Segment id → index in `pieces`.
     ids: HashMap<String, usize>,
     /// Sum of the pieces' trimmed lengths.
@@ -75,7 +77,7 @@ impl Transcript {
         kept
     }
 
-    fn push(&mut self, text: &str) -> Option<usize> {
+    fn push(&mut self, text: &str, start: Option<f64>) -> Option<usize> {
         if self.pieces.len() >= MAX_PIECES {
             self.truncated = true;
             return None;
@@ -86,6 +88,7 @@ impl Transcript {
         }
         self.bytes += kept.len();
         self.pieces.push(kept.to_string());
+        self.starts.push(start);
         Some(self.pieces.len() - 1)
     }
 
@@ -106,10 +109,11 @@ impl Transcript {
         }
         if replace {
             self.pieces.clear();
+            self.starts.clear();
             self.ids.clear();
             self.bytes = 0;
         }
-        if self.push(text).is_some() {
+        if self.push(text, None).is_some() {
             self.last_change = Some(at);
         }
     }
@@ -135,10 +139,13 @@ impl Transcript {
                     let kept = self.fit(old, &seg.text).to_string();
                     self.bytes = self.bytes - old + kept.len();
                     self.pieces[i] = kept;
+                    if seg.start.is_some() {
+                        self.starts[i] = seg.start;
+                    }
                     changed = true;
                 }
                 None => {
-                    if let Some(i) = self.push(&seg.text) {
+                    if let Some(i) = self.push(&seg.text, seg.start) {
                         if let Some(id) = seg.id {
                             self.ids.insert(id, i);
                         }
@@ -170,10 +177,22 @@ impl Transcript {
         }
     }
 
-    /// The final transcript: the pieces joined by spaces.
+    /// The final transcript: the pieces joined by spaces, in time order when every piece
+    /// has a start time (Omi may merge segments into one under a new id, which arrives
+    /// last but belongs where its audio was), else in arrival order.
     pub fn text(&self) -> String {
+        let mut order: Vec<usize> = (0..self.pieces.len())
+            .filter(|&i| !self.pieces[i].is_empty())
+            .collect();
+        if order.iter().all(|&i| self.starts[i].is_some()) {
+            // Stable: equal starts keep arrival order.
+            order.sort_by(|&a, &b| {
+                let (x, y) = (self.starts[a].unwrap_or(0.0), self.starts[b].unwrap_or(0.0));
+                x.total_cmp(&y)
+            });
+        }
         let mut out = String::with_capacity(self.bytes + self.pieces.len());
-        for p in self.pieces.iter().filter(|p| !p.is_empty()) {
+        for p in order.iter().map(|&i| &self.pieces[i]) {
             if !out.is_empty() {
                 out.push(' ');
             }
@@ -204,7 +223,34 @@ mod tests {
         Segment {
             id: Some(id.into()),
             text: text.into(),
+            start: None,
         }
+    }
+
+    fn timed(id: &str, text: &str, start: f64) -> Segment {
+        Segment {
+            start: Some(start),
+            ..seg(id, text)
+        }
+    }
+
+    #[test]
+    fn a_merge_under_a_new_id_takes_its_place_in_time() {
+        let t0 = Instant::now();
+        let mut t = Transcript::default();
+        t.segments(
+            vec![
+                timed("w0", "check", 0.0),
+                timed("w1", "the", 0.4),
+                timed("w2", "system", 0.8),
+                timed("w3", "status", 1.2),
+            ],
+            t0,
+        );
+        // Real Omi order: the deletion first, then the merged segment under a new id.
+        t.delete(&["w0".into(), "w1".into(), "w2".into()], t0);
+        t.segments(vec![timed("m0", "check the system", 0.0)], t0);
+        assert_eq!(t.text(), "check the system status");
     }
 
     #[test]
@@ -246,6 +292,7 @@ mod tests {
             vec![Segment {
                 id: None,
                 text: "x".into(),
+                start: None,
             }],
             t0,
         );
