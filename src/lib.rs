@@ -4,6 +4,7 @@
 //! evaluator → notifier dispatcher, plus the HTTP API), stopped by one shutdown future.
 
 pub mod api;
+pub mod chaos;
 pub mod check;
 pub mod clock;
 pub mod config;

@@ -52,6 +52,8 @@ pub struct Shared {
     pub health: Health,
     /// Probes paused through the API (read back from the store at start).
     pub paused: Paused,
+    /// Rehearsal faults the probes see (empty unless a rehearsal runs).
+    pub faults: crate::chaos::fault::Faults,
 }
 
 /// What to start.

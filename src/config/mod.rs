@@ -103,6 +103,11 @@ impl SpanError {
             message: message.into(),
         }
     }
+    /// [`SpanError::located`] for other modules that parse tables of their own.
+    pub(crate) fn located_in(self, table: &DeTable<'_>) -> Self {
+        self.located(table)
+    }
+
     /// Fill in the span from `table` (the table the parsed keys came from) when only the
     /// key path is known.
     fn located(mut self, table: &DeTable<'_>) -> Self {
@@ -480,6 +485,9 @@ pub struct Agent {
     pub shutdown_grace: Duration,
     pub max_concurrency: usize,
     pub host_rate_limit: u32,
+    /// Set only on the isolated agent of `watchpost rehearse`: the rehearsal's run id, which
+    /// marks every notification it sends (never read from a file).
+    pub rehearsal: Option<String>,
 }
 
 /// One probe, validated.
@@ -899,7 +907,7 @@ fn parse_main(src: &Source, diags: &mut Vec<Diagnostic>) -> (MainFile, Vec<Notif
 }
 
 /// Split `kind` out of a table: returns it and a deserializer over the remaining keys.
-fn take_kind<'a>(
+pub(crate) fn take_kind<'a>(
     table: &DeTable<'a>,
     span: Range<usize>,
 ) -> Result<(Spanned<String>, Rest<'a>), SpanError> {
@@ -982,6 +990,7 @@ fn build_agent(a: &AgentFile, dir: &Path) -> Agent {
         shutdown_grace: a.shutdown_grace.0,
         max_concurrency: a.max_concurrency.max(1),
         host_rate_limit: a.host_rate_limit,
+        rehearsal: None,
     }
 }
 

@@ -448,6 +448,7 @@ impl Evaluator {
                 location: self.config.agent.location.clone(),
                 details,
                 test: false,
+                rehearsal: self.config.agent.rehearsal.clone(),
             };
             if t.notify {
                 for (n, cfg) in &comp.notify {

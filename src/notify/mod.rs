@@ -947,6 +947,7 @@ mod tests {
             location: "here".into(),
             details: None,
             test: false,
+            rehearsal: None,
         };
         store
             .write(move |c| outbox::enqueue(c, "pager", &ev, now).map(|_| ()))
