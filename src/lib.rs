@@ -13,6 +13,7 @@ pub mod demo;
 pub mod demo_stt;
 pub mod fdlimit;
 pub mod health;
+pub mod heartbeat;
 pub mod incident;
 pub mod metrics;
 pub mod notify;
