@@ -499,3 +499,58 @@ within = "1m"
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(":3:1: unknown field `setle`"), "{err}");
 }
+
+#[test]
+fn shipped_rehearsals_validate_against_the_example_config_and_the_demo() {
+    for (k, v) in [
+        ("INSTATUS_PAGE_ID", "page"),
+        ("INSTATUS_API_KEY", "key"),
+        ("INSTATUS_COMPONENT_STT", "comp"),
+        ("INSTATUS_WEBHOOK_API", "wh"),
+        ("PAGERDUTY_ROUTING_KEY", "rk"),
+        ("PAGERDUTY_TEST_ROUTING_KEY", "rk-test"),
+        ("SMTP_USER", "u"),
+        ("SMTP_PASSWORD", "p"),
+        ("WATCHPOST_WEBHOOK_SECRET", "s"),
+    ] {
+        std::env::set_var(k, v);
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut c = watchpost::config::load(&root.join("config/examples/notifiers.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The shipped probes are disabled until their secrets are set; a team enables them.
+    for p in &mut c.probes {
+        p.enabled = true;
+    }
+    let mut checked = 0;
+    for name in ["http-outage", "transcription-1011", "slow-stt-degrades"] {
+        let path = root.join(format!("config/rehearsals/{name}.toml"));
+        let r = watchpost::chaos::file::load(&path, &c).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!r.expects.is_empty());
+        checked += 1;
+    }
+    let slow =
+        watchpost::chaos::file::load(&root.join("config/rehearsals/slow-stt-degrades.toml"), &c)
+            .unwrap();
+    assert_eq!(slow.notify.len(), 1, "the pager swap");
+
+    let demo_dir = tempfile::tempdir().unwrap();
+    let cfg = watchpost::demo::write_config(
+        demo_dir.path(),
+        "127.0.0.1:1",
+        "127.0.0.1:2",
+        "127.0.0.1:0",
+        "10s",
+    )
+    .unwrap();
+    let demo = watchpost::config::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let r = watchpost::chaos::file::load(&root.join("config/rehearsals/demo.toml"), &demo)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A newcomer's drill ends within two minutes.
+    assert!(r.duration + r.settle <= Duration::from_secs(120));
+    checked += 1;
+    let all = std::fs::read_dir(root.join("config/rehearsals"))
+        .unwrap()
+        .count();
+    assert_eq!(checked, all, "every shipped rehearsal is checked here");
+}
