@@ -488,6 +488,71 @@ fn verdicts(r: &Rehearsal, s: &Seen, t0: i64, t_end: Option<i64>, now: i64) -> V
         .collect()
 }
 
+/// Wait (bounded by each probe's interval and deadlines) until every faulted probe has
+/// run once; one `baseline` mark per probe with its outcome, `at_ms` as wall time.
+async fn baseline(
+    p: &Pipeline,
+    cfg: &Config,
+    r: &Rehearsal,
+    interrupt: &mut (impl Future<Output = ()> + Unpin),
+) -> Option<Vec<Mark>> {
+    let probes: Vec<&crate::config::ProbeConfig> = r
+        .faults
+        .iter()
+        .flat_map(|f| f.probes.iter())
+        .filter_map(|n| cfg.probe(n))
+        .collect();
+    let limit = probes
+        .iter()
+        .map(|pc| pc.interval + (pc.timeout + pc.retry_delay) * (pc.retries + 1))
+        .max()
+        .unwrap_or_default()
+        + Duration::from_secs(5);
+    let until = Instant::now() + limit;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        let latest = p.store.latest().runs();
+        let seen: Vec<_> = probes
+            .iter()
+            .map(|pc| latest.iter().find(|l| l.probe == pc.name))
+            .collect();
+        if seen.iter().all(Option::is_some) || Instant::now() >= until {
+            return Some(
+                probes
+                    .iter()
+                    .zip(seen)
+                    .map(|(pc, l)| Mark {
+                        at_ms: l.map_or_else(|| p.shared.clock.now_ms(), |l| l.started_at),
+                        event: "baseline".into(),
+                        component: None,
+                        notifier: None,
+                        detail: match l {
+                            Some(l) if l.outcome == "up" => {
+                                format!("{} up before the fault", pc.name)
+                            }
+                            Some(l) => format!(
+                                "{} was already {} before the fault: {}",
+                                pc.name,
+                                l.outcome,
+                                l.error_message.as_deref().unwrap_or("")
+                            ),
+                            None => format!(
+                                "{} did not run before the fault (waited {})",
+                                pc.name,
+                                human(limit)
+                            ),
+                        },
+                    })
+                    .collect(),
+            );
+        }
+        tokio::select! {
+            _ = &mut *interrupt => return None,
+            _ = tick.tick() => {}
+        }
+    }
+}
+
 /// Run `r` standalone against `config`. `interrupt` ends it early (the fault is lifted and
 /// the end hooks run); `live` sees every mark as it happens.
 pub async fn rehearse(
@@ -545,9 +610,33 @@ pub async fn rehearse(
         }
     };
 
+    // Baseline: every faulted probe runs once before the fault, so the drill starts from a
+    // known state (and a service already down says so), and the fault starts just after a
+    // run — the time to detect includes the wait for the next one, as after a real outage
+    // that begins right after a good run.
     let mut aborted = None;
+    let t_base = clock.now_ms();
+    match baseline(&pipeline, &cfg, r, &mut interrupt).await {
+        Some(marks) => {
+            for m in marks {
+                mark(
+                    Mark {
+                        at_ms: m.at_ms - t_base,
+                        ..m
+                    },
+                    &mut timeline,
+                );
+            }
+        }
+        None => aborted = Some("interrupted".to_string()),
+    }
+
     let t0 = clock.now_ms();
-    for h in r.hooks.iter().filter(|h| h.at == HookAt::Start) {
+    for h in r
+        .hooks
+        .iter()
+        .filter(|h| h.at == HookAt::Start && aborted.is_none())
+    {
         let res = call_hook(&client, h).await;
         mark(hook_mark(t0, &res), &mut timeline);
         if let Err(e) = res {
