@@ -620,11 +620,11 @@ async fn read<T: Send + 'static>(
     .await?
 }
 
-/// Each part of the pipeline: the writer answers a ping through its queue (a round trip
-/// of everything queued before it), the other parts by their progress stamps and faults.
-async fn health(State(s): State<AppState>) -> Response {
+/// Every check of `/health`, in contract order: the writer answers a ping through its queue
+/// (a round trip of everything queued before it; `None`: the agent is stopping), the other
+/// parts by their progress stamps and faults. The heartbeat asks the same question.
+pub async fn all_checks(store: Option<Store>, health: &Health) -> Vec<(String, Check)> {
     let t = Instant::now();
-    let store = s.store.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let ping = async {
         match store {
             Some(store) => store.flush().await,
@@ -645,12 +645,19 @@ async fn health(State(s): State<AppState>) -> Response {
             ),
         },
     };
-    let writer = match s.health.part("writer") {
+    let writer = match health.part("writer") {
         Some(dead @ Check::Fail { .. }) => dead,
         _ => writer,
     };
     let mut checks = vec![("writer".to_string(), writer)];
-    checks.extend(s.health.checks());
+    checks.extend(health.checks());
+    checks
+}
+
+/// Each part of the pipeline (see [`all_checks`]).
+async fn health(State(s): State<AppState>) -> Response {
+    let store = s.store.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let checks = all_checks(store, &s.health).await;
     let status = if checks.iter().any(|(_, c)| c.status() == "fail") {
         "fail"
     } else if checks.iter().any(|(_, c)| c.status() == "degraded") {

@@ -4,6 +4,7 @@
 //! evaluator → notifier dispatcher, plus the HTTP API), stopped by one shutdown future.
 
 pub mod api;
+pub mod chaos;
 pub mod check;
 pub mod clock;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod demo;
 pub mod demo_stt;
 pub mod fdlimit;
 pub mod health;
+pub mod heartbeat;
 pub mod incident;
 pub mod metrics;
 pub mod notify;

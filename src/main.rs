@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 
-use watchpost::{check, config, control, demo, incident, notify, report, store};
+use watchpost::{chaos, check, config, control, demo, incident, notify, report, store};
 
 /// `println!` that returns the write error instead of panicking, so a closed pipe
 /// (`watchpost validate | head -0`) ends the command quietly (see `main`).
@@ -105,6 +105,18 @@ enum Cmd {
         /// One JSON object per incident per line (with its timeline and notifications).
         #[arg(long)]
         json: bool,
+    },
+    /// Run a scripted outage and judge its expectations (exit 0 all held · 1 any failed ·
+    /// 3 config error).
+    Rehearse {
+        /// The rehearsal file (see config/rehearsals/).
+        file: PathBuf,
+        /// Print one JSON document (verdicts and timeline) instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Also write a self-contained HTML report with the timeline drawn.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
     /// Send one clearly marked test event to a notifier.
     NotifyTest {
@@ -562,6 +574,41 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 Err(code) => return Ok(code),
             };
             maintenance(&c, cmd).await
+        }
+        Cmd::Rehearse { file, json, output } => {
+            let c = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let r = match chaos::file::load(&file, &c) {
+                Ok(r) => r,
+                Err(errs) => {
+                    for d in &errs.0 {
+                        eprintln!("{d}");
+                    }
+                    eprintln!("{} rehearsal error(s)", errs.0.len());
+                    return Ok(3);
+                }
+            };
+            // The live timeline goes to stderr, so stdout stays the table or the JSON.
+            let mut live = |m: &chaos::run::Mark| eprintln!("{}", chaos::report::live_line(m));
+            let report = chaos::run::rehearse(&c, &r, shutdown_signal(), &mut live).await?;
+            if let Some(p) = &output {
+                std::fs::write(p, chaos::report::render_html(&report))
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?;
+            }
+            let code = if report.passed { 0 } else { 1 };
+            // The verdict is the exit code: a closed stdout must not turn a failure into 0.
+            let print = || -> anyhow::Result<()> {
+                if json {
+                    out!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    out_raw!("{}", chaos::report::render_table(&report));
+                }
+                Ok(())
+            };
+            let _ = print();
+            Ok(code)
         }
         Cmd::Demo {
             listen,

@@ -52,6 +52,8 @@ pub struct Shared {
     pub health: Health,
     /// Probes paused through the API (read back from the store at start).
     pub paused: Paused,
+    /// Rehearsal faults the probes see (empty unless a rehearsal runs).
+    pub faults: crate::chaos::fault::Faults,
 }
 
 /// What to start.
@@ -210,6 +212,12 @@ impl Pipeline {
                 force.clone(),
             ),
         ));
+        if let Some(hb) = config.agent.heartbeat.clone() {
+            tasks.push(spawn(
+                "heartbeat",
+                crate::heartbeat::run(hb, store.clone(), shared.health.clone(), stop.clone()),
+            ));
+        }
         tasks.push(spawn(
             "maintenance",
             maintenance(config.clone(), store.clone(), shared.clock, stop.clone()),
@@ -380,7 +388,7 @@ impl Pipeline {
         drop(runs);
         for stage in [
             &["scheduler", "fan-out", "evaluator"][..],
-            &["dispatcher", "maintenance", "api"],
+            &["dispatcher", "maintenance", "api", "heartbeat"],
         ] {
             for name in stage {
                 if let Some(i) = tasks.iter().position(|t| t.name == *name) {

@@ -214,7 +214,8 @@ pub fn render_table(r: &Report) -> String {
     out
 }
 
-fn esc(s: &str) -> String {
+/// Text for HTML element content and attribute values.
+pub fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -232,16 +233,16 @@ pub fn render_html(r: &Report) -> String {
         let _ = write!(
             rows,
             "<tr class=\"{class}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&row.series),
-            esc(&row.phase),
+            html_escape(&row.series),
+            html_escape(&row.phase),
             row.runs,
             row.availability_pct.map(|a| format!("{a:.2}%")).unwrap_or_else(|| "-".into()),
             cell(row.p50_ms),
             cell(row.p95_ms),
             cell(row.p99_ms),
             cell(row.max_ms),
-            esc(&budget_cell(&row.budget)),
-            esc(&if row.over.is_empty() { row.verdict.to_string() } else { row.over.join(", ") }),
+            html_escape(&budget_cell(&row.budget)),
+            html_escape(&if row.over.is_empty() { row.verdict.to_string() } else { row.over.join(", ") }),
         );
     }
     format!(
@@ -249,8 +250,8 @@ pub fn render_html(r: &Report) -> String {
 <style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}}td:nth-child(-n+2),th:nth-child(-n+2){{text-align:left}}tr.over td{{background:#fde2e2}}tr.ok td:last-child{{color:#1a7f37}}</style>
 </head><body><h1>Latency budget review</h1><p>Last {} ({} → {})</p>
 <table><tr><th>series</th><th>phase</th><th>runs</th><th>availability</th><th>p50</th><th>p95</th><th>p99</th><th>max</th><th>budget</th><th>verdict</th></tr>{rows}</table></body></html>\n",
-        esc(&r.window),
-        esc(&r.since),
-        esc(&r.until)
+        html_escape(&r.window),
+        html_escape(&r.since),
+        html_escape(&r.until)
     )
 }

@@ -29,7 +29,7 @@ use crate::config::{Config, ProbeConfig};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::pipeline::Shared;
-use crate::probe::{run_confirmed_gated, Attempt, ErrorClass, Probe, RunResult};
+use crate::probe::{run_confirmed_faulted, Attempt, ErrorClass, Probe, RunResult};
 use crate::store::Store;
 
 /// Stable 64-bit FNV-1a hash: the same name gives the same phase offset on every machine.
@@ -155,7 +155,7 @@ pub async fn probe_loop<R, Fut, S>(
 /// Run one probe run, turning a panic inside it into a `down` run of class `internal` with
 /// the panic message: the probe keeps its schedule, `watchpost_probe_panics_total{probe}`
 /// counts it and `/health` shows it. `run` is what the scheduler runs
-/// ([`run_confirmed_gated`]).
+/// ([`crate::probe::run_confirmed_gated`]).
 pub async fn guard_run<F>(
     name: &str,
     kind: &'static str,
@@ -271,12 +271,13 @@ impl Scheduler {
             let cfg = Arc::new(cfg.clone());
             let plan = Plan::for_probe(&cfg);
             let host = Arc::new(cfg.spec.host().unwrap_or_default());
-            let (gate, sink, metrics, health, abandon) = (
+            let (gate, sink, metrics, health, abandon, faults) = (
                 gate.clone(),
                 self.sink.clone(),
                 self.metrics.clone(),
                 self.shared.health.clone(),
                 abandon.clone(),
+                self.shared.faults.clone(),
             );
             let skip_store = self.store.clone();
             let skip_metrics = self.metrics.clone();
@@ -284,7 +285,7 @@ impl Scheduler {
             let loop_name = cfg.name.clone();
             let paused = self.shared.paused.clone();
             let run = move |slot: Slot| {
-                let (probe, cfg, gate, sink, metrics, health, host, abandon, paused) = (
+                let (probe, cfg, gate, sink, metrics, health, host, abandon, paused, faults) = (
                     probe.clone(),
                     cfg.clone(),
                     gate.clone(),
@@ -294,6 +295,7 @@ impl Scheduler {
                     host.clone(),
                     abandon.clone(),
                     paused.clone(),
+                    faults.clone(),
                 );
                 async move {
                     // Paused through the API: the slot passes without a run (not a skip).
@@ -304,7 +306,7 @@ impl Scheduler {
                         let lag = OnceLock::new();
                         let (gate, host, metrics_ref, lag_ref) = (&gate, &host, &metrics, &lag);
                         let mut r = guard_run(&cfg.name, cfg.kind(), &metrics, &health, async {
-                            run_confirmed_gated(&probe, &cfg, move || async move {
+                            run_confirmed_faulted(&probe, &cfg, Some(&faults), move || async move {
                                 let permit = gate.pass(host).await;
                                 // Lag is the wait before the first attempt only.
                                 lag_ref.get_or_init(|| {

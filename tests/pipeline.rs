@@ -290,3 +290,50 @@ async fn retention_prunes_the_outbox_resolved_timelines_and_notifier_refs() {
     drop(conn);
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_heartbeat_pings_while_healthy_and_stops_while_the_writer_is_wedged() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Recorder::start().await;
+    let switch = Recorder::start().await;
+    let agent = format!(
+        "heartbeat = {{ url = \"{}/ping/check-uuid\", method = \"POST\", interval = \"200ms\", timeout = \"1s\" }}",
+        switch.url()
+    );
+    let p = Pipeline::start(
+        config(dir.path(), &hook.url(), FAST, &agent),
+        Options::default(),
+    )
+    .unwrap();
+    let pings = switch.wait_for("three pings", T, |l| l.len() >= 3).await;
+    assert!(
+        pings
+            .iter()
+            .all(|r| r.method == "POST" && r.path == "/ping/check-uuid"),
+        "{pings:?}"
+    );
+    // Hold the writer for longer than its ping may take (5 s): the switch must see a gap.
+    let store = p.store.clone();
+    let stuck = tokio::spawn(async move {
+        store
+            .write(|_| {
+                std::thread::sleep(Duration::from_millis(6500));
+                Ok(())
+            })
+            .await
+    });
+    // A ping whose checks passed just before the wedge may still land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = switch.requests().len();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        switch.requests().len(),
+        before,
+        "no pings while the writer is wedged"
+    );
+    stuck.await.unwrap().unwrap();
+    switch
+        .wait_for("pings to resume", T, |l| l.len() >= before + 2)
+        .await;
+    p.stop().await.unwrap();
+}

@@ -103,6 +103,11 @@ impl SpanError {
             message: message.into(),
         }
     }
+    /// [`SpanError::located`] for other modules that parse tables of their own.
+    pub(crate) fn located_in(self, table: &DeTable<'_>) -> Self {
+        self.located(table)
+    }
+
     /// Fill in the span from `table` (the table the parsed keys came from) when only the
     /// key path is known.
     fn located(mut self, table: &DeTable<'_>) -> Self {
@@ -221,6 +226,49 @@ struct AgentFile {
     /// Requests per second allowed per target host (0 = unlimited).
     #[serde(default = "default_host_rate")]
     host_rate_limit: u32,
+    /// A dead man's switch pinged every interval while the agent's parts are healthy.
+    heartbeat: Option<HeartbeatFile>,
+}
+
+/// `[agent] heartbeat`: an external dead man's switch (healthchecks.io, Better Stack, a
+/// PagerDuty heartbeat, any URL).
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct HeartbeatFile {
+    /// The URL pinged (`${ENV}` allowed; it often holds a token).
+    url: Interp,
+    /// HTTP method of the ping.
+    #[serde(default = "default_heartbeat_method")]
+    method: String,
+    /// Time between pings.
+    #[serde(default = "default_heartbeat_interval")]
+    interval: Dur,
+    /// Deadline of one ping.
+    #[serde(default = "default_heartbeat_timeout")]
+    timeout: Dur,
+}
+
+fn default_heartbeat_method() -> String {
+    "GET".into()
+}
+fn default_heartbeat_interval() -> Dur {
+    Dur::secs(60)
+}
+fn default_heartbeat_timeout() -> Dur {
+    Dur::secs(10)
+}
+
+/// Shortest heartbeat interval (tests scale it down; a real switch expects minutes).
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The heartbeat, validated.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    /// The URL; a secret may be in it, so it is shown only through `redact_url`.
+    pub url: String,
+    pub method: reqwest::Method,
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 impl Default for AgentFile {
@@ -234,6 +282,7 @@ impl Default for AgentFile {
             shutdown_grace: default_shutdown_grace(),
             max_concurrency: default_max_concurrency(),
             host_rate_limit: default_host_rate(),
+            heartbeat: None,
         }
     }
 }
@@ -517,6 +566,11 @@ pub struct Agent {
     pub shutdown_grace: Duration,
     pub max_concurrency: usize,
     pub host_rate_limit: u32,
+    /// `[agent] heartbeat`, if configured.
+    pub heartbeat: Option<Heartbeat>,
+    /// Set only on the isolated agent of `watchpost rehearse`: the rehearsal's run id, which
+    /// marks every notification it sends (never read from a file).
+    pub rehearsal: Option<String>,
 }
 
 /// One probe, validated.
@@ -967,7 +1021,7 @@ fn parse_main(
 }
 
 /// Split `kind` out of a table: returns it and a deserializer over the remaining keys.
-fn take_kind<'a>(
+pub(crate) fn take_kind<'a>(
     table: &DeTable<'a>,
     span: Range<usize>,
 ) -> Result<(Spanned<String>, Rest<'a>), SpanError> {
@@ -1005,6 +1059,36 @@ fn check_agent(a: &AgentFile, doc: &DeTable<'_>, src: &Source, diags: &mut Vec<D
     let at = |key: &str| locate(doc, &["agent", key]);
     if a.max_concurrency == 0 {
         diags.push(src.diag(at("max_concurrency"), "max_concurrency must be at least 1"));
+    }
+    if let Some(h) = &a.heartbeat {
+        let at = |key: &str| locate(doc, &["agent", "heartbeat", key]);
+        if !matches!(
+            url::Url::parse(h.url.as_str())
+                .map(|u| u.scheme().to_string())
+                .as_deref(),
+            Ok("http" | "https")
+        ) {
+            diags.push(src.diag(
+                at("url"),
+                "heartbeat url must be an http:// or https:// URL",
+            ));
+        }
+        if reqwest::Method::from_bytes(h.method.to_ascii_uppercase().as_bytes()).is_err() {
+            diags.push(src.diag(at("method"), format!("invalid HTTP method {:?}", h.method)));
+        }
+        if h.interval.0 < MIN_HEARTBEAT_INTERVAL {
+            diags.push(src.diag(
+                at("interval"),
+                format!(
+                    "heartbeat interval {} is below the {} floor",
+                    h.interval,
+                    duration::human(MIN_HEARTBEAT_INTERVAL)
+                ),
+            ));
+        }
+        if h.timeout.0.is_zero() {
+            diags.push(src.diag(at("timeout"), "heartbeat timeout must be longer than 0s"));
+        }
     }
     if !a.listen.is_empty() && a.listen.as_str().parse::<std::net::SocketAddr>().is_err() {
         diags.push(src.diag(
@@ -1050,6 +1134,16 @@ fn build_agent(a: &AgentFile, dir: &Path) -> Agent {
         shutdown_grace: a.shutdown_grace.0,
         max_concurrency: a.max_concurrency.max(1),
         host_rate_limit: a.host_rate_limit,
+        heartbeat: a.heartbeat.as_ref().and_then(|h| {
+            Some(Heartbeat {
+                url: h.url.to_string(),
+                method: reqwest::Method::from_bytes(h.method.to_ascii_uppercase().as_bytes())
+                    .ok()?,
+                interval: h.interval.0,
+                timeout: h.timeout.0,
+            })
+        }),
+        rehearsal: None,
     }
 }
 

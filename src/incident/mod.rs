@@ -530,6 +530,7 @@ impl Evaluator {
                 details,
                 test: false,
                 installation: None,
+                rehearsal: self.config.agent.rehearsal.clone(),
             };
             if t.notify {
                 for (n, cfg) in &comp.notify {

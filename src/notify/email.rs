@@ -20,6 +20,7 @@ use serde::Deserialize;
 use super::event::{iso, Event, EventKind};
 use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
 use crate::config::{Interp, Rest, Secret, SpanError};
+use crate::report::html_escape;
 
 /// `[notifier.NAME]` with `kind = "email"`.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -260,13 +261,6 @@ pub fn thread_id(ev: &Event, domain: &str) -> String {
         ev.opened_at.unwrap_or(ev.at),
         domain
     )
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// The HTML part: the same facts as the text part, as a small table.

@@ -41,6 +41,10 @@ pub struct Event {
     /// before the database had one, which keep their old keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installation: Option<String>,
+    /// Sent by a rehearsal: its run id (titles say `[REHEARSAL]`; dedup keys carry the id,
+    /// so they never meet a real incident's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rehearsal: Option<String>,
 }
 
 /// RFC 3339 UTC with milliseconds.
@@ -94,6 +98,7 @@ impl Event {
             details: None,
             test: true,
             installation: None,
+            rehearsal: None,
         }
     }
 
@@ -106,9 +111,12 @@ impl Event {
             .as_deref()
             .map(|i| format!("{i}/"))
             .unwrap_or_default();
-        let key = match (self.test, self.incident_id) {
-            (true, _) | (false, None) => format!("watchpost/{inst}test/{}", self.at),
-            (false, Some(id)) => format!("watchpost/{inst}{}/{}", self.component, id),
+        let key = match (self.test, self.incident_id, &self.rehearsal) {
+            (true, _, _) | (false, None, _) => format!("watchpost/{inst}test/{}", self.at),
+            (false, Some(id), None) => format!("watchpost/{inst}{}/{}", self.component, id),
+            (false, Some(id), Some(r)) => {
+                format!("watchpost/{inst}rehearsal/{r}/{}/{}", self.component, id)
+            }
         };
         truncate(&key, 255)
     }
@@ -208,7 +216,10 @@ impl Event {
                 ),
             },
         };
-        truncate(&t, 200)
+        match self.rehearsal {
+            Some(_) => truncate(&format!("[REHEARSAL] {t}"), 200),
+            None => truncate(&t, 200),
+        }
     }
 
     /// A few lines for people: what, since when, why, from where.
@@ -248,6 +259,11 @@ impl Event {
             }
         };
         lines.push(what);
+        if let Some(r) = &self.rehearsal {
+            lines.push(format!(
+                "REHEARSAL {r}: this is a drill (`watchpost rehearse`), not a real outage."
+            ));
+        }
         if let Some(c) = &self.cause {
             let label = if self.is_resolve() {
                 "Last error"
@@ -306,7 +322,27 @@ mod tests {
             details: None,
             test: false,
             installation: None,
+            rehearsal: None,
         }
+    }
+
+    #[test]
+    fn rehearsal_events_are_marked_and_keyed_apart() {
+        let real = ev(EventKind::Opened, Status::MajorOutage);
+        let drill = Event {
+            rehearsal: Some("1700000000000".into()),
+            ..real.clone()
+        };
+        assert!(drill
+            .title()
+            .starts_with("[REHEARSAL] [DOWN] Realtime Transcription"));
+        assert!(drill.body_text().contains("REHEARSAL 1700000000000"));
+        assert_ne!(drill.dedup_key(), real.dedup_key());
+        assert_eq!(
+            drill.dedup_key(),
+            "watchpost/rehearsal/1700000000000/Realtime Transcription/7"
+        );
+        assert!(!real.title().contains("REHEARSAL"));
     }
 
     #[test]

@@ -115,8 +115,13 @@ pub fn component_status(s: Status) -> &'static str {
 }
 
 /// The suffix of a status-page incident's name that ties it to watchpost incident `id`.
-fn incident_marker(id: i64) -> String {
-    format!(" (#{id})")
+/// A rehearsal's incidents carry its run id too: their numbers restart at 1 in the
+/// rehearsal's own store and must never adopt a real incident's page entry.
+fn incident_marker(id: i64, rehearsal: Option<&str>) -> String {
+    match rehearsal {
+        Some(r) => format!(" (#rehearsal-{r}-{id})"),
+        None => format!(" (#{id})"),
+    }
 }
 
 /// An Instatus id (a string, or a number in some answers).
@@ -211,7 +216,7 @@ impl InstatusConfig {
         if ctx.get_ref(incident, "incident").await?.is_some() {
             return Ok(());
         }
-        let marker = incident_marker(incident);
+        let marker = incident_marker(incident, ev.rehearsal.as_deref());
         if ctx.get_ref(incident, "open_posting").await?.is_some() {
             match ctx
                 .send(self.auth(ctx.client.get(self.api("/incidents"))))
@@ -232,7 +237,12 @@ impl InstatusConfig {
             }
         }
         let body = json!({
-            "name": format!("{} {}{marker}", ev.component, ev.status.human()),
+            "name": format!(
+                "{}{} {}{marker}",
+                if ev.rehearsal.is_some() { "[REHEARSAL] " } else { "" },
+                ev.component,
+                ev.status.human()
+            ),
             "message": ev.body_text(),
             "components": [cid],
             "started": iso(ev.opened_at.unwrap_or(ev.at)),
@@ -483,7 +493,7 @@ mod tests {
         ];
         for (text, id, want) in cases {
             assert_eq!(
-                find_marked(text, &incident_marker(*id)).as_deref(),
+                find_marked(text, &incident_marker(*id, None)).as_deref(),
                 *want,
                 "{text} #{id}"
             );

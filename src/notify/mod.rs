@@ -961,6 +961,7 @@ mod tests {
             details: None,
             test: false,
             installation: None,
+            rehearsal: None,
         };
         store
             .write(move |c| outbox::enqueue(c, "pager", &ev, now).map(|_| ()))

@@ -196,6 +196,7 @@ pub fn watchpost_body(ev: &Event, delivery_id: Option<i64>) -> Value {
         "event": event,
         "delivery_id": delivery_id,
         "test": ev.test,
+        "rehearsal": ev.rehearsal.is_some(),
         "component": ev.component,
         "status": ev.status.as_str(),
         "previous_status": ev.previous.as_str(),

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::assert::{any_status, excerpt, json_path, JsonAssert, Re, StatusPattern};
 use super::{Attempt, ErrorClass, Outcome, SubCheck};
+use crate::chaos::fault::{Injection, Mode};
 use crate::config::{duration::human, Interp, ProbeConfig, Rest, SpanError};
 
 /// Largest sub-check `latency_ms` recorded (1 h, the top of the latency histograms).
@@ -232,6 +233,13 @@ fn shared_client(
     if let Some(c) = map.get(&key) {
         return Ok(c.clone());
     }
+    let client = client_builder(ca_pem.map(|p| p.as_slice()))?.build()?;
+    map.insert(key, client.clone());
+    Ok(client)
+}
+
+/// How every probe client is built: no redirects, no referer, no pooling, TLS facts kept.
+fn client_builder(ca_pem: Option<&[u8]>) -> anyhow::Result<reqwest::ClientBuilder> {
     let mut b = reqwest::Client::builder()
         .user_agent(USER_AGENT)
         .redirect(reqwest::redirect::Policy::none())
@@ -243,9 +251,7 @@ fn shared_client(
             b = b.add_root_certificate(c);
         }
     }
-    let client = b.build()?;
-    map.insert(key, client.clone());
-    Ok(client)
+    Ok(b)
 }
 
 /// Same scheme, host and port: configured headers may follow a redirect only there.
@@ -280,8 +286,50 @@ impl HttpProbe {
     }
 
     pub async fn run(&self) -> Attempt {
+        self.run_with(None).await
+    }
+
+    /// One attempt under a rehearsal fault: a transport fault goes through the fault proxy
+    /// as the client's HTTP proxy (same URL and Host; TLS, SNI and certificate check end to
+    /// end through CONNECT);
+    /// `http_status` replaces the real response's status and body before it is judged.
+    pub async fn run_with(&self, fault: Option<&Injection>) -> Attempt {
         let mut a = Attempt::new();
-        if let Some(resp) = self.fetch(&mut a).await {
+        let via_client;
+        let client = match fault.and_then(|f| f.via) {
+            Some(via) => {
+                // The fault proxy is the client's HTTP proxy: `https` goes through a
+                // CONNECT tunnel (TLS, SNI and the certificate check stay the target's).
+                let built = client_builder(self.spec.ca_pem.as_ref().map(|p| p.as_slice()))
+                    .and_then(|b| {
+                        let proxy = reqwest::Proxy::all(format!("http://{via}"))?;
+                        Ok(b.proxy(proxy).build()?)
+                    });
+                match built {
+                    Ok(c) => {
+                        via_client = c;
+                        &via_client
+                    }
+                    Err(e) => {
+                        a.down(
+                            ErrorClass::Internal,
+                            format!("cannot build the client: {e:#}"),
+                        );
+                        return a;
+                    }
+                }
+            }
+            None => &self.client,
+        };
+        if let Some(mut resp) = self.fetch(client, &mut a).await {
+            if let Some(Mode::HttpStatus { status, body }) = fault.map(|f| &f.mode) {
+                resp.status = reqwest::StatusCode::from_u16(*status)
+                    .unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
+                resp.body = body.as_bytes().to_vec();
+                resp.content_type = String::new();
+                a.detail("status", *status);
+                a.detail("bytes", resp.body.len() as u64);
+            }
             judge(&self.spec, &self.name, &resp, &mut a);
         }
         self.cap_subchecks(&mut a);
@@ -321,6 +369,7 @@ impl HttpProbe {
     /// `max_redirects = 0` the 3xx itself is the answer that is judged.
     async fn send_following_redirects(
         &self,
+        client: &reqwest::Client,
         a: &mut Attempt,
         t0: Instant,
     ) -> Option<reqwest::Response> {
@@ -342,8 +391,7 @@ impl HttpProbe {
                 h
             };
             let left = self.timeout.saturating_sub(t0.elapsed());
-            let mut req = self
-                .client
+            let mut req = client
                 .request(method.clone(), url.clone())
                 .headers(headers)
                 .timeout(left.max(Duration::from_millis(1)));
@@ -395,10 +443,10 @@ impl HttpProbe {
 
     /// Send the request and read the body under the cap. Records `ttfb`, `total` and the
     /// response facts in `a`; `None` when the transaction itself failed (`a` says why).
-    async fn fetch(&self, a: &mut Attempt) -> Option<Fetched> {
+    async fn fetch(&self, client: &reqwest::Client, a: &mut Attempt) -> Option<Fetched> {
         let s = &self.spec;
         let t0 = Instant::now();
-        let resp = self.send_following_redirects(a, t0).await?;
+        let resp = self.send_following_redirects(client, a, t0).await?;
         a.phase("ttfb", t0.elapsed());
         let status = resp.status();
         a.detail("status", status.as_u16());

@@ -20,6 +20,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::chaos::fault::{Faults, Injection, Mode};
 use crate::config::{duration::human, ProbeConfig, Rest, SpanError};
 pub use class::ErrorClass;
 
@@ -353,14 +354,17 @@ impl ProbeSpec {
             _ => None,
         }
     }
-    /// Host the probe talks to, for the per-host rate limit.
-    pub fn host(&self) -> Option<String> {
-        let url = match self {
+    /// The URL the probe talks to.
+    pub fn url(&self) -> &str {
+        match self {
             ProbeSpec::Http(s) => s.url(),
             ProbeSpec::WebSocket(s) => s.url(),
             ProbeSpec::Listen(s) => s.url(),
-        };
-        url::Url::parse(url)
+        }
+    }
+    /// Host the probe talks to, for the per-host rate limit.
+    pub fn host(&self) -> Option<String> {
+        url::Url::parse(self.url())
             .ok()
             .and_then(|u| u.host_str().map(str::to_string))
     }
@@ -388,23 +392,43 @@ impl Probe {
         })
     }
 
-    async fn attempt(&self) -> Attempt {
+    async fn attempt(&self, fault: Option<&Injection>) -> Attempt {
         match self {
-            Probe::Http(p) => p.run().await,
-            Probe::WebSocket(p) => p.run().await,
-            Probe::Listen(p) => p.run().await,
+            Probe::Http(p) => p.run_with(fault).await,
+            Probe::WebSocket(p) => p.run_with(fault).await,
+            Probe::Listen(p) => p.run_with(fault).await,
         }
     }
 }
 
 /// Run one attempt under the probe's deadline and judge per-run budgets.
 pub async fn attempt_once(probe: &Probe, cfg: &ProbeConfig) -> (Attempt, DateTime<Utc>, Duration) {
+    attempt_once_with(probe, cfg, None).await
+}
+
+/// [`attempt_once`] under a rehearsal's fault, if any: `down` fails the run without touching
+/// the network; every other mode is met by the kind's own code (see [`Injection`]). A
+/// faulted run says so in its details (`rehearsal_fault`).
+pub async fn attempt_once_with(
+    probe: &Probe,
+    cfg: &ProbeConfig,
+    fault: Option<&Injection>,
+) -> (Attempt, DateTime<Utc>, Duration) {
     let started_at = Utc::now();
     let t0 = Instant::now();
+    if let Some(f) = fault.filter(|f| f.mode == Mode::Down) {
+        let mut a = Attempt::new();
+        a.down(
+            ErrorClass::Unreachable,
+            "cannot connect: rehearsal fault `down` (the network was not touched)",
+        );
+        a.detail("rehearsal_fault", f.mode.name());
+        return (a, started_at, t0.elapsed());
+    }
     // Kinds keep their own, phase-aware deadlines; this outer one is the guarantee that
     // nothing hangs. A little slack lets the kind's own message win when both fire.
     let outer = cfg.timeout + Duration::from_millis(250);
-    let mut a = match tokio::time::timeout(outer, probe.attempt()).await {
+    let mut a = match tokio::time::timeout(outer, probe.attempt(fault)).await {
         Ok(a) => a,
         Err(_) => {
             let mut a = Attempt::new();
@@ -420,6 +444,9 @@ pub async fn attempt_once(probe: &Probe, cfg: &ProbeConfig) -> (Attempt, DateTim
     };
     let elapsed = t0.elapsed();
     apply_run_budgets(&mut a, cfg);
+    if let Some(f) = fault {
+        a.detail("rehearsal_fault", f.mode.name());
+    }
     (a, started_at, elapsed)
 }
 
@@ -452,9 +479,20 @@ pub async fn run_confirmed(probe: &Probe, cfg: &ProbeConfig) -> RunResult {
 /// [`run_confirmed`] where every attempt first passes `gate` (the scheduler's concurrency
 /// cap and per-host rate limit) and holds what it returns only while it runs: a retry
 /// waiting out `retry_delay` holds no permit.
-pub async fn run_confirmed_gated<G, Fut, P>(
+pub async fn run_confirmed_gated<G, Fut, P>(probe: &Probe, cfg: &ProbeConfig, gate: G) -> RunResult
+where
+    G: FnMut() -> Fut,
+    Fut: std::future::Future<Output = P>,
+{
+    run_confirmed_faulted(probe, cfg, None, gate).await
+}
+
+/// [`run_confirmed_gated`] where each attempt first looks up the probe's active rehearsal
+/// fault in `faults` (a fault that starts or ends between attempts is seen by the next one).
+pub async fn run_confirmed_faulted<G, Fut, P>(
     probe: &Probe,
     cfg: &ProbeConfig,
+    faults: Option<&Faults>,
     mut gate: G,
 ) -> RunResult
 where
@@ -466,7 +504,8 @@ where
     let mut tries = 0;
     loop {
         let permit = gate().await;
-        let (a, started_at, elapsed) = attempt_once(probe, cfg).await;
+        let fault = faults.and_then(|f| f.get(&cfg.name));
+        let (a, started_at, elapsed) = attempt_once_with(probe, cfg, fault.as_deref()).await;
         drop(permit);
         first_start.get_or_insert(started_at);
         tries += 1;

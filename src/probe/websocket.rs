@@ -27,6 +27,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::assert::{excerpt, JsonAssert, Re};
 use super::{Attempt, ErrorClass};
+use crate::chaos::fault::{Injection, Mode};
 use crate::config::{duration::human, interp, Dur, Interp, ProbeConfig, Rest, SpanError};
 
 /// The connected socket type both WebSocket-based kinds use.
@@ -177,6 +178,16 @@ pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<Arc<rustls::Cli
 
 /// Open the socket within `timeout` (TCP + TLS + upgrade).
 pub async fn connect(t: &Target, timeout: Duration) -> Result<Connected, Failure> {
+    connect_via(t, timeout, None).await
+}
+
+/// [`connect`], with the TCP connection going to `via` (a rehearsal's fault proxy) instead
+/// of the URL's host; the upgrade, Host header, SNI and certificate check are the URL's.
+pub async fn connect_via(
+    t: &Target,
+    timeout: Duration,
+    via: Option<std::net::SocketAddr>,
+) -> Result<Connected, Failure> {
     let mut req = t.url.as_str().into_client_request().map_err(|e| {
         Failure::new(
             ErrorClass::Internal,
@@ -221,8 +232,30 @@ pub async fn connect(t: &Target, timeout: Duration) -> Result<Connected, Failure
         .max_frame_size(Some(t.max_message_bytes));
     let connector = Connector::Rustls(t.tls.clone());
     let t0 = Instant::now();
-    let fut =
-        tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, Some(connector));
+    let fut = async move {
+        match via {
+            None => {
+                tokio_tungstenite::connect_async_tls_with_config(
+                    req,
+                    Some(cfg),
+                    true,
+                    Some(connector),
+                )
+                .await
+            }
+            Some(addr) => {
+                let sock = TcpStream::connect(addr).await?;
+                let _ = sock.set_nodelay(true);
+                tokio_tungstenite::client_async_tls_with_config(
+                    req,
+                    sock,
+                    Some(cfg),
+                    Some(connector),
+                )
+                .await
+            }
+        }
+    };
     match tokio::time::timeout(timeout, fut).await {
         Err(_) => Err(Failure::new(
             ErrorClass::Timeout,
@@ -270,6 +303,11 @@ fn connect_error(e: tungstenite::Error) -> Failure {
                     _ => "",
                 };
                 Failure::new(ErrorClass::Tls, format!("TLS handshake failed: {t}{hint}"))
+            } else if io.kind() == std::io::ErrorKind::ConnectionReset {
+                Failure::new(
+                    ErrorClass::ConnectionReset,
+                    format!("connection reset by the server during the upgrade: {text}"),
+                )
             } else if io.kind() == std::io::ErrorKind::ConnectionRefused {
                 Failure::new(
                     ErrorClass::ConnectRefused,
@@ -661,10 +699,58 @@ impl WsProbe {
     }
 
     pub async fn run(&self) -> Attempt {
+        self.run_with(None).await
+    }
+
+    /// One attempt under a rehearsal fault: transport faults connect through the fault
+    /// proxy; `ws_close` ends the script `after` its time as a server close would.
+    pub async fn run_with(&self, fault: Option<&Injection>) -> Attempt {
+        let close = match fault.map(|f| &f.mode) {
+            Some(Mode::WsClose {
+                code,
+                reason,
+                after,
+            }) => Some((*code, reason.as_str(), *after)),
+            _ => None,
+        };
+        let Some((code, reason, after)) = close else {
+            return self.script(fault.and_then(|f| f.via)).await;
+        };
+        let t0 = Instant::now();
+        let timer = async {
+            tokio::time::sleep(after).await;
+            let frame = Some(CloseFrame {
+                code: code.into(),
+                reason: reason.to_string().into(),
+            });
+            let (code, text) = close_text(&frame);
+            let mut a = Attempt::new();
+            a.detail("close_code", code);
+            a.detail("close_reason", reason.to_string());
+            a.down(
+                ErrorClass::WsClosed,
+                format!("server closed the socket with {text} after {}", secs(after)),
+            );
+            a.phase("total", t0.elapsed());
+            a
+        };
+        tokio::select! {
+            a = self.script(None) => a,
+            a = timer => a,
+        }
+    }
+
+    async fn script(&self, via: Option<std::net::SocketAddr>) -> Attempt {
         let mut a = Attempt::new();
         let t0 = Instant::now();
         let deadline = t0 + self.timeout;
-        let c = match connect(&self.target, self.spec.connect_timeout.min(self.timeout)).await {
+        let c = match connect_via(
+            &self.target,
+            self.spec.connect_timeout.min(self.timeout),
+            via,
+        )
+        .await
+        {
             Ok(c) => c,
             Err(f) => {
                 f.apply(&mut a);

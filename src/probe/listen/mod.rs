@@ -38,6 +38,7 @@ use tokio::time::Instant;
 pub use self::config::{Accumulate, DeepgramEnd, DialectName, Expectation, ListenSpec};
 use super::websocket::{self as wsock, Target};
 use super::Attempt;
+use crate::chaos::fault::Injection;
 use crate::config::ProbeConfig;
 
 /// The phases a listen run times.
@@ -216,8 +217,18 @@ impl ListenProbe {
         self.run_with_stats().await.0
     }
 
+    /// One session under a rehearsal fault (transport faults connect through the fault
+    /// proxy; `ws_close`, `garble` and `stt_degraded` are met inside the session).
+    pub async fn run_with(&self, fault: Option<&Injection>) -> Attempt {
+        self.session(fault).await.0
+    }
+
     /// One session, with the raw timings the benchmark needs.
     pub async fn run_with_stats(&self) -> (Attempt, SessionStats) {
+        self.session(None).await
+    }
+
+    async fn session(&self, fault: Option<&Injection>) -> (Attempt, SessionStats) {
         let mut a = Attempt::new();
         let mut stats = SessionStats::default();
         let t0 = Instant::now();
@@ -225,7 +236,8 @@ impl ListenProbe {
         let s = &self.spec;
         a.detail("dialect", s.dialect.name());
 
-        let c = match wsock::connect(&self.target, s.connect_timeout.min(self.timeout)).await {
+        let timeout = s.connect_timeout.min(self.timeout);
+        let c = match wsock::connect_via(&self.target, timeout, fault.and_then(|f| f.via)).await {
             Ok(c) => c,
             Err(f) => {
                 f.apply(&mut a);
@@ -238,6 +250,7 @@ impl ListenProbe {
         }
         let mut ws = c.ws;
         let result = session::Session::new(s, self.timeout, &mut ws, deadline, &mut a, &mut stats)
+            .with_fault(fault.map(|f| &f.mode))
             .run()
             .await;
         a.phase("total", t0.elapsed());

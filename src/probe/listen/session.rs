@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::judge::{self, Ending, Heard, Rules, EXCERPT};
 use super::transcript::Transcript;
 use super::{Event, ListenSpec, SessionStats, Wire};
+use crate::chaos::fault::{garble_frame, Mode};
 use crate::config::duration::human;
 use crate::probe::assert::excerpt;
 use crate::probe::websocket::{self as wsock, close_text, secs, Failure, Ws};
@@ -44,6 +45,8 @@ pub(super) struct Session<'a> {
     server_error: Option<String>,
     closed_by_server: bool,
     keepalives: u64,
+    /// A rehearsal fault met inside the session (`ws_close`, `garble`, `stt_degraded`).
+    fault: Option<&'a Mode>,
 }
 
 impl<'a> Session<'a> {
@@ -75,12 +78,38 @@ impl<'a> Session<'a> {
             server_error: None,
             closed_by_server: false,
             keepalives: 0,
+            fault: None,
+        }
+    }
+
+    /// Meet a rehearsal fault: `stt_degraded` arrives as the service's own event would, right
+    /// away; `ws_close` arrives as the server's close frame `after` the connect; `garble`
+    /// sends the utterance backwards.
+    pub(super) fn with_fault(mut self, fault: Option<&'a Mode>) -> Self {
+        self.fault = fault;
+        self
+    }
+
+    /// When a rehearsal's `ws_close` is due.
+    fn fault_close_at(&self) -> Option<Instant> {
+        match self.fault {
+            Some(Mode::WsClose { after, .. }) => Some(self.connected_at + *after),
+            _ => None,
         }
     }
 
     /// Stream, wait, judge. `Ok(true)` when the server already closed the socket; the
     /// verdict is on the attempt.
     pub(super) async fn run(mut self) -> Result<bool, Failure> {
+        if let Some(Mode::SttDegraded) = self.fault {
+            let ev = Event::Status {
+                status: "stt_degraded".into(),
+                text: "rehearsal".into(),
+                batch: None,
+                degraded_for: None,
+            };
+            self.on_event(ev, Instant::now(), Duration::ZERO)?;
+        }
         let ending = self.wait().await?;
         if let Ending::Complete(how) = ending {
             if let Some(wait) = self.wire.linger_after(how) {
@@ -152,6 +181,7 @@ impl<'a> Session<'a> {
             .into_iter()
             .flatten()
             .fold(self.deadline, Instant::min);
+            let close_at = self.fault_close_at();
             let ended = tokio::select! {
                 biased;
                 _ = tokio::time::sleep_until(send_at.unwrap_or(self.deadline)), if send_at.is_some() => {
@@ -159,6 +189,15 @@ impl<'a> Session<'a> {
                     None
                 }
                 msg = self.ws.next() => self.on_message(msg)?,
+                _ = tokio::time::sleep_until(close_at.unwrap_or(self.deadline)), if close_at.is_some() => {
+                    let Some(Mode::WsClose { code, reason, .. }) = self.fault else { continue };
+                    let frame = tungstenite::protocol::CloseFrame {
+                        code: (*code).into(),
+                        reason: reason.clone().into(),
+                    };
+                    let since = self.since_connect(Instant::now());
+                    Some(self.on_close(Some(frame), since)?)
+                }
                 _ = tokio::time::sleep_until(timer) => self.on_timer(send_at).await?,
             };
             if let Some(e) = ended {
@@ -170,7 +209,10 @@ impl<'a> Session<'a> {
     async fn send_frame(&mut self, due: Instant) -> Result<(), Failure> {
         let spec = self.spec;
         let n = spec.frames.len();
-        let frame = spec.frames[self.next].clone();
+        let frame = match self.fault {
+            Some(Mode::Garble) => garble_frame(&spec.frames[n - 1 - self.next]).into(),
+            _ => spec.frames[self.next].clone(),
+        };
         let what = format!("audio frame {} of {n}", self.next + 1);
         self.send(Message::Binary(frame), &what).await?;
         let sent = Instant::now();
