@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::{Config, ProbeConfig};
 use crate::control::{self, Command, CommandError, Origin, Window};
+use crate::config::{Budget, Config, ProbeConfig};
 use crate::health::Beat;
 use crate::metrics::Metrics;
 use crate::notify::event::Event;
@@ -317,8 +317,17 @@ impl Evaluator {
             for i in inputs {
                 self.comps[ci].state.apply(&rules, i);
             }
-            if self.comps[ci].members.iter().any(|m| m == &run.probe) {
-                if let Some(input) = self.budget_input(ci, &run.probe, now).await {
+            let budgeted: Vec<String> = match self.config.probe(&run.probe) {
+                Some(p) => self.comps[ci]
+                    .members
+                    .iter()
+                    .filter(|m| has_percentile_budget(p, m))
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            };
+            for member in budgeted {
+                if let Some(input) = self.budget_input(ci, &run.probe, &member, now).await {
                     self.comps[ci].state.apply(&rules, input);
                 }
             }
@@ -368,25 +377,23 @@ impl Evaluator {
     /// Judge a probe's latency budgets (p50/p95/p99 of each phase over the component's
     /// budget window, with a minimum sample count). The histogram read is blocking SQLite
     /// work, so it runs on a blocking thread with the evaluator's read connection.
-    async fn budget_input(&mut self, ci: usize, probe: &str, now: i64) -> Option<Input> {
-        let p: &ProbeConfig = self.config.probe(probe)?;
-        if !p
-            .budget
-            .values()
-            .any(|b| b.p50.is_some() || b.p95.is_some() || b.p99.is_some())
-        {
-            return None;
-        }
+    async fn budget_input(
+        &mut self,
+        ci: usize,
+        probe: &str,
+        member: &str,
+        now: i64,
+    ) -> Option<Input> {
         let conn = match self.reader.take() {
             Some(c) => c,
             None => self.store.reader().ok()?,
         };
         let comp = &self.comps[ci];
         let (window, min) = (comp.budget_window_ms, comp.budget_min_samples);
-        let (config, name) = (self.config.clone(), probe.to_string());
+        let (config, name, m) = (self.config.clone(), probe.to_string(), member.to_string());
         let judged = tokio::task::spawn_blocking(move || {
             let r = match config.probe(&name) {
-                Some(p) => budget_breach(&conn, p, window, min, now),
+                Some(p) => budget_breach(&conn, p, &m, window, min, now),
                 None => Ok(None),
             };
             (conn, r)
@@ -396,7 +403,7 @@ impl Evaluator {
             Ok((conn, Ok(breach))) => {
                 self.reader = Some(conn);
                 Some(Input::Budget {
-                    member: probe.to_string(),
+                    member: member.to_string(),
                     at: now,
                     breach,
                 })
@@ -774,15 +781,41 @@ fn run_details(run: &RunResult) -> Option<Value> {
     Some(v)
 }
 
-/// A latency-budget breach of `probe` over `[now - window, now]`, if any.
+/// The percentile budgets of one series of `probe` (the probe itself, or a sub-check named
+/// by a `[budget]` key): (phase, budget).
+fn member_budgets<'p>(probe: &'p ProbeConfig, member: &str) -> Vec<(&'p str, &'p Budget)> {
+    let percentiles = |b: &Budget| b.p50.is_some() || b.p95.is_some() || b.p99.is_some();
+    if member == probe.name {
+        return probe
+            .budget
+            .iter()
+            .filter(|(phase, b)| percentiles(b) && probe.series_budget(member, phase).is_some())
+            .map(|(phase, b)| (phase.as_str(), b))
+            .collect();
+    }
+    probe
+        .series_budget(member, "latency")
+        .filter(|b| percentiles(b))
+        .map(|b| vec![("latency", b)])
+        .unwrap_or_default()
+}
+
+fn has_percentile_budget(probe: &ProbeConfig, member: &str) -> bool {
+    (member == probe.name || member.starts_with(&format!("{}/", probe.name)))
+        && !member_budgets(probe, member).is_empty()
+}
+
+/// A latency-budget breach of `member` (`probe` itself or one of its sub-checks) over
+/// `[now - window, now]`, if any.
 pub fn budget_breach(
     conn: &Connection,
     probe: &ProbeConfig,
+    member: &str,
     window_ms: i64,
     min_samples: u64,
     now: i64,
 ) -> rusqlite::Result<Option<Cause>> {
-    for (phase, b) in &probe.budget {
+    for (phase, b) in member_budgets(probe, member) {
         let limits = [
             ("p50", 50.0, b.p50),
             ("p95", 95.0, b.p95),
@@ -791,13 +824,8 @@ pub fn budget_breach(
         if limits.iter().all(|l| l.2.is_none()) {
             continue;
         }
-        let h = crate::store::hist::series_window(
-            conn,
-            &probe.name,
-            phase,
-            now - window_ms,
-            now + 60_000,
-        )?;
+        let h =
+            crate::store::hist::series_window(conn, member, phase, now - window_ms, now + 60_000)?;
         if h.len() < min_samples.max(1) {
             continue;
         }
@@ -806,7 +834,7 @@ pub fn budget_breach(
             let v_us = h.value_at_percentile(q);
             if v_us > limit.0.as_micros() as u64 {
                 return Ok(Some(Cause {
-                    member: probe.name.clone(),
+                    member: member.to_string(),
                     class: "latency_budget".into(),
                     message: format!(
                         "{label} of {phase} is {} over its {} budget (last {}, {} runs)",
