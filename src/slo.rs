@@ -169,6 +169,26 @@ pub fn component_counts(
     Ok(total)
 }
 
+/// [`burn_verdict`] of a component's runs at `now`.
+pub fn component_burn(
+    conn: &Connection,
+    comp: &ComponentConfig,
+    objective: Objective,
+    now: i64,
+) -> rusqlite::Result<Option<(BurnLevel, String)>> {
+    let mut err = None;
+    let verdict = burn_verdict(objective, |w| {
+        component_counts(conn, comp, now - w, now).unwrap_or_else(|e| {
+            err = Some(e);
+            Counts::default()
+        })
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(verdict),
+    }
+}
+
 /// Shares of a count in percent: (available = not down, up, degraded, down).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Shares {
@@ -230,17 +250,7 @@ pub fn component_slo(
     let (remaining, rate, rate_1h, burning) = match objective {
         Some(o) => {
             let last_hour = component_counts(conn, comp, now - 60 * MIN, now)?;
-            let mut err = None;
-            let verdict = burn_verdict(o, |w| match component_counts(conn, comp, now - w, now) {
-                Ok(c) => c,
-                Err(e) => {
-                    err = Some(e);
-                    Counts::default()
-                }
-            });
-            if let Some(e) = err {
-                return Err(e);
-            }
+            let verdict = component_burn(conn, comp, o, now)?;
             (
                 budget_remaining(&c, o),
                 burn_rate(&c, o),

@@ -6,6 +6,9 @@
 //! and sub-check budgets, with their errors at the key.
 
 mod common;
+mod notify_harness;
+#[path = "common/recorder.rs"]
+mod recorder;
 
 use std::time::Duration;
 
@@ -329,4 +332,107 @@ fn objective_and_budget_keys_are_checked_at_their_position() {
         e.contains("api.toml:6:1: [budget] \"checks.db\" is not a phase of a http probe (expected one of: ttfb, total)"),
         "{e}"
     );
+}
+
+/// `burn_alert`: a fast burn pages (major outage) through the evaluator and the outbox like
+/// any incident, steps down to a warning (degraded) once the 5-minute window is clean, and
+/// resolves when the 30-minute window is clean too. Member streaks alone would never open
+/// an incident here (failure_threshold = 1000). Virtual time: an hour and a half of runs.
+#[tokio::test(start_paused = true)]
+async fn a_fast_error_budget_burn_pages_warns_and_resolves() {
+    use notify_harness::*;
+    use watchpost::probe::Outcome::{Down, Up};
+    let dir = tempfile::tempdir().unwrap();
+    let hook = recorder::Recorder::start().await;
+    let t = Targets {
+        webhook: Some(hook.url()),
+        ..Default::default()
+    };
+    let rules = "failure_threshold = 1000\nsuccess_threshold = 1\nrecovery = \"1s\"\n\
+                 objective = \"99%\"\nburn_alert = true";
+    let agent = Agent::start(write_config(dir.path(), &t, rules, ""), true).await;
+    let step = Duration::from_secs(10);
+    let statuses = || -> Vec<(String, String)> {
+        let c = agent.store.reader().unwrap();
+        let mut st = c
+            .prepare(
+                "SELECT kind, to_status FROM incident_events WHERE component = 'API' ORDER BY id",
+            )
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    // 50 minutes of good runs, then 12 minutes of an outage.
+    for _ in 0..300 {
+        agent.both(Up).await;
+        tokio::time::advance(step).await;
+    }
+    assert!(statuses().is_empty(), "{:?}", statuses());
+    for _ in 0..72 {
+        agent.both(Down).await;
+        tokio::time::advance(step).await;
+    }
+    settle(Duration::from_millis(50)).await;
+    agent.both(Down).await;
+    until("the page", Duration::from_secs(10), || {
+        statuses().len() >= 2
+    })
+    .await;
+    // 6× over 6 h and 30 m warns first (about 3½ minutes in); 14.4× over 1 h and 5 m pages
+    // once the outage has taken 14.4 % of the hour.
+    let first = statuses();
+    assert_eq!(
+        first[..2],
+        [
+            ("opened".to_string(), "degraded".to_string()),
+            ("escalated".to_string(), "major_outage".to_string()),
+        ],
+        "{first:?}"
+    );
+    let inc = &agent.incident_views(true)[0];
+    let cause = inc.cause.as_ref().unwrap();
+    assert_eq!(cause.class.as_deref(), Some("error_budget_burn"));
+    assert!(
+        cause.message.as_deref().unwrap().contains("over 6h and"),
+        "{cause:?}"
+    );
+    let page = &inc.timeline[1];
+    assert!(
+        page.message.as_deref().unwrap().contains("over 1h and"),
+        "{page:?}"
+    );
+    // The transitions go out through the outbox like any other.
+    agent.drained(Duration::from_secs(10)).await;
+    assert!(
+        agent
+            .outbox()
+            .iter()
+            .any(|r| r.0 == "mitigate" && r.1 == "escalated" && r.2 == "delivered"),
+        "{:?}",
+        agent.outbox()
+    );
+    // Recovery: the 5-minute window clears first (warn: 6 h and 30 m still burn), then the
+    // 30-minute one.
+    for _ in 0..200 {
+        agent.both(Up).await;
+        tokio::time::advance(step).await;
+        if statuses().iter().any(|s| s.0 == "resolved") {
+            break;
+        }
+    }
+    settle(Duration::from_millis(50)).await;
+    let kinds: Vec<(String, String)> = statuses();
+    assert_eq!(
+        kinds,
+        [
+            ("opened".to_string(), "degraded".to_string()),
+            ("escalated".to_string(), "major_outage".to_string()),
+            ("deescalated".to_string(), "degraded".to_string()),
+            ("resolved".to_string(), "operational".to_string()),
+        ],
+        "{kinds:?}"
+    );
+    agent.stop().await;
 }

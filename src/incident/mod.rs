@@ -112,7 +112,13 @@ struct Comp {
     budget_min_samples: u64,
     /// The state as last written: a run that changes nothing writes nothing.
     saved: String,
+    /// `burn_alert`: the objective, and when the burn was last judged.
+    burn: Option<(crate::config::Objective, i64)>,
 }
+
+/// The error-budget burn of a component is judged at most this often (its windows are
+/// 5 minutes and longer).
+const BURN_EVERY_MS: i64 = 5_000;
 
 /// Consumes runs, keeps per-component state, opens/updates/resolves incidents.
 pub struct Evaluator {
@@ -222,6 +228,10 @@ impl Evaluator {
                 budget_window_ms: c.budget_window.0.as_millis() as i64,
                 budget_min_samples: c.budget_min_samples,
                 saved: stored.unwrap_or_default(),
+                burn: c
+                    .objective()
+                    .filter(|_| c.burn_alert())
+                    .map(|o| (o, i64::MIN)),
             });
         }
         for (name, s) in saved {
@@ -331,8 +341,48 @@ impl Evaluator {
                     self.comps[ci].state.apply(&rules, input);
                 }
             }
+            if let Some(input) = self.burn_input(ci, now).await {
+                self.comps[ci].state.apply(&rules, input);
+            }
             let t = self.evaluate(ci, now);
             self.persist(ci, t, now).await;
+        }
+    }
+
+    /// Judge a `burn_alert` component's error-budget burn over the multi-window rules (at
+    /// most every [`BURN_EVERY_MS`]); blocking SQLite work on the evaluator's read connection.
+    async fn burn_input(&mut self, ci: usize, now: i64) -> Option<Input> {
+        let (objective, last) = self.comps[ci].burn?;
+        if now.saturating_sub(last) < BURN_EVERY_MS {
+            return None;
+        }
+        self.comps[ci].burn = Some((objective, now));
+        let conn = match self.reader.take() {
+            Some(c) => c,
+            None => self.store.reader().ok()?,
+        };
+        let config = self.config.clone();
+        let judged = tokio::task::spawn_blocking(move || {
+            let r = match config.components.get(ci) {
+                Some(comp) => burn_breach(&conn, comp, objective, now),
+                None => Ok(None),
+            };
+            (conn, r)
+        })
+        .await;
+        match judged {
+            Ok((conn, Ok(breach))) => {
+                self.reader = Some(conn);
+                Some(Input::Burn { breach })
+            }
+            Ok((_, Err(e))) => {
+                tracing::warn!(component = %self.comps[ci].name, error = %e, "cannot count runs for the error-budget burn");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(component = %self.comps[ci].name, error = %e, "error-budget burn judgement failed");
+                None
+            }
         }
     }
 
@@ -779,6 +829,27 @@ fn run_details(run: &RunResult) -> Option<Value> {
         v["details"] = json!("(omitted: too large)");
     }
     Some(v)
+}
+
+/// A fast burn of `comp`'s error budget at `now` (multi-window, multi-burn-rate), if any.
+pub fn burn_breach(
+    conn: &Connection,
+    comp: &crate::config::ComponentConfig,
+    objective: crate::config::Objective,
+    now: i64,
+) -> rusqlite::Result<Option<state::BurnBreach>> {
+    let verdict = crate::slo::component_burn(conn, comp, objective, now)?;
+    Ok(verdict.map(|(level, message)| state::BurnBreach {
+        level: match level {
+            crate::slo::BurnLevel::Page => state::Level::Down,
+            crate::slo::BurnLevel::Warn => state::Level::Degraded,
+        },
+        cause: Cause {
+            member: comp.name.get_ref().clone(),
+            class: "error_budget_burn".into(),
+            message,
+        },
+    }))
 }
 
 /// The percentile budgets of one series of `probe` (the probe itself, or a sub-check named

@@ -175,6 +175,15 @@ pub enum Input {
         at: i64,
         breach: Option<Cause>,
     },
+    /// The error-budget burn verdict of the component (`None`: not burning fast).
+    Burn { breach: Option<BurnBreach> },
+}
+
+/// A fast error-budget burn: `Down` pages (major outage), `Degraded` warns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BurnBreach {
+    pub level: Level,
+    pub cause: Cause,
 }
 
 /// A status change the evaluator stores and (when `notify`) sends.
@@ -201,6 +210,9 @@ pub struct ComponentState {
     pub members: BTreeMap<String, MemberState>,
     /// When incidents opened (or a flapping incident failed again) in the last hour.
     pub opens: Vec<i64>,
+    /// A fast burn of the error budget (`burn_alert`), while it lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burn: Option<BurnBreach>,
 }
 
 impl ComponentState {
@@ -281,12 +293,31 @@ impl ComponentState {
                 }
                 m.budget = breach;
             }
+            Input::Burn { breach } => self.burn = breach,
         }
     }
 
-    /// The status the members add up to, ignoring incidents and maintenance, and the
-    /// member behind it.
+    /// The status the members and a fast error-budget burn add up to, ignoring incidents
+    /// and maintenance, and the member (or burn) behind it.
     pub fn target(&self) -> (Status, Option<Cause>) {
+        let (status, cause) = self.members_target();
+        match &self.burn {
+            Some(b) => {
+                let burn = match b.level {
+                    Level::Down => Status::MajorOutage,
+                    Level::Degraded => Status::Degraded,
+                };
+                if burn.severity() > status.severity() {
+                    (burn, Some(b.cause.clone()))
+                } else {
+                    (status, cause)
+                }
+            }
+            None => (status, cause),
+        }
+    }
+
+    fn members_target(&self) -> (Status, Option<Cause>) {
         let n = self.members.len();
         let down: Vec<&MemberState> = self
             .members
@@ -452,13 +483,14 @@ impl ComponentState {
         // Every member is at least unconfirmed-good: resolve only when each member that was
         // bad during the incident has `success_threshold` good runs and the component has
         // been clear for `recovery` since its last bad run (clear-since, not time-since-open).
-        let members_clear = self.members.values().all(|m| {
-            m.level.is_none()
-                && m.budget.is_none()
-                && m.bad_streak == 0
-                && (m.good_streak >= rules.success_threshold
-                    || m.last_bad_at.is_none_or(|t| t < inc.opened_at))
-        });
+        let members_clear = self.burn.is_none()
+            && self.members.values().all(|m| {
+                m.level.is_none()
+                    && m.budget.is_none()
+                    && m.bad_streak == 0
+                    && (m.good_streak >= rules.success_threshold
+                        || m.last_bad_at.is_none_or(|t| t < inc.opened_at))
+            });
         let clear_since_ok = self
             .last_bad_at()
             .is_none_or(|t| now - t >= rules.recovery_ms);
