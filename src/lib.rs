@@ -22,6 +22,7 @@ pub mod probe;
 pub mod redact;
 pub mod report;
 pub mod schedule;
+pub mod slo;
 pub mod store;
 
 use std::future::Future;

@@ -65,6 +65,8 @@ enum LogFormat {
 enum ReportFormat {
     Table,
     Json,
+    Markdown,
+    Csv,
     Html,
 }
 
@@ -502,19 +504,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let now = chrono::Utc::now().timestamp_millis();
             let r = match store::open_reader(&c.db_path())? {
                 Some(conn) => report::build(&c, &conn, w, now)?,
-                None => report::Report {
-                    window: window.clone(),
-                    since: String::new(),
-                    until: String::new(),
-                    rows: vec![],
-                },
+                None => report::Report::empty(w, now),
             };
-            let format = if json { ReportFormat::Json } else { format };
-            let text = match format {
-                ReportFormat::Table => report::render_table(&r),
-                ReportFormat::Json => serde_json::to_string_pretty(&r)? + "\n",
-                ReportFormat::Html => report::render_html(&r),
+            let format = match (json, format) {
+                (true, _) | (_, ReportFormat::Json) => report::Format::Json,
+                (_, ReportFormat::Table) => report::Format::Table,
+                (_, ReportFormat::Markdown) => report::Format::Markdown,
+                (_, ReportFormat::Csv) => report::Format::Csv,
+                (_, ReportFormat::Html) => report::Format::Html,
             };
+            let text = report::render(&r, format)?;
             match output {
                 Some(p) => std::fs::write(&p, text)
                     .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?,

@@ -1,24 +1,48 @@
 //! `watchpost report`: the latency-budget review. Per series and phase over a window: runs,
-//! availability, p50/p95/p99/max from the merged stored histograms, the budget and a verdict.
+//! availability (up / degraded / down), p50/p95/p99/max from the merged stored histograms,
+//! the budget and a verdict, the same figures for the previous window of equal length and
+//! the change, and a trend in buckets sized to the window. Per component: its objective,
+//! availability, error budget and burn rate, and its incidents with time to detect, time to
+//! page and duration. Rehearsals held in the window. The worst regressions come first.
+//!
+//! Rendered as a terminal table, JSON, Markdown, CSV or one self-contained HTML file with
+//! inline SVG charts ([`render`]). Not here: scheduling the review (see `review`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::time::Duration;
 
-use rusqlite::Connection;
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::config::{duration::human, Budget, Config};
+use crate::notify::event::iso;
 use crate::probe::human_ms;
-use crate::store::{self, hist};
+use crate::slo::{self, Shares};
+use crate::store::{self, hist, Counts};
 
-/// One line of the report.
+/// Output formats of the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Markdown,
+    Csv,
+    Html,
+}
+
+/// One line of the report: a series and phase.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub series: String,
     pub phase: String,
     pub runs: u64,
+    /// Runs not down, in percent.
     pub availability_pct: Option<f64>,
+    pub up_pct: Option<f64>,
+    pub degraded_pct: Option<f64>,
+    pub down_pct: Option<f64>,
     pub samples: u64,
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
@@ -29,6 +53,53 @@ pub struct Row {
     pub verdict: &'static str,
     /// Which percentiles are over, e.g. `p95 1.9s > 1.5s`.
     pub over: Vec<String>,
+    /// The same figures over the previous window of equal length.
+    pub previous: Figures,
+    /// This window against the previous one.
+    pub change: Change,
+    /// Buckets across the window, oldest first.
+    pub trend: Vec<TrendPoint>,
+}
+
+/// Figures of a series and phase over one window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Figures {
+    pub runs: u64,
+    pub availability_pct: Option<f64>,
+    pub samples: u64,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    pub verdict: &'static str,
+}
+
+/// Differences to the previous window (this minus previous).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Change {
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// p95 change relative to the previous p95, in percent.
+    pub p95_pct: Option<f64>,
+    /// Availability change in percentage points.
+    pub availability_pts: Option<f64>,
+    /// `better`, `worse`, `same` or `new` (nothing to compare with).
+    pub direction: &'static str,
+}
+
+/// One bucket of a trend.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrendPoint {
+    /// Start of the bucket (RFC 3339).
+    pub at: String,
+    pub at_ms: i64,
+    pub runs: u64,
+    pub availability_pct: Option<f64>,
+    pub samples: u64,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,16 +110,253 @@ pub struct BudgetView {
     pub run_ms: Option<f64>,
 }
 
+/// A component over the window, and its error budget over its SLO window.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComponentRow {
+    pub component: String,
+    pub objective: Option<String>,
+    /// Over the report window, maintenance left out.
+    #[serde(flatten)]
+    pub window: Shares,
+    /// Burn rate over the report window (1.0 spends the budget exactly over the SLO window).
+    pub burn_rate: Option<f64>,
+    /// Over the SLO window ending with the report window.
+    pub slo_window: String,
+    pub slo_availability_pct: Option<f64>,
+    pub error_budget_remaining_pct: Option<f64>,
+    pub incidents: usize,
+    /// Buckets across the window (same as the rows' trend).
+    pub trend: Vec<AvailabilityPoint>,
+}
+
+/// Availability of one bucket.
+#[derive(Debug, Clone, Serialize)]
+pub struct AvailabilityPoint {
+    pub at_ms: i64,
+    pub runs: u64,
+    pub availability_pct: Option<f64>,
+    pub down: u64,
+    pub degraded: u64,
+}
+
+/// An incident that overlaps the window.
+#[derive(Debug, Clone, Serialize)]
+pub struct IncidentRow {
+    pub id: i64,
+    pub component: String,
+    pub worst_status: String,
+    pub opened_at: String,
+    pub opened_at_ms: i64,
+    pub resolved_at: Option<String>,
+    pub resolved_at_ms: Option<i64>,
+    /// Open incidents: until the end of the window.
+    pub duration_s: f64,
+    /// First bad run of the member that opened it → the incident.
+    pub time_to_detect_s: Option<f64>,
+    /// First bad run → first delivered notification of the opening.
+    pub time_to_page_s: Option<f64>,
+    pub cause: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub window: String,
     pub since: String,
     pub until: String,
+    /// Size of a trend bucket.
+    pub bucket: String,
     pub rows: Vec<Row>,
+    pub components: Vec<ComponentRow>,
+    pub incidents: Vec<IncidentRow>,
+    /// Rehearsals held in the window (empty when none were recorded).
+    pub rehearsals: Vec<Value>,
+}
+
+impl Report {
+    /// The report of an agent that has no database yet.
+    pub fn empty(window: Duration, now_ms: i64) -> Report {
+        let since = now_ms - window.as_millis() as i64;
+        Report {
+            window: human(window),
+            since: secs(since),
+            until: secs(now_ms),
+            bucket: human(bucket_for(window)),
+            rows: vec![],
+            components: vec![],
+            incidents: vec![],
+            rehearsals: vec![],
+        }
+    }
 }
 
 fn us_to_ms(us: u64) -> f64 {
     us as f64 / 1000.0
+}
+
+fn secs(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// Trend buckets: the smallest of a few round sizes that gives at most 30 buckets.
+pub fn bucket_for(window: Duration) -> Duration {
+    const SIZES: [u64; 11] = [
+        60,
+        300,
+        900,
+        1800,
+        3600,
+        3 * 3600,
+        6 * 3600,
+        12 * 3600,
+        86400,
+        7 * 86400,
+        30 * 86400,
+    ];
+    let w = window.as_secs().max(1);
+    let s = SIZES
+        .into_iter()
+        .find(|s| w.div_ceil(*s) <= 30)
+        .unwrap_or(w.div_ceil(30));
+    Duration::from_secs(s)
+}
+
+/// Latency of every series and phase over `[since, until)` in buckets of `bucket_ms`:
+/// hourly rows where the runs are gone (an hour lands in the bucket where it starts), runs
+/// after that.
+/// Per (series, phase): one histogram per bucket (`None`: no sample in it).
+type Buckets = BTreeMap<(String, String), Vec<Option<hist::Hist>>>;
+
+fn latency_buckets(
+    conn: &Connection,
+    since: i64,
+    until: i64,
+    bucket_ms: i64,
+) -> rusqlite::Result<Buckets> {
+    let n = ((until - since).max(1) + bucket_ms - 1) / bucket_ms;
+    let n = n.clamp(1, 10_000) as usize;
+    let slot = |t: i64| (((t - since).max(0) / bucket_ms) as usize).min(n - 1);
+    let fine_from = hist::meta_value(conn, "fine_from")?;
+    let mut out: Buckets = BTreeMap::new();
+    let series = hist::series_names(conn)?;
+    let mut add = |name: &str, phase: &str, i: usize, h: &hist::Hist| {
+        let v = out
+            .entry((name.to_string(), phase.to_string()))
+            .or_insert_with(|| vec![None; n]);
+        let _ = v[i].get_or_insert_with(hist::new_hist).add(h);
+    };
+    let hi = until.min(fine_from);
+    if since < hi {
+        let mut st = conn.prepare_cached(
+            "SELECT series, phase, bucket_start, data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2",
+        )?;
+        let mut rows = st.query(params![hist::floor_hour(since), hi])?;
+        while let Some(r) = rows.next()? {
+            let Some(s) = series.get(&r.get::<_, i64>(0)?) else {
+                continue;
+            };
+            if let Some(h) = r.get_ref(3)?.as_blob().ok().and_then(hist::decode) {
+                add(&s.name, &r.get::<_, String>(1)?, slot(r.get(2)?), &h);
+            }
+        }
+    }
+    let lo = since.max(fine_from);
+    if lo < until {
+        let mut st = conn.prepare_cached(
+            "SELECT started_at, data FROM runs WHERE series = ?1 AND started_at >= ?2 AND started_at < ?3",
+        )?;
+        for (id, s) in &series {
+            let mut per: Vec<Vec<Option<hist::Hist>>> = Vec::new();
+            let mut rows = st.query(params![id, lo, until])?;
+            while let Some(r) = rows.next()? {
+                let i = slot(r.get(0)?);
+                let data = r.get_ref(1)?.as_blob().unwrap_or(&[]);
+                let _ = store::codec::decode(data, |p, us| {
+                    if per.len() <= p {
+                        per.resize(p + 1, vec![None; n]);
+                    }
+                    hist::record(per[p][i].get_or_insert_with(hist::new_hist), us);
+                });
+            }
+            for (p, buckets) in per.into_iter().enumerate() {
+                let Some(phase) = s.phases.get(p) else {
+                    continue;
+                };
+                for (i, h) in buckets.into_iter().enumerate() {
+                    if let Some(h) = h {
+                        add(&s.name, phase, i, &h);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn merged(buckets: &[Option<hist::Hist>]) -> hist::Hist {
+    let mut h = hist::new_hist();
+    for b in buckets.iter().flatten() {
+        let _ = h.add(b);
+    }
+    h
+}
+
+fn quantile(h: &hist::Hist, q: f64) -> Option<f64> {
+    (!h.is_empty()).then(|| us_to_ms(h.value_at_quantile(q)))
+}
+
+fn figures(h: &hist::Hist, c: Counts, budget: Option<&Budget>) -> Figures {
+    Figures {
+        runs: c.total(),
+        availability_pct: c.availability(),
+        samples: h.len(),
+        p50_ms: quantile(h, 0.50),
+        p95_ms: quantile(h, 0.95),
+        p99_ms: quantile(h, 0.99),
+        max_ms: (!h.is_empty()).then(|| us_to_ms(h.max())),
+        verdict: judge(h, budget).0,
+    }
+}
+
+fn sum(v: &[Counts]) -> Counts {
+    let mut t = Counts::default();
+    for c in v {
+        t += *c;
+    }
+    t
+}
+
+fn change(now: &Figures, prev: &Figures) -> Change {
+    let d = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a - b);
+    let p95_pct = now
+        .p95_ms
+        .zip(prev.p95_ms)
+        .filter(|(_, b)| *b > 0.0)
+        .map(|(a, b)| 100.0 * (a - b) / b);
+    let availability_pts = d(now.availability_pct, prev.availability_pct);
+    // Worse: p95 up by more than 10 %, or availability down by more than 0.1 points.
+    let direction = match (p95_pct, availability_pts) {
+        (None, None) => "new",
+        (p, a) if p.is_some_and(|p| p > 10.0) || a.is_some_and(|a| a < -0.1) => "worse",
+        (p, a) if p.is_some_and(|p| p < -10.0) || a.is_some_and(|a| a > 0.1) => "better",
+        _ => "same",
+    };
+    Change {
+        p50_ms: d(now.p50_ms, prev.p50_ms),
+        p95_ms: d(now.p95_ms, prev.p95_ms),
+        p99_ms: d(now.p99_ms, prev.p99_ms),
+        p95_pct,
+        availability_pts,
+        direction,
+    }
+}
+
+/// The budget of a series and phase: the probe's own phases, or a sub-check named by a
+/// `[budget]` key.
+fn budget_of<'c>(config: &'c Config, series: &str, phase: &str) -> Option<&'c Budget> {
+    let probe = series.split('/').next().unwrap_or(series);
+    config.probe(probe)?.series_budget(series, phase)
 }
 
 /// Build the report for the window ending at `now_ms`.
@@ -58,74 +366,305 @@ pub fn build(
     window: Duration,
     now_ms: i64,
 ) -> anyhow::Result<Report> {
-    let since = now_ms - window.as_millis() as i64;
-    let hists = hist::window(conn, since, now_ms + 1)?;
-    let counts = store::counts_since(conn, since)?;
+    let w = (window.as_millis() as i64).max(1000);
+    let since = now_ms - w;
+    let prev_since = since - w;
+    let bucket_ms = (bucket_for(window).as_millis() as i64).max(1000);
+    let lat = latency_buckets(conn, since, now_ms, bucket_ms)?;
+    let prev_lat = latency_buckets(conn, prev_since, since, w)?;
+    let counts = store::outcomes(conn, None, since, now_ms, bucket_ms)?;
+    let prev_counts = store::outcomes(conn, None, prev_since, since, w)?;
     let mut series: BTreeSet<String> = counts.keys().cloned().collect();
-    series.extend(hists.keys().map(|(s, _)| s.clone()));
+    series.extend(lat.keys().map(|(s, _)| s.clone()));
+    let starts: Vec<i64> = (0..)
+        .map(|i| since + i * bucket_ms)
+        .take_while(|t| *t < now_ms)
+        .collect();
     let mut rows = Vec::new();
     for s in series {
-        let c = counts.get(&s).copied().unwrap_or_default();
-        let probe_name = s.split('/').next().unwrap_or(&s);
-        let budgets = config
-            .probe(probe_name)
-            .filter(|_| !s.contains('/'))
-            .map(|p| &p.budget);
-        let phases: Vec<&(String, String)> = hists.keys().filter(|(x, _)| *x == s).collect();
-        if phases.is_empty() {
-            rows.push(Row {
-                series: s.clone(),
-                phase: "-".into(),
-                runs: c.total(),
-                availability_pct: c.availability(),
-                samples: 0,
-                p50_ms: None,
-                p95_ms: None,
-                p99_ms: None,
-                max_ms: None,
-                budget: None,
-                verdict: "no_data",
-                over: vec![],
-            });
-            continue;
-        }
+        let cb = counts.get(&s).cloned().unwrap_or_default();
+        let c = sum(&cb);
+        let pc = prev_counts.get(&s).map(|v| sum(v)).unwrap_or_default();
+        let shares = Shares::from(c);
+        let phases: Vec<&(String, String)> = lat.keys().filter(|(x, _)| *x == s).collect();
+        let phases: Vec<Option<&(String, String)>> = if phases.is_empty() {
+            vec![None]
+        } else {
+            phases.into_iter().map(Some).collect()
+        };
         for key in phases {
-            let h = &hists[key];
-            let budget = budgets.and_then(|b| b.get(&key.1)).copied();
-            let (verdict, over) = judge(h, budget.as_ref());
-            let q = |x: f64| (!h.is_empty()).then(|| us_to_ms(h.value_at_quantile(x)));
+            let phase = key.map(|k| k.1.as_str()).unwrap_or("-");
+            let empty = Vec::new();
+            let buckets = key.and_then(|k| lat.get(k)).unwrap_or(&empty);
+            let h = merged(buckets);
+            let budget = budget_of(config, &s, phase).copied();
+            let (verdict, over) = judge(&h, budget.as_ref());
+            let now_f = figures(&h, c, budget.as_ref());
+            let ph = key
+                .and_then(|k| prev_lat.get(k))
+                .map(|b| merged(b))
+                .unwrap_or_else(hist::new_hist);
+            let previous = figures(&ph, pc, budget.as_ref());
+            let trend = starts
+                .iter()
+                .enumerate()
+                .map(|(i, at)| {
+                    let h = buckets.get(i).and_then(Option::as_ref);
+                    let c = cb.get(i).copied().unwrap_or_default();
+                    TrendPoint {
+                        at: secs(*at),
+                        at_ms: *at,
+                        runs: c.total(),
+                        availability_pct: c.availability(),
+                        samples: h.map_or(0, |h| h.len()),
+                        p50_ms: h.and_then(|h| quantile(h, 0.50)),
+                        p95_ms: h.and_then(|h| quantile(h, 0.95)),
+                        p99_ms: h.and_then(|h| quantile(h, 0.99)),
+                    }
+                })
+                .collect();
             rows.push(Row {
                 series: s.clone(),
-                phase: key.1.clone(),
+                phase: phase.to_string(),
                 runs: c.total(),
-                availability_pct: c.availability(),
+                availability_pct: shares.availability_pct,
+                up_pct: shares.up_pct,
+                degraded_pct: shares.degraded_pct,
+                down_pct: shares.down_pct,
                 samples: h.len(),
-                p50_ms: q(0.50),
-                p95_ms: q(0.95),
-                p99_ms: q(0.99),
-                max_ms: (!h.is_empty()).then(|| us_to_ms(h.max())),
+                p50_ms: now_f.p50_ms,
+                p95_ms: now_f.p95_ms,
+                p99_ms: now_f.p99_ms,
+                max_ms: now_f.max_ms,
                 budget: budget.map(|b| BudgetView {
                     p50_ms: b.p50.map(|d| d.0.as_secs_f64() * 1e3),
                     p95_ms: b.p95.map(|d| d.0.as_secs_f64() * 1e3),
                     p99_ms: b.p99.map(|d| d.0.as_secs_f64() * 1e3),
                     run_ms: b.run.map(|d| d.0.as_secs_f64() * 1e3),
                 }),
-                verdict,
+                verdict: if key.is_none() { "no_data" } else { verdict },
                 over,
+                change: change(&now_f, &previous),
+                previous,
+                trend,
             });
         }
     }
-    let fmt = |ms: i64| {
-        chrono::DateTime::from_timestamp_millis(ms)
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-            .unwrap_or_default()
-    };
+    rows.sort_by(|a, b| {
+        regression(b).total_cmp(&regression(a)).then_with(|| {
+            (a.series.as_str(), a.phase.as_str()).cmp(&(b.series.as_str(), b.phase.as_str()))
+        })
+    });
+    let incidents = incidents(conn, config, since, now_ms)?;
+    let mut components = Vec::new();
+    for comp in &config.components {
+        let name = comp.name.get_ref();
+        let members: Vec<String> = comp.probes.iter().map(|p| p.get_ref().clone()).collect();
+        let spans = slo::maintenance_spans(conn, name, since, now_ms)?;
+        let mut per = vec![Counts::default(); starts.len().max(1)];
+        for (a, b) in slo::outside(since, now_ms, &spans) {
+            // Buckets aligned with the trend: counted from `since`.
+            let parts = store::outcomes_from(conn, Some(&members), since, a, b, bucket_ms)?;
+            for v in parts.into_values() {
+                let last = per.len() - 1;
+                for (i, c) in v.into_iter().enumerate() {
+                    per[i.min(last)] += c;
+                }
+            }
+        }
+        let c = sum(&per);
+        let objective = comp.objective();
+        let slo_c = slo::component_counts(
+            conn,
+            comp,
+            now_ms - comp.slo_window.0.as_millis() as i64,
+            now_ms,
+        )?;
+        components.push(ComponentRow {
+            component: name.clone(),
+            objective: objective.map(|o| o.to_string()),
+            window: c.into(),
+            burn_rate: objective.and_then(|o| slo::burn_rate(&c, o)),
+            slo_window: human(comp.slo_window.0),
+            slo_availability_pct: slo_c.availability(),
+            error_budget_remaining_pct: objective.and_then(|o| slo::budget_remaining(&slo_c, o)),
+            incidents: incidents.iter().filter(|i| &i.component == name).count(),
+            trend: starts
+                .iter()
+                .zip(&per)
+                .map(|(at, c)| AvailabilityPoint {
+                    at_ms: *at,
+                    runs: c.total(),
+                    availability_pct: c.availability(),
+                    down: c.down,
+                    degraded: c.degraded,
+                })
+                .collect(),
+        });
+    }
     Ok(Report {
         window: human(window),
-        since: fmt(since),
-        until: fmt(now_ms),
+        since: secs(since),
+        until: secs(now_ms),
+        bucket: human(Duration::from_millis(bucket_ms as u64)),
         rows,
+        components,
+        incidents,
+        rehearsals: rehearsals(conn, since, now_ms)?,
     })
+}
+
+/// How much worse a row got: over budget first, then by p95 growth and availability loss.
+fn regression(r: &Row) -> f64 {
+    let over = if r.verdict == "over" { 1e6 } else { 0.0 };
+    let p95 = r.change.p95_pct.unwrap_or(0.0);
+    let avail = -r.change.availability_pts.unwrap_or(0.0) * 100.0;
+    over + p95.max(avail)
+}
+
+/// Incidents overlapping `[since, until)`, with time to detect and time to page.
+fn incidents(
+    conn: &Connection,
+    config: &Config,
+    since: i64,
+    until: i64,
+) -> rusqlite::Result<Vec<IncidentRow>> {
+    let exists: bool = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'incidents'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let mut st = conn.prepare(
+        "SELECT id, component, worst_status, opened_at, resolved_at, cause_member, cause_class, cause_message
+         FROM incidents WHERE opened_at < ?2 AND (resolved_at IS NULL OR resolved_at >= ?1)
+         ORDER BY opened_at LIMIT 1000",
+    )?;
+    let rows: Vec<(IncidentRow, Option<String>)> = st
+        .query_map(params![since, until], |r| {
+            let opened: i64 = r.get(3)?;
+            let resolved: Option<i64> = r.get(4)?;
+            let member: Option<String> = r.get(5)?;
+            let class: Option<String> = r.get(6)?;
+            let message: Option<String> = r.get(7)?;
+            let row = IncidentRow {
+                id: r.get(0)?,
+                component: r.get(1)?,
+                worst_status: r.get(2)?,
+                opened_at: iso(opened),
+                opened_at_ms: opened,
+                resolved_at: resolved.map(iso),
+                resolved_at_ms: resolved,
+                duration_s: (resolved.unwrap_or(until) - opened) as f64 / 1000.0,
+                time_to_detect_s: None,
+                time_to_page_s: None,
+                cause: member.as_ref().map(|m| {
+                    format!(
+                        "{m} [{}] {}",
+                        class.unwrap_or_default(),
+                        message.unwrap_or_default()
+                    )
+                }),
+            };
+            Ok((row, member))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for (mut row, member) in rows {
+        let members: Vec<String> = match member {
+            Some(m) => vec![m],
+            None => config
+                .components
+                .iter()
+                .find(|c| c.name.get_ref() == &row.component)
+                .map(|c| c.probes.iter().map(|p| p.get_ref().clone()).collect())
+                .unwrap_or_default(),
+        };
+        let opened = row.opened_at_ms;
+        let first_bad = members
+            .iter()
+            .map(|m| first_bad_run(conn, m, opened))
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .min();
+        let delivered: Option<i64> = conn
+            .prepare_cached(
+                "SELECT min(finished_at) FROM outbox WHERE incident_id = ?1 AND kind = 'opened' AND status = 'delivered'",
+            )?
+            .query_row([row.id], |r| r.get(0))?;
+        let s = |ms: i64| ms as f64 / 1000.0;
+        row.time_to_detect_s = first_bad.map(|b| s(opened - b));
+        row.time_to_page_s = first_bad.zip(delivered).map(|(b, d)| s(d - b));
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// Start of the first bad run of the streak of `series` that was going on at `at`.
+fn first_bad_run(conn: &Connection, series: &str, at: i64) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached(
+        "SELECT min(r.started_at) FROM series s JOIN runs r ON r.series = s.id
+         WHERE s.name = ?1 AND r.outcome != 0 AND r.started_at <= ?2
+           AND r.started_at > coalesce((SELECT max(u.started_at) FROM runs u
+                                        WHERE u.series = s.id AND u.outcome = 0 AND u.started_at < ?2), -1)",
+    )?
+    .query_row(params![series, at], |r| r.get(0))
+}
+
+/// Rows of the `rehearsals` table (when the agent records them) that fall in the window,
+/// as JSON objects of their columns.
+fn rehearsals(conn: &Connection, since: i64, until: i64) -> rusqlite::Result<Vec<Value>> {
+    let exists = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rehearsals'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let mut st = conn.prepare("SELECT * FROM rehearsals LIMIT 1000")?;
+    let names: Vec<String> = st.column_names().iter().map(|s| s.to_string()).collect();
+    let time_col = ["started_at", "start", "at", "created_at"]
+        .into_iter()
+        .find(|c| names.iter().any(|n| n == c));
+    let mut rows = st.query([])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let mut m = serde_json::Map::new();
+        for (i, n) in names.iter().enumerate() {
+            let v = match r.get_ref(i)? {
+                rusqlite::types::ValueRef::Null => Value::Null,
+                rusqlite::types::ValueRef::Integer(x) => Value::from(x),
+                rusqlite::types::ValueRef::Real(x) => Value::from(x),
+                rusqlite::types::ValueRef::Text(t) => {
+                    let t = String::from_utf8_lossy(t);
+                    serde_json::from_str::<Value>(&t)
+                        .ok()
+                        .filter(|v| v.is_object() || v.is_array())
+                        .unwrap_or(Value::from(t.into_owned()))
+                }
+                rusqlite::types::ValueRef::Blob(_) => continue,
+            };
+            m.insert(n.clone(), v);
+        }
+        let inside = match time_col.and_then(|c| m.get(c)).and_then(Value::as_i64) {
+            Some(t) => t >= since && t < until,
+            None => true,
+        };
+        if inside {
+            out.push(Value::Object(m));
+        }
+    }
+    Ok(out)
 }
 
 /// Compare percentiles with a budget.
@@ -153,7 +692,20 @@ pub fn judge(h: &hist::Hist, budget: Option<&Budget>) -> (&'static str, Vec<Stri
 }
 
 fn cell(v: Option<f64>) -> String {
-    v.map(|ms| human_ms(Duration::from_secs_f64(ms / 1000.0)))
+    v.map(|ms| human_ms(Duration::from_secs_f64(ms.max(0.0) / 1000.0)))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map(|a| format!("{a:.2}%")).unwrap_or_else(|| "-".into())
+}
+
+fn signed_pct(v: Option<f64>) -> String {
+    v.map(|a| format!("{a:+.0}%")).unwrap_or_else(|| "-".into())
+}
+
+fn secs_cell(v: Option<f64>) -> String {
+    v.map(|s| crate::notify::event::human_span((s * 1000.0) as i64))
         .unwrap_or_else(|| "-".into())
 }
 
@@ -172,43 +724,239 @@ fn budget_cell(b: &Option<BudgetView>) -> String {
     }
 }
 
+fn verdict_cell(row: &Row) -> String {
+    if row.over.is_empty() {
+        row.verdict.to_string()
+    } else {
+        format!("OVER: {}", row.over.join(", "))
+    }
+}
+
+/// Render in `format`.
+pub fn render(r: &Report, format: Format) -> anyhow::Result<String> {
+    Ok(match format {
+        Format::Table => render_table(r),
+        Format::Json => serde_json::to_string_pretty(r)? + "\n",
+        Format::Markdown => render_markdown(r),
+        Format::Csv => render_csv(r),
+        Format::Html => render_html(r),
+    })
+}
+
 pub fn render_table(r: &Report) -> String {
     let mut out = format!(
-        "latency budget review, last {} ({} → {})\n\n",
+        "latency budget review, last {} ({} → {}), previous window for comparison\n\n",
         r.window, r.since, r.until
     );
     if r.rows.is_empty() {
         out.push_str("no runs recorded in this window\n");
-        return out;
-    }
-    let _ = writeln!(
-        out,
-        "{:<32} {:<13} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}  {:<22} verdict",
-        "series", "phase", "runs", "avail", "p50", "p95", "p99", "max", "budget"
-    );
-    for row in &r.rows {
-        let avail = row
-            .availability_pct
-            .map(|a| format!("{a:.2}%"))
-            .unwrap_or_else(|| "-".into());
-        let verdict = if row.over.is_empty() {
-            row.verdict.to_string()
-        } else {
-            format!("OVER: {}", row.over.join(", "))
-        };
+    } else {
         let _ = writeln!(
             out,
-            "{:<32} {:<13} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}  {:<22} {}",
-            row.series,
-            row.phase,
+            "{:<32} {:<13} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {:<22} verdict",
+            "series",
+            "phase",
+            "runs",
+            "avail",
+            "degr",
+            "p50",
+            "p95",
+            "p99",
+            "max",
+            "Δp95",
+            "budget"
+        );
+        for row in &r.rows {
+            let _ = writeln!(
+                out,
+                "{:<32} {:<13} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {:<22} {}",
+                row.series,
+                row.phase,
+                row.runs,
+                pct(row.availability_pct),
+                pct(row.degraded_pct),
+                cell(row.p50_ms),
+                cell(row.p95_ms),
+                cell(row.p99_ms),
+                cell(row.max_ms),
+                signed_pct(row.change.p95_pct),
+                budget_cell(&row.budget),
+                verdict_cell(row)
+            );
+        }
+    }
+    if !r.components.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<28} {:>9} {:>6} {:>9} {:>8} {:>8} {:>7} {:>16} {:>9}",
+            "component",
+            "objective",
+            "runs",
+            "avail",
+            "degr",
+            "down",
+            "burn",
+            "budget left",
+            "incidents"
+        );
+        for c in &r.components {
+            let _ = writeln!(
+                out,
+                "{:<28} {:>9} {:>6} {:>9} {:>8} {:>8} {:>7} {:>16} {:>9}",
+                c.component,
+                c.objective.as_deref().unwrap_or("-"),
+                c.window.runs,
+                pct(c.window.availability_pct),
+                pct(c.window.degraded_pct),
+                pct(c.window.down_pct),
+                c.burn_rate
+                    .map(|b| format!("{b:.2}×"))
+                    .unwrap_or("-".into()),
+                c.error_budget_remaining_pct
+                    .map(|b| format!("{b:.1}% of {}", c.slo_window))
+                    .unwrap_or("-".into()),
+                c.incidents
+            );
+        }
+    }
+    if !r.incidents.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<5} {:<28} {:<16} {:<25} {:>10} {:>10} {:>10}",
+            "id", "component", "worst", "opened", "detect", "page", "duration"
+        );
+        for i in &r.incidents {
+            let _ = writeln!(
+                out,
+                "{:<5} {:<28} {:<16} {:<25} {:>10} {:>10} {:>10}{}",
+                i.id,
+                i.component,
+                i.worst_status,
+                i.opened_at,
+                secs_cell(i.time_to_detect_s),
+                secs_cell(i.time_to_page_s),
+                secs_cell(Some(i.duration_s)),
+                if i.resolved_at.is_none() {
+                    " (open)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    let _ = writeln!(out, "\nrehearsals in the window: {}", r.rehearsals.len());
+    out
+}
+
+fn md(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+pub fn render_markdown(r: &Report) -> String {
+    let mut out = format!(
+        "## Latency budget review: last {}\n\n{} → {} (compared with the {} before)\n\n",
+        r.window, r.since, r.until, r.window
+    );
+    if !r.components.is_empty() {
+        out.push_str("### Components\n\n| component | objective | availability | degraded | down | burn rate | error budget left | incidents |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
+        for c in &r.components {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                md(&c.component),
+                c.objective.as_deref().unwrap_or("-"),
+                pct(c.window.availability_pct),
+                pct(c.window.degraded_pct),
+                pct(c.window.down_pct),
+                c.burn_rate
+                    .map(|b| format!("{b:.2}×"))
+                    .unwrap_or("-".into()),
+                c.error_budget_remaining_pct
+                    .map(|b| format!("{b:.1}% ({})", c.slo_window))
+                    .unwrap_or("-".into()),
+                c.incidents
+            );
+        }
+        out.push('\n');
+    }
+    out.push_str("### Latency (worst regressions first)\n\n| series | phase | runs | availability | p50 | p95 | p99 | max | Δp95 | budget | verdict |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    for row in &r.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            md(&row.series),
+            md(&row.phase),
             row.runs,
-            avail,
+            pct(row.availability_pct),
             cell(row.p50_ms),
             cell(row.p95_ms),
             cell(row.p99_ms),
             cell(row.max_ms),
+            signed_pct(row.change.p95_pct),
             budget_cell(&row.budget),
-            verdict
+            md(&verdict_cell(row))
+        );
+    }
+    if !r.incidents.is_empty() {
+        out.push_str("\n### Incidents\n\n| id | component | worst | opened | time to detect | time to page | duration | cause |\n|---:|---|---|---|---:|---:|---:|---|\n");
+        for i in &r.incidents {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                i.id,
+                md(&i.component),
+                i.worst_status,
+                i.opened_at,
+                secs_cell(i.time_to_detect_s),
+                secs_cell(i.time_to_page_s),
+                secs_cell(Some(i.duration_s)),
+                md(i.cause.as_deref().unwrap_or(""))
+            );
+        }
+    }
+    let _ = writeln!(out, "\nRehearsals in the window: {}", r.rehearsals.len());
+    out
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// One line per row, raw numbers (ms, percent).
+pub fn render_csv(r: &Report) -> String {
+    let mut out = String::from(
+        "series,phase,runs,availability_pct,up_pct,degraded_pct,down_pct,samples,p50_ms,p95_ms,p99_ms,max_ms,budget_p50_ms,budget_p95_ms,budget_p99_ms,verdict,previous_runs,previous_p95_ms,change_p95_pct,change_availability_pts\n",
+    );
+    let n = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_default();
+    for row in &r.rows {
+        let b = row.budget.as_ref();
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            csv_field(&row.series),
+            csv_field(&row.phase),
+            row.runs,
+            n(row.availability_pct),
+            n(row.up_pct),
+            n(row.degraded_pct),
+            n(row.down_pct),
+            row.samples,
+            n(row.p50_ms),
+            n(row.p95_ms),
+            n(row.p99_ms),
+            n(row.max_ms),
+            n(b.and_then(|b| b.p50_ms)),
+            n(b.and_then(|b| b.p95_ms)),
+            n(b.and_then(|b| b.p99_ms)),
+            row.verdict,
+            row.previous.runs,
+            n(row.previous.p95_ms),
+            n(row.change.p95_pct),
+            n(row.change.availability_pts),
         );
     }
     out
@@ -222,8 +970,184 @@ pub fn html_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+const CHART_W: f64 = 560.0;
+const CHART_H: f64 = 140.0;
+
+/// p50/p95/p99 over the window against the budget line: an inline SVG.
+pub fn latency_svg(row: &Row, since_ms: i64, until_ms: i64) -> String {
+    let span = (until_ms - since_ms).max(1) as f64;
+    let budget = row
+        .budget
+        .as_ref()
+        .and_then(|b| b.p95_ms.or(b.p99_ms).or(b.p50_ms));
+    let top = row
+        .trend
+        .iter()
+        .filter_map(|p| p.p99_ms)
+        .chain(budget)
+        .fold(0.0f64, f64::max)
+        .max(1.0)
+        * 1.1;
+    let x = |t: i64| 40.0 + (t - since_ms) as f64 / span * (CHART_W - 50.0);
+    let y = |ms: f64| 10.0 + (1.0 - ms / top) * (CHART_H - 30.0);
+    let mut svg = format!(
+        "<svg class=\"chart\" viewBox=\"0 0 {CHART_W} {CHART_H}\" width=\"{CHART_W}\" height=\"{CHART_H}\" role=\"img\" aria-label=\"{} {} latency\">",
+        html_escape(&row.series),
+        html_escape(&row.phase)
+    );
+    let _ = write!(
+        svg,
+        "<line x1=\"40\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" class=\"axis\"/><text x=\"2\" y=\"14\" class=\"lbl\">{2}</text><text x=\"2\" y=\"{0}\" class=\"lbl\">0</text>",
+        y(0.0),
+        CHART_W - 10.0,
+        html_escape(&cell(Some(top)))
+    );
+    if let Some(b) = budget {
+        let _ = write!(
+            svg,
+            "<line x1=\"40\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" class=\"budget\"><title>budget {2}</title></line>",
+            y(b),
+            CHART_W - 10.0,
+            html_escape(&cell(Some(b)))
+        );
+    }
+    let half = row
+        .trend
+        .get(1)
+        .map_or(0, |p| (p.at_ms - row.trend[0].at_ms) / 2);
+    for (name, pick) in [
+        (
+            "p50",
+            (|p: &TrendPoint| p.p50_ms) as fn(&TrendPoint) -> Option<f64>,
+        ),
+        ("p95", |p: &TrendPoint| p.p95_ms),
+        ("p99", |p: &TrendPoint| p.p99_ms),
+    ] {
+        let pts: Vec<String> = row
+            .trend
+            .iter()
+            .filter_map(|p| pick(p).map(|v| format!("{:.1},{:.1}", x(p.at_ms + half), y(v))))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let _ = write!(
+            svg,
+            "<polyline class=\"{name}\" data-points=\"{}\" points=\"{}\"><title>{name}</title></polyline>",
+            pts.len(),
+            pts.join(" ")
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// Availability per bucket as bars, and incident spans under them: an inline SVG.
+pub fn availability_svg(
+    c: &ComponentRow,
+    incidents: &[&IncidentRow],
+    since_ms: i64,
+    until_ms: i64,
+) -> String {
+    let span = (until_ms - since_ms).max(1) as f64;
+    let x = |t: i64| 40.0 + ((t - since_ms).max(0) as f64 / span).min(1.0) * (CHART_W - 50.0);
+    let mut svg = format!(
+        "<svg class=\"chart\" viewBox=\"0 0 {CHART_W} 90\" width=\"{CHART_W}\" height=\"90\" role=\"img\" aria-label=\"{} availability\">",
+        html_escape(&c.component)
+    );
+    let n = c.trend.len().max(1) as f64;
+    let bw = (CHART_W - 50.0) / n;
+    for p in &c.trend {
+        let Some(a) = p.availability_pct else {
+            continue;
+        };
+        let h = (a / 100.0 * 50.0).max(1.0);
+        let class = if p.down > 0 {
+            "bad"
+        } else if p.degraded > 0 {
+            "warn"
+        } else {
+            "good"
+        };
+        let _ = write!(
+            svg,
+            "<rect class=\"{class}\" x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\"><title>{} {a:.2}% of {} runs</title></rect>",
+            x(p.at_ms) + 1.0,
+            60.0 - h,
+            (bw - 2.0).max(1.0),
+            html_escape(&secs(p.at_ms)),
+            p.runs
+        );
+    }
+    for i in incidents {
+        let a = x(i.opened_at_ms);
+        let b = x(i.resolved_at_ms.unwrap_or(until_ms));
+        let _ = write!(
+            svg,
+            "<rect class=\"incident\" x=\"{a:.1}\" y=\"68\" width=\"{:.1}\" height=\"10\"><title>incident {} ({})</title></rect>",
+            (b - a).max(2.0),
+            i.id,
+            html_escape(&i.worst_status)
+        );
+    }
+    let _ = write!(
+        svg,
+        "<text x=\"2\" y=\"14\" class=\"lbl\">100%</text><text x=\"2\" y=\"78\" class=\"lbl\">inc.</text></svg>"
+    );
+    svg
+}
+
+fn ms_of(rfc: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc)
+        .map(|t| t.timestamp_millis())
+        .unwrap_or(0)
+}
+
+/// CSS of the HTML report: also the dashboard's charts.
+pub const CHART_CSS: &str = ".chart{max-width:100%;height:auto;display:block}
+.chart .axis{stroke:#999;stroke-width:1}.chart .lbl{font-size:10px;fill:#777}
+.chart .budget{stroke:#cf222e;stroke-dasharray:4 3;stroke-width:1.5}
+.chart polyline{fill:none;stroke-width:1.8}.chart .p50{stroke:#2da44e}.chart .p95{stroke:#bf8700}.chart .p99{stroke:#8250df}
+.chart .good{fill:#2da44e}.chart .warn{fill:#d4a72c}.chart .bad{fill:#cf222e}.chart .skip{fill:#8c959f}.chart .incident{fill:#cf222e;opacity:.6}";
+
 pub fn render_html(r: &Report) -> String {
-    let mut rows = String::new();
+    let (since, until) = (ms_of(&r.since), ms_of(&r.until));
+    let mut body = String::new();
+    if !r.components.is_empty() {
+        body.push_str("<h2>Components</h2><table><tr><th>component</th><th>objective</th><th>availability</th><th>degraded</th><th>down</th><th>burn rate</th><th>error budget left</th><th>incidents</th></tr>");
+        for c in &r.components {
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                html_escape(&c.component),
+                html_escape(c.objective.as_deref().unwrap_or("-")),
+                pct(c.window.availability_pct),
+                pct(c.window.degraded_pct),
+                pct(c.window.down_pct),
+                c.burn_rate.map(|b| format!("{b:.2}×")).unwrap_or("-".into()),
+                c.error_budget_remaining_pct
+                    .map(|b| format!("{b:.1}% ({})", html_escape(&c.slo_window)))
+                    .unwrap_or("-".into()),
+                c.incidents
+            );
+        }
+        body.push_str("</table>");
+        for c in &r.components {
+            let inc: Vec<&IncidentRow> = r
+                .incidents
+                .iter()
+                .filter(|i| i.component == c.component)
+                .collect();
+            let _ = write!(
+                body,
+                "<figure><figcaption>{}: availability per {} and incidents</figcaption>{}</figure>",
+                html_escape(&c.component),
+                html_escape(&r.bucket),
+                availability_svg(c, &inc, since, until)
+            );
+        }
+    }
+    body.push_str("<h2>Latency (worst regressions first)</h2><table><tr><th>series</th><th>phase</th><th>runs</th><th>availability</th><th>p50</th><th>p95</th><th>p99</th><th>max</th><th>Δp95</th><th>budget</th><th>verdict</th></tr>");
     for row in &r.rows {
         let class = match row.verdict {
             "over" => "over",
@@ -231,27 +1155,75 @@ pub fn render_html(r: &Report) -> String {
             _ => "",
         };
         let _ = write!(
-            rows,
-            "<tr class=\"{class}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            body,
+            "<tr class=\"{class}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             html_escape(&row.series),
             html_escape(&row.phase),
             row.runs,
-            row.availability_pct.map(|a| format!("{a:.2}%")).unwrap_or_else(|| "-".into()),
+            pct(row.availability_pct),
             cell(row.p50_ms),
             cell(row.p95_ms),
             cell(row.p99_ms),
             cell(row.max_ms),
+            signed_pct(row.change.p95_pct),
             html_escape(&budget_cell(&row.budget)),
-            html_escape(&if row.over.is_empty() { row.verdict.to_string() } else { row.over.join(", ") }),
+            html_escape(&verdict_cell(row)),
         );
     }
+    body.push_str("</table><h2>Latency over time</h2><p class=\"legend\"><span class=\"l50\">p50</span> <span class=\"l95\">p95</span> <span class=\"l99\">p99</span> <span class=\"lb\">budget</span></p>");
+    for row in r.rows.iter().filter(|r| r.samples > 0) {
+        let _ = write!(
+            body,
+            "<figure><figcaption>{} · {} — p95 {} (previous {})</figcaption>{}</figure>",
+            html_escape(&row.series),
+            html_escape(&row.phase),
+            cell(row.p95_ms),
+            cell(row.previous.p95_ms),
+            latency_svg(row, since, until)
+        );
+    }
+    if !r.incidents.is_empty() {
+        body.push_str("<h2>Incidents</h2><table><tr><th>id</th><th>component</th><th>worst</th><th>opened</th><th>time to detect</th><th>time to page</th><th>duration</th><th>cause</th></tr>");
+        for i in &r.incidents {
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                i.id,
+                html_escape(&i.component),
+                html_escape(&i.worst_status),
+                html_escape(&i.opened_at),
+                secs_cell(i.time_to_detect_s),
+                secs_cell(i.time_to_page_s),
+                secs_cell(Some(i.duration_s)),
+                html_escape(i.cause.as_deref().unwrap_or(""))
+            );
+        }
+        body.push_str("</table>");
+    }
+    let _ = write!(
+        body,
+        "<h2>Rehearsals</h2><p>{}</p>",
+        if r.rehearsals.is_empty() {
+            "none in this window".to_string()
+        } else {
+            r.rehearsals
+                .iter()
+                .map(|v| html_escape(&v.to_string()))
+                .collect::<Vec<_>>()
+                .join("<br>")
+        }
+    );
     format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>watchpost latency budget review</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}}td:nth-child(-n+2),th:nth-child(-n+2){{text-align:left}}tr.over td{{background:#fde2e2}}tr.ok td:last-child{{color:#1a7f37}}</style>
-</head><body><h1>Latency budget review</h1><p>Last {} ({} → {})</p>
-<table><tr><th>series</th><th>phase</th><th>runs</th><th>availability</th><th>p50</th><th>p95</th><th>p99</th><th>max</th><th>budget</th><th>verdict</th></tr>{rows}</table></body></html>\n",
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>watchpost latency budget review</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em;color:#1f2328;background:#fff}}table{{border-collapse:collapse;margin-bottom:1.5em}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}}td:nth-child(-n+2),th:nth-child(-n+2){{text-align:left}}tr.over td{{background:#fde2e2}}tr.ok td:last-child{{color:#1a7f37}}figure{{margin:0 0 1em;break-inside:avoid}}figcaption{{font-size:12px;color:#555}}.legend span{{padding:0 6px;border-left:12px solid}}.l50{{border-color:#2da44e!important}}.l95{{border-color:#bf8700!important}}.l99{{border-color:#8250df!important}}.lb{{border-color:#cf222e!important}}
+{CHART_CSS}
+@media print{{body{{margin:1cm;font-size:11px}}h2{{break-after:avoid}}tr{{break-inside:avoid}}}}</style>
+</head><body><h1>Latency budget review</h1><p>Last {} ({} → {}), trend per {}, compared with the {} before.</p>
+{body}</body></html>\n",
         html_escape(&r.window),
         html_escape(&r.since),
-        html_escape(&r.until)
+        html_escape(&r.until),
+        html_escape(&r.bucket),
+        html_escape(&r.window),
     )
 }

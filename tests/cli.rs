@@ -410,6 +410,8 @@ async fn demo_report_series(dir: &Path) -> Vec<String> {
         .filter(|s| !s.contains('/'))
         .map(str::to_string)
         .collect();
+    // Rows come worst regression first; the series are compared as a set.
+    series.sort();
     series.dedup();
     series
 }

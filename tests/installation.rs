@@ -138,14 +138,16 @@ async fn an_incident_open_across_the_upgrade_keeps_its_old_key() {
     let a = Agent::start(cfg.clone(), false).await;
     outage(&a).await;
     a.stop().await;
-    // Turn the database into one an older watchpost left: schema 3, no installation id,
-    // and incident #1's trigger already delivered under the old key.
+    // Turn the database into one an older watchpost left: schema 4 (the migration before
+    // the installation id; what later migrations created is dropped so they run again), no
+    // installation id, and incident #1's trigger already delivered under the old key.
     {
         let conn = rusqlite::Connection::open(dir.path().join("data/watchpost.db")).unwrap();
         conn.execute_batch(
             "DELETE FROM meta WHERE key IN ('installation_id', 'installation_since');
+             DROP TABLE hourly_outcomes;
              UPDATE outbox SET status = 'delivered';
-             PRAGMA user_version = 3;",
+             PRAGMA user_version = 4;",
         )
         .unwrap();
     }

@@ -447,6 +447,16 @@ pub struct ComponentConfig {
     /// the default map; an alert with another or no severity counts as `degraded`).
     #[serde(default = "default_alert_severity")]
     pub alert_severity: BTreeMap<String, AlertLevel>,
+    /// Availability objective (SLO) over `slo_window`, e.g. `"99.5%"`: the share of member
+    /// runs (outside maintenance) that must not be down.
+    #[schemars(with = "Option<Objective>")]
+    pub objective: Option<Spanned<Objective>>,
+    /// Window the objective and its error budget are measured over.
+    #[serde(default = "default_slo_window")]
+    pub slo_window: Dur,
+    /// Open an incident when the error budget burns fast (multi-window burn rate).
+    #[schemars(with = "Option<bool>")]
+    pub burn_alert: Option<Spanned<bool>>,
 }
 
 /// The component status a firing inbound alert asks for.
@@ -474,6 +484,83 @@ fn default_alert_severity() -> BTreeMap<String, AlertLevel> {
         ("critical".to_string(), AlertLevel::MajorOutage),
         ("warning".to_string(), AlertLevel::Degraded),
     ])
+}
+
+/// An availability objective: a percentage strictly between 0 and 100.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Objective(f64);
+
+impl Objective {
+    /// `"99.5%"` (the `%` may be left out) → 0.995.
+    pub fn parse(s: &str) -> Result<Objective, String> {
+        let bad = || {
+            format!(
+                "invalid objective {s:?} (expected a percentage between 0 and 100, e.g. \"99.5%\")"
+            )
+        };
+        let n: f64 = s
+            .trim()
+            .trim_end_matches('%')
+            .trim()
+            .parse()
+            .map_err(|_| bad())?;
+        if !(n > 0.0 && n < 100.0) {
+            return Err(bad());
+        }
+        Ok(Objective(n / 100.0))
+    }
+    /// The objective as a fraction (0.995).
+    pub fn fraction(self) -> f64 {
+        self.0
+    }
+    /// The error budget: the share of runs allowed to be down (0.005).
+    pub fn budget(self) -> f64 {
+        1.0 - self.0
+    }
+}
+
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // 0.995 → "99.5%" without float noise.
+        let pct = (self.0 * 1e6).round() / 1e4;
+        write!(f, "{pct}%")
+    }
+}
+
+impl<'de> Deserialize<'de> for Objective {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Objective::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl schemars::JsonSchema for Objective {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Objective".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "An availability objective: a percentage strictly between 0 and 100.",
+            "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*%?\\s*$",
+            "examples": ["99.5%", "99.9%"]
+        })
+    }
+}
+
+impl ComponentConfig {
+    /// The component's objective, if it has one.
+    pub fn objective(&self) -> Option<Objective> {
+        self.objective.as_ref().map(|o| *o.get_ref())
+    }
+    /// Whether a fast error-budget burn opens an incident.
+    pub fn burn_alert(&self) -> bool {
+        self.burn_alert.as_ref().is_some_and(|b| *b.get_ref())
+    }
+}
+
+fn default_slo_window() -> Dur {
+    Dur::secs(30 * 86400)
 }
 
 fn default_failure_threshold() -> u32 {
@@ -839,6 +926,28 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
                 }
             }
         }
+        if let Some(b) = c
+            .burn_alert
+            .as_ref()
+            .filter(|b| *b.get_ref() && c.objective.is_none())
+        {
+            diags.push(src.diag(
+                Some(b.span()),
+                "burn_alert needs an objective (e.g. objective = \"99.5%\") to measure the burn against",
+            ));
+        }
+        if c.slo_window.0 < Duration::from_secs(3600) {
+            let at = DeTable::parse(&src.text)
+                .ok()
+                .and_then(|d| component_key_span(d.get_ref(), c.name.get_ref(), "slo_window"));
+            diags.push(src.diag(
+                at.or(Some(c.name.span())),
+                format!(
+                    "slo_window {} is shorter than 1h",
+                    duration::human(c.slo_window.0)
+                ),
+            ));
+        }
         if c.failure_threshold == 0 || c.success_threshold == 0 {
             diags.push(src.diag(
                 Some(c.name.span()),
@@ -867,6 +976,22 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
         components: main.components,
         maintenance: main.maintenance,
         notifiers,
+    })
+}
+
+/// Span of `key` in the `[[component]]` named `name`.
+fn component_key_span(doc: &DeTable<'_>, name: &str, key: &str) -> Option<Range<usize>> {
+    let DeValue::Array(list) = doc.get("component")?.get_ref() else {
+        return None;
+    };
+    list.iter().find_map(|c| match c.get_ref() {
+        DeValue::Table(t)
+            if t.get("name")
+                .is_some_and(|n| matches!(n.get_ref(), DeValue::String(s) if s == name)) =>
+        {
+            t.get(key).map(|v| v.span())
+        }
+        _ => None,
     })
 }
 
@@ -1209,6 +1334,28 @@ fn check_probe_timing(
     }
 }
 
+/// The sub-check a `[budget]` key names (`"checks.database"` with `subchecks = "checks"`).
+pub fn subcheck_budget_key<'k>(subchecks: Option<&str>, key: &'k str) -> Option<&'k str> {
+    let name = key.strip_prefix(subchecks?)?.strip_prefix('.')?;
+    (!name.is_empty()).then_some(key)
+}
+
+impl ProbeConfig {
+    /// The latency budget of one of this probe's series and phases: its own phases, or a
+    /// sub-check series (`<probe>/<path>.<name>`, phase `latency`) named by a `[budget]` key.
+    pub fn series_budget(&self, series: &str, phase: &str) -> Option<&Budget> {
+        match series.strip_prefix(self.name.as_str()) {
+            Some("") => self.budget.get(phase),
+            Some(rest) if phase == "latency" => {
+                let key = rest.strip_prefix('/')?;
+                subcheck_budget_key(self.spec.subcheck_path(), key)?;
+                self.budget.get(key)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Load one probe file; returns the probe and the position of its `name`.
 fn load_probe(
     path: &Path,
@@ -1304,18 +1451,29 @@ fn load_probe(
     };
     if let Some(spec) = &spec {
         let phases = spec.phases();
+        let sub = spec.subcheck_path();
         for key in common.budget.keys() {
-            if !phases.iter().any(|p| p == key.get_ref()) {
-                diags.push(src.diag(
-                    Some(key.span()),
-                    format!(
-                        "[budget] {:?} is not a phase of a {} probe (expected one of: {})",
-                        key.get_ref(),
-                        spec.kind(),
-                        phases.join(", ")
-                    ),
-                ));
+            let k = key.get_ref();
+            if phases.iter().any(|p| p == k) || subcheck_budget_key(sub, k).is_some() {
+                continue;
             }
+            let subs = match sub {
+                Some(path) => format!(", or a sub-check as \"{path}.<name>\""),
+                None => String::new(),
+            };
+            diags.push(src.diag(
+                Some(key.span()),
+                format!(
+                    "[budget] {k:?} is not a phase of a {} probe{} (expected one of: {}{subs})",
+                    spec.kind(),
+                    if sub.is_some() {
+                        " or one of its sub-checks"
+                    } else {
+                        ""
+                    },
+                    phases.join(", ")
+                ),
+            ));
         }
     }
     if !diags.is_empty() {

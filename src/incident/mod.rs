@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::{Config, ProbeConfig};
+use crate::config::{Budget, Config, ProbeConfig};
 use crate::control::{self, Command, CommandError, Origin, Window};
 use crate::health::Beat;
 use crate::metrics::Metrics;
@@ -118,7 +118,13 @@ struct Comp {
     budget_min_samples: u64,
     /// The state as last written: a run that changes nothing writes nothing.
     saved: String,
+    /// `burn_alert`: the objective, and when the burn was last judged.
+    burn: Option<(crate::config::Objective, i64)>,
 }
+
+/// The error-budget burn of a component is judged at most this often (its windows are
+/// 5 minutes and longer).
+const BURN_EVERY_MS: i64 = 5_000;
 
 /// Consumes runs, keeps per-component state, opens/updates/resolves incidents.
 pub struct Evaluator {
@@ -238,6 +244,10 @@ impl Evaluator {
                 budget_window_ms: c.budget_window.0.as_millis() as i64,
                 budget_min_samples: c.budget_min_samples,
                 saved: stored.unwrap_or_default(),
+                burn: c
+                    .objective()
+                    .filter(|_| c.burn_alert())
+                    .map(|o| (o, i64::MIN)),
             });
         }
         for (name, s) in saved {
@@ -333,10 +343,22 @@ impl Evaluator {
             for i in inputs {
                 self.comps[ci].state.apply(&rules, i);
             }
-            if self.comps[ci].members.iter().any(|m| m == &run.probe) {
-                if let Some(input) = self.budget_input(ci, &run.probe, now).await {
+            let budgeted: Vec<String> = match self.config.probe(&run.probe) {
+                Some(p) => self.comps[ci]
+                    .members
+                    .iter()
+                    .filter(|m| has_percentile_budget(p, m))
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            };
+            for member in budgeted {
+                if let Some(input) = self.budget_input(ci, &run.probe, &member, now).await {
                     self.comps[ci].state.apply(&rules, input);
                 }
+            }
+            if let Some(input) = self.burn_input(ci, now).await {
+                self.comps[ci].state.apply(&rules, input);
             }
             let t = self.evaluate(ci, now);
             self.persist(ci, t, now).await;
@@ -408,6 +430,43 @@ impl Evaluator {
         Ok(report)
     }
 
+    /// Judge a `burn_alert` component's error-budget burn over the multi-window rules (at
+    /// most every [`BURN_EVERY_MS`]); blocking SQLite work on the evaluator's read connection.
+    async fn burn_input(&mut self, ci: usize, now: i64) -> Option<Input> {
+        let (objective, last) = self.comps[ci].burn?;
+        if now.saturating_sub(last) < BURN_EVERY_MS {
+            return None;
+        }
+        self.comps[ci].burn = Some((objective, now));
+        let conn = match self.reader.take() {
+            Some(c) => c,
+            None => self.store.reader().ok()?,
+        };
+        let config = self.config.clone();
+        let judged = tokio::task::spawn_blocking(move || {
+            let r = match config.components.get(ci) {
+                Some(comp) => burn_breach(&conn, comp, objective, now),
+                None => Ok(None),
+            };
+            (conn, r)
+        })
+        .await;
+        match judged {
+            Ok((conn, Ok(breach))) => {
+                self.reader = Some(conn);
+                Some(Input::Burn { breach })
+            }
+            Ok((_, Err(e))) => {
+                tracing::warn!(component = %self.comps[ci].name, error = %e, "cannot count runs for the error-budget burn");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(component = %self.comps[ci].name, error = %e, "error-budget burn judgement failed");
+                None
+            }
+        }
+    }
+
     /// Time passing: recovery holds, maintenance windows.
     pub async fn on_tick(&mut self) {
         let now = self.clock.now_ms();
@@ -449,25 +508,23 @@ impl Evaluator {
     /// Judge a probe's latency budgets (p50/p95/p99 of each phase over the component's
     /// budget window, with a minimum sample count). The histogram read is blocking SQLite
     /// work, so it runs on a blocking thread with the evaluator's read connection.
-    async fn budget_input(&mut self, ci: usize, probe: &str, now: i64) -> Option<Input> {
-        let p: &ProbeConfig = self.config.probe(probe)?;
-        if !p
-            .budget
-            .values()
-            .any(|b| b.p50.is_some() || b.p95.is_some() || b.p99.is_some())
-        {
-            return None;
-        }
+    async fn budget_input(
+        &mut self,
+        ci: usize,
+        probe: &str,
+        member: &str,
+        now: i64,
+    ) -> Option<Input> {
         let conn = match self.reader.take() {
             Some(c) => c,
             None => self.store.reader().ok()?,
         };
         let comp = &self.comps[ci];
         let (window, min) = (comp.budget_window_ms, comp.budget_min_samples);
-        let (config, name) = (self.config.clone(), probe.to_string());
+        let (config, name, m) = (self.config.clone(), probe.to_string(), member.to_string());
         let judged = tokio::task::spawn_blocking(move || {
             let r = match config.probe(&name) {
-                Some(p) => budget_breach(&conn, p, window, min, now),
+                Some(p) => budget_breach(&conn, p, &m, window, min, now),
                 None => Ok(None),
             };
             (conn, r)
@@ -477,7 +534,7 @@ impl Evaluator {
             Ok((conn, Ok(breach))) => {
                 self.reader = Some(conn);
                 Some(Input::Budget {
-                    member: probe.to_string(),
+                    member: member.to_string(),
                     at: now,
                     breach,
                 })
@@ -861,15 +918,62 @@ fn run_details(run: &RunResult) -> Option<Value> {
     Some(v)
 }
 
-/// A latency-budget breach of `probe` over `[now - window, now]`, if any.
+/// A fast burn of `comp`'s error budget at `now` (multi-window, multi-burn-rate), if any.
+pub fn burn_breach(
+    conn: &Connection,
+    comp: &crate::config::ComponentConfig,
+    objective: crate::config::Objective,
+    now: i64,
+) -> rusqlite::Result<Option<state::BurnBreach>> {
+    let verdict = crate::slo::component_burn(conn, comp, objective, now)?;
+    Ok(verdict.map(|(level, message)| state::BurnBreach {
+        level: match level {
+            crate::slo::BurnLevel::Page => state::Level::Down,
+            crate::slo::BurnLevel::Warn => state::Level::Degraded,
+        },
+        cause: Cause {
+            member: comp.name.get_ref().clone(),
+            class: "error_budget_burn".into(),
+            message,
+        },
+    }))
+}
+
+/// The percentile budgets of one series of `probe` (the probe itself, or a sub-check named
+/// by a `[budget]` key): (phase, budget).
+fn member_budgets<'p>(probe: &'p ProbeConfig, member: &str) -> Vec<(&'p str, &'p Budget)> {
+    let percentiles = |b: &Budget| b.p50.is_some() || b.p95.is_some() || b.p99.is_some();
+    if member == probe.name {
+        return probe
+            .budget
+            .iter()
+            .filter(|(phase, b)| percentiles(b) && probe.series_budget(member, phase).is_some())
+            .map(|(phase, b)| (phase.as_str(), b))
+            .collect();
+    }
+    probe
+        .series_budget(member, "latency")
+        .filter(|b| percentiles(b))
+        .map(|b| vec![("latency", b)])
+        .unwrap_or_default()
+}
+
+fn has_percentile_budget(probe: &ProbeConfig, member: &str) -> bool {
+    (member == probe.name || member.starts_with(&format!("{}/", probe.name)))
+        && !member_budgets(probe, member).is_empty()
+}
+
+/// A latency-budget breach of `member` (`probe` itself or one of its sub-checks) over
+/// `[now - window, now]`, if any.
 pub fn budget_breach(
     conn: &Connection,
     probe: &ProbeConfig,
+    member: &str,
     window_ms: i64,
     min_samples: u64,
     now: i64,
 ) -> rusqlite::Result<Option<Cause>> {
-    for (phase, b) in &probe.budget {
+    for (phase, b) in member_budgets(probe, member) {
         let limits = [
             ("p50", 50.0, b.p50),
             ("p95", 95.0, b.p95),
@@ -878,13 +982,8 @@ pub fn budget_breach(
         if limits.iter().all(|l| l.2.is_none()) {
             continue;
         }
-        let h = crate::store::hist::series_window(
-            conn,
-            &probe.name,
-            phase,
-            now - window_ms,
-            now + 60_000,
-        )?;
+        let h =
+            crate::store::hist::series_window(conn, member, phase, now - window_ms, now + 60_000)?;
         if h.len() < min_samples.max(1) {
             continue;
         }
@@ -893,7 +992,7 @@ pub fn budget_breach(
             let v_us = h.value_at_percentile(q);
             if v_us > limit.0.as_micros() as u64 {
                 return Ok(Some(Cause {
-                    member: probe.name.clone(),
+                    member: member.to_string(),
                     class: "latency_budget".into(),
                     message: format!(
                         "{label} of {phase} is {} over its {} budget (last {}, {} runs)",

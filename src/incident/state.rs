@@ -211,6 +211,15 @@ pub enum Input {
         cause: Cause,
         details: Option<Value>,
     },
+    /// The error-budget burn verdict of the component (`None`: not burning fast).
+    Burn { breach: Option<BurnBreach> },
+}
+
+/// A fast error-budget burn: `Down` pages (major outage), `Degraded` warns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BurnBreach {
+    pub level: Level,
+    pub cause: Cause,
 }
 
 /// What applying an [`Input::Alert`] did.
@@ -256,6 +265,9 @@ pub struct ComponentState {
     pub members: BTreeMap<String, MemberState>,
     /// When incidents opened (or a flapping incident failed again) in the last hour.
     pub opens: Vec<i64>,
+    /// A fast burn of the error budget (`burn_alert`), while it lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burn: Option<BurnBreach>,
 }
 
 impl ComponentState {
@@ -340,6 +352,7 @@ impl ComponentState {
             Input::Alert { .. } => {
                 self.apply_alert(rules, input);
             }
+            Input::Burn { breach } => self.burn = breach,
         }
     }
 
@@ -437,11 +450,31 @@ impl ComponentState {
         }
     }
 
+    /// The status the members and a fast error-budget burn add up to, ignoring incidents
+    /// and maintenance, and the member (or burn) behind it.
+    pub fn target(&self) -> (Status, Option<Cause>) {
+        let (status, cause) = self.members_target();
+        match &self.burn {
+            Some(b) => {
+                let burn = match b.level {
+                    Level::Down => Status::MajorOutage,
+                    Level::Degraded => Status::Degraded,
+                };
+                if burn.severity() > status.severity() {
+                    (burn, Some(b.cause.clone()))
+                } else {
+                    (status, cause)
+                }
+            }
+            None => (status, cause),
+        }
+    }
+
     /// The status the members add up to, ignoring incidents and maintenance, and the
     /// member behind it.
     /// A firing alert asks for its own status (from its severity); the probe members add up
     /// as usual (partial when some are down, major when all are); the worse of the two wins.
-    pub fn target(&self) -> (Status, Option<Cause>) {
+    fn members_target(&self) -> (Status, Option<Cause>) {
         let from_probes = self.probe_target();
         let from_alerts = self
             .members
@@ -615,13 +648,14 @@ impl ComponentState {
         // Every member is at least unconfirmed-good: resolve only when each member that was
         // bad during the incident has `success_threshold` good runs and the component has
         // been clear for `recovery` since its last bad run (clear-since, not time-since-open).
-        let members_clear = self.members.values().all(|m| {
-            m.level.is_none()
-                && m.budget.is_none()
-                && m.bad_streak == 0
-                && (m.good_streak >= rules.success_threshold
-                    || m.last_bad_at.is_none_or(|t| t < inc.opened_at))
-        });
+        let members_clear = self.burn.is_none()
+            && self.members.values().all(|m| {
+                m.level.is_none()
+                    && m.budget.is_none()
+                    && m.bad_streak == 0
+                    && (m.good_streak >= rules.success_threshold
+                        || m.last_bad_at.is_none_or(|t| t < inc.opened_at))
+            });
         let clear_since_ok = self
             .last_bad_at()
             .is_none_or(|t| now - t >= rules.recovery_ms);

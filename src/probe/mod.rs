@@ -347,6 +347,14 @@ impl ProbeSpec {
             ProbeSpec::Listen(_) => fixed(&listen::PHASES),
         }
     }
+    /// The `subchecks` path of an HTTP probe: `[budget]` keys `<path>.<name>` budget its
+    /// sub-check series.
+    pub fn subcheck_path(&self) -> Option<&str> {
+        match self {
+            ProbeSpec::Http(s) => s.subchecks.as_deref(),
+            _ => None,
+        }
+    }
     /// A kind may want a longer default attempt deadline than `[defaults].timeout`.
     pub fn default_timeout(&self) -> Option<Duration> {
         match self {

@@ -59,6 +59,16 @@ pub(crate) fn floor(ms: i64, res: i64) -> i64 {
     ms.div_euclid(res * 1000) * res * 1000
 }
 
+/// The start of the hour holding `ms`.
+pub fn floor_hour(ms: i64) -> i64 {
+    floor(ms, HOUR)
+}
+
+/// A bookkeeping value of the store (`fine_from`, `runs_from`, `rolled_until`; 0 if unset).
+pub fn meta_value(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
+    meta(conn, key)
+}
+
 pub(crate) fn meta(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
     Ok(conn
         .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
@@ -97,13 +107,18 @@ pub(crate) fn add_hourly(
 }
 
 /// A series' name and phase names, by id.
-pub(crate) struct SeriesNames {
+pub struct SeriesNames {
     pub name: String,
     pub phases: Vec<String>,
 }
 
 pub(crate) fn parse_phases(json: &str) -> Vec<String> {
     serde_json::from_str(json).unwrap_or_default()
+}
+
+/// Every series' name and phase names, by id.
+pub fn series_names(conn: &Connection) -> rusqlite::Result<HashMap<i64, SeriesNames>> {
+    all_series(conn)
 }
 
 fn all_series(conn: &Connection) -> rusqlite::Result<HashMap<i64, SeriesNames>> {

@@ -98,6 +98,16 @@ pub const MIGRATIONS: &[&str] = &[
     crate::control::MIGRATION,
     // 5: the installation id (see [`Installation`])
     INSTALLATION,
+    // 6: outcome counts per series and hour, rolled up with the hourly histograms, so that
+    // availability over an SLO window outlives the runs
+    "CREATE TABLE hourly_outcomes (
+        bucket_start INTEGER NOT NULL,
+        series INTEGER NOT NULL,
+        up INTEGER NOT NULL,
+        degraded INTEGER NOT NULL,
+        down INTEGER NOT NULL,
+        PRIMARY KEY (bucket_start, series)
+    ) WITHOUT ROWID;",
 ];
 
 /// Migration 5: a random installation id, generated once with the database, and the first
@@ -742,6 +752,13 @@ fn insert_row(tx: &Connection, state: &mut State, row: &Row) -> rusqlite::Result
     if row.started_ms < state.rolled_until {
         // Its hour is already rolled up: add it there too.
         let hour = hist::floor(row.started_ms, HOUR);
+        let o = outcome_code(row.outcome);
+        tx.prepare_cached(
+            "INSERT INTO hourly_outcomes (bucket_start, series, up, degraded, down) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (bucket_start, series) DO UPDATE SET up = up + excluded.up,
+               degraded = degraded + excluded.degraded, down = down + excluded.down",
+        )?
+        .execute(params![hour, id, (o == 0) as i64, (o == 1) as i64, (o == 2) as i64])?;
         for (name, d) in &row.phases {
             let mut h = hist::new_hist();
             hist::record(&mut h, d.as_micros() as u64);
@@ -1025,12 +1042,18 @@ fn maintain_step(
                 )?
                 .execute(params![cut.hourly, PRUNE_ROWS])?;
             stats.pruned_hourly += n;
+            let o = tx
+                .prepare_cached(
+                    "DELETE FROM hourly_outcomes WHERE (bucket_start, series) IN
+                     (SELECT bucket_start, series FROM hourly_outcomes WHERE bucket_start < ?1 LIMIT ?2)",
+                )?
+                .execute(params![cut.hourly, PRUNE_ROWS])?;
             let s = tx
                 .prepare_cached(
                     "DELETE FROM skips WHERE rowid IN (SELECT rowid FROM skips WHERE planned_at < ?1 LIMIT ?2)",
                 )?
                 .execute(params![runs_from, PRUNE_ROWS])?;
-            if (n as i64) < PRUNE_ROWS && (s as i64) < PRUNE_ROWS {
+            if (n as i64) < PRUNE_ROWS && (s as i64) < PRUNE_ROWS && (o as i64) < PRUNE_ROWS {
                 return Ok(None);
             }
         }
@@ -1053,6 +1076,14 @@ fn roll_series(tx: &Connection, id: i64, hour: i64) -> rusqlite::Result<usize> {
             hist::record(slot.get_or_insert_with(hist::new_hist), us);
         }
     })?;
+    tx.prepare_cached(
+        "INSERT INTO hourly_outcomes (bucket_start, series, up, degraded, down)
+         SELECT ?2, ?1, coalesce(sum(outcome = 0), 0), coalesce(sum(outcome = 1), 0), coalesce(sum(outcome = 2), 0)
+         FROM runs WHERE series = ?1 AND started_at >= ?2 AND started_at < ?3 HAVING count(*) > 0
+         ON CONFLICT (bucket_start, series) DO UPDATE SET up = excluded.up, degraded = excluded.degraded,
+           down = excluded.down",
+    )?
+    .execute(params![id, hour, hour + HOUR_MS])?;
     let mut n = 0;
     for (name, h) in names.iter().zip(per) {
         if let Some(h) = h {
@@ -1103,6 +1134,104 @@ pub fn counts_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<HashMa
             Outcome::Up => c.up += n as u64,
             Outcome::Degraded => c.degraded += n as u64,
             Outcome::Down => c.down += n as u64,
+        }
+    }
+    Ok(out)
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Counts) {
+        self.up += o.up;
+        self.degraded += o.degraded;
+        self.down += o.down;
+    }
+}
+
+/// Outcome counts per series over `[since_ms, until_ms)` in buckets of `bucket_ms` (bucket
+/// *i* starts at `since_ms + i × bucket_ms`), for the named series or all of them. Read from
+/// the runs where they are kept and from the hourly outcome rows before that (an hour is
+/// counted whole, in the bucket where it starts).
+pub fn outcomes(
+    conn: &Connection,
+    series: Option<&[String]>,
+    since_ms: i64,
+    until_ms: i64,
+    bucket_ms: i64,
+) -> rusqlite::Result<HashMap<String, Vec<Counts>>> {
+    outcomes_from(conn, series, since_ms, since_ms, until_ms, bucket_ms)
+}
+
+/// [`outcomes`] over `[since_ms, until_ms)` with buckets counted from `origin_ms` (at or
+/// before `since_ms`): a part of a longer bucketed window.
+pub fn outcomes_from(
+    conn: &Connection,
+    series: Option<&[String]>,
+    origin_ms: i64,
+    since_ms: i64,
+    until_ms: i64,
+    bucket_ms: i64,
+) -> rusqlite::Result<HashMap<String, Vec<Counts>>> {
+    let bucket_ms = bucket_ms.max(1);
+    let origin_ms = origin_ms.min(since_ms);
+    let n = ((until_ms - origin_ms).max(0) + bucket_ms - 1) / bucket_ms;
+    let n = n.clamp(1, 10_000) as usize;
+    // Runs are complete from `runs_from` on; hours before it are rolled up (or had no runs).
+    let runs_from = hist::meta(conn, "runs_from")?;
+    let rolled = hist::meta(conn, "rolled_until")?;
+    let boundary = hist::floor(runs_from + HOUR_MS - 1, HOUR).min(rolled);
+    let mut ids: Vec<(i64, String)> = Vec::new();
+    {
+        let mut st = conn.prepare_cached("SELECT id, name FROM series")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (id, name) = row?;
+            if series.is_none_or(|list| list.contains(&name)) {
+                ids.push((id, name));
+            }
+        }
+    }
+    let mut out: HashMap<String, Vec<Counts>> = HashMap::new();
+    let slot = |t: i64| (((t.max(since_ms) - origin_ms) / bucket_ms) as usize).min(n - 1);
+    let mut hours = conn.prepare_cached(
+        "SELECT bucket_start, up, degraded, down FROM hourly_outcomes
+         WHERE bucket_start >= ?1 AND bucket_start < ?2 AND series = ?3",
+    )?;
+    let mut runs = conn.prepare_cached(
+        "SELECT (started_at - ?1) / ?2, outcome, count(*) FROM runs
+         WHERE series = ?3 AND started_at >= ?4 AND started_at < ?5 GROUP BY 1, 2",
+    )?;
+    for (id, name) in ids {
+        let mut v = vec![Counts::default(); n];
+        let mut any = false;
+        let hi = boundary.min(until_ms);
+        if since_ms < hi {
+            let mut rows = hours.query(params![hist::floor(since_ms, HOUR), hi, id])?;
+            while let Some(r) = rows.next()? {
+                let c = Counts {
+                    up: r.get::<_, i64>(1)? as u64,
+                    degraded: r.get::<_, i64>(2)? as u64,
+                    down: r.get::<_, i64>(3)? as u64,
+                };
+                v[slot(r.get(0)?)] += c;
+                any = true;
+            }
+        }
+        let lo = since_ms.max(boundary);
+        if lo < until_ms {
+            let mut rows = runs.query(params![origin_ms, bucket_ms, id, lo, until_ms])?;
+            while let Some(r) = rows.next()? {
+                let i = (r.get::<_, i64>(0)?.max(0) as usize).min(n - 1);
+                let k = r.get::<_, i64>(2)? as u64;
+                match outcome_of(r.get(1)?) {
+                    Outcome::Up => v[i].up += k,
+                    Outcome::Degraded => v[i].degraded += k,
+                    Outcome::Down => v[i].down += k,
+                }
+                any = true;
+            }
+        }
+        if any {
+            out.insert(name, v);
         }
     }
     Ok(out)
