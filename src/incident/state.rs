@@ -226,7 +226,7 @@ pub enum AlertApplied {
 }
 
 /// Most alert members one component keeps (resolved ones are forgotten first).
-pub const MAX_ALERT_MEMBERS: usize = 1000;
+pub const MAX_ALERT_MEMBERS: usize = 256;
 
 /// A resolved alert member is kept this long (at least the recovery hold), so that a late,
 /// out-of-order firing of the same alert is recognised as old.
