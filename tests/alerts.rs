@@ -587,6 +587,17 @@ fn config_allows_alert_only_components_and_points_at_bad_alert_keys() {
     assert!(c.components[0].probes.is_empty());
 }
 
+#[test]
+fn the_shipped_alerts_example_loads() {
+    std::env::set_var("WATCHPOST_API_TOKEN", "t");
+    std::env::set_var("PAGERDUTY_ROUTING_KEY", "rk");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/alerts.toml");
+    let c = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.components[0].probes.is_empty());
+    assert_eq!(c.components[1].alert_severity.len(), 2, "the default map");
+    assert!(c.agent.api_token.is_some());
+}
+
 // ---------------------------------------------------------------------------------------
 // A real Alertmanager
 // ---------------------------------------------------------------------------------------
