@@ -494,6 +494,18 @@ async fn alert_members_survive_a_restart_and_late_notifications_are_ignored() {
     until("the resolve", T, || agent.incidents(true).is_empty()).await;
     assert_eq!(agent.incidents(false)[0]["id"], open[0]["id"]);
 
+    // `/api/v1/components` lists the alert member after the configured ones.
+    let comps: Value = reqwest::get(format!("http://{addr}/api/v1/components"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let m = &comps["components"][0]["members"][0];
+    assert_eq!(m["name"], "alert:Down/bbbb000000000001", "{comps}");
+    assert_eq!(m["alert"]["status"], "major_outage");
+    assert_eq!(m["alert"]["firing"], false);
+
     // The firing notification arriving again late (a retry of an old delivery) is old news.
     let (s, v) = post(addr, "grafana", Some(TOKEN), firing.to_string()).await;
     assert_eq!(
@@ -573,6 +585,17 @@ fn config_allows_alert_only_components_and_points_at_bad_alert_keys() {
     .unwrap();
     let c = config::load(&path).expect("an alert-only component is valid");
     assert!(c.components[0].probes.is_empty());
+}
+
+#[test]
+fn the_shipped_alerts_example_loads() {
+    std::env::set_var("WATCHPOST_API_TOKEN", "t");
+    std::env::set_var("PAGERDUTY_ROUTING_KEY", "rk");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/alerts.toml");
+    let c = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.components[0].probes.is_empty());
+    assert_eq!(c.components[1].alert_severity.len(), 2, "the default map");
+    assert!(c.agent.api_token.is_some());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -793,5 +816,52 @@ async fn a_real_alertmanager_opens_and_resolves_the_incident() {
     );
     assert!(agent.incidents(true).is_empty());
     drop(am);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_incident_resolved_by_hand_stays_resolved_while_its_alert_repeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, addr) = serve(alert_config(dir.path(), &Targets::default(), "")).await;
+    let start = iso(chrono::Utc::now() - chrono::Duration::seconds(30));
+    let labels = json!({"alertname": "Stuck", "component": "API", "severity": "warning"});
+    let firing = grafana(vec![alert(
+        "firing",
+        labels.clone(),
+        "dddd000000000001",
+        &start,
+        ZERO,
+    )]);
+    let (s, _) = post(addr, "grafana", Some(TOKEN), firing.to_string()).await;
+    assert_eq!(s, 200);
+    let open = agent.incidents(true);
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0]["status"], "degraded", "warning → degraded");
+    let id = open[0]["id"].as_i64().unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v1/incidents/{id}/resolve"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"reason": "the alert rule is wrong"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    // Grafana repeats the firing alert: old news, nothing reopens.
+    let (s, v) = post(addr, "grafana", Some(TOKEN), firing.to_string()).await;
+    assert_eq!((s, v["stale"].clone()), (200, json!(1)), "{v}");
+    assert!(agent.incidents(true).is_empty());
+    // The rule fires anew (a later startsAt): a new incident.
+    let again = iso(chrono::Utc::now());
+    let firing = grafana(vec![alert(
+        "firing",
+        labels,
+        "dddd000000000001",
+        &again,
+        ZERO,
+    )]);
+    let (s, v) = post(addr, "grafana", Some(TOKEN), firing.to_string()).await;
+    assert_eq!((s, v["applied"].clone()), (200, json!(1)), "{v}");
+    assert_eq!(agent.incidents(false).len(), 2);
+    assert_eq!(agent.incidents(true).len(), 1);
     agent.stop().await;
 }

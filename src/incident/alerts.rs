@@ -75,11 +75,14 @@ struct RawAlert {
 const MAX_NAME: usize = 100;
 /// Longest summary (the cause message) and description kept.
 const MAX_SUMMARY: usize = 300;
-const MAX_DESCRIPTION: usize = 2000;
-const MAX_URL: usize = 2000;
-/// Labels kept in notification details, and the length of each value.
-const MAX_LABELS: usize = 30;
-const MAX_LABEL_VALUE: usize = 200;
+const MAX_DESCRIPTION: usize = 1000;
+const MAX_URL: usize = 1000;
+/// Labels kept in notification details, and the length of each key and value.
+const MAX_LABELS: usize = 20;
+const MAX_LABEL_VALUE: usize = 100;
+/// Largest details blob one alert member keeps (bytes of JSON): it is stored with the
+/// component's state, which holds up to `MAX_ALERT_MEMBERS` of them.
+pub const MAX_ALERT_DETAILS: usize = 3072;
 
 /// One alert from a payload.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,8 +202,23 @@ impl Alert {
         }
     }
 
-    /// What notifications show of the alert (under `details.alert`).
+    /// What notifications show of the alert (under `details.alert`), at most
+    /// [`MAX_ALERT_DETAILS`] bytes: labels go first, then the description is shortened.
     pub fn details(&self) -> Value {
+        let mut v = self.full_details();
+        if v.to_string().len() > MAX_ALERT_DETAILS {
+            v["alert"]["labels"] = json!("(omitted: too large)");
+        }
+        if v.to_string().len() > MAX_ALERT_DETAILS {
+            v["alert"]["description"] = json!(self
+                .description
+                .as_deref()
+                .map(|d| truncate(d, MAX_SUMMARY)));
+        }
+        v
+    }
+
+    fn full_details(&self) -> Value {
         let labels: serde_json::Map<String, Value> = self
             .labels
             .iter()
@@ -301,6 +319,28 @@ mod tests {
         );
         assert_eq!(a[1].generator_url, None);
         assert_eq!(a[1].cause().message, "Errors is firing");
+    }
+
+    #[test]
+    fn details_stay_small_whatever_the_alert_carries() {
+        let labels: serde_json::Map<String, Value> = (0..100)
+            .map(|i| {
+                (
+                    format!("label{i}{}", "k".repeat(300)),
+                    json!("v".repeat(5000)),
+                )
+            })
+            .collect();
+        let body = json!({"version": "4", "alerts": [{
+            "status": "firing", "labels": labels,
+            "annotations": {"summary": "s".repeat(5000), "description": "d".repeat(50_000)},
+            "generatorURL": format!("http://x/{}", "u".repeat(50_000)),
+        }]});
+        let a = &parse(Source::Alertmanager, body.to_string().as_bytes()).unwrap()[0];
+        let d = a.details().to_string();
+        assert!(d.len() <= MAX_ALERT_DETAILS, "{} bytes", d.len());
+        assert!(a.cause().message.chars().count() <= MAX_SUMMARY);
+        assert!(a.member().len() < 200);
     }
 
     #[test]

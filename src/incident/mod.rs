@@ -375,6 +375,7 @@ impl Evaluator {
             ..AlertReport::default()
         };
         let mut touched = BTreeSet::new();
+        let mut first_unmatched = None;
         for a in &alerts {
             let mut matched = false;
             for (ci, comp) in self.comps.iter_mut().enumerate() {
@@ -413,13 +414,19 @@ impl Evaluator {
                 }
             }
             if !matched {
-                tracing::warn!(
-                    alert = %a.member(), source = a.source.as_str(),
-                    labels = %crate::notify::event::truncate(&format!("{:?}", a.labels), 300),
-                    "inbound alert matches no component (no `component` label naming one, no component's alert_labels); ignored"
-                );
+                if report.unmatched.is_empty() {
+                    first_unmatched = Some(a);
+                }
                 report.unmatched.push(a.member());
             }
+        }
+        if let Some(a) = first_unmatched {
+            // One line per payload, whatever the number of alerts in it.
+            tracing::warn!(
+                count = report.unmatched.len(), first = %a.member(), source = a.source.as_str(),
+                labels = %crate::notify::event::truncate(&format!("{:?}", a.labels), 300),
+                "inbound alerts match no component (no `component` label naming one, no component's alert_labels); ignored"
+            );
         }
         for ci in touched {
             report.components.push(self.comps[ci].name.clone());

@@ -247,6 +247,19 @@ pub struct MemberView {
     pub budget: Option<String>,
     /// The member's probe is paused through the API.
     pub paused: bool,
+    /// Set for an inbound alert (`alert:<alertname>/<fingerprint>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert: Option<AlertView>,
+}
+
+/// What a component knows of an inbound alert.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertView {
+    /// The status it asks for while firing (from its severity).
+    pub status: &'static str,
+    pub firing: bool,
+    pub starts_at: String,
+    pub ended_at: Option<String>,
 }
 
 /// An active maintenance window.
@@ -289,14 +302,28 @@ pub fn list_components(
     for c in &config.components {
         let name = c.name.get_ref().clone();
         let state = saved.remove(&name).unwrap_or_default();
+        // The configured members, then the inbound alerts the component tracks.
+        let alerts = state
+            .members
+            .iter()
+            .filter(|(_, m)| m.alert.is_some())
+            .map(|(k, _)| k.clone());
         let members = c
             .probes
             .iter()
+            .map(|m| m.get_ref().clone())
+            .chain(alerts)
             .map(|m| {
-                let m = m.get_ref();
-                let s = state.members.get(m).cloned().unwrap_or_default();
-                let probe = m.split('/').next().unwrap_or(m);
+                let s = state.members.get(&m).cloned().unwrap_or_default();
+                let probe = m.split('/').next().unwrap_or(&m);
                 MemberView {
+                    paused: s.alert.is_none() && paused.contains(probe),
+                    alert: s.alert.map(|a| AlertView {
+                        status: a.status.as_str(),
+                        firing: a.ended_at.is_none(),
+                        starts_at: iso(a.starts_at),
+                        ended_at: a.ended_at.map(iso),
+                    }),
                     name: m.clone(),
                     level: s.level.map(|l| match l {
                         Level::Down => "down".to_string(),
@@ -310,7 +337,6 @@ pub fn list_components(
                         message: Some(e.message),
                     }),
                     budget: s.budget.map(|b| b.message),
-                    paused: paused.contains(probe),
                 }
             })
             .collect();

@@ -235,7 +235,7 @@ pub enum AlertApplied {
 }
 
 /// Most alert members one component keeps (resolved ones are forgotten first).
-pub const MAX_ALERT_MEMBERS: usize = 1000;
+pub const MAX_ALERT_MEMBERS: usize = 256;
 
 /// A resolved alert member is kept this long (at least the recovery hold), so that a late,
 /// out-of-order firing of the same alert is recognised as old.
@@ -520,14 +520,23 @@ impl ComponentState {
     }
 
     /// Resolve the open incident by hand (`watchpost` API): the members start over (a new
-    /// incident needs `failure_threshold` fresh bad runs) and the component is operational
+    /// incident needs `failure_threshold` fresh bad runs, or a new firing of an alert) and the component is operational
     /// until the next evaluation says otherwise (e.g. a maintenance window). `None` when
     /// there is no open incident.
     pub fn resolve_by_hand(&mut self, note: String) -> Option<Transition> {
         let inc = self.incident.take()?;
         let cause = self.latest_cause();
         for m in self.members.values_mut() {
-            *m = MemberState::default();
+            // An inbound alert that fired is over as far as this incident goes: its repeats
+            // (same `startsAt`) are old news; only a new firing of it opens a new incident.
+            let alert = m.alert.map(|a| AlertMember {
+                ended_at: Some(a.ended_at.unwrap_or(a.starts_at).max(a.starts_at)),
+                ..a
+            });
+            *m = MemberState {
+                alert,
+                ..MemberState::default()
+            };
         }
         let from = self.status;
         self.status = Status::Operational;
@@ -1195,6 +1204,33 @@ mod tests {
         }
         assert_eq!(sim.ids, 2, "{:?}", sim.log);
         assert!(sim.s.incident.as_ref().is_some_and(|i| i.flapping));
+    }
+
+    #[test]
+    fn an_alert_resolved_by_hand_reopens_only_on_a_new_firing() {
+        let mut sim = Sim::new(&[], RULES);
+        let t = sim.step(
+            Some(alert("a/1", true, MajorOutage, 100, 0, 110)),
+            110,
+            None,
+        );
+        assert_eq!(t.map(|t| t.kind), Some(Opened));
+        assert!(sim.s.resolve_by_hand("fixed".into()).is_some());
+        assert!(
+            sim.s.members["alert:a/1"].alert.is_some(),
+            "still known as an alert"
+        );
+        // Alertmanager repeats the same firing: nothing reopens.
+        let repeat = alert("a/1", true, MajorOutage, 100, 0, 120);
+        assert_eq!(sim.s.apply_alert(&RULES, repeat), AlertApplied::Stale);
+        assert!(sim.step(None, 120, None).is_none());
+        // It fires anew later: a new incident.
+        let t = sim.step(
+            Some(alert("a/1", true, MajorOutage, 500, 0, 510)),
+            510,
+            None,
+        );
+        assert_eq!(t.map(|t| (t.kind, t.to)), Some((Opened, MajorOutage)));
     }
 
     #[test]
