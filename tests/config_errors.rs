@@ -371,3 +371,44 @@ fn display_is_file_line_col_message() {
         format!("{}:4:12: interval 500ms is below the 1s floor", p.display())
     );
 }
+
+#[test]
+fn heartbeat_errors_point_at_their_key() {
+    let t = TestConfig::empty();
+    let main = t.write(
+        "watchpost.toml",
+        "[agent]\nprobes = []\nlisten = \"\"\nheartbeat = { url = \"ftp://x\", method = \"G T\", interval = \"10ms\" }\n",
+    );
+    let d = errors(&t);
+    assert_eq!(d.len(), 3, "{}", show(&d));
+    assert_at(
+        &d[0],
+        &main,
+        4,
+        21,
+        &["heartbeat url must be an http:// or https:// URL"],
+    );
+    assert_at(&d[1], &main, 4, 41, &["invalid HTTP method \"G T\""]);
+    assert_at(
+        &d[2],
+        &main,
+        4,
+        59,
+        &["heartbeat interval 10ms is below the 100ms floor"],
+    );
+    let t = TestConfig::empty();
+    t.write(
+        "watchpost.toml",
+        "[agent]\nprobes = []\nlisten = \"\"\nheartbeat = { url = \"https://hc-ping.com/${HB_UUID:-x}\", interval = \"1m\" }\n",
+    );
+    let c = t.load_ok();
+    let hb = c.agent.heartbeat.expect("heartbeat");
+    assert_eq!(
+        (
+            hb.method.as_str(),
+            hb.interval.as_secs(),
+            hb.timeout.as_secs()
+        ),
+        ("GET", 60, 10)
+    );
+}

@@ -122,3 +122,61 @@ retries = 0
         failures.join("\n")
     );
 }
+
+/// A rehearsal's `garble` against a real recognizer: the utterance streamed backwards is
+/// heard as other words, so the run is a `transcript_mismatch`, as when a real service
+/// mishears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbled_audio_is_a_transcript_mismatch_for_a_real_recognizer() {
+    use watchpost::chaos::fault::{Faults, Mode};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (_child, port) = start_peer(root).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("probes")).expect("mkdir");
+    let probe = format!(
+        r#"name = "sphinx"
+kind = "listen"
+dialect = "deepgram"
+url = "ws://127.0.0.1:{port}/v1/listen?encoding=linear16&sample_rate=16000&channels=1&interim_results=true"
+headers = {{ Authorization = "Token test" }}
+audio = "{}"
+max_wer = 0.2
+speed = 2.0
+tail = "300ms"
+final_timeout = "30s"
+connect_timeout = "20s"
+timeout = "60s"
+retries = 0
+"#,
+        root.join("probes/audio/testing-one-two-three.wav")
+            .display()
+    );
+    std::fs::write(dir.path().join("probes/p.toml"), probe).expect("write probe");
+    let cfg_path = dir.path().join("watchpost.toml");
+    std::fs::write(
+        &cfg_path,
+        "[agent]\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n",
+    )
+    .expect("write config");
+    let cfg = watchpost::config::load(&cfg_path).unwrap_or_else(|e| panic!("{e}"));
+    let pc = cfg.probes[0].clone();
+    let faults = Faults::default();
+    faults
+        .inject(&pc.name, Mode::Garble, None)
+        .await
+        .expect("inject");
+    let p = Probe::build(&pc).expect("build");
+    let f = faults.get(&pc.name);
+    let (a, _, _) = watchpost::probe::attempt_once_with(&p, &pc, f.as_deref()).await;
+    eprintln!(
+        "garbled: {:?} heard={}",
+        a.error,
+        a.details.get("text").cloned().unwrap_or_default()
+    );
+    assert_eq!(a.outcome, Outcome::Down, "{a:?}");
+    assert_eq!(
+        a.error.as_ref().map(|e| e.class.as_str()),
+        Some("transcript_mismatch"),
+        "{a:?}"
+    );
+}
