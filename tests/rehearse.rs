@@ -137,6 +137,13 @@ within = "15s"
     )
 }
 
+fn json_id(doc: &Value) -> String {
+    doc["rehearsal_id"]
+        .as_str()
+        .expect("rehearsal_id")
+        .to_string()
+}
+
 fn expectation<'a>(doc: &'a Value, event: &str, subject: &str) -> &'a Value {
     doc["expectations"]
         .as_array()
@@ -228,8 +235,10 @@ async fn a_drill_where_everything_holds_exits_0_with_measured_times_and_marked_n
     let summary = trigger["payload"]["summary"].as_str().unwrap();
     assert!(summary.starts_with("[REHEARSAL] "), "{summary}");
     let key = trigger["dedup_key"].as_str().unwrap();
+    // watchpost/<installation>/rehearsal/<run id>/<component>/<incident>
+    let rehearsal_id = json_id(&doc);
     assert!(
-        key.starts_with("watchpost/") && key.contains("/rehearsal/"),
+        key.starts_with("watchpost/") && key.contains(&format!("/rehearsal/{rehearsal_id}/API/")),
         "{key}"
     );
     assert!(
