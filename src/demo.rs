@@ -219,8 +219,14 @@ pub async fn run(
     token.cancel();
     let _ = svc_task.await;
     let _ = stt_task.await;
+    // The binary as it was started (`watchpost` once installed, `target/release/watchpost`
+    // under `cargo run`), so the hint works as printed from the same directory.
+    let me = std::env::args_os()
+        .next()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "watchpost".into());
     println!(
-        "\ndemo data kept in {} (try: watchpost -c {} report --window 1h)",
+        "\ndemo data kept in {} (try: {me} -c {} report --window 1h)",
         dir.display(),
         path.display()
     );

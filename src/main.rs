@@ -48,6 +48,9 @@ struct Cli {
         env = "WATCHPOST_CONFIG"
     )]
     config: PathBuf,
+    /// Data directory, instead of `[agent] data_dir` (for containers and service managers).
+    #[arg(long, global = true, env = "WATCHPOST_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -379,14 +382,17 @@ fn init_tracing(format: LogFormat, daemon: bool) {
     }
 }
 
-/// Load config or print every problem as `file:line:col: message`.
-fn load(path: &std::path::Path) -> Result<config::Config, u8> {
-    report_errors(config::load(path))
+/// Load config (with `--data-dir` applied) or print every problem as `file:line:col: message`.
+fn load(path: &std::path::Path, data_dir: Option<&std::path::Path>) -> Result<config::Config, u8> {
+    with_data_dir(report_errors(config::load(path)), data_dir)
 }
 
 /// The config for commands that only read the database: notifiers' secrets not needed.
-fn load_for_reading(path: &std::path::Path) -> Result<config::Config, u8> {
-    report_errors(config::load_for_reading(path))
+fn load_for_reading(
+    path: &std::path::Path,
+    data_dir: Option<&std::path::Path>,
+) -> Result<config::Config, u8> {
+    with_data_dir(report_errors(config::load_for_reading(path)), data_dir)
 }
 
 fn report_errors(
@@ -399,6 +405,18 @@ fn report_errors(
         eprintln!("{} configuration error(s)", errs.0.len());
         3
     })
+}
+
+/// `--data-dir` / `WATCHPOST_DATA_DIR` over `[agent] data_dir`.
+fn with_data_dir(
+    loaded: Result<config::Config, u8>,
+    data_dir: Option<&std::path::Path>,
+) -> Result<config::Config, u8> {
+    let mut c = loaded?;
+    if let Some(dir) = data_dir {
+        c.agent.data_dir = dir.to_path_buf();
+    }
+    Ok(c)
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
@@ -427,7 +445,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Validate => {
-            let c = match load(&cli.config) {
+            let c = match load(&cli.config, cli.data_dir.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
@@ -442,10 +460,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Check { probes, json } => {
-            let c = match load(&cli.config) {
+            let c = match load(&cli.config, cli.data_dir.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
+            if probes.is_empty() {
+                for p in check::not_running_own_api_probes(&c).await {
+                    eprintln!(
+                        "note: {} not checked: it watches this agent's own API ({}), where nothing \
+                         listens yet; start the agent with `watchpost run` (it then checks itself), \
+                         or check it by name: watchpost check {}",
+                        p.name,
+                        p.spec.url(),
+                        p.name
+                    );
+                }
+            }
             let results = match check::run_probes(&c, &probes).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -466,10 +496,27 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 Ok(())
             };
             let _ = print();
+            if results.is_empty() {
+                let disabled: Vec<&str> = c
+                    .probes
+                    .iter()
+                    .filter(|p| !p.enabled)
+                    .map(|p| p.name.as_str())
+                    .collect();
+                eprintln!(
+                    "no probe checked; the disabled ones ({}) run once you point them at your \
+                     services and set enabled = true",
+                    if disabled.is_empty() {
+                        "none".to_string()
+                    } else {
+                        disabled.join(", ")
+                    }
+                );
+            }
             Ok(check::exit_code(&results))
         }
         Cmd::Run => {
-            let c = match load(&cli.config) {
+            let c = match load(&cli.config, cli.data_dir.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
@@ -490,7 +537,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             json,
             output,
         } => {
-            let c = match load_for_reading(&cli.config) {
+            let c = match load_for_reading(&cli.config, cli.data_dir.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
@@ -522,7 +569,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Incidents { open, json } => {
-            let c = match load_for_reading(&cli.config) {
+            let c = match load_for_reading(&cli.config, cli.data_dir.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
@@ -540,7 +587,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::NotifyTest { notifier } => {
-            let c = match load(&cli.config) {
+            let c = match load(&cli.config, cli.data_dir.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
@@ -568,14 +615,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Cmd::Maintenance { cmd } => {
-            let c = match load(&cli.config) {
+            let c = match load(&cli.config, cli.data_dir.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
             maintenance(&c, cmd).await
         }
         Cmd::Rehearse { file, json, output } => {
-            let c = match load(&cli.config) {
+            let c = match load(&cli.config, cli.data_dir.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
@@ -638,27 +685,34 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// the future is first polled: a SIGTERM that arrives while the daemon is still starting
+/// (opening the store) is a clean stop, not the default action that kills the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

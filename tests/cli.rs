@@ -425,6 +425,27 @@ async fn demo_for_3s_exits_0() {
     assert!(stdout(&o).contains("watchpost demo"), "{}", stdout(&o));
     assert!(dir.path().join("watchpost.toml").exists());
     assert!(dir.path().join("data/watchpost.db").exists());
+
+    // The exit hint is a command that works as printed.
+    let out = stdout(&o);
+    let hint = out
+        .split_once("(try: ")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(cmd, _)| cmd.to_string())
+        .unwrap_or_else(|| panic!("no hint in {out}"));
+    let words: Vec<&str> = hint.split_whitespace().collect();
+    let o = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(words[0])
+            .args(&words[1..])
+            .env_remove("WATCHPOST_CONFIG")
+            .output(),
+    )
+    .await
+    .expect("finishes")
+    .expect("the hint's program exists");
+    assert_eq!(code(&o), 0, "{hint}: {}", stderr(&o));
+    assert!(stdout(&o).contains("steady"), "{hint}: {}", stdout(&o));
 }
 
 #[tokio::test]

@@ -412,3 +412,121 @@ fn heartbeat_errors_point_at_their_key() {
         ("GET", 60, 10)
     );
 }
+
+/// Seven mistakes in three files (typos, a wrong type, a zero, a dangling reference, a TOML
+/// syntax error): one `validate` run reports every one, each at its key or value, and
+/// nothing else.
+#[test]
+fn seven_typos_in_three_files_are_reported_in_one_run() {
+    let t = TestConfig::empty();
+    let main = t.write(
+        "watchpost.toml",
+        r#"[agent]
+data_dir = "data"
+probes = ["probes/*.toml"]
+max_concurency = 8
+max_concurrency = 0
+listen = ""
+
+[defaults]
+intervall = "30s"
+
+[[component]]
+name = "API"
+probes = ["api", "ws"]
+notify = ["pager"]
+"#,
+    );
+    let api = t.write(
+        "probes/api.toml",
+        r#"name = "api"
+kind = "http"
+url = "http://127.0.0.1:1/health"
+tiemout = "5s"
+method = 5
+
+[expect]
+staus = ["2xx"]
+"#,
+    );
+    let ws = t.write(
+        "probes/ws.toml",
+        "name = \"ws\"\nkind = \"websocket\"\nurl = \"ws://127.0.0.1:1/\ninterval = \"1m\"\n",
+    );
+    let d = errors(&t);
+    let want: &[(&Path, usize, usize, &str)] = &[
+        (&api, 4, 1, "unknown field `tiemout`"),
+        (&api, 5, 10, "invalid type: integer `5`, expected a string"),
+        (&api, 8, 1, "unknown field `staus`"),
+        (&ws, 3, 25, "invalid basic string"),
+        (&main, 4, 1, "unknown field `max_concurency`"),
+        (&main, 5, 19, "max_concurrency must be at least 1"),
+        (&main, 9, 1, "unknown field `intervall`"),
+        (&main, 14, 11, "unknown notifier \"pager\""),
+    ];
+    assert_eq!(d.len(), want.len(), "got:\n{}", show(&d));
+    for (d, (file, line, col, msg)) in d.iter().zip(want) {
+        assert_at(d, file, *line, *col, &[msg]);
+    }
+
+    // The binary prints the same list, one `file:line:col: message` per line, and exits 3.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_watchpost"))
+        .arg("-c")
+        .arg(&main)
+        .arg("validate")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), want.len() + 1, "{err}");
+    assert_eq!(lines[want.len()], "8 configuration error(s)");
+    assert!(
+        lines[0].starts_with(&format!("{}:4:1: ", api.display())),
+        "{err}"
+    );
+}
+
+/// A syntax error in the main file does not hide the probe files' problems: the probe globs
+/// are read from the rest of the file.
+#[test]
+fn a_syntax_error_in_the_main_file_still_checks_the_probe_files() {
+    let t = TestConfig::empty();
+    let main = t.write(
+        "watchpost.toml",
+        "[agent]\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n\n[defaults\ninterval = \"1s\"\n",
+    );
+    let p = t.write("probes/p.toml", &format!("{GOOD_PROBE}retires = 2\n"));
+    let d = errors(&t);
+    assert_eq!(d.len(), 2, "got:\n{}", show(&d));
+    assert_at(&d[0], &p, 4, 1, &["unknown field `retires`"]);
+    assert_at(&d[1], &main, 6, 10, &["unclosed table"]);
+}
+
+/// Two bad keys of one notifier and two of another: all four, at their keys.
+#[test]
+fn every_bad_key_of_every_notifier() {
+    let t = TestConfig::with_probe("api.toml", GOOD_PROBE);
+    let main = t.write(
+        "watchpost.toml",
+        &format!(
+            "{MAIN_TOML}\n[notifier.hook]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:1/\"\nfromat = \"grafana\"\nevnts = [\"opened\"]\n\n[notifier.mail]\nkind = \"email\"\nsmtp_url = \"smtp://127.0.0.1:1\"\nfrom = \"a@example.com\"\nto = \"b@example.com\"\nsubject = \"x\"\n"
+        ),
+    );
+    let d = errors(&t);
+    let base = MAIN_TOML.lines().count() + 1;
+    let want = [
+        (base + 4, 1, "unknown field `fromat`"),
+        (base + 5, 1, "unknown field `evnts`"),
+        (
+            base + 11,
+            6,
+            "invalid type: string \"b@example.com\", expected a sequence",
+        ),
+        (base + 12, 1, "unknown field `subject`"),
+    ];
+    assert_eq!(d.len(), want.len(), "got:\n{}", show(&d));
+    for (d, (line, col, msg)) in d.iter().zip(want) {
+        assert_at(d, &main, line, col, &[msg]);
+    }
+}

@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "common/daemon.rs"]
+mod daemon;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -156,4 +159,141 @@ fn completions_for_every_shell_and_a_man_page() {
         .output()
         .expect("bash");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// `packaging/watchpost.service` passes `systemd-analyze verify` without a warning (with
+/// the installed path replaced by the built binary, which verify checks is executable), and
+/// its hardening keeps `systemd-analyze security` at an exposure of 2.0 or less.
+#[test]
+fn the_systemd_unit_verifies_and_is_hardened() {
+    let unit = std::fs::read_to_string(repo().join("packaging/watchpost.service")).unwrap();
+    for needed in [
+        "DynamicUser=yes",
+        "StateDirectory=watchpost",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "Restart=on-failure",
+        "Environment=WATCHPOST_DATA_DIR=%S/watchpost",
+    ] {
+        assert!(unit.contains(needed), "no {needed}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("watchpost.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/watchpost", env!("CARGO_BIN_EXE_watchpost")),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new("systemd-analyze")
+            .args(args)
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("systemd-analyze not found ({e}): install systemd (.ci/run does)")
+            })
+    };
+    let o = run(&["verify", "--man=no"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.trim().is_empty(), "verify: {err}");
+
+    let o = run(&["security", "--offline=yes", "--no-pager"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let level: f64 = out
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for watchpost.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in:\n{out}{}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+    assert!(level <= 2.0, "exposure {level}:\n{out}");
+}
+
+/// The Dockerfile builds the dependencies in their own layer before the sources, runs as a
+/// non-root user, and keeps the repository's layout; the binary, run the way the image runs
+/// it (its environment, the shipped config mounted, data in the volume), validates and
+/// writes its database into the data volume, not next to the config.
+#[test]
+fn the_dockerfile_layout_works_the_way_the_image_runs() {
+    let df = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let pos = |needle: &str| {
+        df.find(needle)
+            .unwrap_or_else(|| panic!("Dockerfile has no {needle:?}"))
+    };
+    // Dependencies (stub sources) before the real sources.
+    assert!(pos("COPY Cargo.toml Cargo.lock ./") < pos("echo 'fn main() {}' > src/main.rs"));
+    assert!(pos("echo 'fn main() {}' > src/main.rs") < pos("COPY src ./src"));
+    assert!(pos("USER watchpost") > pos("FROM debian:bookworm-slim"));
+    let dockerignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    assert!(dockerignore.lines().any(|l| l.trim() == "target/"));
+
+    // The image's environment, read from the Dockerfile.
+    let env_block = &df[pos("ENV WATCHPOST_CONFIG=")..];
+    let env_block = &env_block[..env_block.find("\nVOLUME").expect("VOLUME after ENV")];
+    let env: Vec<(String, String)> = env_block
+        .trim_start_matches("ENV ")
+        .split([' ', '\\', '\n'])
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let get = |k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no ENV {k}"))
+    };
+    assert!(df.contains(&format!("VOLUME [\"{}\"]", get("WATCHPOST_DATA_DIR"))));
+    assert!(
+        df.contains("COPY config /etc/watchpost/config")
+            && df.contains("COPY probes /etc/watchpost/probes")
+    );
+
+    // A root standing in for `/`: config and probes copied as the image does.
+    let root = tempfile::tempdir().unwrap();
+    let at = |p: &str| root.path().join(p.trim_start_matches('/'));
+    let copy = |from: &str, to: &str| {
+        let o = Command::new("cp")
+            .arg("-r")
+            .arg(repo().join(from))
+            .arg(at(to))
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+    };
+    std::fs::create_dir_all(at("/etc/watchpost")).unwrap();
+    std::fs::create_dir_all(at(&get("WATCHPOST_DATA_DIR"))).unwrap();
+    copy("config", "/etc/watchpost/config");
+    copy("probes", "/etc/watchpost/probes");
+    // The listen address the image sets must not collide here: a free loopback port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert_eq!(get("WATCHPOST_LISTEN"), "0.0.0.0:9464");
+    // The image's environment (its listen address moved to a free loopback port).
+    let image_cmd = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_watchpost"));
+        c.args(args)
+            .env("WATCHPOST_CONFIG", at(&get("WATCHPOST_CONFIG")))
+            .env("WATCHPOST_DATA_DIR", at(&get("WATCHPOST_DATA_DIR")))
+            .env("WATCHPOST_LISTEN", format!("127.0.0.1:{port}"))
+            .current_dir(root.path());
+        c
+    };
+    let o = image_cmd(&["validate"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // `run` keeps its database in the volume, not next to the config.
+    daemon::run_until_db_then_term(
+        image_cmd(&["run"]),
+        &at(&get("WATCHPOST_DATA_DIR")).join("watchpost.db"),
+    );
+    assert!(!at("/etc/watchpost/data").exists());
 }

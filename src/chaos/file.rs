@@ -16,8 +16,8 @@ use toml::Spanned;
 
 use super::fault::Mode;
 use crate::config::{
-    duration::human, take_kind, Config, ConfigErrors, Diagnostic, Dur, Interp, Notifier, Source,
-    SpanError,
+    duration::human, take_kind, Config, ConfigErrors, Diagnostic, Dur, Interp, Notifier, Sink,
+    Source, SpanError,
 };
 use crate::incident::state::Status;
 use crate::notify::NotifierConfig;
@@ -263,12 +263,16 @@ fn parse(src: &Source, config: &Config) -> Result<Rehearsal, Vec<Diagnostic>> {
                         err(body.span(), format!("notify.{name} must be a table"));
                         continue;
                     };
-                    let parsed = take_kind(bt, body.span()).and_then(|(kind, rest)| {
+                    let more = Sink::default();
+                    let parsed = take_kind(bt, body.span(), &more).and_then(|(kind, rest)| {
                         NotifierConfig::from_kind(kind.get_ref(), kind.span(), rest)
                     });
                     match parsed {
                         Ok(config) => notify.push(Notifier { name, config }),
                         Err(e) => err_at(e.located_in(bt)),
+                    }
+                    for e in more.take() {
+                        err_at(e);
                     }
                 }
             }

@@ -9,10 +9,12 @@ pub mod duration;
 pub mod interp;
 pub mod schema;
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -768,13 +770,16 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
         dir
     };
 
-    let (main, notifiers) = parse_main(&src, &mut diags, need_notifiers);
+    let (main, notifiers, salvaged) = parse_main(&src, &mut diags, need_notifiers);
 
     let agent = build_agent(&main.agent, &dir);
 
     // Probe files.
     let mut probes: Vec<ProbeConfig> = Vec::new();
     let mut seen: HashMap<String, (PathBuf, usize, usize)> = HashMap::new();
+    // Names of every probe file read, valid or not: a component naming an invalid probe is
+    // not told the probe is unknown (the probe file has its own errors).
+    let mut declared: Vec<String> = Vec::new();
     for pattern in &main.agent.probes {
         let full = dir.join(pattern);
         let full_s = full.to_string_lossy().to_string();
@@ -812,7 +817,7 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
                 ));
                 continue;
             }
-            match load_probe(&p, &main.defaults) {
+            match load_probe(&p, &main.defaults, &mut declared) {
                 Ok((probe, pos)) => {
                     if let Some((f, l, c)) = seen.get(&probe.name) {
                         diags.push(Diagnostic {
@@ -835,7 +840,8 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
                 Err(mut d) => diags.append(&mut d),
             }
         }
-        if !matched {
+        // A salvaged glob may be cut short by the syntax error already reported.
+        if !matched && !salvaged {
             let span = find_span(&src.text, pattern).or_else(|| {
                 DeTable::parse(&src.text)
                     .ok()
@@ -896,7 +902,10 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
         }
         for m in &c.probes {
             let probe_name = m.get_ref().split('/').next().unwrap_or_default();
-            if !probes.iter().any(|p| p.name == probe_name) && !seen.contains_key(probe_name) {
+            if !probes.iter().any(|p| p.name == probe_name)
+                && !seen.contains_key(probe_name)
+                && !declared.iter().any(|d| d == probe_name)
+            {
                 diags.push(src.diag(
                     Some(m.span()),
                     format!(
@@ -963,7 +972,9 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
 
     if !diags.is_empty() {
         diags.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
-        diags.dedup();
+        // One problem per place, the first found: a value that could not be read is dropped
+        // and its default checked instead, which must not add a second error at its key.
+        diags.dedup_by(|b, a| (&a.file, a.line, a.col) == (&b.file, b.line, b.col));
         return Err(ConfigErrors(diags));
     }
     Ok(Config {
@@ -1056,63 +1067,74 @@ fn find_span(text: &str, needle: &str) -> Option<Range<usize>> {
         .map(|i| i..i + needle.len() + 2)
 }
 
-/// What can still be read from a main file that failed to parse: the probe globs and the
-/// defaults, so the probe files' own problems are reported in the same pass.
-#[derive(Deserialize, Default)]
-struct LenientMain {
-    #[serde(default)]
-    agent: LenientAgent,
-}
+/// Most lines [`salvage`] blanks out.
+const MAX_SALVAGED_LINES: usize = 16;
 
-#[derive(Deserialize)]
-struct LenientAgent {
-    #[serde(default = "default_probe_globs")]
-    probes: Vec<String>,
-}
-
-impl Default for LenientAgent {
-    fn default() -> Self {
-        LenientAgent {
-            probes: default_probe_globs(),
+/// A file with a TOML syntax error, made readable by blanking each line the parser stops
+/// at until the rest parses. Only for what the rest of the load needs (probe globs, a
+/// probe's name); nothing in it is reported.
+fn salvage(text: &str) -> Option<String> {
+    let mut text = text.to_string();
+    for _ in 0..MAX_SALVAGED_LINES {
+        let at = match DeTable::parse(&text) {
+            Ok(_) => return Some(text),
+            Err(e) => e.span()?.start.min(text.len()),
+        };
+        let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+        if start == end {
+            return None;
         }
+        text.replace_range(start..end, &" ".repeat(end - start));
     }
+    None
 }
 
-#[derive(Deserialize, Default)]
-struct LenientDefaults {
-    #[serde(default)]
-    defaults: Defaults,
+/// What a main file with a syntax error still says: its probe globs and `[defaults]`, to
+/// check the probe files. With no usable globs, no probe file is read.
+fn salvage_main(text: &str) -> MainFile {
+    let mut salvaged = MainFile::default();
+    salvaged.agent.probes.clear();
+    let Some(text) = salvage(text) else {
+        return salvaged;
+    };
+    let Ok(doc) = DeTable::parse(&text) else {
+        return salvaged;
+    };
+    if let (Some(m), _) = parse_lenient::<MainFile>(doc.get_ref().clone(), doc.span()) {
+        // Only globs the file names: the default one is a guess here.
+        if locate(doc.get_ref(), &["agent", "probes"]).is_some() {
+            salvaged.agent.probes = m.agent.probes;
+        }
+        salvaged.defaults = m.defaults;
+    }
+    salvaged
 }
 
+/// The main file, its notifiers, and whether it had a syntax error (then only its probe
+/// globs and defaults were salvaged).
 fn parse_main(
     src: &Source,
     diags: &mut Vec<Diagnostic>,
     need_notifiers: bool,
-) -> (MainFile, Vec<Notifier>) {
+) -> (MainFile, Vec<Notifier>, bool) {
     let doc = match DeTable::parse(&src.text) {
         Ok(d) => d,
         Err(e) => {
-            // Unreadable TOML: nothing in it can be trusted, not even the probe globs.
+            // Unreadable TOML: only its first error is sure; what the rest says about the
+            // probe files and their defaults is read from a salvaged copy, so the probe
+            // files' own problems are reported in the same run.
             diags.push(src.err(e.into()));
-            let mut m = MainFile::default();
-            m.agent.probes.clear();
-            return (m, Vec::new());
+            return (salvage_main(&src.text), Vec::new(), true);
         }
     };
-    let main = match toml::from_str::<MainFile>(&src.text) {
-        Ok(m) => m,
-        Err(e) => {
-            diags.push(src.err(e.into()));
-            let mut m = MainFile::default();
-            m.agent.probes = toml::from_str::<LenientMain>(&src.text)
-                .map(|l| l.agent.probes)
-                .unwrap_or_default();
-            m.defaults = toml::from_str::<LenientDefaults>(&src.text)
-                .map(|l| l.defaults)
-                .unwrap_or_default();
-            m
-        }
-    };
+    let (main, errors) = parse_lenient::<MainFile>(doc.get_ref().clone(), doc.span());
+    diags.extend(errors.into_iter().map(|e| src.err(e)));
+    let main = main.unwrap_or_else(|| {
+        let mut m = MainFile::default();
+        m.agent.probes.clear();
+        m
+    });
     check_defaults(&main.defaults, doc.get_ref(), src, diags);
     check_agent(&main.agent, doc.get_ref(), src, diags);
     let mut notifiers = Vec::new();
@@ -1127,7 +1149,8 @@ fn parse_main(
                     ));
                     continue;
                 };
-                let (kind, rest) = match take_kind(body_t, body.span()) {
+                let more = Sink::default();
+                let (kind, rest) = match take_kind(body_t, body.span(), &more) {
                     Ok(v) => v,
                     Err(e) => {
                         diags.push(src.err(e));
@@ -1139,16 +1162,20 @@ fn parse_main(
                     Err(e) if need_notifiers => diags.push(src.err(e.located(body_t))),
                     Err(_) => {}
                 }
+                if need_notifiers {
+                    diags.extend(more.take().into_iter().map(|e| src.err(e)));
+                }
             }
         }
     }
-    (main, notifiers)
+    (main, notifiers, false)
 }
 
 /// Split `kind` out of a table: returns it and a deserializer over the remaining keys.
 pub(crate) fn take_kind<'a>(
     table: &DeTable<'a>,
     span: Range<usize>,
+    more: &Sink,
 ) -> Result<(Spanned<String>, Rest<'a>), SpanError> {
     let Some(kind) = table.get("kind") else {
         return Err(SpanError::at(span, "missing field `kind`"));
@@ -1159,7 +1186,7 @@ pub(crate) fn take_kind<'a>(
     let kind = Spanned::new(kind.span(), k.to_string());
     let mut rest = table.clone();
     rest.remove("kind");
-    Ok((kind, Rest { table: rest, span }))
+    Ok((kind, Rest::new(rest, span, more)))
 }
 
 /// The keys of a table left after the generic ones were taken; deserialize the kind-specific
@@ -1167,16 +1194,101 @@ pub(crate) fn take_kind<'a>(
 pub struct Rest<'a> {
     table: DeTable<'a>,
     span: Range<usize>,
+    /// Where [`Rest::parse`] leaves the errors after the first one; the loader reports them.
+    more: Sink,
 }
 
+/// Errors a kind's parser found beyond the one it returns.
+pub(crate) type Sink = Rc<RefCell<Vec<SpanError>>>;
+
 impl<'a> Rest<'a> {
+    fn new(table: DeTable<'a>, span: Range<usize>, more: &Sink) -> Self {
+        Rest {
+            table,
+            span,
+            more: Rc::clone(more),
+        }
+    }
+    /// Deserialize `T`. On failure every unknown key and bad value of the table is found
+    /// (see [`parse_lenient`]): the first is returned, the others go to the loader, so one
+    /// `validate` lists them all.
     pub fn parse<T: DeserializeOwned>(self) -> Result<T, SpanError> {
-        let de = toml::de::Deserializer::from(Spanned::new(self.span, self.table));
-        T::deserialize(de).map_err(SpanError::from)
+        let (value, mut errors) = parse_lenient(self.table, self.span);
+        match value {
+            Some(v) if errors.is_empty() => Ok(v),
+            _ if errors.is_empty() => Err(SpanError::new("invalid table")),
+            _ => {
+                let first = errors.remove(0);
+                self.more.borrow_mut().extend(errors);
+                Err(first)
+            }
+        }
     }
     pub fn span(&self) -> Range<usize> {
         self.span.clone()
     }
+}
+
+/// Most keys [`parse_lenient`] drops from one table before it gives up.
+const MAX_DROPPED_KEYS: usize = 64;
+
+/// Deserialize `T` from `table` without stopping at the first problem: each error serde
+/// reports is kept, the key it is about is dropped, and the rest is read again. Returns the
+/// value read without the dropped keys (`None` when an error could not be tied to one key,
+/// e.g. a missing required key) and every error, in the order found.
+fn parse_lenient<T: DeserializeOwned>(
+    mut table: DeTable<'_>,
+    span: Range<usize>,
+) -> (Option<T>, Vec<SpanError>) {
+    let mut errors: Vec<SpanError> = Vec::new();
+    let mut dropped: Vec<String> = Vec::new();
+    for _ in 0..=MAX_DROPPED_KEYS {
+        let de = toml::de::Deserializer::from(Spanned::new(span.clone(), table.clone()));
+        let e = match T::deserialize(de) {
+            Ok(v) => return (Some(v), errors),
+            Err(e) => SpanError::from(e),
+        };
+        let key = e.span.clone().and_then(|at| drop_key_at(&mut table, &at));
+        // A required key dropped for its bad value: that it is now missing is no news.
+        if !dropped
+            .iter()
+            .any(|k| e.message == format!("missing field `{k}`"))
+        {
+            errors.push(e);
+        }
+        match key {
+            Some(k) => dropped.push(k),
+            None => break,
+        }
+    }
+    (None, errors)
+}
+
+/// Remove the key whose `key = value` holds the whole span `at` (the innermost one, in
+/// nested tables and arrays of tables); returns its name.
+fn drop_key_at(table: &mut DeTable<'_>, at: &Range<usize>) -> Option<String> {
+    for (_, v) in table.iter_mut() {
+        let inner = match v.get_mut() {
+            DeValue::Table(t) => drop_key_at(t, at),
+            DeValue::Array(items) => items.iter_mut().find_map(|item| match item.get_mut() {
+                DeValue::Table(t) => drop_key_at(t, at),
+                _ => None,
+            }),
+            _ => None,
+        };
+        if inner.is_some() {
+            return inner;
+        }
+    }
+    let key = table
+        .iter()
+        .find(|(k, v)| {
+            let (k, v) = (k.span(), v.span());
+            k.start.min(v.start) <= at.start && at.end <= k.end.max(v.end)
+        })
+        .map(|(k, _)| k.get_ref().to_string())?;
+    table.remove(key.as_str());
+    Some(key)
 }
 
 /// `[agent]` checks, each at its key.
@@ -1356,10 +1468,12 @@ impl ProbeConfig {
     }
 }
 
-/// Load one probe file; returns the probe and the position of its `name`.
+/// Load one probe file; returns the probe and the position of its `name`. The name, when
+/// the file has one, is added to `declared` even if the file has errors.
 fn load_probe(
     path: &Path,
     defaults: &Defaults,
+    declared: &mut Vec<String>,
 ) -> Result<(ProbeConfig, (usize, usize)), Vec<Diagnostic>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         // A whole-file problem: no position.
@@ -1374,7 +1488,22 @@ fn load_probe(
         path: path.to_path_buf(),
         text,
     };
-    let doc = DeTable::parse(&src.text).map_err(|e| vec![src.err(e.into())])?;
+    let doc = match DeTable::parse(&src.text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            // Its name, if the rest of the file has one, is still declared.
+            if let Some(name) = salvage(&src.text).and_then(|t| {
+                let doc = DeTable::parse(&t).ok()?;
+                match doc.get_ref().get("name")?.get_ref() {
+                    DeValue::String(n) => Some(n.to_string()),
+                    _ => None,
+                }
+            }) {
+                declared.push(name);
+            }
+            return Err(vec![src.err(e.into())]);
+        }
+    };
     let span = doc.span();
     let doc = doc.into_inner();
     let mut common_t = DeTable::new();
@@ -1386,15 +1515,41 @@ fn load_probe(
             rest_t.insert(k.clone(), v.clone());
         }
     }
-    let common: ProbeCommonFile = Rest {
-        table: common_t,
-        span: span.clone(),
+    if let Some(DeValue::String(name)) = doc.get("name").map(|v| v.get_ref()) {
+        declared.push(name.to_string());
     }
-    .parse()
-    .map_err(|e| vec![src.err(e)])?;
+    let mut diags = Vec::new();
+    let (common, errors) = parse_lenient::<ProbeCommonFile>(common_t, span.clone());
+    diags.extend(errors.into_iter().map(|e| src.err(e)));
+    // The kind's own keys are checked even when the common ones are not all right.
+    let kind = common.as_ref().map(|c| c.kind.clone()).or_else(|| {
+        let v = doc.get("kind")?;
+        match v.get_ref() {
+            DeValue::String(k) => Some(Spanned::new(v.span(), k.to_string())),
+            _ => None,
+        }
+    });
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let more = Sink::default();
+    let spec = kind.and_then(|kind| {
+        let rest = Rest::new(rest_t, span, &more);
+        match ProbeSpec::from_kind(kind.get_ref(), kind.span(), rest, &dir) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                diags.push(src.err(e.located(&doc)));
+                None
+            }
+        }
+    });
+    diags.extend(more.take().into_iter().map(|e| src.err(e.located(&doc))));
+    let Some(common) = common else {
+        return Err(diags);
+    };
     let name = common.name.get_ref().clone();
     let name_pos = line_col(&src.text, common.name.span().start);
-    let mut diags = Vec::new();
     if name.is_empty()
         || !name
             .chars()
@@ -1434,21 +1589,6 @@ fn load_probe(
             ),
         ));
     }
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let rest = Rest {
-        table: rest_t,
-        span,
-    };
-    let spec = match ProbeSpec::from_kind(common.kind.get_ref(), common.kind.span(), rest, &dir) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            diags.push(src.err(e.located(&doc)));
-            None
-        }
-    };
     if let Some(spec) = &spec {
         let phases = spec.phases();
         let sub = spec.subcheck_path();

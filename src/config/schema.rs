@@ -42,6 +42,16 @@ pub fn schema(which: Which) -> Value {
     v
 }
 
+/// The keys every probe file may have, whatever its kind.
+pub fn common_probe_keys() -> Vec<String> {
+    let mut g = SchemaSettings::draft07().into_generator();
+    let s = ProbeCommonFile::json_schema(&mut g);
+    s.get("properties")
+        .and_then(Value::as_object)
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
 /// A probe file: the keys every kind has plus the keys of its `kind`.
 struct ProbeFile;
 
