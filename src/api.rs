@@ -317,6 +317,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/incidents", get(incidents))
         .route("/api/v1/report", get(report))
         .route("/api/v1/components", get(components))
+        .route("/api/v1/overview", get(overview))
+        .route("/api/v1/chart", get(chart))
+        .route("/api/v1/slo", get(slo))
         .route("/api/v1/probes/{name}/pause", post(pause))
         .route("/api/v1/probes/{name}/resume", post(resume))
         .route("/api/v1/probes/{name}/run", post(run_now))
@@ -719,14 +722,119 @@ async fn latest(State(s): State<AppState>) -> Response {
     }
 }
 
+/// Every series' newest run, its uptime strip and newest failure, from the store's memory
+/// (the dashboard's main read; no database work).
+async fn overview(State(s): State<AppState>) -> Response {
+    let mem = s
+        .store
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(Store::latest);
+    let paused = s.paused().names();
+    let series: Vec<Value> = mem
+        .map(|l| l.overview())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(run, recent)| {
+            let kind = s
+                .config
+                .probe(&run.probe)
+                .map_or(run.kind.as_str(), |p| p.kind());
+            json!({
+                "name": run.probe,
+                "kind": kind,
+                "latest": run,
+                "recent": recent.runs,
+                "wer": recent.wer,
+                "last_bad": recent.last_bad,
+            })
+        })
+        .collect();
+    no_store(Json(json!({"now": chrono::Utc::now().timestamp_millis(), "series": series, "paused": paused})).into_response())
+}
+
+#[derive(Deserialize)]
+struct ChartQuery {
+    series: String,
+    window: Option<String>,
+}
+
+/// Longest chart window.
+const CHART_MAX: Duration = Duration::from_secs(31 * 86400);
+
+/// One series' p50/p95/p99 per phase and availability per bucket over `window` (1h, 24h,
+/// 7d…): indexed reads of that series only.
+async fn chart(State(s): State<AppState>, Query(q): Query<ChartQuery>) -> Response {
+    let window = match crate::config::duration::parse(q.window.as_deref().unwrap_or("1h")) {
+        Ok(w) if w >= Duration::from_secs(60) && w <= CHART_MAX => w,
+        Ok(_) => {
+            return ApiError::new(StatusCode::BAD_REQUEST, "window must be between 1m and 31d")
+                .into_response()
+        }
+        Err(e) => return ApiError::new(StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let cfg = s.config.clone();
+    let now = chrono::Utc::now().timestamp_millis();
+    let r = read(&s, move |c| {
+        Ok(crate::report::series_chart(
+            &cfg, c, &q.series, window, now,
+        )?)
+    })
+    .await;
+    match r {
+        Ok(v) => no_store(Json(v).into_response()),
+        Err(e) => internal(e),
+    }
+}
+
+/// Objectives, availability, error budget and burn of every component over its SLO window;
+/// computed at most every [`REPORT_TTL`] and served from memory in between.
+async fn slo(State(s): State<AppState>) -> Response {
+    if let Some(body) = s.reports.get(SLO_KEY) {
+        return json_bytes(body);
+    }
+    let cfg = s.config.clone();
+    let now = chrono::Utc::now().timestamp_millis();
+    let built = read(&s, move |c| {
+        let list = cfg
+            .components
+            .iter()
+            .map(|comp| crate::slo::component_slo(c, comp, now))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Bytes::from(serde_json::to_vec(
+            &json!({"components": list}),
+        )?))
+    })
+    .await;
+    match built {
+        Ok(Some(body)) => {
+            s.reports.put(SLO_KEY, body.clone());
+            json_bytes(body)
+        }
+        Ok(None) => no_store(Json(json!({"components": []})).into_response()),
+        Err(e) => internal(e),
+    }
+}
+
+/// The SLO figures share the report cache under a window no report uses.
+const SLO_KEY: Duration = Duration::from_nanos(1);
+
 #[derive(Deserialize)]
 struct IncidentQuery {
     #[serde(default)]
     open: bool,
+    /// Newest this many (at most 500).
+    limit: Option<usize>,
 }
 
 async fn incidents(State(s): State<AppState>, Query(q): Query<IncidentQuery>) -> Response {
-    match read(&s, move |c| crate::incident::list_incidents(c, q.open)).await {
+    let limit = q.limit.unwrap_or(usize::MAX);
+    match read(&s, move |c| {
+        crate::incident::read::list_incidents_limited(c, q.open, limit)
+    })
+    .await
+    {
         Ok(v) => no_store(Json(json!({"incidents": v.unwrap_or_default()})).into_response()),
         Err(e) => internal(e),
     }
@@ -1064,39 +1172,10 @@ async fn dashboard() -> Html<&'static str> {
     Html(DASHBOARD)
 }
 
-const DASHBOARD: &str = r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>watchpost</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:2em;color:#222}
-h1{font-size:20px}table{border-collapse:collapse;margin-bottom:2em}
-td,th{padding:4px 10px;border-bottom:1px solid #eee;text-align:left}
-.up{color:#1a7f37}.degraded{color:#9a6700}.down{color:#cf222e;font-weight:bold}
-small{color:#777}
-</style></head><body>
-<h1>watchpost</h1><small id="ts"></small>
-<h2>Probes</h2><table id="runs"><tr><th>series</th><th>outcome</th><th>phases</th><th>error</th><th>at</th></tr></table>
-<h2>Incidents</h2><table id="inc"></table>
-<p><a href="/api/report?window=1h">report (1h, JSON)</a> · <a href="/metrics">metrics</a> · <a href="/health">health</a></p>
-<script>
-function esc(s){return String(s??'').replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
-async function tick(){
-  try{
-    const r=await (await fetch('/api/runs/latest')).json();
-    let h='<tr><th>series</th><th>outcome</th><th>phases</th><th>error</th><th>at</th></tr>';
-    for(const x of r.runs){
-      const ph=Object.entries(x.phases||{}).map(([k,v])=>k+' '+v.toFixed(1)+'ms').join(' · ');
-      h+=`<tr><td>${esc(x.probe)}</td><td class="${esc(x.outcome)}">${esc(x.outcome)}</td><td>${esc(ph)}</td><td>${esc(x.error_class?'['+x.error_class+'] '+x.error_message:'')}</td><td>${new Date(x.started_at).toLocaleTimeString()}</td></tr>`;
-    }
-    document.getElementById('runs').innerHTML=h;
-    const i=await (await fetch('/api/incidents')).json();
-    let g='';
-    for(const x of i.incidents.slice(0,20)){g+=`<tr><td><pre>${esc(JSON.stringify(x))}</pre></td></tr>`}
-    document.getElementById('inc').innerHTML=g||'<tr><td>none</td></tr>';
-    document.getElementById('ts').textContent='updated '+new Date().toLocaleTimeString();
-  }catch(e){document.getElementById('ts').textContent='agent unreachable: '+e}
-}
-tick();setInterval(tick,3000);
-</script></body></html>"#;
+/// The dashboard: one page, embedded in the binary, no external requests. It polls
+/// `/api/v1/overview`, `/components`, `/incidents?limit=20` and `/slo` every 5 s and loads a
+/// chart (`/api/v1/chart`) for each probe card on screen.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 #[cfg(test)]
 mod tests {

@@ -230,6 +230,7 @@ type Buckets = BTreeMap<(String, String), Vec<Option<hist::Hist>>>;
 
 fn latency_buckets(
     conn: &Connection,
+    only: Option<&str>,
     since: i64,
     until: i64,
     bucket_ms: i64,
@@ -239,7 +240,11 @@ fn latency_buckets(
     let slot = |t: i64| (((t - since).max(0) / bucket_ms) as usize).min(n - 1);
     let fine_from = hist::meta_value(conn, "fine_from")?;
     let mut out: Buckets = BTreeMap::new();
-    let series = hist::series_names(conn)?;
+    let mut series = hist::series_names(conn)?;
+    if let Some(name) = only {
+        series.retain(|_, s| s.name == name);
+    }
+    let only_id = series.keys().next().copied().filter(|_| only.is_some());
     let mut add = |name: &str, phase: &str, i: usize, h: &hist::Hist| {
         let v = out
             .entry((name.to_string(), phase.to_string()))
@@ -249,9 +254,10 @@ fn latency_buckets(
     let hi = until.min(fine_from);
     if since < hi {
         let mut st = conn.prepare_cached(
-            "SELECT series, phase, bucket_start, data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2",
+            "SELECT series, phase, bucket_start, data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2
+             AND (?3 IS NULL OR series = ?3)",
         )?;
-        let mut rows = st.query(params![hist::floor_hour(since), hi])?;
+        let mut rows = st.query(params![hist::floor_hour(since), hi, only_id])?;
         while let Some(r) = rows.next()? {
             let Some(s) = series.get(&r.get::<_, i64>(0)?) else {
                 continue;
@@ -370,8 +376,8 @@ pub fn build(
     let since = now_ms - w;
     let prev_since = since - w;
     let bucket_ms = (bucket_for(window).as_millis() as i64).max(1000);
-    let lat = latency_buckets(conn, since, now_ms, bucket_ms)?;
-    let prev_lat = latency_buckets(conn, prev_since, since, w)?;
+    let lat = latency_buckets(conn, None, since, now_ms, bucket_ms)?;
+    let prev_lat = latency_buckets(conn, None, prev_since, since, w)?;
     let counts = store::outcomes(conn, None, since, now_ms, bucket_ms)?;
     let prev_counts = store::outcomes(conn, None, prev_since, since, w)?;
     let mut series: BTreeSet<String> = counts.keys().cloned().collect();
@@ -436,12 +442,7 @@ pub fn build(
                 p95_ms: now_f.p95_ms,
                 p99_ms: now_f.p99_ms,
                 max_ms: now_f.max_ms,
-                budget: budget.map(|b| BudgetView {
-                    p50_ms: b.p50.map(|d| d.0.as_secs_f64() * 1e3),
-                    p95_ms: b.p95.map(|d| d.0.as_secs_f64() * 1e3),
-                    p99_ms: b.p99.map(|d| d.0.as_secs_f64() * 1e3),
-                    run_ms: b.run.map(|d| d.0.as_secs_f64() * 1e3),
-                }),
+                budget: budget.as_ref().map(budget_view),
                 verdict: if key.is_none() { "no_data" } else { verdict },
                 over,
                 change: change(&now_f, &previous),
@@ -512,6 +513,104 @@ pub fn build(
         incidents,
         rehearsals: rehearsals(conn, since, now_ms)?,
     })
+}
+
+/// One series' latency and availability over a window, for the dashboard's charts.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeriesChart {
+    pub series: String,
+    pub window: String,
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub bucket_ms: i64,
+    /// Phase → budget.
+    pub budgets: BTreeMap<String, BudgetView>,
+    pub points: Vec<ChartPoint>,
+}
+
+/// One bucket of a [`SeriesChart`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ChartPoint {
+    pub at_ms: i64,
+    pub runs: u64,
+    pub availability_pct: Option<f64>,
+    pub down: u64,
+    pub degraded: u64,
+    /// Phase → [p50, p95, p99] in ms.
+    pub phases: BTreeMap<String, [f64; 3]>,
+}
+
+/// Chart buckets: about 40 across the window, whole minutes.
+pub fn chart_bucket(window: Duration) -> Duration {
+    let secs = window.as_secs().div_ceil(40).max(60);
+    Duration::from_secs(secs.div_ceil(60) * 60)
+}
+
+/// One series' chart over the window ending at `now_ms`: indexed reads of that series only.
+pub fn series_chart(
+    config: &Config,
+    conn: &Connection,
+    series: &str,
+    window: Duration,
+    now_ms: i64,
+) -> rusqlite::Result<SeriesChart> {
+    let w = window.as_millis() as i64;
+    let bucket_ms = chart_bucket(window).as_millis() as i64;
+    // Buckets on whole multiples, so a refresh moves the chart by whole buckets.
+    let until = (now_ms / bucket_ms + 1) * bucket_ms;
+    let since = until - w.max(bucket_ms);
+    let lat = latency_buckets(conn, Some(series), since, until, bucket_ms)?;
+    let names = [series.to_string()];
+    let counts = store::outcomes(conn, Some(&names), since, until, bucket_ms)?
+        .remove(series)
+        .unwrap_or_default();
+    let n = ((until - since) / bucket_ms) as usize;
+    let points = (0..n)
+        .map(|i| {
+            let c = counts.get(i).copied().unwrap_or_default();
+            let phases = lat
+                .iter()
+                .filter_map(|((_, phase), b)| {
+                    let h = b.get(i)?.as_ref()?;
+                    let q = |x| quantile(h, x).unwrap_or(0.0);
+                    Some((phase.clone(), [q(0.50), q(0.95), q(0.99)]))
+                })
+                .collect();
+            ChartPoint {
+                at_ms: since + i as i64 * bucket_ms,
+                runs: c.total(),
+                availability_pct: c.availability(),
+                down: c.down,
+                degraded: c.degraded,
+                phases,
+            }
+        })
+        .collect();
+    let budgets = lat
+        .keys()
+        .filter_map(|(_, phase)| {
+            let b = budget_of(config, series, phase)?;
+            Some((phase.clone(), budget_view(b)))
+        })
+        .collect();
+    Ok(SeriesChart {
+        series: series.to_string(),
+        window: human(window),
+        since_ms: since,
+        until_ms: until,
+        bucket_ms,
+        budgets,
+        points,
+    })
+}
+
+fn budget_view(b: &Budget) -> BudgetView {
+    BudgetView {
+        p50_ms: b.p50.map(|d| d.0.as_secs_f64() * 1e3),
+        p95_ms: b.p95.map(|d| d.0.as_secs_f64() * 1e3),
+        p99_ms: b.p99.map(|d| d.0.as_secs_f64() * 1e3),
+        run_ms: b.run.map(|d| d.0.as_secs_f64() * 1e3),
+    }
 }
 
 /// How much worse a row got: over budget first, then by p95 growth and availability loss.
@@ -586,9 +685,15 @@ fn incidents(
                 .unwrap_or_default(),
         };
         let opened = row.opened_at_ms;
+        // A sub-check missing from a failed run has no run of its own: its probe's counts.
         let first_bad = members
             .iter()
-            .map(|m| first_bad_run(conn, m, opened))
+            .map(|m| match first_bad_run(conn, m, opened)? {
+                None if m.contains('/') => {
+                    first_bad_run(conn, m.split('/').next().unwrap_or(m), opened)
+                }
+                found => Ok(found),
+            })
             .collect::<rusqlite::Result<Vec<_>>>()?
             .into_iter()
             .flatten()
@@ -705,8 +810,14 @@ fn signed_pct(v: Option<f64>) -> String {
 }
 
 fn secs_cell(v: Option<f64>) -> String {
-    v.map(|s| crate::notify::event::human_span((s * 1000.0) as i64))
-        .unwrap_or_else(|| "-".into())
+    v.map(|s| {
+        if s < 60.0 {
+            format!("{s:.1}s")
+        } else {
+            crate::notify::event::human_span((s * 1000.0) as i64)
+        }
+    })
+    .unwrap_or_else(|| "-".into())
 }
 
 fn budget_cell(b: &Option<BudgetView>) -> String {
@@ -1037,6 +1148,15 @@ pub fn latency_svg(row: &Row, since_ms: i64, until_ms: i64) -> String {
             pts.len(),
             pts.join(" ")
         );
+        // Dots too: a bucket alone is still seen.
+        for p in &pts {
+            if let Some((cx, cy)) = p.split_once(',') {
+                let _ = write!(
+                    svg,
+                    "<circle class=\"{name}\" cx=\"{cx}\" cy=\"{cy}\" r=\"2\"/>"
+                );
+            }
+        }
     }
     svg.push_str("</svg>");
     svg
@@ -1107,7 +1227,7 @@ fn ms_of(rfc: &str) -> i64 {
 pub const CHART_CSS: &str = ".chart{max-width:100%;height:auto;display:block}
 .chart .axis{stroke:#999;stroke-width:1}.chart .lbl{font-size:10px;fill:#777}
 .chart .budget{stroke:#cf222e;stroke-dasharray:4 3;stroke-width:1.5}
-.chart polyline{fill:none;stroke-width:1.8}.chart .p50{stroke:#2da44e}.chart .p95{stroke:#bf8700}.chart .p99{stroke:#8250df}
+.chart polyline{fill:none;stroke-width:1.8}.chart circle{fill:#fff;stroke-width:1.5}.chart .p50{stroke:#2da44e}.chart .p95{stroke:#bf8700}.chart .p99{stroke:#8250df}
 .chart .good{fill:#2da44e}.chart .warn{fill:#d4a72c}.chart .bad{fill:#cf222e}.chart .skip{fill:#8c959f}.chart .incident{fill:#cf222e;opacity:.6}";
 
 pub fn render_html(r: &Report) -> String {

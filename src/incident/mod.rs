@@ -474,11 +474,16 @@ impl Evaluator {
         }
     }
 
-    /// Time passing: recovery holds, maintenance windows.
+    /// Time passing: recovery holds, maintenance windows, error-budget burns.
     pub async fn on_tick(&mut self) {
         let now = self.clock.now_ms();
         self.windows.retain(|w| w.ends_at > now);
         for ci in 0..self.comps.len() {
+            // A burn also stops (or starts) as time passes, not only when a run arrives.
+            if let Some(input) = self.burn_input(ci, now).await {
+                let rules = self.comps[ci].rules;
+                self.comps[ci].state.apply(&rules, input);
+            }
             if let Some(t) = self.evaluate(ci, now) {
                 self.persist(ci, Some(t), now).await;
             }

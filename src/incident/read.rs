@@ -76,12 +76,22 @@ fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
 
 /// Incidents newest first (at most 500), each with its timeline and notifications.
 pub fn list_incidents(conn: &Connection, open_only: bool) -> anyhow::Result<Vec<IncidentView>> {
+    list_incidents_limited(conn, open_only, LIST_LIMIT)
+}
+
+/// [`list_incidents`], at most `limit` (and never more than 500).
+pub fn list_incidents_limited(
+    conn: &Connection,
+    open_only: bool,
+    limit: usize,
+) -> anyhow::Result<Vec<IncidentView>> {
+    let limit = limit.min(LIST_LIMIT);
     if !table_exists(conn, "incidents")? {
         return Ok(Vec::new());
     }
     let sql = format!(
         "SELECT id, component, status, worst_status, opened_at, resolved_at, flapping, cause_member, cause_class, cause_message
-         FROM incidents {} ORDER BY opened_at DESC, id DESC LIMIT {LIST_LIMIT}",
+         FROM incidents {} ORDER BY opened_at DESC, id DESC LIMIT {limit}",
         if open_only { "WHERE resolved_at IS NULL" } else { "" }
     );
     let now = chrono::Utc::now().timestamp_millis();

@@ -241,16 +241,79 @@ fn outcome_of(code: i64) -> Outcome {
     }
 }
 
-/// The newest run of each series, kept by the writer after every commit.
+/// The newest run of each series and a strip of its recent outcomes, kept by the writer
+/// after every commit (the dashboard reads them without touching the database).
 #[derive(Clone, Default)]
-pub struct Latest(Arc<RwLock<HashMap<String, LatestRun>>>);
+pub struct Latest(Arc<RwLock<LatestMap>>);
+
+#[derive(Default)]
+struct LatestMap {
+    runs: HashMap<String, LatestRun>,
+    recent: HashMap<String, Recent>,
+}
+
+/// Outcomes kept per series in memory for the dashboard's uptime strip.
+pub const RECENT_RUNS: usize = 60;
+
+/// One run in the uptime strip: start (ms) and outcome (`up`/`degraded`/`down`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Tick(pub i64, pub &'static str);
+
+/// A series' recent runs and its newest failure, in memory.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Recent {
+    pub runs: std::collections::VecDeque<Tick>,
+    /// WER of recent listen runs (start ms, WER), oldest first.
+    pub wer: std::collections::VecDeque<(i64, f64)>,
+    /// The newest run that was not up.
+    pub last_bad: Option<LatestRun>,
+}
+
+impl Recent {
+    fn push(&mut self, r: &LatestRun) {
+        let outcome = Outcome::parse(&r.outcome).unwrap_or(Outcome::Down);
+        if self.runs.back().is_some_and(|t| t.0 > r.started_at) {
+            return; // a late run: the strip shows the present
+        }
+        self.runs.push_back(Tick(r.started_at, outcome.as_str()));
+        while self.runs.len() > RECENT_RUNS {
+            self.runs.pop_front();
+        }
+        if let Some(w) = r.wer {
+            self.wer.push_back((r.started_at, w));
+            while self.wer.len() > RECENT_RUNS {
+                self.wer.pop_front();
+            }
+        }
+        if outcome != Outcome::Up {
+            self.last_bad = Some(r.clone());
+        }
+    }
+}
 
 impl Latest {
     /// Every series' newest run, ordered by series name.
     pub fn runs(&self) -> Vec<LatestRun> {
         let map = self.0.read().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<LatestRun> = map.values().cloned().collect();
+        let mut v: Vec<LatestRun> = map.runs.values().cloned().collect();
         v.sort_by(|a, b| a.probe.cmp(&b.probe));
+        v
+    }
+
+    /// Every series' newest run with its recent outcomes, ordered by series name.
+    pub fn overview(&self) -> Vec<(LatestRun, Recent)> {
+        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(LatestRun, Recent)> = map
+            .runs
+            .values()
+            .map(|r| {
+                (
+                    r.clone(),
+                    map.recent.get(&r.probe).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.probe.cmp(&b.0.probe));
         v
     }
 
@@ -260,15 +323,45 @@ impl Latest {
         }
         let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
         for r in runs {
-            match map.get_mut(&r.probe) {
+            map.recent.entry(r.probe.clone()).or_default().push(&r);
+            match map.runs.get_mut(&r.probe) {
                 Some(old) if old.started_at > r.started_at => {}
                 Some(old) => *old = r,
                 None => {
-                    map.insert(r.probe.clone(), r);
+                    map.runs.insert(r.probe.clone(), r);
                 }
             }
         }
     }
+
+    /// Seed from the database (at start): the newest runs and the strips.
+    fn seed(&self, conn: &Connection, latest: Vec<LatestRun>) -> rusqlite::Result<()> {
+        let mut st = conn.prepare(
+            "SELECT started_at, outcome FROM runs WHERE series = ?1 ORDER BY started_at DESC LIMIT ?2",
+        )?;
+        let series = hist::series_names(conn)?;
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        for s in series.into_values() {
+            let rows = st.query_map(params![hist_id(conn, &s.name)?, RECENT_RUNS as i64], |r| {
+                Ok(Tick(r.get(0)?, outcome_of(r.get(1)?).as_str()))
+            })?;
+            let mut ticks: Vec<Tick> = rows.collect::<Result<_, _>>()?;
+            ticks.reverse();
+            map.recent.entry(s.name).or_default().runs = ticks.into();
+        }
+        for r in latest {
+            if r.outcome != "up" {
+                map.recent.entry(r.probe.clone()).or_default().last_bad = Some(r.clone());
+            }
+            map.runs.insert(r.probe.clone(), r);
+        }
+        Ok(())
+    }
+}
+
+fn hist_id(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT id FROM series WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
 }
 
 /// Called once the batch holding the operation has committed (`Ok`) or failed (`Err`).
@@ -316,7 +409,7 @@ impl Store {
     pub fn start(path: &Path) -> anyhow::Result<(Store, WriterHandle)> {
         let conn = open(path)?;
         let latest = Latest::default();
-        latest.update(latest_runs(&conn)?);
+        latest.seed(&conn, latest_runs(&conn)?)?;
         let state = State::load(&conn)?;
         let (tx, rx) = mpsc::channel(8192);
         let l = latest.clone();
@@ -780,6 +873,10 @@ fn insert_row(tx: &Connection, state: &mut State, row: &Row) -> rusqlite::Result
         error_message: row.error.map(|e| e.1.to_string()),
         duration_ms: ms(row.duration),
         phases: Value::Object(phases),
+        wer: row
+            .details
+            .and_then(|d| d.get("wer"))
+            .and_then(Value::as_f64),
     })
 }
 
@@ -1248,6 +1345,9 @@ pub struct LatestRun {
     pub error_message: Option<String>,
     pub duration_ms: f64,
     pub phases: serde_json::Value,
+    /// A listen run's word error rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wer: Option<f64>,
 }
 
 /// The newest stored run of each series, from the database (the writer keeps the same in
@@ -1287,6 +1387,7 @@ pub fn latest_runs(conn: &Connection) -> rusqlite::Result<Vec<LatestRun>> {
             error_message: text("message"),
             duration_ms: duration_us as f64 / 1000.0,
             phases: Value::Object(phases),
+            wer: None,
         })
     })?;
     rows.collect()

@@ -1,0 +1,385 @@
+//! The dashboard and the HTML report as a person sees them: a real headless Chromium
+//! (Debian's `/usr/bin/chromium`, driven over its DevTools protocol on 127.0.0.1) opens the
+//! page of a real agent probing a real HTTP target. Every component and probe is shown, the
+//! charts have data points, an outage started in the test appears within one refresh, and the
+//! page logs no console error. The HTML report is opened the same way and makes no request.
+//!
+//! With `WATCHPOST_SCREENSHOTS=<dir>` the test also saves `dashboard.png` and `report.png`
+//! there (how the screenshots in docs/ are made).
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::http::{HttpServer, Reply, TestConfig};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_tungstenite::tungstenite::Message;
+use watchpost::pipeline::{Options, Pipeline};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const STEP: Duration = Duration::from_secs(20);
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A headless Chromium and one page, over the DevTools protocol.
+struct Browser {
+    child: tokio::process::Child,
+    ws: Ws,
+    session: String,
+    next: u64,
+    /// Console errors, uncaught exceptions and error log entries seen so far.
+    errors: Vec<String>,
+    /// Every URL the page requested.
+    requests: Vec<String>,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn launch() -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "--window-size=1280,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {CHROMIUM} ({e}): install Debian's chromium (.ci/run does)")
+            });
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = tokio::time::timeout(STEP, async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if let Some(u) = l.strip_prefix("DevTools listening on ") {
+                    return u.trim().to_string();
+                }
+            }
+            panic!("chromium exited without a DevTools address")
+        })
+        .await
+        .expect("chromium's DevTools address within 20 s");
+        // Keep draining its stderr so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url.as_str()))
+            .await
+            .expect("DevTools connect in time")
+            .expect("DevTools websocket");
+        let mut b = Browser {
+            child,
+            ws,
+            session: String::new(),
+            next: 0,
+            errors: Vec::new(),
+            requests: Vec::new(),
+            _profile: profile,
+        };
+        let t = b
+            .call("Target.createTarget", json!({"url": "about:blank"}))
+            .await;
+        let target = t["targetId"].as_str().unwrap().to_string();
+        let a = b
+            .call(
+                "Target.attachToTarget",
+                json!({"targetId": target, "flatten": true}),
+            )
+            .await;
+        b.session = a["sessionId"].as_str().unwrap().to_string();
+        for m in [
+            "Runtime.enable",
+            "Log.enable",
+            "Page.enable",
+            "Network.enable",
+        ] {
+            b.call(m, json!({})).await;
+        }
+        b.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 1280, "height": 1000, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
+        b
+    }
+
+    fn note(&mut self, ev: &Value) {
+        let p = &ev["params"];
+        match ev["method"].as_str().unwrap_or("") {
+            "Runtime.consoleAPICalled" if p["type"] == "error" || p["type"] == "assert" => self
+                .errors
+                .push(format!("console.{}: {}", p["type"], p["args"])),
+            "Runtime.exceptionThrown" => self.errors.push(format!(
+                "uncaught: {}",
+                p["exceptionDetails"]["exception"]["description"]
+            )),
+            "Log.entryAdded" if p["entry"]["level"] == "error" => {
+                self.errors.push(format!("log: {}", p["entry"]["text"]))
+            }
+            "Network.requestWillBeSent" => {
+                self.requests
+                    .push(p["request"]["url"].as_str().unwrap_or("").to_string());
+            }
+            _ => {}
+        }
+    }
+
+    /// One DevTools command; events that arrive meanwhile are noted.
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if !self.session.is_empty() && !method.starts_with("Target.") {
+            msg["sessionId"] = json!(self.session);
+        }
+        self.ws.send(Message::text(msg.to_string())).await.unwrap();
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {method} within 20 s"))
+                .expect("DevTools socket open")
+                .expect("DevTools message");
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["id"] == json!(id) {
+                if let Some(e) = v.get("error") {
+                    panic!("{method}: {e}");
+                }
+                return v["result"].clone();
+            }
+            self.note(&v);
+        }
+    }
+
+    async fn eval(&mut self, js: &str) -> Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": js, "returnByValue": true, "awaitPromise": true}),
+            )
+            .await;
+        if let Some(e) = r.get("exceptionDetails") {
+            panic!("{js}: {e}");
+        }
+        r["result"]["value"].clone()
+    }
+
+    async fn goto(&mut self, url: &str) {
+        self.call("Page.navigate", json!({"url": url})).await;
+    }
+
+    /// Poll `js` until it is true; returns how long that took.
+    async fn until(&mut self, what: &str, js: &str, within: Duration) -> Duration {
+        let t = Instant::now();
+        loop {
+            if self.eval(js).await == json!(true) {
+                return t.elapsed();
+            }
+            assert!(
+                t.elapsed() < within,
+                "timed out after {within:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn screenshot(&mut self, name: &str) {
+        let Some(dir) = std::env::var_os("WATCHPOST_SCREENSHOTS") else {
+            return;
+        };
+        let r = self
+            .call(
+                "Page.captureScreenshot",
+                json!({"format": "png", "captureBeyondViewport": true}),
+            )
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().unwrap())
+            .unwrap();
+        std::fs::write(std::path::Path::new(&dir).join(name), png).unwrap();
+    }
+
+    async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        let _ = self.child.kill().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_report_in_a_real_browser() {
+    let outage = Arc::new(AtomicBool::new(false));
+    let o = outage.clone();
+    let target = HttpServer::start(move |_| {
+        if o.load(Ordering::SeqCst) {
+            Reply::json(503, r#"{"status":"down"}"#)
+        } else {
+            Reply::json(
+                200,
+                r#"{"status":"ok","checks":{"db":{"status":"ok","latency_ms":3}}}"#,
+            )
+            .delayed(Duration::from_millis(20))
+        }
+    })
+    .await;
+    let t = TestConfig::empty();
+    t.write(
+        "watchpost.toml",
+        "[agent]\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n\n\
+         [defaults]\ninterval = \"1s\"\ntimeout = \"900ms\"\nretries = 0\njitter = \"0s\"\n\n\
+         [[component]]\nname = \"Public API\"\nprobes = [\"api\"]\nfailure_threshold = 1\nobjective = \"99.5%\"\n\n\
+         [[component]]\nname = \"Database\"\nprobes = [\"api/checks.db\"]\n",
+    );
+    t.write(
+        "probes/api.toml",
+        &format!(
+            "name = \"api\"\nkind = \"http\"\nurl = \"{}\"\nsubchecks = \"checks\"\n\n[budget]\ntotal = {{ p95 = \"500ms\" }}\n",
+            target.url("/health")
+        ),
+    );
+    let cfg = Arc::new(t.load_ok());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    let agent = Pipeline::start(
+        cfg.clone(),
+        Options {
+            listener: Some(l),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let overview = |c: reqwest::Client, base: String| async move {
+        c.get(format!("{base}/api/v1/overview"))
+            .timeout(STEP)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    // A few runs before the page opens.
+    let t0 = Instant::now();
+    while overview(client.clone(), base.clone()).await["series"]
+        .as_array()
+        .is_none_or(|s| s.len() < 2 || s[0]["recent"].as_array().unwrap().len() < 3)
+    {
+        assert!(t0.elapsed() < STEP, "the agent recorded no runs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut b = Browser::launch().await;
+    b.goto(&format!("{base}/")).await;
+    b.until(
+        "both components",
+        "document.querySelectorAll('.component').length === 2",
+        STEP,
+    )
+    .await;
+    let names = b
+        .eval("[...document.querySelectorAll('.component h3 span:first-child')].map(e => e.textContent)")
+        .await;
+    assert_eq!(names, json!(["Public API", "Database"]));
+    let probes = b
+        .eval("[...document.querySelectorAll('.probe')].map(e => e.dataset.probe)")
+        .await;
+    assert_eq!(probes, json!(["api", "api/checks.db"]));
+    b.until(
+        "the latency charts' points",
+        "[...document.querySelectorAll('[data-chart] polyline')].filter(p => +p.dataset.points > 0).length >= 2",
+        STEP,
+    )
+    .await;
+    let strip = b
+        .eval("document.querySelectorAll('[data-probe=\"api\"] .strip rect[data-outcome=\"up\"]').length")
+        .await;
+    assert!(strip.as_u64().unwrap() >= 3, "uptime strip: {strip}");
+    let budget = b
+        .eval("document.querySelector('.component').textContent")
+        .await;
+    assert!(
+        budget
+            .as_str()
+            .unwrap()
+            .contains("error budget 100.0% left of 99.5% over 30d"),
+        "{budget}"
+    );
+    b.screenshot("dashboard.png").await;
+
+    // The outage: once the agent has recorded a down run, the page shows it within one
+    // refresh (5 s), without a reload.
+    outage.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    loop {
+        let o = overview(client.clone(), base.clone()).await;
+        if o["series"][0]["latest"]["outcome"] == "down" {
+            break;
+        }
+        assert!(t0.elapsed() < STEP, "the agent never saw the outage");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = b
+        .until(
+            "the outage on the page",
+            "document.querySelector('[data-probe=\"api\"]').dataset.outcome === 'down' \
+             && document.querySelector('[data-probe=\"api\"] .lasterr')?.textContent.includes('http_status')",
+            Duration::from_secs(8),
+        )
+        .await;
+    eprintln!("outage shown {took:?} after the agent recorded it");
+    b.until(
+        "the component's incident",
+        "document.querySelector('[data-component=\"Public API\"]').dataset.status === 'major_outage' \
+         && [...document.querySelectorAll('.incident h3')].some(h => h.textContent.includes('Public API'))",
+        STEP,
+    )
+    .await;
+    b.screenshot("dashboard-outage.png").await;
+    let reloads = b
+        .eval("performance.getEntriesByType('navigation').length")
+        .await;
+    assert_eq!(reloads, json!(1), "the page was never reloaded");
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+
+    // The HTML report of the same runs, opened from a file: charts, and no request at all.
+    let conn = agent.store.reader().unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let r = watchpost::report::build(&cfg, &conn, Duration::from_secs(600), now).unwrap();
+    let html = t.write("report.html", &watchpost::report::render_html(&r));
+    b.requests.clear();
+    b.goto(&format!("file://{}", html.display())).await;
+    b.until(
+        "the report's charts",
+        "document.querySelectorAll('svg polyline').length >= 3 && document.querySelectorAll('svg rect.incident').length >= 1",
+        STEP,
+    )
+    .await;
+    b.screenshot("report.png").await;
+    let outside: Vec<&String> = b
+        .requests
+        .iter()
+        .filter(|u| !u.starts_with("file://"))
+        .collect();
+    assert!(outside.is_empty(), "the report requested {outside:?}");
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+    b.close().await;
+    agent.stop().await.unwrap();
+}
