@@ -880,7 +880,16 @@ async fn run_now(
     b: Bytes,
 ) -> Answer {
     let origin = body::<Why>(&b)?.origin(who);
-    let r = s.control()?.run_now(&name, &origin).await?;
+    let control = s.control()?;
+    // Its own task: a client that hangs up (or the idle timeout on a long listen run) does
+    // not cut the run; it is still stored and evaluated.
+    let run = tokio::spawn(async move { control.run_now(&name, &origin).await });
+    let r = run.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the run failed: {e}"),
+        )
+    })??;
     answer(StatusCode::OK, r.to_json())
 }
 
@@ -1174,6 +1183,21 @@ mod tests {
                 Ok(Ok(_)) => continue,
                 Err(_) => return None,
             }
+        }
+    }
+
+    #[test]
+    fn tokens_match_only_exactly() {
+        let cases = [
+            ("s3cret", "s3cret", true),
+            ("s3cret", "s3cre", false),
+            ("s3cret", "s3cretx", false),
+            ("S3cret", "s3cret", false),
+            ("", "s3cret", false),
+            ("s3cret ", "s3cret", false),
+        ];
+        for (presented, token, want) in cases {
+            assert_eq!(token_matches(presented, token), want, "{presented:?}");
         }
     }
 

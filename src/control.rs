@@ -242,7 +242,7 @@ impl Control {
         self.known_probe(probe)?;
         let (name, reason, now) = (
             probe.to_string(),
-            origin.reason.clone(),
+            crate::notify::event::truncate(origin.reason.trim(), 500),
             self.shared.clock.now_ms(),
         );
         self.store
