@@ -935,17 +935,8 @@ async fn start_maintenance(who: Authorized, State(s): State<AppState>, b: Bytes)
 /// `GET /api/v1/maintenance`: windows started through the API that have not ended.
 async fn list_maintenance(State(s): State<AppState>) -> Response {
     let now = chrono::Utc::now().timestamp_millis();
+    // The agent serving this has migrated its database: the table is there.
     let r = read(&s, move |c| {
-        let has = c
-            .query_row(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'maintenance_windows'",
-                [],
-                |_| Ok(()),
-            )
-            .is_ok();
-        if !has {
-            return Ok(Vec::new());
-        }
         Ok(crate::control::load_windows(c, now)?
             .iter()
             .map(crate::control::Window::to_json)
