@@ -22,16 +22,17 @@ use crate::probe::{run_confirmed_gated, Probe, RunResult};
 use crate::schedule::{guard_run, Gate};
 use crate::store::Store;
 
-/// Schema of what the control API changes (migration 4 in `crate::store::MIGRATIONS`):
+/// Schema of what the control API changes (migration 4 in `crate::store::MIGRATIONS`;
+/// idempotent, so a database whose version was wound back re-applies it harmlessly):
 /// paused probes, and maintenance windows started on demand (`ends_at` is moved to the end
 /// time when one is ended early).
 pub const MIGRATION: &str = "
-CREATE TABLE paused_probes (
+CREATE TABLE IF NOT EXISTS paused_probes (
     probe TEXT PRIMARY KEY,
     at INTEGER NOT NULL,
     reason TEXT NOT NULL DEFAULT ''
 );
-CREATE TABLE maintenance_windows (
+CREATE TABLE IF NOT EXISTS maintenance_windows (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     component TEXT NOT NULL,
     starts_at INTEGER NOT NULL,
@@ -39,7 +40,7 @@ CREATE TABLE maintenance_windows (
     reason TEXT NOT NULL,
     ended_early INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX maintenance_windows_end ON maintenance_windows(ends_at);
+CREATE INDEX IF NOT EXISTS maintenance_windows_end ON maintenance_windows(ends_at);
 ";
 
 /// Longest maintenance window the API starts (the same bound as a configured one).
