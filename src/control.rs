@@ -22,16 +22,17 @@ use crate::probe::{run_confirmed_gated, Probe, RunResult};
 use crate::schedule::{guard_run, Gate};
 use crate::store::Store;
 
-/// Schema of what the control API changes (migration 4 in `crate::store::MIGRATIONS`):
+/// Schema of what the control API changes (migration 4 in `crate::store::MIGRATIONS`;
+/// idempotent, so a database whose version was wound back re-applies it harmlessly):
 /// paused probes, and maintenance windows started on demand (`ends_at` is moved to the end
 /// time when one is ended early).
 pub const MIGRATION: &str = "
-CREATE TABLE paused_probes (
+CREATE TABLE IF NOT EXISTS paused_probes (
     probe TEXT PRIMARY KEY,
     at INTEGER NOT NULL,
     reason TEXT NOT NULL DEFAULT ''
 );
-CREATE TABLE maintenance_windows (
+CREATE TABLE IF NOT EXISTS maintenance_windows (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     component TEXT NOT NULL,
     starts_at INTEGER NOT NULL,
@@ -39,7 +40,7 @@ CREATE TABLE maintenance_windows (
     reason TEXT NOT NULL,
     ended_early INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX maintenance_windows_end ON maintenance_windows(ends_at);
+CREATE INDEX IF NOT EXISTS maintenance_windows_end ON maintenance_windows(ends_at);
 ";
 
 /// Longest maintenance window the API starts (the same bound as a configured one).
@@ -225,11 +226,10 @@ impl Control {
         &self.shared.paused
     }
 
-    fn known_probe(&self, name: &str) -> Result<(), CommandError> {
-        match self.config.probe(name) {
-            Some(_) => Ok(()),
-            None => Err(CommandError::NotFound(format!("no probe named {name:?}"))),
-        }
+    fn known_probe(&self, name: &str) -> Result<&crate::config::ProbeConfig, CommandError> {
+        self.config
+            .probe(name)
+            .ok_or_else(|| CommandError::NotFound(format!("no probe named {name:?}")))
     }
 
     /// Pause (`true`) or resume a probe: stored first, then applied. Whether it changed.
@@ -242,7 +242,7 @@ impl Control {
         self.known_probe(probe)?;
         let (name, reason, now) = (
             probe.to_string(),
-            origin.reason.clone(),
+            crate::notify::event::truncate(origin.reason.trim(), 500),
             self.shared.clock.now_ms(),
         );
         self.store
@@ -274,10 +274,7 @@ impl Control {
     /// Run a probe now (paused or not), through the scheduler's concurrency cap and per-host
     /// limit; the run is stored and evaluated like a scheduled one, and returned.
     pub async fn run_now(&self, probe: &str, origin: &Origin) -> Result<RunResult, CommandError> {
-        self.known_probe(probe)?;
-        let Some(cfg) = self.config.probe(probe) else {
-            return Err(CommandError::NotFound(format!("no probe named {probe:?}")));
-        };
+        let cfg = self.known_probe(probe)?;
         let built = Probe::build_with(cfg, &self.shared.http)
             .context("building the probe")
             .map_err(CommandError::Internal)?;
@@ -445,4 +442,50 @@ pub async fn call(
         status: status.as_u16(),
         msg,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(listen: &str) -> Config {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = dir.path().join("watchpost.toml");
+        std::fs::write(
+            &main,
+            format!("[agent]\ndata_dir = \"data\"\nprobes = []\nlisten = \"{listen}\"\n"),
+        )
+        .expect("write config");
+        match crate::config::load(&main) {
+            Ok(c) => c,
+            Err(e) => panic!("config: {e}"),
+        }
+    }
+
+    #[test]
+    fn the_cli_finds_the_agent_from_listen_or_agent() {
+        let cases = [
+            ("127.0.0.1:9464", None, Ok("http://127.0.0.1:9464")),
+            ("0.0.0.0:9464", None, Ok("http://127.0.0.1:9464")),
+            ("[::]:9464", None, Ok("http://[::1]:9464")),
+            ("[::1]:80", None, Ok("http://[::1]:80")),
+            ("", None, Err("pass --agent")),
+            ("", Some("10.0.0.5:9464"), Ok("http://10.0.0.5:9464")),
+            (
+                "127.0.0.1:1",
+                Some("https://agent.example/"),
+                Ok("https://agent.example"),
+            ),
+        ];
+        for (listen, agent, want) in cases {
+            let got = agent_url(&config(listen), agent).map_err(|e| e.to_string());
+            match want {
+                Ok(url) => assert_eq!(got.as_deref(), Ok(url), "{listen} {agent:?}"),
+                Err(msg) => assert!(
+                    got.as_ref().is_err_and(|e| e.contains(msg)),
+                    "{listen} {agent:?}: {got:?}"
+                ),
+            }
+        }
+    }
 }

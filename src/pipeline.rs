@@ -583,6 +583,11 @@ fn describe_metrics(m: &Metrics) {
         "Planned runs skipped because the previous run was still going.",
     );
     m.describe(
+        "watchpost_probe_paused",
+        "gauge",
+        "1 while the probe is paused through the API (not scheduled).",
+    );
+    m.describe(
         "watchpost_schedule_lag_seconds",
         "histogram",
         "Actual start minus planned start of runs.",

@@ -391,9 +391,37 @@ async fn a_manual_resolve_reaches_pagerduty_and_instatus_with_its_reason_on_the_
     )
     .await;
     assert_eq!(status, 201, "{w}");
-    let wid = w["id"].as_i64().unwrap();
     assert_eq!(w["component"], "Target");
     assert_eq!(w["reason"], "router swap");
+    // … and its end too; the incident is untouched by both.
+    let (status, ended) = req(
+        "DELETE",
+        &format!("{base}/api/v1/maintenance/{}", w["id"]),
+        Some(&bearer()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{ended}");
+    let c = &get(&base, "/api/v1/components").await["components"][0];
+    assert_eq!(c["status"], "major_outage", "{c}");
+    assert_eq!(c["incident"]["id"], json!(id), "{c}");
+    let (status, w) = post(
+        &base,
+        "/api/v1/maintenance",
+        Some(json!({"component": "Target", "duration": "10m", "reason": "second window"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{w}");
+    let wid = w["id"].as_i64().unwrap();
+    for (body, code) in [
+        (json!({"component": "Nope", "duration": "10m"}), 404),
+        (json!({"component": "Target", "duration": "8d"}), 400),
+        (json!({"component": "Target", "duration": "soon"}), 400),
+        (json!({"component": "Target"}), 400),
+    ] {
+        let (status, v) = post(&base, "/api/v1/maintenance", Some(body.clone())).await;
+        assert_eq!(status, code, "{body}: {v}");
+    }
 
     // Refusals: no reason, not an open incident.
     let (status, v) = post(&base, &format!("/api/v1/incidents/{id}/resolve"), None).await;
@@ -475,6 +503,12 @@ async fn a_manual_resolve_reaches_pagerduty_and_instatus_with_its_reason_on_the_
         notes
             .iter()
             .any(|(k, n)| k == "maintenance_started" && n.contains("router swap")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|(k, n)| k == "maintenance_ended" && n.contains("router swap")),
         "{notes:?}"
     );
     assert!(

@@ -315,11 +315,13 @@ impl Evaluator {
                     tracing::warn!(pending = runs.len(), "shutdown deadline: evaluator stops with runs unevaluated");
                     return Ok(());
                 }
+                // Commands (API calls, inbound alerts) are few and a caller waits for each: they go
+                // before a backlog of runs.
+                Some(c) = commands.recv() => self.on_command(c).await,
                 r = runs.recv() => match r {
                     Some(run) => self.on_run(&run).await,
                     None => break,
                 },
-                Some(c) = commands.recv() => self.on_command(c).await,
                 _ = tick.tick() => self.on_tick().await,
             }
         }
