@@ -358,16 +358,6 @@ pub async fn serve(
         }
     }
     let metrics = state.metrics.clone();
-    metrics.describe(
-        "watchpost_api_connections",
-        "gauge",
-        "Connections the API is serving.",
-    );
-    metrics.describe(
-        "watchpost_api_connections_refused_total",
-        "counter",
-        "Connections closed at once because the API served its maximum already.",
-    );
     let app = router(state);
     let mut conns = JoinSet::new();
     let mut last_warn: Option<Instant> = None;
@@ -390,7 +380,7 @@ pub async fn serve(
                         tracing::warn!(panic = %what, "an API connection panicked");
                     }
                 }
-                metrics.set("watchpost_api_connections", &[], conns.len() as f64);
+                metrics.api_connections.set(conns.len() as f64);
                 continue;
             }
             a = listener.accept() => a,
@@ -419,7 +409,7 @@ pub async fn serve(
         };
         if conns.len() >= limits.max_connections {
             refuse(stream);
-            metrics.inc("watchpost_api_connections_refused_total", &[]);
+            metrics.api_connections_refused.inc();
             if may_warn() {
                 tracing::warn!(
                     max_connections = limits.max_connections,
@@ -429,11 +419,11 @@ pub async fn serve(
             continue;
         }
         conns.spawn(connection(stream, peer, app.clone(), limits, stop.clone()));
-        metrics.set("watchpost_api_connections", &[], conns.len() as f64);
+        metrics.api_connections.set(conns.len() as f64);
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
-    metrics.set("watchpost_api_connections", &[], 0.0);
+    metrics.api_connections.set(0.0);
     Ok(())
 }
 
@@ -486,7 +476,7 @@ async fn connection(
             }
             _ = tokio::time::sleep_until(idle_at) => {
                 if seen.last() + limits.idle_timeout <= Instant::now() {
-                    tracing::debug!("closing an API connection idle for {:?}", limits.idle_timeout);
+                    tracing::debug!(idle_ms = limits.idle_timeout.as_millis() as u64, "closing an idle API connection");
                     return;
                 }
             }
@@ -687,14 +677,10 @@ async fn health(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    s.metrics.set(
-        "watchpost_uptime_seconds",
-        &[],
-        s.health.uptime().as_secs_f64(),
-    );
+    s.metrics.uptime.set(s.health.uptime().as_secs_f64());
     no_store(
         (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            [(header::CONTENT_TYPE, crate::metrics::TEXT_FORMAT)],
             s.metrics.render(),
         )
             .into_response(),
@@ -1163,7 +1149,7 @@ async fn inbound_alerts(
     tracing::info!(
         source = source.as_str(), remote = %who.remote, received = report.received,
         applied = report.applied, stale = report.stale, unmatched = report.unmatched.len(),
-        components = ?report.components, "inbound alerts"
+        components = %report.components.join(", "), "inbound alerts"
     );
     answer(StatusCode::OK, json!(report))
 }
@@ -1319,12 +1305,7 @@ mod tests {
             cut.is_some(),
             "a connection beyond the cap must be closed at once"
         );
-        assert_eq!(
-            s.state
-                .metrics
-                .get("watchpost_api_connections_refused_total", &[]),
-            1.0
-        );
+        assert_eq!(s.state.metrics.api_connections_refused.get(), 1);
         for c in &mut held {
             let cut = closed_within(c, Duration::from_secs(3)).await;
             assert!(
@@ -1350,11 +1331,13 @@ mod tests {
         };
         let s = start(limits).await;
         // A /metrics far larger than what the socket buffers hold.
-        let label = "x".repeat(100);
-        for i in 0..100_000 {
+        let label = "x".repeat(1000);
+        for i in 0..10_000 {
             s.state
                 .metrics
-                .set("watchpost_test_big", &[("i", &format!("{label}{i}"))], 1.0);
+                .probe_up
+                .with([&format!("{label}{i}")])
+                .set(1.0);
         }
         let sock = tokio::net::TcpSocket::new_v4().expect("socket");
         sock.set_recv_buffer_size(4096)
@@ -1363,7 +1346,7 @@ mod tests {
         c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .expect("request");
-        let open = || s.state.metrics.get("watchpost_api_connections", &[]);
+        let open = || s.state.metrics.api_connections.get();
         let t = Instant::now();
         while open() != 1.0 && t.elapsed() < Duration::from_secs(5) {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -333,11 +333,10 @@ impl Control {
 
 /// `watchpost_probe_paused{probe}`: 1 while paused.
 pub fn export_paused(metrics: &Metrics, probe: &str, paused: bool) {
-    metrics.set(
-        "watchpost_probe_paused",
-        &[("probe", probe)],
-        if paused { 1.0 } else { 0.0 },
-    );
+    metrics
+        .probe_paused
+        .with([probe])
+        .set(if paused { 1.0 } else { 0.0 });
 }
 
 /// How long the CLI waits for the agent's answer.

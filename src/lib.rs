@@ -15,6 +15,7 @@ pub mod fdlimit;
 pub mod health;
 pub mod heartbeat;
 pub mod incident;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 
+use watchpost::logging::{self, LogFormat};
 use watchpost::{chaos, check, config, control, demo, incident, notify, report, store};
 
 /// `println!` that returns the write error instead of panicking, so a closed pipe
@@ -51,17 +52,12 @@ struct Cli {
     /// Data directory, instead of `[agent] data_dir` (for containers and service managers).
     #[arg(long, global = true, env = "WATCHPOST_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Log format.
+    /// Log format (logs go to stderr): text, coloured only on a terminal without NO_COLOR,
+    /// or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -339,7 +335,7 @@ fn main() -> ExitCode {
         eprintln!("error: demo runs its own embedded config and ignores -c/--config; use `demo --dir DIR` to keep it, or `run -c FILE` for your own");
         return ExitCode::from(3);
     }
-    init_tracing(
+    logging::init(
         cli.log_format,
         matches!(cli.cmd, Cmd::Run | Cmd::Demo { .. }),
     );
@@ -366,19 +362,6 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(3)
         }
-    }
-}
-
-fn init_tracing(format: LogFormat, daemon: bool) {
-    let default = if daemon { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WATCHPOST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
     }
 }
 

@@ -159,7 +159,6 @@ impl Pipeline {
     ) -> anyhow::Result<Pipeline> {
         let (store, writer) = Store::start(&config.db_path())?;
         let metrics = Metrics::new();
-        describe_metrics(&metrics);
         shared
             .paused
             .load(&store.reader()?)
@@ -556,85 +555,39 @@ pub async fn maintain_once(
     Ok(p)
 }
 
-fn describe_metrics(m: &Metrics) {
-    m.describe(
-        "watchpost_probe_up",
-        "gauge",
-        "1 when the probe's last run was up or degraded, 0 when down.",
-    );
-    m.describe(
-        "watchpost_probe_outcome",
-        "gauge",
-        "Last outcome: 0 up, 1 degraded, 2 down.",
-    );
-    m.describe(
-        "watchpost_probe_duration_seconds",
-        "histogram",
-        "Phase latency of runs, by probe and phase.",
-    );
-    m.describe(
-        "watchpost_runs_total",
-        "counter",
-        "Runs by probe and outcome.",
-    );
-    m.describe(
-        "watchpost_runs_skipped_total",
-        "counter",
-        "Planned runs skipped because the previous run was still going.",
-    );
-    m.describe(
-        "watchpost_probe_paused",
-        "gauge",
-        "1 while the probe is paused through the API (not scheduled).",
-    );
-    m.describe(
-        "watchpost_schedule_lag_seconds",
-        "histogram",
-        "Actual start minus planned start of runs.",
-    );
-}
-
 fn observe_run(m: &Metrics, r: &RunResult) {
-    let o = r.outcome.as_str();
-    m.inc(
-        "watchpost_runs_total",
-        &[("probe", &r.probe), ("outcome", o)],
-    );
-    m.set(
-        "watchpost_probe_up",
-        &[("probe", &r.probe)],
-        if r.outcome == probe::Outcome::Down {
+    let (o, probe) = (r.outcome.as_str(), r.probe.as_str());
+    m.runs.with([probe, o]).inc();
+    let up = |outcome| {
+        if outcome == probe::Outcome::Down {
             0.0
         } else {
             1.0
-        },
-    );
-    m.set(
-        "watchpost_probe_outcome",
-        &[("probe", &r.probe)],
-        r.outcome as u8 as f64,
-    );
+        }
+    };
+    m.probe_up.with([probe]).set(up(r.outcome));
+    m.probe_outcome.with([probe]).set(r.outcome as u8 as f64);
+    let ended = r.started_at.timestamp_millis() as f64 / 1000.0 + r.duration.as_secs_f64();
+    m.probe_last_run.with([probe]).set(ended);
     for (phase, d) in &r.phases {
-        m.observe(
-            "watchpost_probe_duration_seconds",
-            &[("probe", &r.probe), ("phase", phase)],
-            d.as_secs_f64(),
-        );
+        m.probe_duration
+            .with([probe, phase])
+            .observe(d.as_secs_f64());
     }
     for s in &r.subchecks {
-        m.set(
-            "watchpost_probe_up",
-            &[("probe", &s.series)],
-            if s.outcome == probe::Outcome::Down {
-                0.0
-            } else {
-                1.0
-            },
-        );
+        m.probe_up.with([&s.series]).set(up(s.outcome));
+    }
+    // Details the probes record (see the probe kinds): kept as last-seen values.
+    let detail = |k: &str| r.details.get(k).and_then(serde_json::Value::as_f64);
+    if let Some(t) = detail("cert_not_after") {
+        m.probe_cert_expiry.with([probe]).set(t);
+    }
+    if let Some(wer) = detail("wer") {
+        m.listen_wer.with([probe]).set(wer);
     }
     match &r.error {
         Some(e) => {
-            tracing::info!(probe = %r.probe, outcome = %o, class = %e.class, message = %e.message, duration_ms = probe::ms(r.duration), "run")
+            tracing::info!(probe = %r.probe, outcome = %o, class = %e.class, error = %e.message, duration_ms = probe::ms(r.duration), "run")
         }
         None => {
             tracing::info!(probe = %r.probe, outcome = %o, duration_ms = probe::ms(r.duration), "run")

@@ -172,7 +172,7 @@ where
         Ok(r) => r,
         Err(panic) => {
             let msg = crate::pipeline::panic_message(panic.as_ref());
-            metrics.inc("watchpost_probe_panics_total", &[("probe", name)]);
+            metrics.probe_panics.with([name]).inc();
             health.probe_panicked(name, &msg);
             tracing::error!(probe = %name, panic = %msg, "probe run panicked; recorded as down (internal)");
             let mut a = Attempt::new();
@@ -248,7 +248,6 @@ impl Scheduler {
         shutdown: CancellationToken,
         force: CancellationToken,
     ) -> anyhow::Result<()> {
-        describe_metrics(&self.metrics);
         let beat = self
             .shared
             .health
@@ -311,11 +310,7 @@ impl Scheduler {
                                 // Lag is the wait before the first attempt only.
                                 lag_ref.get_or_init(|| {
                                     let l = Instant::now().saturating_duration_since(slot.due);
-                                    metrics_ref.observe(
-                                        "watchpost_schedule_lag_seconds",
-                                        &[],
-                                        l.as_secs_f64(),
-                                    );
+                                    metrics_ref.schedule_lag.observe(l.as_secs_f64());
                                     l
                                 });
                                 permit
@@ -333,7 +328,7 @@ impl Scheduler {
                 }
             };
             let skip = move |slot: Slot| {
-                skip_metrics.inc("watchpost_runs_skipped_total", &[("probe", &skip_name)]);
+                skip_metrics.runs_skipped.with([&skip_name]).inc();
                 tracing::warn!(probe = %skip_name, run = slot.index, "previous run still going; this run is skipped");
                 if let Some(store) = skip_store.clone() {
                     let planned_ms = wall_origin_ms + (slot.due - origin).as_millis() as i64;
@@ -391,14 +386,6 @@ impl Scheduler {
             None => Ok(()),
         }
     }
-}
-
-fn describe_metrics(m: &Metrics) {
-    m.describe(
-        "watchpost_probe_panics_total",
-        "counter",
-        "Probe runs that panicked (recorded as down, class internal), by probe.",
-    );
 }
 
 #[cfg(test)]
@@ -612,13 +599,7 @@ mod tests {
                 assert_eq!(r.outcome, crate::probe::Outcome::Up, "slot {k}");
             }
         }
-        assert!(
-            metrics
-                .render()
-                .contains("watchpost_probe_panics_total{probe=\"flaky\"} 3"),
-            "{}",
-            metrics.render()
-        );
+        assert_eq!(metrics.probe_panics.with(["flaky"]).get(), 3);
         assert_eq!(health.probes().status(), "degraded");
     }
 }

@@ -148,24 +148,6 @@ pub struct Evaluator {
 /// Longest time the evaluator may go without progress before `/health` calls it wedged.
 const STALE_AFTER: Duration = Duration::from_secs(30);
 
-fn describe_metrics(m: &Metrics) {
-    m.describe(
-        "watchpost_component_status",
-        "gauge",
-        "1 for the component's current status, 0 for the others.",
-    );
-    m.describe(
-        "watchpost_incidents_opened_total",
-        "counter",
-        "Incidents opened, by component.",
-    );
-    m.describe(
-        "watchpost_incident_open",
-        "gauge",
-        "1 while the component has an open incident.",
-    );
-}
-
 impl Evaluator {
     /// Build the evaluator and restore component state from the database.
     pub fn new(
@@ -174,7 +156,6 @@ impl Evaluator {
         metrics: Metrics,
         shared: &Shared,
     ) -> anyhow::Result<Self> {
-        describe_metrics(&metrics);
         let reader = store.reader()?;
         let mut saved: HashMap<String, String> = HashMap::new();
         {
@@ -615,12 +596,11 @@ impl Evaluator {
         if let Some((t, ev)) = &tr {
             tracing::info!(
                 component = %name, event = t.kind.as_str(), from = t.from.as_str(), to = t.to.as_str(),
-                incident = ?ev.incident_id, member = ?t.cause.as_ref().map(|c| c.member.clone()),
+                incident = ev.incident_id, member = t.cause.as_ref().map(|c| c.member.as_str()),
                 notifications = rows.len(), "component status changed"
             );
             if t.kind == EventKind::Opened {
-                self.metrics
-                    .inc("watchpost_incidents_opened_total", &[("component", &name)]);
+                self.metrics.incidents_opened.with([&name]).inc();
             }
         }
         let has_transition = tr.is_some();
@@ -845,15 +825,13 @@ impl Evaluator {
         let c = &self.comps[ci];
         for s in Status::ALL {
             let v = if c.state.status == s { 1.0 } else { 0.0 };
-            self.metrics.set(
-                "watchpost_component_status",
-                &[("component", &c.name), ("status", s.as_str())],
-                v,
-            );
+            self.metrics
+                .component_status
+                .with([&c.name, s.as_str()])
+                .set(v);
         }
         let open = if c.state.incident.is_some() { 1.0 } else { 0.0 };
-        self.metrics
-            .set("watchpost_incident_open", &[("component", &c.name)], open);
+        self.metrics.incident_open.with([&c.name]).set(open);
     }
 
     /// Current status of each component (for the API and dashboard).

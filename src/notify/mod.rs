@@ -491,35 +491,6 @@ async fn off_thread<T: Send + 'static>(
     Ok(r?)
 }
 
-/// Describe the notification metrics (HELP/TYPE lines).
-pub fn describe_metrics(m: &Metrics) {
-    m.describe(
-        "watchpost_outbox_pending",
-        "gauge",
-        "Notifications queued and not yet delivered, by notifier.",
-    );
-    m.describe(
-        "watchpost_outbox_dead_letters",
-        "gauge",
-        "Notifications given up on (dead-lettered), by notifier.",
-    );
-    m.describe(
-        "watchpost_notifications_total",
-        "counter",
-        "Delivery attempts by notifier and result (delivered, retry, dead_letter).",
-    );
-    m.describe(
-        "watchpost_notifier_circuit_open",
-        "gauge",
-        "1 while the notifier's circuit breaker is open.",
-    );
-    m.describe(
-        "watchpost_notification_delay_seconds",
-        "histogram",
-        "Time from the transition to the delivered notification.",
-    );
-}
-
 impl Dispatcher {
     pub fn new(
         config: Arc<Config>,
@@ -527,7 +498,6 @@ impl Dispatcher {
         metrics: Metrics,
         shared: &Shared,
     ) -> anyhow::Result<Self> {
-        describe_metrics(&metrics);
         let installation = crate::store::Installation::read(&store.reader()?)
             .context("reading the installation id")?;
         let mut workers = Vec::new();
@@ -620,11 +590,7 @@ impl Dispatcher {
         };
         for (n, (pending, dead)) in counts {
             if names.contains(&n) {
-                self.metrics.set(
-                    "watchpost_outbox_dead_letters",
-                    &[("notifier", &n)],
-                    dead as f64,
-                );
+                self.metrics.outbox_dead_letters.with([&n]).set(dead as f64);
             } else if pending > 0 {
                 tracing::warn!(notifier = %n, pending, "outbox rows for a notifier that is no longer configured stay undelivered");
             }
@@ -662,11 +628,10 @@ impl Worker {
                     Vec::new()
                 }
             };
-            self.metrics.set(
-                "watchpost_outbox_pending",
-                &[("notifier", &self.name)],
-                rows.len() as f64,
-            );
+            self.metrics
+                .outbox_pending
+                .with([&self.name])
+                .set(rows.len() as f64);
             let now = self.clock.now_ms();
             let heads = outbox::heads(&rows);
             let due: Vec<&outbox::Row> = heads
@@ -703,11 +668,10 @@ impl Worker {
                 if !self.attempt(row, &mut breaker, &force).await {
                     return;
                 }
-                self.metrics.set(
-                    "watchpost_notifier_circuit_open",
-                    &[("notifier", &self.name)],
-                    if breaker.is_open() { 1.0 } else { 0.0 },
-                );
+                self.metrics
+                    .notifier_circuit_open
+                    .with([&self.name])
+                    .set(if breaker.is_open() { 1.0 } else { 0.0 });
             }
         }
     }
@@ -754,15 +718,14 @@ impl Worker {
         match result {
             Ok(()) => {
                 breaker.success();
-                self.metrics.inc(
-                    "watchpost_notifications_total",
-                    &[("notifier", &self.name), ("result", "delivered")],
-                );
-                self.metrics.observe(
-                    "watchpost_notification_delay_seconds",
-                    &[("notifier", &self.name)],
-                    (now - row.created_at).max(0) as f64 / 1000.0,
-                );
+                self.metrics
+                    .notifications
+                    .with([&self.name, "delivered"])
+                    .inc();
+                self.metrics
+                    .notification_delay
+                    .with([&self.name])
+                    .observe((now - row.created_at).max(0) as f64 / 1000.0);
                 tracing::info!(notifier = %self.name, component = %row.component, event = ev.kind.as_str(), id = row.id, attempts, "notification delivered");
                 let id = row.id;
                 self.commit(move |c| outbox::mark_delivered(c, id, attempts, now))
@@ -779,7 +742,7 @@ impl Worker {
                 }
                 Retry::Later(retry_after) => {
                     if breaker.failure(mono_now()) {
-                        tracing::warn!(notifier = %self.name, cooldown = ?self.opts.breaker_cooldown, "circuit breaker open: pausing deliveries to this notifier");
+                        tracing::warn!(notifier = %self.name, cooldown_ms = self.opts.breaker_cooldown.0.as_millis() as u64, "circuit breaker open: pausing deliveries to this notifier");
                     }
                     let age = Duration::from_millis((now - row.created_at).max(0) as u64);
                     if age >= self.opts.give_up_after.0 {
@@ -801,13 +764,10 @@ impl Worker {
                         self.opts.retry_max.0,
                         rand::random::<f64>(),
                     );
-                    self.metrics.inc(
-                        "watchpost_notifications_total",
-                        &[("notifier", &self.name), ("result", "retry")],
-                    );
+                    self.metrics.notifications.with([&self.name, "retry"]).inc();
                     tracing::warn!(
                         notifier = %self.name, component = %row.component, id = row.id, attempts,
-                        class = e.class(), error = %e, retry_in = ?delay, "notification failed; will retry"
+                        class = e.class(), error = %e, retry_in_ms = delay.as_millis() as u64, "notification failed; will retry"
                     );
                     let (id, msg, next) = (row.id, e.to_string(), now + delay.as_millis() as i64);
                     self.commit(move |c| outbox::mark_retry(c, id, attempts, next, &msg))
@@ -819,10 +779,10 @@ impl Worker {
     }
 
     async fn dead(&self, row: &outbox::Row, attempts: u32, reason: &str) {
-        self.metrics.inc(
-            "watchpost_notifications_total",
-            &[("notifier", &self.name), ("result", "dead_letter")],
-        );
+        self.metrics
+            .notifications
+            .with([&self.name, "dead_letter"])
+            .inc();
         tracing::error!(
             notifier = %self.name, component = %row.component, id = row.id, attempts, error = %reason,
             "notification dead-lettered: it will not be retried (see `watchpost incidents`)"
@@ -832,11 +792,10 @@ impl Worker {
             .await;
         if let Ok(counts) = off_thread(&self.store, &mut None, outbox::counts).await {
             let dead = counts.get(&self.name).map_or(0, |c| c.1);
-            self.metrics.set(
-                "watchpost_outbox_dead_letters",
-                &[("notifier", &self.name)],
-                dead as f64,
-            );
+            self.metrics
+                .outbox_dead_letters
+                .with([&self.name])
+                .set(dead as f64);
         }
     }
 

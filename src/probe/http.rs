@@ -455,13 +455,16 @@ impl HttpProbe {
             // tokens and query values may be secrets).
             a.detail("final_url", crate::redact::redact_url(resp.url().as_str()));
         }
-        let cert_days = resp
+        let not_after = resp
             .extensions()
             .get::<reqwest::tls::TlsInfo>()
             .and_then(|t| t.peer_certificate())
-            .and_then(cert_days_left);
-        if let Some(days) = cert_days {
+            .and_then(der_not_after);
+        let cert_days = not_after.map(|t| (t - chrono::Utc::now()).num_days());
+        if let (Some(t), Some(days)) = (not_after, cert_days) {
             a.detail("cert_days_left", days);
+            // Exact, for `watchpost_probe_cert_expiry_timestamp_seconds`.
+            a.detail("cert_not_after", t.timestamp());
         }
         let content_type = resp
             .headers()
@@ -936,12 +939,6 @@ fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::Error
         cur = s.source();
     }
     None
-}
-
-/// Days until a DER certificate's notAfter (negative when expired).
-pub fn cert_days_left(der: &[u8]) -> Option<i64> {
-    let not_after = der_not_after(der)?;
-    Some((not_after - chrono::Utc::now()).num_days())
 }
 
 /// Minimal DER walk to `tbsCertificate.validity.notAfter`; avoids an X.509 crate for one field.
