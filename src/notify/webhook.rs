@@ -179,8 +179,8 @@ pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
     })
 }
 
-/// The variables a `body_template` sees: the `watchpost` body plus `kind` (`opened`,
-/// `resolved`, …), `reason` and `rehearsal`.
+/// The variables a `body_template` sees: the `watchpost` body (its `rehearsal` included)
+/// plus `kind` (`opened`, `resolved`, …) and `reason`.
 pub fn template_vars(ev: &Event, delivery_id: Option<i64>) -> Value {
     let mut v = watchpost_body(ev, delivery_id);
     v["kind"] = json!(ev.kind.as_str());
@@ -190,8 +190,7 @@ pub fn template_vars(ev: &Event, delivery_id: Option<i64>) -> Value {
         .clone()
         .or_else(|| ev.cause_text())
         .unwrap_or_else(|| ev.title()));
-    // Drills set this once rehearsals mark their events; real incidents are never one.
-    v["rehearsal"] = json!(false);
+    // `rehearsal` (true for a drill's notifications) is in the body already.
     v
 }
 
