@@ -558,7 +558,9 @@ fn bad_dialect_points_at_it() {
             .replace("\"deepgram\"", "\"deepgramm\""),
     );
     assert!(
-        e.contains("p.toml:3:11: unknown dialect \"deepgramm\" (expected deepgram, omi, generic)"),
+        e.contains(
+            "p.toml:3:11: unknown dialect \"deepgramm\" (expected deepgram, flux, omi, generic)"
+        ),
         "{e}"
     );
 }
@@ -1046,5 +1048,86 @@ async fn omi_flood_of_new_segments_is_capped_and_timely() {
         message(&a).contains("passed its cap (64 KiB or 4096 results/segments)"),
         "{}",
         message(&a)
+    );
+}
+
+fn flux_probe(url: &str, extra: &str) -> String {
+    deepgram_probe(url, extra).replace("dialect = \"deepgram\"", "dialect = \"flux\"")
+}
+
+const FLUX_QUERY: &str = "/v2/listen?model=flux-general-en&encoding=linear16&sample_rate=16000";
+
+/// Deepgram Flux: the utterance is the `EndOfTurn` transcripts (two turns here; the eager
+/// ends and updates are not final), the stream
+/// ends with the server's close 1000 after `CloseStream` — which the probe answers.
+#[tokio::test]
+async fn flux_turns_make_the_utterance_and_the_close_is_answered() {
+    let srv = Server::start(Behavior::Flux {
+        transcript: UTTERANCE.into(),
+        fatal: None,
+    })
+    .await;
+    let a = run(&flux_probe(&srv.url(FLUX_QUERY), "")).await;
+    assert_eq!(a.outcome, Outcome::Up, "{a:?}");
+    assert_eq!(a.details["dialect"], "flux");
+    assert_eq!(a.details["text"], UTTERANCE);
+    assert_eq!(a.details["final_results"], Value::from(2));
+    assert_eq!(a.details["completed_by"], "close 1000");
+    // The upgrade's dg-request-id header (Connected repeats it).
+    assert_eq!(a.details["request_id"], "req-fake-0001");
+    assert!(phase(&a, "final").is_some() && phase(&a, "first_result").is_some());
+    let log = srv.log(0);
+    assert_eq!(log.authorization.as_deref(), Some("Token test-key"));
+    assert_eq!(
+        log.texts,
+        [r#"{"type":"CloseStream"}"#],
+        "no v1 KeepAlive or Finalize"
+    );
+    assert_eq!(log.empty_frames, 0);
+    // The server looks for the answer after the probe has returned: wait for its verdict.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.log(0).close_answered.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        srv.log(0).close_answered,
+        Some(true),
+        "the probe answers the server's close frame"
+    );
+}
+
+#[tokio::test]
+async fn flux_fatal_error_is_down_with_its_code() {
+    let srv = Server::start(Behavior::Flux {
+        transcript: UTTERANCE.into(),
+        fatal: Some((3, "INTERNAL_SERVER_ERROR", "model unavailable")),
+    })
+    .await;
+    let a = run(&flux_probe(&srv.url(FLUX_QUERY), "")).await;
+    assert_eq!(
+        (a.outcome, class(&a)),
+        (Outcome::Down, "ws_closed"),
+        "{a:?}"
+    );
+    let m = message(&a);
+    assert!(
+        m.contains("1011") && m.contains("FatalError INTERNAL_SERVER_ERROR: model unavailable"),
+        "{m}"
+    );
+    assert_eq!(
+        a.details["server_error"],
+        "FatalError INTERNAL_SERVER_ERROR: model unavailable"
+    );
+}
+
+#[test]
+fn flux_needs_the_audio_format_in_the_url() {
+    let e = config_error(&flux_probe(
+        "ws://127.0.0.1:1/v2/listen?model=flux-general-en",
+        "",
+    ));
+    assert!(
+        e.contains("flux needs encoding=linear16&sample_rate=16000"),
+        "{e}"
     );
 }

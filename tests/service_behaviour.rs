@@ -177,3 +177,87 @@ async fn incidents_and_report_need_no_notifier_secrets() {
     let o = wp(&t, &["run"]).await;
     assert_eq!(o.status.code(), Some(3));
 }
+
+// ---------------------------------------------------------------------------------------
+// Health details named in the probe reach the notifications
+// ---------------------------------------------------------------------------------------
+
+#[path = "notify_harness/mod.rs"]
+mod notify_harness;
+#[path = "common/recorder.rs"]
+mod recorder;
+
+/// An osmTalk-style health route that is down, with the figures a responder wants.
+async fn failing_health() -> HttpServer {
+    HttpServer::start(|_| {
+        Reply::json(
+            503,
+            r#"{"status":"down","error":"db pool exhausted","active_connections":20,
+                "checks":{"database":{"status":"fail","failures":3,"error":"timeout"}},
+                "build":{"sha":"abc"}}"#,
+        )
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn named_health_details_reach_pagerduty_and_the_webhook() {
+    use notify_harness::{write_config, Agent, Targets, THRESHOLDS};
+    let srv = failing_health().await;
+    let extra =
+        r#"details = ["active_connections", "checks.database.failures", "build", "not.there"]"#;
+    let r = run_probe(&http_probe("api", &srv.url("/health"), extra)).await;
+    assert_eq!(r.outcome, Outcome::Down);
+    assert_eq!(
+        r.details["health"],
+        serde_json::json!({"active_connections": 20, "checks.database.failures": 3, "build": "{\"sha\":\"abc\"}"})
+    );
+
+    let pd =
+        recorder::Recorder::with_default(|_| recorder::Reply::json(202, serde_json::json!({})))
+            .await;
+    let hook = recorder::Recorder::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = Targets {
+        pagerduty: Some(pd.url()),
+        webhook: Some(hook.url()),
+        ..Default::default()
+    };
+    let agent = Agent::start(write_config(dir.path(), &t, THRESHOLDS, ""), true).await;
+    agent.send(r.clone()).await;
+    agent.send(r).await;
+    let trig = pd
+        .wait_ok("PagerDuty trigger", 1, Duration::from_secs(10))
+        .await[0]
+        .json();
+    let health = &trig["payload"]["custom_details"]["health"];
+    assert_eq!(health["active_connections"], 20, "{trig}");
+    assert_eq!(health["checks.database.failures"], 3);
+    let body = hook.wait_ok("webhook", 1, Duration::from_secs(10)).await[0].json();
+    assert_eq!(
+        body["details"]["details"]["health"]["active_connections"],
+        20
+    );
+    // The text every person-facing notifier sends (e-mail body, Instatus message).
+    let text = body["text"].as_str().unwrap();
+    assert!(
+        text.contains("Health: active_connections=20, checks.database.failures=3"),
+        "{text}"
+    );
+    agent.stop().await;
+}
+
+#[test]
+fn too_many_detail_paths_is_a_config_error_at_the_key() {
+    let paths: Vec<String> = (0..17).map(|i| format!("\"p{i}\"")).collect();
+    let t = TestConfig::with_probe(
+        "p.toml",
+        &http_probe(
+            "api",
+            "http://127.0.0.1:9/h",
+            &format!("details = [{}]", paths.join(", ")),
+        ),
+    );
+    let e = t.load().unwrap_err().to_string();
+    assert!(e.contains("p.toml:4:") && e.contains("at most 16"), "{e}");
+}

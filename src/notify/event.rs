@@ -147,6 +147,28 @@ impl Event {
         self.opened_at.map(|o| (self.at - o).max(0))
     }
 
+    /// The health details the probe named (`details = [...]`), as
+    /// `active_connections=20, checks.database.failures=3`.
+    pub fn health(&self) -> Option<&serde_json::Map<String, Value>> {
+        self.details
+            .as_ref()?
+            .get("details")?
+            .get("health")?
+            .as_object()
+    }
+
+    fn health_text(&self) -> Option<String> {
+        let h = self.health()?;
+        let parts: Vec<String> = h
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+
     /// `listen-deepgram: server closed the socket with 1011` (or the member alone).
     pub fn cause_text(&self) -> Option<String> {
         self.cause
@@ -279,6 +301,9 @@ impl Event {
             if !self.test {
                 lines.push(format!("Note: {n}"));
             }
+        }
+        if let Some(h) = self.health_text() {
+            lines.push(format!("Health: {h}"));
         }
         if self.flapping {
             lines.push(

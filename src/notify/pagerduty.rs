@@ -118,6 +118,10 @@ impl PagerDutyConfig {
         if let Some(n) = &ev.note {
             custom["note"] = json!(n);
         }
+        if let Some(h) = ev.health() {
+            // The health details the probe named, where a responder looks first.
+            custom["health"] = Value::Object(h.clone());
+        }
         match ev.details.as_ref().map(|d| (d.get("alert"), d)) {
             // The inbound alert behind the status: summary, description, labels, source.
             Some((Some(a), _)) => custom["alert"] = a.clone(),

@@ -62,6 +62,10 @@ fn default_signature_header() -> String {
     "X-Watchpost-Signature".into()
 }
 
+fn default_content_type() -> String {
+    "application/json".into()
+}
+
 /// `[notifier.NAME]` with `kind = "webhook"`.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -84,6 +88,12 @@ pub struct WebhookConfig {
     pub events: Option<Vec<String>>,
     /// Sent as Grafana's `externalURL`/`generatorURL` (e.g. your watchpost dashboard).
     pub external_url: Option<Interp>,
+    /// A minijinja template that renders the body instead of `format` (Slack, Teams, your
+    /// app's own `/health/alert`); variables: see the README.
+    pub body_template: Option<String>,
+    /// `Content-Type` of a templated body; `application/json` bodies must render to JSON.
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
     /// Retry, rate limit and timeout settings.
     #[serde(default)]
     pub delivery: DeliveryOptions,
@@ -128,8 +138,120 @@ pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
                 ));
             }
         }
+        if reqwest::header::HeaderValue::from_str(&c.content_type).is_err() {
+            return Err(SpanError::key(
+                &["content_type"],
+                format!("invalid content_type {:?}", c.content_type),
+            ));
+        }
+        if let Some(t) = &c.body_template {
+            check_variables(t)
+                .map_err(|m| SpanError::key(&["body_template"], format!("body_template: {m}")))?;
+            // Rendered against a sample of every event kind it is sent, so a syntax error or
+            // a misspelt variable is a config error now, not a dead letter during an outage.
+            use EventKind as K;
+            let kinds = [
+                K::Opened,
+                K::Escalated,
+                K::Deescalated,
+                K::Resolved,
+                K::MaintenanceStarted,
+                K::MaintenanceEnded,
+            ];
+            let wanted = |k: &K| {
+                c.events
+                    .as_ref()
+                    .is_none_or(|l| l.iter().any(|e| e == k.as_str()))
+            };
+            for kind in kinds.into_iter().filter(wanted) {
+                let mut ev = Event::test("validate", 0);
+                ev.test = false;
+                ev.kind = kind;
+                ev.component = "validate".into();
+                let maintenance = matches!(kind, K::MaintenanceStarted | K::MaintenanceEnded);
+                ev.incident_id = (!maintenance).then_some(1);
+                render(t, &c.content_type, &ev, Some(1)).map_err(|m| {
+                    SpanError::key(&["body_template"], format!("body_template: {m}"))
+                })?;
+            }
+        }
         Ok(())
     })
+}
+
+/// The variables a `body_template` sees: the `watchpost` body (its `rehearsal` included)
+/// plus `kind` (`opened`, `resolved`, …) and `reason`.
+pub fn template_vars(ev: &Event, delivery_id: Option<i64>) -> Value {
+    let mut v = watchpost_body(ev, delivery_id);
+    v["kind"] = json!(ev.kind.as_str());
+    // Why, in one line: the maintenance or manual-resolve note, else the cause.
+    v["reason"] = json!(ev
+        .note
+        .clone()
+        .or_else(|| ev.cause_text())
+        .unwrap_or_else(|| ev.title()));
+    // `rehearsal` (true for a drill's notifications) is in the body already.
+    v
+}
+
+/// Every variable the template reads must be one of [`template_vars`]'s (strict rendering
+/// alone lets a misspelt name through a filter such as `tojson`).
+fn check_variables(template: &str) -> Result<(), String> {
+    let env = minijinja::Environment::new();
+    let t = env.template_from_str(template).map_err(|e| e.to_string())?;
+    let known = template_vars(&Event::test("validate", 0), None);
+    let mut unknown: Vec<String> = t
+        .undeclared_variables(false)
+        .into_iter()
+        // minijinja's global functions are not variables.
+        .filter(|v| known.get(v).is_none() && env.globals().all(|(g, _)| g != v.as_str()))
+        .collect();
+    unknown.sort();
+    match unknown.first() {
+        None => Ok(()),
+        Some(_) => {
+            let mut names: Vec<&str> = known
+                .as_object()
+                .map(|o| o.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            names.sort_unstable();
+            Err(format!(
+                "unknown variable {} (known: {})",
+                unknown.join(", "),
+                names.join(", ")
+            ))
+        }
+    }
+}
+
+/// Render `template` for `ev`; a JSON content type must come out as JSON.
+pub fn render(
+    template: &str,
+    content_type: &str,
+    ev: &Event,
+    delivery_id: Option<i64>,
+) -> Result<String, String> {
+    let mut env = minijinja::Environment::new();
+    // A misspelt variable is an error, not an empty string in a mitigation request.
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    let out = env
+        .render_str(template, template_vars(ev, delivery_id))
+        .map_err(|e| {
+            let mut m = e.to_string();
+            if let Some(d) = e.detail() {
+                m.push_str(&format!(" ({d})"));
+            }
+            m
+        })?;
+    if content_type.contains("json") {
+        if let Err(e) = serde_json::from_str::<Value>(&out) {
+            return Err(format!(
+                "renders to invalid JSON ({e}): {}",
+                super::event::truncate(&out, 200)
+            ));
+        }
+    }
+    Ok(out)
 }
 
 impl Spec for WebhookConfig {
@@ -261,12 +383,21 @@ pub fn grafana_body(ev: &Event, receiver: &str, external_url: &str) -> Value {
 impl WebhookConfig {
     async fn post(&self, ctx: &Ctx, ev: &Event) -> Result<(), DeliveryError> {
         let ext = self.external_url.as_deref().unwrap_or("");
-        let body = match self.format {
-            Format::Watchpost => watchpost_body(ev, ctx.delivery_id),
-            Format::Grafana => grafana_body(ev, &ctx.notifier, ext),
+        let bytes = match (&self.body_template, self.format) {
+            (Some(t), _) => render(t, &self.content_type, ev, ctx.delivery_id)
+                .map_err(|m| DeliveryError::Invalid(format!("body_template: {m}")))?
+                .into_bytes(),
+            (None, Format::Watchpost) => {
+                serde_json::to_vec(&watchpost_body(ev, ctx.delivery_id))
+                    .map_err(|e| DeliveryError::Invalid(format!("encoding body: {e}")))?
+            }
+            (None, Format::Grafana) => serde_json::to_vec(&grafana_body(ev, &ctx.notifier, ext))
+                .map_err(|e| DeliveryError::Invalid(format!("encoding body: {e}")))?,
         };
-        let bytes = serde_json::to_vec(&body)
-            .map_err(|e| DeliveryError::Invalid(format!("encoding body: {e}")))?;
+        let content_type = match self.body_template {
+            Some(_) => self.content_type.as_str(),
+            None => "application/json",
+        };
         // Unique across agents and databases, like the incident key.
         let inst = ev
             .installation
@@ -280,7 +411,7 @@ impl WebhookConfig {
         let mut req = ctx
             .client
             .post(self.url.as_str())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_TYPE, content_type)
             .header("X-Watchpost-Event", ev.kind.as_str())
             .header("X-Watchpost-Delivery", delivery);
         for (k, v) in &self.headers {

@@ -63,6 +63,11 @@ struct HttpFile {
     read_status: bool,
     /// Dotted path of a `{name: {status, latency_ms | error}}` object to record as sub-checks.
     subchecks: Option<String>,
+    /// Dotted JSON paths of health details worth seeing in an alert (`active_connections`,
+    /// `checks.database.failures`): kept in the run's details under `health` and shown in
+    /// every notification.
+    #[serde(default)]
+    details: Vec<String>,
     /// What a good response looks like.
     #[serde(default)]
     expect: Expect,
@@ -144,13 +149,26 @@ pub struct HttpSpec {
     pub max_body_bytes: u64,
     pub read_status: bool,
     pub subchecks: Option<String>,
+    pub details: Vec<String>,
     pub expect: Expect,
     pub degraded_when: DegradedWhen,
 }
 
+/// Most `details` paths a probe may name.
+pub const MAX_DETAIL_PATHS: usize = 16;
+
 impl HttpSpec {
     pub fn from_config(rest: Rest<'_>, dir: &Path) -> Result<Self, SpanError> {
         let f: HttpFile = rest.parse()?;
+        if f.details.len() > MAX_DETAIL_PATHS {
+            return Err(SpanError::key(
+                &["details"],
+                format!(
+                    "details names {} paths; at most {MAX_DETAIL_PATHS}",
+                    f.details.len()
+                ),
+            ));
+        }
         let url_span = f.url.span();
         let url = f.url.into_inner();
         match url::Url::parse(&url) {
@@ -187,6 +205,7 @@ impl HttpSpec {
             ca_pem,
             max_body_bytes: f.max_body_bytes,
             read_status: f.read_status,
+            details: f.details,
             subchecks: f.subchecks,
             expect: f.expect,
             degraded_when: f.degraded_when,
@@ -561,6 +580,12 @@ fn judge(s: &HttpSpec, name: &str, r: &Fetched, a: &mut Attempt) {
     if let (Some(path), Some(j)) = (&s.subchecks, json) {
         a.subchecks = read_subchecks(name, path, j);
     }
+    if let (false, Some(j)) = (s.details.is_empty(), json) {
+        let health = health_details(&s.details, j);
+        if !health.is_empty() {
+            a.detail("health", Value::Object(health));
+        }
+    }
 
     // Status first: a 5xx with an HTML or empty body is an `http_status`, not a JSON problem.
     if !any_status(&s.expect.status, code) && !any_status(&s.degraded_when.status, code) {
@@ -760,6 +785,22 @@ fn status_message(
         msg.push_str(&format!(" ({})", tags.join(", ")));
     }
     msg
+}
+
+/// The named health details that are present: numbers, booleans and null as they are,
+/// anything else as an excerpt of its text (the service does not decide our memory).
+fn health_details(paths: &[String], j: &Value) -> serde_json::Map<String, Value> {
+    paths
+        .iter()
+        .filter_map(|p| {
+            let v = match json_path(j, p)? {
+                v @ (Value::Number(_) | Value::Bool(_) | Value::Null) => v.clone(),
+                Value::String(s) => Value::from(excerpt(s, 200)),
+                other => Value::from(excerpt(&other.to_string(), 200)),
+            };
+            Some((p.clone(), v))
+        })
+        .collect()
 }
 
 /// The human part of an error body: `error`, `message`, `err_msg` or `error.message`.

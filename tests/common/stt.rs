@@ -95,6 +95,15 @@ pub enum Behavior {
         transcript: String,
         new_id: bool,
     },
+    /// Deepgram Flux (`/v2/listen`), per the AsyncAPI spec: `Connected`, then `TurnInfo`
+    /// (`StartOfTurn`, an `Update` every 4 frames) while audio flows; after `CloseStream`
+    /// the utterance in two turns (`EagerEndOfTurn` + `EndOfTurn` each), then close 1000
+    /// and wait for the client's close. With `fatal`, after that many frames a `FatalError`
+    /// (`code`, `description`) and close 1011.
+    Flux {
+        transcript: String,
+        fatal: Option<(usize, &'static str, &'static str)>,
+    },
     /// Omi degraded batch mode (PR #6059): on the first audio frame `stt_degraded` with
     /// `{"batch_mode":true,"batch_interval_seconds":…}`; from then on segments only once per
     /// `interval` — the words so far while audio flows (segment `b1`), the rest once it is
@@ -153,6 +162,9 @@ pub struct Log {
     pub texts: Vec<String>,
     /// Arrival time of every binary frame.
     pub frame_times: Vec<Instant>,
+    /// Whether the client answered the server's close frame with its own (`None` until
+    /// the server has looked).
+    pub close_answered: Option<bool>,
 }
 
 pub struct Server {
@@ -428,6 +440,12 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                     Ok(_) => return,
                 }
             }
+        }
+        Behavior::Flux { transcript, fatal } => {
+            let Some(mut ws) = accept(sock, &log, true).await else {
+                return;
+            };
+            flux(&mut ws, &transcript, fatal, &log).await;
         }
         Behavior::OmiBatch {
             transcript,
@@ -894,6 +912,103 @@ async fn omi_batch(
             }
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
             Some(Ok(_)) => {}
+        }
+    }
+}
+
+async fn flux(
+    ws: &mut WebSocketStream<TcpStream>,
+    transcript: &str,
+    fatal: Option<(usize, &'static str, &'static str)>,
+    log: &Arc<Mutex<Log>>,
+) {
+    let mut seq = 0u64;
+    let mut next = |v: Value| {
+        let mut v = v;
+        v["sequence_id"] = json!(seq);
+        seq += 1;
+        Message::text(v.to_string())
+    };
+    let turn = |event: &str, index: usize, text: &str| {
+        let words: Vec<Value> = text
+            .split_whitespace()
+            .map(|w| json!({"word": w, "confidence": 0.97}))
+            .collect();
+        json!({"type": "TurnInfo", "request_id": "flux-req-0001", "event": event,
+            "turn_index": index, "audio_window_start": 0.0, "audio_window_end": 1.0,
+            "transcript": text, "words": words, "end_of_turn_confidence": 0.9})
+    };
+    let connected = json!({"type": "Connected", "request_id": "flux-req-0001"});
+    if ws.send(next(connected)).await.is_err() {
+        return;
+    }
+    let words: Vec<&str> = transcript.split_whitespace().collect();
+    let half = words.len() / 2;
+    let mut frames = 0usize;
+    while let Some(Ok(m)) = ws.next().await {
+        match m {
+            Message::Binary(b) => {
+                record_frame(log, &b);
+                frames += 1;
+                if let Some((after, code, description)) = fatal {
+                    if frames >= after {
+                        let e =
+                            json!({"type": "FatalError", "code": code, "description": description});
+                        let _ = ws.send(next(e)).await;
+                        close(ws, 1011, code).await;
+                        while let Some(Ok(_)) = ws.next().await {}
+                        return;
+                    }
+                }
+                if frames == 1 {
+                    let _ = ws.send(next(turn("StartOfTurn", 0, ""))).await;
+                } else if frames.is_multiple_of(4) {
+                    let _ = ws
+                        .send(next(turn(
+                            "Update",
+                            0,
+                            &prefix(&words[..half].join(" "), frames),
+                        )))
+                        .await;
+                }
+            }
+            Message::Text(t) => {
+                log.lock().unwrap().texts.push(t.to_string());
+                let kind = serde_json::from_str::<Value>(&t)
+                    .ok()
+                    .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string))
+                    .unwrap_or_default();
+                match kind.as_str() {
+                    "Configure" => {
+                        let _ = ws.send(next(json!({"type": "ConfigureSuccess"}))).await;
+                    }
+                    "CloseStream" => {
+                        for (i, part) in [&words[..half], &words[half..]].iter().enumerate() {
+                            let text = part.join(" ");
+                            let _ = ws.send(next(turn("EagerEndOfTurn", i, &text))).await;
+                            let _ = ws.send(next(turn("EndOfTurn", i, &text))).await;
+                        }
+                        close(ws, 1000, "").await;
+                        // The client must answer the close frame with its own.
+                        let answered = tokio::time::timeout(Duration::from_secs(3), async {
+                            loop {
+                                match ws.next().await {
+                                    Some(Ok(Message::Close(_))) => return true,
+                                    Some(Ok(_)) => continue,
+                                    _ => return false,
+                                }
+                            }
+                        })
+                        .await
+                        .unwrap_or(false);
+                        log.lock().unwrap().close_answered = Some(answered);
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+            Message::Close(_) => return,
+            _ => {}
         }
     }
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Bytes;
 
 use super::audio::{self, Audio};
-use super::{deepgram, generic, omi, wer, Dialect};
+use super::{deepgram, flux, generic, omi, wer, Dialect};
 use crate::config::{duration::human, Dur, Interp, Rest, SpanError};
 use crate::probe::websocket as wsock;
 
@@ -49,15 +49,17 @@ pub const MAX_EXPECTED_WORDS: usize = 2000;
 #[serde(rename_all = "snake_case")]
 pub enum DialectName {
     Deepgram,
+    Flux,
     Omi,
     Generic,
 }
 
 impl DialectName {
-    const NAMES: &'static [&'static str] = &["deepgram", "omi", "generic"];
+    const NAMES: &'static [&'static str] = &["deepgram", "flux", "omi", "generic"];
     pub fn as_str(self) -> &'static str {
         match self {
             DialectName::Deepgram => "deepgram",
+            DialectName::Flux => "flux",
             DialectName::Omi => "omi",
             DialectName::Generic => "generic",
         }
@@ -302,6 +304,7 @@ fn dialect(f: &ListenFile) -> Result<Dialect, SpanError> {
         D::Deepgram => Dialect::Deepgram(deepgram::Settings {
             end: f.end.as_ref().map(|e| *e.get_ref()).unwrap_or_default(),
         }),
+        D::Flux => Dialect::Flux(flux::Settings),
         D::Omi => Dialect::Omi(omi::Settings),
         D::Generic => {
             let Some(tp) = &f.transcript_path else {
@@ -580,8 +583,8 @@ mod tests {
     fn closed_set_errors_name_the_key_and_the_values() {
         for (msg, want) in [
             (
-                "unknown variant `deepgramm`, expected one of `deepgram`, `omi`, `generic`",
-                "unknown dialect \"deepgramm\" (expected deepgram, omi, generic)",
+                "unknown variant `deepgramm`, expected one of `deepgram`, `flux`, `omi`, `generic`",
+                "unknown dialect \"deepgramm\" (expected deepgram, flux, omi, generic)",
             ),
             (
                 "unknown variant `flush`, expected `close_stream` or `finalize`",

@@ -16,12 +16,14 @@
 //! Files: [`config`] reads and validates the probe file, [`session`] drives one run,
 //! [`transcript`] assembles what is heard (capped), [`judge`] turns it into an outcome (a
 //! pure function), [`wer`] normalises and scores, [`audio`] reads WAVs; [`deepgram`],
-//! [`omi`] and [`generic`] hold everything that differs between dialects ([`Wire`]).
+//! [`flux`], [`omi`] and [`generic`] hold everything that differs between dialects
+//! ([`Wire`]).
 //! Not here: transcoding (audio must already be PCM 16-bit at the declared rate).
 
 pub mod audio;
 pub mod config;
 pub mod deepgram;
+pub mod flux;
 #[cfg(test)]
 mod fuzz;
 pub mod generic;
@@ -86,6 +88,8 @@ pub enum Event {
     Done { request_id: Option<String> },
     /// The server reported an error in-band.
     ServerError(String),
+    /// The session is open (Flux `Connected`), with the request id support asks for.
+    Connected { request_id: Option<String> },
     /// Nothing to judge (pings, speech events, unknown types).
     Ignore,
 }
@@ -144,6 +148,7 @@ pub trait Wire: std::fmt::Debug + Send + Sync {
 #[derive(Debug, Clone)]
 pub enum Dialect {
     Deepgram(deepgram::Settings),
+    Flux(flux::Settings),
     Omi(omi::Settings),
     Generic(generic::Settings),
 }
@@ -153,6 +158,7 @@ impl Dialect {
     pub fn wire(&self) -> &dyn Wire {
         match self {
             Dialect::Deepgram(d) => d,
+            Dialect::Flux(f) => f,
             Dialect::Omi(o) => o,
             Dialect::Generic(g) => g,
         }
@@ -269,10 +275,14 @@ impl ListenProbe {
         let close_by = deadline.max(Instant::now()) + Duration::from_millis(200);
         let close = |ws| tokio::time::timeout_at(close_by, wsock::close_quietly(ws, 1000));
         match result {
-            Ok(closed_by_server) => {
-                if !closed_by_server {
-                    let _ = close(&mut ws).await;
-                }
+            Ok(true) => {
+                // Answer the server's close frame: tungstenite queued the reply when it read
+                // the close, and sends it on the next flush.
+                use futures_util::SinkExt as _;
+                let _ = tokio::time::timeout_at(close_by, ws.flush()).await;
+            }
+            Ok(false) => {
+                let _ = close(&mut ws).await;
             }
             Err(f) => {
                 f.apply(&mut a);

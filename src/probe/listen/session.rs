@@ -453,6 +453,11 @@ impl<'a> Session<'a> {
                     self.heard.last_final.get_or_insert(at);
                 }
             }
+            Event::Connected { request_id } => {
+                if self.stats.request_id.is_none() {
+                    self.stats.request_id = request_id;
+                }
+            }
             Event::ServerError(e) => {
                 let e = excerpt(&e, EXCERPT);
                 self.a.detail("server_error", e.clone());
