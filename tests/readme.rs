@@ -52,6 +52,36 @@ fn sh_lines(text: &str) -> Vec<String> {
     out
 }
 
+/// Split a command line as the shell does for plain words and double-quoted strings
+/// (`watchpost maintenance start "Realtime Transcription"` is four words).
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let (mut quoted, mut any) = (false, false);
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        words.push(cur);
+    }
+    words
+}
+
 #[test]
 fn install_comes_first_and_every_watchpost_command_parses() {
     let text = readme();
@@ -72,7 +102,8 @@ fn install_comes_first_and_every_watchpost_command_parses() {
     let mut checked = 0;
     for l in lines.iter().filter(|l| l.starts_with("watchpost ")) {
         // Ask for help with the same arguments: clap rejects an unknown command or flag.
-        let mut args: Vec<&str> = l.split_whitespace().skip(1).collect();
+        let words = shell_words(l);
+        let mut args: Vec<&str> = words.iter().skip(1).map(String::as_str).collect();
         args.retain(|a| *a != ">" && !a.ends_with(".1") && !a.ends_with(".json"));
         args.push("--help");
         let o = watchpost(&args);

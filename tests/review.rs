@@ -415,10 +415,13 @@ async fn a_fast_error_budget_burn_pages_warns_and_resolves() {
         agent.outbox()
     );
     // Recovery: the 5-minute window clears first (warn: 6 h and 30 m still burn), then the
-    // 30-minute one (33 minutes of good runs).
+    // 30-minute one (33 minutes of good runs). Each step lets the writer and evaluator keep
+    // pace with virtual time (a loaded machine otherwise judges several steps at once, late,
+    // and can pass the warning's whole stretch in one judgement).
     for _ in 0..200 {
         agent.both(Up).await;
         tokio::time::advance(step).await;
+        settle(Duration::from_millis(10)).await;
     }
     let resolved = || statuses().iter().any(|s| s.0 == "resolved");
     let t0 = std::time::Instant::now();
