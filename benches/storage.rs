@@ -166,7 +166,7 @@ fn sizes(store: &Store) -> (u64, Vec<(String, u64)>) {
         return (0, vec![]);
     };
     let q = |p: &str| -> u64 {
-        c.pragma_query_value(None, p, |r| r.get::<_, i64>(0))
+        c.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0))
             .unwrap_or(0) as u64
     };
     let used = (q("page_count") - q("freelist_count")) * q("page_size");

@@ -12,7 +12,6 @@
 //! and reports are bounded in concurrency; a report is kept for [`REPORT_TTL`] per window.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -138,7 +137,7 @@ pub struct AppState {
     /// The running agent, for the mutating routes (none: they answer 503). Released with
     /// the store.
     control: Arc<Mutex<Option<Control>>>,
-    db: PathBuf,
+    db: store::Target,
     health: Health,
     /// Database reads in flight.
     readers: Arc<Semaphore>,
@@ -152,7 +151,7 @@ impl AppState {
         AppState {
             config,
             metrics,
-            db: store.path().to_path_buf(),
+            db: store.target().clone(),
             store: Arc::new(Mutex::new(Some(store))),
             control: Arc::default(),
             health,
@@ -596,7 +595,7 @@ fn busy(what: &str) -> Response {
 /// at once (a read that waits longer than [`READ_WAIT`] fails as [`Busy`]).
 async fn read<T: Send + 'static>(
     s: &AppState,
-    f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<T> + Send + 'static,
+    f: impl FnOnce(&crate::store::db::Conn) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<Option<T>> {
     let permit = match tokio::time::timeout(READ_WAIT, s.readers.clone().acquire_owned()).await {
         Ok(Ok(p)) => p,
@@ -605,7 +604,7 @@ async fn read<T: Send + 'static>(
     let db = s.db.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        match store::open_reader(&db)? {
+        match db.reader()? {
             Some(c) => f(&c).map(Some),
             None => Ok(None),
         }

@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::store::db::{self, params, Conn};
 use anyhow::Context as _;
-use rusqlite::{params, Connection};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -76,11 +76,11 @@ impl Paused {
     }
 
     /// Read the persisted pauses (replacing what is in memory).
-    pub fn load(&self, conn: &Connection) -> rusqlite::Result<()> {
+    pub fn load(&self, conn: &Conn) -> db::Result<()> {
         let mut st = conn.prepare("SELECT probe FROM paused_probes")?;
         let names = st
             .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<rusqlite::Result<BTreeSet<String>>>()?;
+            .collect::<db::Result<BTreeSet<String>>>()?;
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = names;
         Ok(())
     }
@@ -115,7 +115,7 @@ impl Window {
 }
 
 /// Windows still running or yet to come at `now_ms`, oldest first.
-pub fn load_windows(conn: &Connection, now_ms: i64) -> rusqlite::Result<Vec<Window>> {
+pub fn load_windows(conn: &Conn, now_ms: i64) -> db::Result<Vec<Window>> {
     let mut st = conn.prepare(
         "SELECT id, component, starts_at, ends_at, reason FROM maintenance_windows
          WHERE ends_at > ?1 ORDER BY id",
@@ -249,7 +249,7 @@ impl Control {
             .write(move |c| {
                 if paused {
                     c.execute(
-                        "INSERT OR IGNORE INTO paused_probes (probe, at, reason) VALUES (?1, ?2, ?3)",
+                        "INSERT INTO paused_probes (probe, at, reason) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
                         params![name, now, reason],
                     )
                 } else {

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::store::db::{self, params, Conn};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -229,12 +229,12 @@ pub fn bucket_for(window: Duration) -> Duration {
 type Buckets = BTreeMap<(String, String), Vec<Option<hist::Hist>>>;
 
 fn latency_buckets(
-    conn: &Connection,
+    conn: &Conn,
     only: Option<&str>,
     since: i64,
     until: i64,
     bucket_ms: i64,
-) -> rusqlite::Result<Buckets> {
+) -> db::Result<Buckets> {
     let n = ((until - since).max(1) + bucket_ms - 1) / bucket_ms;
     let n = n.clamp(1, 10_000) as usize;
     let slot = |t: i64| (((t - since).max(0) / bucket_ms) as usize).min(n - 1);
@@ -255,17 +255,17 @@ fn latency_buckets(
     if since < hi {
         let mut st = conn.prepare_cached(
             "SELECT series, phase, bucket_start, data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2
-             AND (?3 IS NULL OR series = ?3)",
+             AND (CAST(?3 AS BIGINT) IS NULL OR series = ?3)",
         )?;
-        let mut rows = st.query(params![hist::floor_hour(since), hi, only_id])?;
-        while let Some(r) = rows.next()? {
+        st.query_each(params![hist::floor_hour(since), hi, only_id], |r| {
             let Some(s) = series.get(&r.get::<_, i64>(0)?) else {
-                continue;
+                return Ok(());
             };
-            if let Some(h) = r.get_ref(3)?.as_blob().ok().and_then(hist::decode) {
+            if let Some(h) = hist::decode(r.blob(3)) {
                 add(&s.name, &r.get::<_, String>(1)?, slot(r.get(2)?), &h);
             }
-        }
+            Ok(())
+        })?;
     }
     let lo = since.max(fine_from);
     if lo < until {
@@ -274,17 +274,16 @@ fn latency_buckets(
         )?;
         for (id, s) in &series {
             let mut per: Vec<Vec<Option<hist::Hist>>> = Vec::new();
-            let mut rows = st.query(params![id, lo, until])?;
-            while let Some(r) = rows.next()? {
+            st.query_each(params![id, lo, until], |r| {
                 let i = slot(r.get(0)?);
-                let data = r.get_ref(1)?.as_blob().unwrap_or(&[]);
-                let _ = store::codec::decode(data, |p, us| {
+                let _ = store::codec::decode(r.blob(1), |p, us| {
                     if per.len() <= p {
                         per.resize(p + 1, vec![None; n]);
                     }
                     hist::record(per[p][i].get_or_insert_with(hist::new_hist), us);
                 });
-            }
+                Ok(())
+            })?;
             for (p, buckets) in per.into_iter().enumerate() {
                 let Some(phase) = s.phases.get(p) else {
                     continue;
@@ -368,7 +367,7 @@ fn budget_of<'c>(config: &'c Config, series: &str, phase: &str) -> Option<&'c Bu
 /// Build the report for the window ending at `now_ms`.
 pub fn build(
     config: &Config,
-    conn: &Connection,
+    conn: &Conn,
     window: Duration,
     now_ms: i64,
 ) -> anyhow::Result<Report> {
@@ -549,11 +548,11 @@ pub fn chart_bucket(window: Duration) -> Duration {
 /// One series' chart over the window ending at `now_ms`: indexed reads of that series only.
 pub fn series_chart(
     config: &Config,
-    conn: &Connection,
+    conn: &Conn,
     series: &str,
     window: Duration,
     now_ms: i64,
-) -> rusqlite::Result<SeriesChart> {
+) -> db::Result<SeriesChart> {
     let w = window.as_millis() as i64;
     let bucket_ms = chart_bucket(window).as_millis() as i64;
     // Buckets on whole multiples, so a refresh moves the chart by whole buckets.
@@ -622,21 +621,8 @@ fn regression(r: &Row) -> f64 {
 }
 
 /// Incidents overlapping `[since, until)`, with time to detect and time to page.
-fn incidents(
-    conn: &Connection,
-    config: &Config,
-    since: i64,
-    until: i64,
-) -> rusqlite::Result<Vec<IncidentRow>> {
-    let exists: bool = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'incidents'",
-            [],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some();
-    if !exists {
+fn incidents(conn: &Conn, config: &Config, since: i64, until: i64) -> db::Result<Vec<IncidentRow>> {
+    if !conn.table_exists("incidents")? {
         return Ok(Vec::new());
     }
     let mut st = conn.prepare(
@@ -694,7 +680,7 @@ fn incidents(
                 }
                 found => Ok(found),
             })
-            .collect::<rusqlite::Result<Vec<_>>>()?
+            .collect::<db::Result<Vec<_>>>()?
             .into_iter()
             .flatten()
             .min();
@@ -712,7 +698,7 @@ fn incidents(
 }
 
 /// Start of the first bad run of the streak of `series` that was going on at `at`.
-fn first_bad_run(conn: &Connection, series: &str, at: i64) -> rusqlite::Result<Option<i64>> {
+fn first_bad_run(conn: &Conn, series: &str, at: i64) -> db::Result<Option<i64>> {
     conn.prepare_cached(
         "SELECT min(r.started_at) FROM series s JOIN runs r ON r.series = s.id
          WHERE s.name = ?1 AND r.outcome != 0 AND r.started_at <= ?2
@@ -724,40 +710,27 @@ fn first_bad_run(conn: &Connection, series: &str, at: i64) -> rusqlite::Result<O
 
 /// Rows of the `rehearsals` table (when the agent records them) that fall in the window,
 /// as JSON objects of their columns.
-fn rehearsals(conn: &Connection, since: i64, until: i64) -> rusqlite::Result<Vec<Value>> {
-    let exists = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rehearsals'",
-            [],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some();
-    if !exists {
+fn rehearsals(conn: &Conn, since: i64, until: i64) -> db::Result<Vec<Value>> {
+    let names = conn.columns("rehearsals")?;
+    if names.is_empty() {
         return Ok(Vec::new());
     }
-    let mut st = conn.prepare("SELECT * FROM rehearsals LIMIT 1000")?;
-    let names: Vec<String> = st.column_names().iter().map(|s| s.to_string()).collect();
     let time_col = ["started_at", "start", "at", "created_at"]
         .into_iter()
         .find(|c| names.iter().any(|n| n == c));
-    let mut rows = st.query([])?;
     let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
+    conn.query_each("SELECT * FROM rehearsals LIMIT 1000", [], |r| {
         let mut m = serde_json::Map::new();
         for (i, n) in names.iter().enumerate() {
-            let v = match r.get_ref(i)? {
-                rusqlite::types::ValueRef::Null => Value::Null,
-                rusqlite::types::ValueRef::Integer(x) => Value::from(x),
-                rusqlite::types::ValueRef::Real(x) => Value::from(x),
-                rusqlite::types::ValueRef::Text(t) => {
-                    let t = String::from_utf8_lossy(t);
-                    serde_json::from_str::<Value>(&t)
-                        .ok()
-                        .filter(|v| v.is_object() || v.is_array())
-                        .unwrap_or(Value::from(t.into_owned()))
-                }
-                rusqlite::types::ValueRef::Blob(_) => continue,
+            let v = match r.get::<_, db::Value>(i)? {
+                db::Value::Null => Value::Null,
+                db::Value::Int(x) => Value::from(x),
+                db::Value::Real(x) => Value::from(x),
+                db::Value::Text(t) => serde_json::from_str::<Value>(&t)
+                    .ok()
+                    .filter(|v| v.is_object() || v.is_array())
+                    .unwrap_or(Value::from(t)),
+                db::Value::Blob(_) => continue,
             };
             m.insert(n.clone(), v);
         }
@@ -768,7 +741,8 @@ fn rehearsals(conn: &Connection, since: i64, until: i64) -> rusqlite::Result<Vec
         if inside {
             out.push(Value::Object(m));
         }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 

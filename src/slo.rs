@@ -9,7 +9,7 @@
 //! Not here: opening incidents (the evaluator does, through its usual transition + outbox
 //! path) or rendering (see `report`).
 
-use rusqlite::Connection;
+use crate::store::db::{self, Conn};
 use serde::Serialize;
 
 use crate::config::{ComponentConfig, Objective};
@@ -95,21 +95,20 @@ pub fn burn_verdict(
 /// Maintenance spans `[start, end)` of a component that overlap `[since, until)`, from its
 /// timeline (`maintenance_started` … `maintenance_ended`; one still open ends at `until`).
 pub fn maintenance_spans(
-    conn: &Connection,
+    conn: &Conn,
     component: &str,
     since: i64,
     until: i64,
-) -> rusqlite::Result<Vec<(i64, i64)>> {
+) -> db::Result<Vec<(i64, i64)>> {
     let mut st = conn.prepare_cached(
         "SELECT at, kind FROM incident_events WHERE component = ?1 AND at < ?2
            AND kind IN ('maintenance_started', 'maintenance_ended') ORDER BY at, id",
     )?;
-    let mut rows = st.query(rusqlite::params![component, until])?;
     let mut spans = Vec::new();
     let mut open: Option<i64> = None;
-    while let Some(r) = rows.next()? {
+    st.query_each(db::params![component, until], |r| {
         let at: i64 = r.get(0)?;
-        match r.get_ref(1)?.as_str()? {
+        match r.get::<_, String>(1)?.as_str() {
             "maintenance_started" => {
                 open.get_or_insert(at);
             }
@@ -119,7 +118,8 @@ pub fn maintenance_spans(
                 }
             }
         }
-    }
+        Ok(())
+    })?;
     if let Some(s) = open {
         spans.push((s, until));
     }
@@ -151,11 +151,11 @@ pub fn outside(since: i64, until: i64, spans: &[(i64, i64)]) -> Vec<(i64, i64)> 
 
 /// A component's members' runs over `[since, until)`, maintenance left out.
 pub fn component_counts(
-    conn: &Connection,
+    conn: &Conn,
     comp: &ComponentConfig,
     since: i64,
     until: i64,
-) -> rusqlite::Result<Counts> {
+) -> db::Result<Counts> {
     let members: Vec<String> = comp.probes.iter().map(|p| p.get_ref().clone()).collect();
     let spans = maintenance_spans(conn, comp.name.get_ref(), since, until)?;
     let mut total = Counts::default();
@@ -171,11 +171,11 @@ pub fn component_counts(
 
 /// [`burn_verdict`] of a component's runs at `now`.
 pub fn component_burn(
-    conn: &Connection,
+    conn: &Conn,
     comp: &ComponentConfig,
     objective: Objective,
     now: i64,
-) -> rusqlite::Result<Option<(BurnLevel, String)>> {
+) -> db::Result<Option<(BurnLevel, String)>> {
     let mut err = None;
     let verdict = burn_verdict(objective, |w| {
         component_counts(conn, comp, now - w, now).unwrap_or_else(|e| {
@@ -239,11 +239,7 @@ pub fn budget_remaining(c: &Counts, objective: Objective) -> Option<f64> {
 }
 
 /// A component's objective figures at `now`.
-pub fn component_slo(
-    conn: &Connection,
-    comp: &ComponentConfig,
-    now: i64,
-) -> rusqlite::Result<ComponentSlo> {
+pub fn component_slo(conn: &Conn, comp: &ComponentConfig, now: i64) -> db::Result<ComponentSlo> {
     let window = comp.slo_window.0.as_millis() as i64;
     let c = component_counts(conn, comp, now - window, now)?;
     let objective = comp.objective();

@@ -174,7 +174,7 @@ async fn the_shutdown_deadline_cuts_a_delivery_in_flight_which_stays_pending() {
     }
     hook.wait_for("the delivery to start", T, |l| !l.is_empty())
         .await;
-    let db = p.store.path().to_path_buf();
+    let db = p.store.target().clone();
     let t0 = Instant::now();
     p.stop().await.unwrap();
     let took = t0.elapsed();
@@ -182,7 +182,7 @@ async fn the_shutdown_deadline_cuts_a_delivery_in_flight_which_stays_pending() {
         took < Duration::from_millis(2500),
         "shutdown took {took:?} with a 1 s grace"
     );
-    let conn = watchpost::store::open_reader(&db).unwrap().unwrap();
+    let conn = db.reader().unwrap().unwrap();
     let status: String = conn
         .query_row("SELECT status FROM outbox ORDER BY id LIMIT 1", [], |r| {
             r.get(0)
@@ -194,7 +194,7 @@ async fn the_shutdown_deadline_cuts_a_delivery_in_flight_which_stays_pending() {
     );
 }
 
-fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
+fn count(conn: &watchpost::store::Conn, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 

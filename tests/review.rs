@@ -106,7 +106,7 @@ async fn report_figures_match_the_known_runs() {
         ] {
             c.execute(
                 "INSERT INTO incident_events (component, at, kind, from_status, to_status) VALUES ('API', ?1, ?2, ?3, ?4)",
-                rusqlite::params![at, kind, from, to],
+                watchpost::store::db::params![at, kind, from, to],
             )?;
         }
         Ok(())

@@ -9,7 +9,7 @@ use chrono::{TimeZone, Utc};
 use serde_json::json;
 use watchpost::config::{Dur, Retention};
 use watchpost::probe::{ErrorClass, ErrorInfo, Outcome, RunResult, SubCheck};
-use watchpost::store::{self, hist, Store, HOUR, MIGRATIONS};
+use watchpost::store::{self, hist, Conn, Store, HOUR, MIGRATIONS};
 
 fn run_at(probe: &str, ms: i64, total_ms: u64, outcome: Outcome) -> RunResult {
     RunResult {
@@ -40,7 +40,7 @@ fn aligned(ms: i64, res: i64) -> i64 {
     ms.div_euclid(res * 1000) * res * 1000
 }
 
-fn count(c: &rusqlite::Connection, series: &str) -> i64 {
+fn count(c: &Conn, series: &str) -> i64 {
     c.query_row(
         "SELECT count(*) FROM runs WHERE series = (SELECT id FROM series WHERE name = ?1)",
         [series],
@@ -49,7 +49,7 @@ fn count(c: &rusqlite::Connection, series: &str) -> i64 {
     .unwrap()
 }
 
-fn hourly(c: &rusqlite::Connection, series: &str, phase: &str) -> Vec<(i64, i64)> {
+fn hourly(c: &Conn, series: &str, phase: &str) -> Vec<(i64, i64)> {
     c.prepare(
         "SELECT bucket_start, count FROM hourly WHERE series = (SELECT id FROM series WHERE name = ?1)
          AND phase = ?2 ORDER BY bucket_start",
@@ -389,7 +389,7 @@ async fn old_database_is_converted() {
     let (s, writer) = Store::start(&db).unwrap();
     let c = s.reader().unwrap();
     let version: i64 = c
-        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version as usize, MIGRATIONS.len());
     assert_eq!(count(&c, "api"), 60);
@@ -440,7 +440,7 @@ async fn maintenance_of_a_large_backlog_never_stalls_the_writer() {
         let c = store::open(&db).unwrap();
         let mut blob = Vec::new();
         store::codec::encode(&mut blob, &[(0, 20_000), (1, 25_000)], 25_010);
-        let tx = c.unchecked_transaction().unwrap();
+        let tx = c.as_sqlite().unwrap().unchecked_transaction().unwrap();
         for s in 1..=SERIES {
             tx.execute(
                 "INSERT INTO series (id, name, kind, phases) VALUES (?1, ?2, 'http', '[\"ttfb\",\"total\"]')",
@@ -545,7 +545,10 @@ async fn a_day_of_one_probe_stays_under_60_kb() {
     let (s, writer) = Store::start(&db).unwrap();
     let used = |s: &Store| {
         let c = s.reader().unwrap();
-        let q = |p: &str| -> i64 { c.pragma_query_value(None, p, |r| r.get(0)).unwrap() };
+        let q = |p: &str| -> i64 {
+            c.query_row(&format!("PRAGMA {p}"), [], |r| r.get(0))
+                .unwrap()
+        };
         (q("page_count") - q("freelist_count")) * q("page_size")
     };
     s.flush().await.unwrap();

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::db::{self, Conn};
 use anyhow::Context as _;
-use rusqlite::Connection;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -201,7 +201,7 @@ struct OutboxRow {
     last_error: Option<String>,
 }
 
-fn read_seen(conn: &Connection) -> rusqlite::Result<Seen> {
+fn read_seen(conn: &Conn) -> db::Result<Seen> {
     let mut s = Seen::default();
     let mut st =
         conn.prepare("SELECT component, at, to_status FROM incident_events ORDER BY id")?;

@@ -219,6 +219,9 @@ struct AgentFile {
     listen: Interp,
     /// Environment variable holding the bearer token required by mutating API calls.
     api_token_env: Option<String>,
+    /// Environment variable holding a `postgres://` URL: fleet mode, runs and incidents in
+    /// that shared Postgres instead of the embedded SQLite database.
+    database_url_env: Option<String>,
     /// How long in-flight runs may take to finish after SIGTERM/SIGINT.
     #[serde(default = "default_shutdown_grace")]
     shutdown_grace: Dur,
@@ -281,6 +284,7 @@ impl Default for AgentFile {
             probes: default_probe_globs(),
             listen: default_listen(),
             api_token_env: None,
+            database_url_env: None,
             shutdown_grace: default_shutdown_grace(),
             max_concurrency: default_max_concurrency(),
             host_rate_limit: default_host_rate(),
@@ -652,6 +656,8 @@ pub struct Agent {
     pub data_dir: PathBuf,
     pub listen: Option<String>,
     pub api_token: Option<Secret>,
+    /// Fleet mode: the Postgres URL from `database_url_env`.
+    pub database_url: Option<Secret>,
     pub shutdown_grace: Duration,
     pub max_concurrency: usize,
     pub host_rate_limit: u32,
@@ -1347,6 +1353,30 @@ fn check_agent(a: &AgentFile, doc: &DeTable<'_>, src: &Source, diags: &mut Vec<D
             ));
         }
     }
+    if let Some(var) = &a.database_url_env {
+        match std::env::var(var) {
+            Ok(v) if !v.is_empty() => {
+                if !(v.starts_with("postgres://") || v.starts_with("postgresql://")) {
+                    diags.push(src.diag(
+                        at("database_url_env"),
+                        format!("{var} must hold a postgres:// URL (its value is not shown)"),
+                    ));
+                } else if let Err(e) = v.parse::<tokio_postgres::Config>() {
+                    diags.push(src.diag(
+                        at("database_url_env"),
+                        format!("{var} is not a valid postgres:// URL: {e}"),
+                    ));
+                }
+            }
+            _ => diags.push(src.diag(
+                at("database_url_env"),
+                format!(
+                    "database_url_env names {var}, which is not set: export it, or remove the \
+                     key (without it the agent stores everything in SQLite)"
+                ),
+            )),
+        }
+    }
 }
 
 fn build_agent(a: &AgentFile, dir: &Path) -> Agent {
@@ -1363,11 +1393,19 @@ fn build_agent(a: &AgentFile, dir: &Path) -> Agent {
             _ => None,
         });
     let listen = (!a.listen.is_empty()).then(|| a.listen.to_string());
+    let database_url = a
+        .database_url_env
+        .as_ref()
+        .and_then(|var| match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Some(Secret::new(var.clone(), v)),
+            _ => None,
+        });
     Agent {
         location,
         data_dir: dir.join(a.data_dir.as_str()),
         listen,
         api_token,
+        database_url,
         shutdown_grace: a.shutdown_grace.0,
         max_concurrency: a.max_concurrency.max(1),
         host_rate_limit: a.host_rate_limit,

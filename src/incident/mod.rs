@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{params, Connection};
+use crate::store::db::{self, params, Conn};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -139,7 +139,7 @@ pub struct Evaluator {
     /// Maintenance windows started through the API that have not ended yet.
     windows: Vec<Window>,
     tick: Duration,
-    reader: Option<Connection>,
+    reader: Option<Conn>,
     clock: Clock,
     bell: outbox::Bell,
     beat: Beat,
@@ -715,11 +715,12 @@ impl Evaluator {
         w.id = self
             .store
             .write(move |c| {
-                c.execute(
-                    "INSERT INTO maintenance_windows (component, starts_at, ends_at, reason) VALUES (?1, ?2, ?3, ?4)",
+                c.query_row(
+                    "INSERT INTO maintenance_windows (component, starts_at, ends_at, reason) VALUES (?1, ?2, ?3, ?4)
+                     RETURNING id",
                     params![row.component, row.starts_at, row.ends_at, row.reason],
-                )?;
-                Ok(c.last_insert_rowid())
+                    |r| r.get(0),
+                )
             })
             .await
             .map_err(CommandError::Internal)?;
@@ -912,11 +913,11 @@ fn run_details(run: &RunResult) -> Option<Value> {
 
 /// A fast burn of `comp`'s error budget at `now` (multi-window, multi-burn-rate), if any.
 pub fn burn_breach(
-    conn: &Connection,
+    conn: &Conn,
     comp: &crate::config::ComponentConfig,
     objective: crate::config::Objective,
     now: i64,
-) -> rusqlite::Result<Option<state::BurnBreach>> {
+) -> db::Result<Option<state::BurnBreach>> {
     let verdict = crate::slo::component_burn(conn, comp, objective, now)?;
     Ok(verdict.map(|(level, message)| state::BurnBreach {
         level: match level {
@@ -958,13 +959,13 @@ fn has_percentile_budget(probe: &ProbeConfig, member: &str) -> bool {
 /// A latency-budget breach of `member` (`probe` itself or one of its sub-checks) over
 /// `[now - window, now]`, if any.
 pub fn budget_breach(
-    conn: &Connection,
+    conn: &Conn,
     probe: &ProbeConfig,
     member: &str,
     window_ms: i64,
     min_samples: u64,
     now: i64,
-) -> rusqlite::Result<Option<Cause>> {
+) -> db::Result<Option<Cause>> {
     for (phase, b) in member_budgets(probe, member) {
         let limits = [
             ("p50", 50.0, b.p50),
@@ -1010,12 +1011,7 @@ fn human_ms_us(us: u64) -> String {
     }
 }
 
-fn write_transition(
-    conn: &Connection,
-    component: &str,
-    t: &Transition,
-    ev: &Event,
-) -> rusqlite::Result<()> {
+fn write_transition(conn: &Conn, component: &str, t: &Transition, ev: &Event) -> db::Result<()> {
     let (member, class, message) = match &t.cause {
         Some(c) => (
             Some(c.member.as_str()),
@@ -1073,7 +1069,7 @@ pub struct PruneStats {
 /// the cutoff with no notification still pending, and the per-delivery steps of outbox rows
 /// that are no longer pending. Open incidents keep everything; incident rows themselves are
 /// kept (they are small and make the history).
-pub fn prune(conn: &Connection, before_ms: i64) -> rusqlite::Result<PruneStats> {
+pub fn prune(conn: &Conn, before_ms: i64) -> db::Result<PruneStats> {
     let outbox = outbox::prune(conn, before_ms)?;
     let events = conn.execute(
         "DELETE FROM incident_events WHERE at < ?1 AND (incident_id IS NULL OR incident_id IN

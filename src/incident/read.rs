@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use rusqlite::{Connection, OptionalExtension};
+use crate::store::db::Conn;
 use serde::Serialize;
 
 use crate::notify::event::{human_span, iso, truncate};
@@ -64,29 +64,19 @@ pub struct NotificationView {
     pub finished_at: Option<String>,
 }
 
-fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-        [name],
-        |_| Ok(()),
-    )
-    .optional()
-    .map(|r| r.is_some())
-}
-
 /// Incidents newest first (at most 500), each with its timeline and notifications.
-pub fn list_incidents(conn: &Connection, open_only: bool) -> anyhow::Result<Vec<IncidentView>> {
+pub fn list_incidents(conn: &Conn, open_only: bool) -> anyhow::Result<Vec<IncidentView>> {
     list_incidents_limited(conn, open_only, LIST_LIMIT)
 }
 
 /// [`list_incidents`], at most `limit` (and never more than 500).
 pub fn list_incidents_limited(
-    conn: &Connection,
+    conn: &Conn,
     open_only: bool,
     limit: usize,
 ) -> anyhow::Result<Vec<IncidentView>> {
     let limit = limit.min(LIST_LIMIT);
-    if !table_exists(conn, "incidents")? {
+    if !conn.table_exists("incidents")? {
         return Ok(Vec::new());
     }
     let sql = format!(
@@ -286,7 +276,7 @@ pub struct MaintenanceView {
 /// Every configured component with its stored state at `now_ms` (state not yet stored:
 /// operational with fresh members).
 pub fn list_components(
-    conn: &Connection,
+    conn: &Conn,
     config: &crate::config::Config,
     paused: &crate::control::Paused,
     now_ms: i64,
@@ -294,7 +284,7 @@ pub fn list_components(
     use crate::incident::state::{ComponentState, Level};
     let mut saved = std::collections::HashMap::new();
     let mut windows = Vec::new();
-    if table_exists(conn, "component_state")? {
+    if conn.table_exists("component_state")? {
         let mut st = conn.prepare("SELECT component, state FROM component_state")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         for row in rows {
@@ -304,7 +294,7 @@ pub fn list_components(
             }
         }
     }
-    if table_exists(conn, "maintenance_windows")? {
+    if conn.table_exists("maintenance_windows")? {
         windows = crate::control::load_windows(conn, now_ms)?;
     }
     let now_dt = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default();

@@ -473,8 +473,8 @@ fn mono_now() -> std::time::Instant {
 /// connection back for reuse; the connection is dropped when the work failed.
 async fn off_thread<T: Send + 'static>(
     store: &Store,
-    reader: &mut Option<rusqlite::Connection>,
-    f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    reader: &mut Option<crate::store::db::Conn>,
+    f: impl FnOnce(&crate::store::db::Conn) -> crate::store::db::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     let conn = match reader.take() {
         Some(c) => c,
@@ -802,7 +802,7 @@ impl Worker {
     /// Write and wait for the commit, so the next outbox read sees it.
     async fn commit<F>(&self, f: F)
     where
-        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<()> + Send + 'static,
+        F: FnOnce(&crate::store::db::Conn) -> crate::store::db::Result<()> + Send + 'static,
     {
         let r = match self.store.write(f).await {
             Ok(()) => self.store.flush().await,

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::store::db::{self, params, Conn, OptionalExtension};
 use tokio::sync::watch;
 
 use super::event::Event;
@@ -28,24 +28,19 @@ pub struct Row {
 }
 
 /// Queue `ev` for `notifier`. Call inside the transition's transaction.
-pub fn enqueue(
-    conn: &Connection,
-    notifier: &str,
-    ev: &Event,
-    now_ms: i64,
-) -> rusqlite::Result<i64> {
+pub fn enqueue(conn: &Conn, notifier: &str, ev: &Event, now_ms: i64) -> db::Result<i64> {
     let json = serde_json::to_string(ev)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    conn.execute(
+        .map_err(|e| db::Error::Other(format!("cannot encode the outbox event: {e}")))?;
+    conn.query_row(
         "INSERT INTO outbox (notifier, component, incident_id, kind, event, created_at, status, attempts, next_attempt_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?6)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?6) RETURNING id",
         params![notifier, ev.component, ev.incident_id, ev.kind.as_str(), json, now_ms],
-    )?;
-    Ok(conn.last_insert_rowid())
+        |r| r.get(0),
+    )
 }
 
 /// Pending rows of one notifier, oldest first.
-pub fn pending(conn: &Connection, notifier: &str) -> rusqlite::Result<Vec<Row>> {
+pub fn pending(conn: &Conn, notifier: &str) -> db::Result<Vec<Row>> {
     let mut st = conn.prepare_cached(
         "SELECT id, component, incident_id, event, created_at, attempts, next_attempt_at FROM outbox
          WHERE notifier = ?1 AND status = 'pending' ORDER BY id",
@@ -74,12 +69,7 @@ pub fn heads(rows: &[Row]) -> Vec<&Row> {
         .collect()
 }
 
-pub fn mark_delivered(
-    conn: &Connection,
-    id: i64,
-    attempts: u32,
-    now_ms: i64,
-) -> rusqlite::Result<()> {
+pub fn mark_delivered(conn: &Conn, id: i64, attempts: u32, now_ms: i64) -> db::Result<()> {
     conn.execute(
         "UPDATE outbox SET status = 'delivered', attempts = ?2, finished_at = ?3, last_error = NULL WHERE id = ?1",
         params![id, attempts, now_ms],
@@ -88,12 +78,12 @@ pub fn mark_delivered(
 }
 
 pub fn mark_retry(
-    conn: &Connection,
+    conn: &Conn,
     id: i64,
     attempts: u32,
     next_at_ms: i64,
     error: &str,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     conn.execute(
         "UPDATE outbox SET attempts = ?2, next_attempt_at = ?3, last_error = ?4 WHERE id = ?1",
         params![id, attempts, next_at_ms, error],
@@ -101,13 +91,7 @@ pub fn mark_retry(
     Ok(())
 }
 
-pub fn mark_dead(
-    conn: &Connection,
-    id: i64,
-    attempts: u32,
-    error: &str,
-    now_ms: i64,
-) -> rusqlite::Result<()> {
+pub fn mark_dead(conn: &Conn, id: i64, attempts: u32, error: &str, now_ms: i64) -> db::Result<()> {
     conn.execute(
         "UPDATE outbox SET status = 'dead', attempts = ?2, last_error = ?3, finished_at = ?4 WHERE id = ?1",
         params![id, attempts, error, now_ms],
@@ -116,7 +100,7 @@ pub fn mark_dead(
 }
 
 /// Pending and dead-lettered row counts per notifier.
-pub fn counts(conn: &Connection) -> rusqlite::Result<HashMap<String, (u64, u64)>> {
+pub fn counts(conn: &Conn) -> db::Result<HashMap<String, (u64, u64)>> {
     let mut st = conn.prepare("SELECT notifier, status, count(*) FROM outbox WHERE status != 'delivered' GROUP BY notifier, status")?;
     let mut out: HashMap<String, (u64, u64)> = HashMap::new();
     let rows = st.query_map([], |r| {
@@ -139,19 +123,14 @@ pub fn counts(conn: &Connection) -> rusqlite::Result<HashMap<String, (u64, u64)>
 }
 
 /// Delete delivered and dead rows finished before `before_ms`.
-pub fn prune(conn: &Connection, before_ms: i64) -> rusqlite::Result<usize> {
+pub fn prune(conn: &Conn, before_ms: i64) -> db::Result<usize> {
     conn.execute(
         "DELETE FROM outbox WHERE status != 'pending' AND finished_at < ?1",
         [before_ms],
     )
 }
 
-pub fn get_ref(
-    conn: &Connection,
-    notifier: &str,
-    scope: i64,
-    key: &str,
-) -> rusqlite::Result<Option<String>> {
+pub fn get_ref(conn: &Conn, notifier: &str, scope: i64, key: &str) -> db::Result<Option<String>> {
     conn.query_row(
         "SELECT value FROM notifier_refs WHERE notifier = ?1 AND incident_id = ?2 AND key = ?3",
         params![notifier, scope, key],
@@ -161,13 +140,13 @@ pub fn get_ref(
 }
 
 pub fn set_ref(
-    conn: &Connection,
+    conn: &Conn,
     notifier: &str,
     scope: i64,
     key: &str,
     value: &str,
     now_ms: i64,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     conn.execute(
         "INSERT INTO notifier_refs (notifier, incident_id, key, value, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (notifier, incident_id, key) DO UPDATE SET value = excluded.value",

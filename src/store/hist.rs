@@ -13,9 +13,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::db::{self, params, Conn, OptionalExtension};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
-use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{codec, HOUR, MINUTE};
 
@@ -65,26 +65,37 @@ pub fn floor_hour(ms: i64) -> i64 {
 }
 
 /// A bookkeeping value of the store (`fine_from`, `runs_from`, `rolled_until`; 0 if unset).
-pub fn meta_value(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
+pub fn meta_value(conn: &Conn, key: &str) -> db::Result<i64> {
     meta(conn, key)
 }
 
-pub(crate) fn meta(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
+/// Bookkeeping kept per location: each location rolls up and prunes its own series.
+const PER_LOCATION: &[&str] = &["rolled_until", "roll_cursor", "fine_from", "runs_from"];
+
+/// The `meta` key of `key` for this connection (`key@location` for per-location ones).
+pub(crate) fn meta_key(conn: &Conn, key: &str) -> String {
+    match conn.location() {
+        loc if !loc.is_empty() && PER_LOCATION.contains(&key) => format!("{key}@{loc}"),
+        _ => key.to_string(),
+    }
+}
+
+pub(crate) fn meta(conn: &Conn, key: &str) -> db::Result<i64> {
     Ok(conn
         .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
-        .query_row([key], |r| r.get(0))
+        .query_row([meta_key(conn, key)], |r| r.get(0))
         .optional()?
         .unwrap_or(0))
 }
 
 /// Merge `h` into the hourly row of `series`/`phase` at `hour`.
 pub(crate) fn add_hourly(
-    conn: &Connection,
+    conn: &Conn,
     hour: i64,
     series: i64,
     phase: &str,
     h: &Hist,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     let old: Option<Vec<u8>> = conn
         .prepare_cached(
             "SELECT data FROM hourly WHERE bucket_start = ?1 AND series = ?2 AND phase = ?3",
@@ -116,14 +127,14 @@ pub(crate) fn parse_phases(json: &str) -> Vec<String> {
     serde_json::from_str(json).unwrap_or_default()
 }
 
-/// Every series' name and phase names, by id.
-pub fn series_names(conn: &Connection) -> rusqlite::Result<HashMap<i64, SeriesNames>> {
+/// Every series' name and phase names, by id (of this connection's location).
+pub fn series_names(conn: &Conn) -> db::Result<HashMap<i64, SeriesNames>> {
     all_series(conn)
 }
 
-fn all_series(conn: &Connection) -> rusqlite::Result<HashMap<i64, SeriesNames>> {
-    let mut st = conn.prepare_cached("SELECT id, name, phases FROM series")?;
-    let rows = st.query_map([], |r| {
+fn all_series(conn: &Conn) -> db::Result<HashMap<i64, SeriesNames>> {
+    let mut st = conn.prepare_cached("SELECT id, name, phases FROM series WHERE location = ?1")?;
+    let rows = st.query_map([conn.location()], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             SeriesNames {
@@ -137,21 +148,19 @@ fn all_series(conn: &Connection) -> rusqlite::Result<HashMap<i64, SeriesNames>> 
 
 /// Call `f(phase index, µs)` for every phase of every run of `series` in `[lo, hi)`.
 pub(crate) fn fold_runs(
-    conn: &Connection,
+    conn: &Conn,
     series: i64,
     lo: i64,
     hi: i64,
     mut f: impl FnMut(usize, u64),
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     let mut st = conn.prepare_cached(
         "SELECT data FROM runs WHERE series = ?1 AND started_at >= ?2 AND started_at < ?3",
     )?;
-    let mut rows = st.query(params![series, lo, hi])?;
-    while let Some(r) = rows.next()? {
-        let data = r.get_ref(0)?.as_blob().unwrap_or(&[]);
-        let _ = codec::decode(data, &mut f);
-    }
-    Ok(())
+    st.query_each(params![series, lo, hi], |r| {
+        let _ = codec::decode(r.blob(0), &mut f);
+        Ok(())
+    })
 }
 
 /// Where a window `[since, until)` reads hourly rows (`hours`) and where runs (`runs`).
@@ -160,7 +169,7 @@ struct Split {
     runs: (i64, i64),
 }
 
-fn split(conn: &Connection, since_ms: i64, until_ms: i64) -> rusqlite::Result<Split> {
+fn split(conn: &Conn, since_ms: i64, until_ms: i64) -> db::Result<Split> {
     let fine_from = meta(conn, "fine_from")?;
     // A window takes whole minutes from the runs (as minute buckets did) and whole hours from
     // the hourly rows.
@@ -176,10 +185,10 @@ fn split(conn: &Connection, since_ms: i64, until_ms: i64) -> rusqlite::Result<Sp
 /// runs, whole hours from the hourly rows before `fine_from` (an hour overlapping the
 /// window's start is taken whole).
 pub fn window(
-    conn: &Connection,
+    conn: &Conn,
     since_ms: i64,
     until_ms: i64,
-) -> rusqlite::Result<BTreeMap<(String, String), Hist>> {
+) -> db::Result<BTreeMap<(String, String), Hist>> {
     let sp = split(conn, since_ms, until_ms)?;
     let series = all_series(conn)?;
     let mut out: BTreeMap<(String, String), Hist> = BTreeMap::new();
@@ -187,18 +196,18 @@ pub fn window(
         let mut st = conn.prepare_cached(
             "SELECT series, phase, data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2",
         )?;
-        let mut rows = st.query(params![sp.hours.0, sp.hours.1])?;
-        while let Some(r) = rows.next()? {
+        st.query_each(params![sp.hours.0, sp.hours.1], |r| {
             let Some(s) = series.get(&r.get::<_, i64>(0)?) else {
-                continue;
+                return Ok(());
             };
-            if let Some(h) = r.get_ref(2)?.as_blob().ok().and_then(decode) {
+            if let Some(h) = decode(r.blob(2)) {
                 let _ = out
                     .entry((s.name.clone(), r.get(1)?))
                     .or_insert_with(new_hist)
                     .add(&h);
             }
-        }
+            Ok(())
+        })?;
     }
     if sp.runs.0 < sp.runs.1 {
         for (id, s) in &series {
@@ -223,16 +232,16 @@ pub fn window(
 
 /// Merged histogram of one series and phase over a window (see [`window`]).
 pub fn series_window(
-    conn: &Connection,
+    conn: &Conn,
     series: &str,
     phase: &str,
     since_ms: i64,
     until_ms: i64,
-) -> rusqlite::Result<Hist> {
+) -> db::Result<Hist> {
     let mut h = new_hist();
     let row: Option<(i64, String)> = conn
-        .prepare_cached("SELECT id, phases FROM series WHERE name = ?1")?
-        .query_row([series], |r| Ok((r.get(0)?, r.get(1)?)))
+        .prepare_cached("SELECT id, phases FROM series WHERE location = ?1 AND name = ?2")?
+        .query_row([conn.location(), series], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let Some((id, phases)) = row else {
         return Ok(h);
@@ -242,12 +251,12 @@ pub fn series_window(
         let mut st = conn.prepare_cached(
             "SELECT data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2 AND series = ?3 AND phase = ?4",
         )?;
-        let mut rows = st.query(params![sp.hours.0, sp.hours.1, id, phase])?;
-        while let Some(r) = rows.next()? {
-            if let Some(x) = r.get_ref(0)?.as_blob().ok().and_then(decode) {
+        st.query_each(params![sp.hours.0, sp.hours.1, id, phase], |r| {
+            if let Some(x) = decode(r.blob(0)) {
                 let _ = h.add(&x);
             }
-        }
+            Ok(())
+        })?;
     }
     if let Some(want) = parse_phases(&phases).iter().position(|p| p == phase) {
         if sp.runs.0 < sp.runs.1 {

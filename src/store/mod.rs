@@ -15,15 +15,17 @@
 //! Not here: deciding anything. The store records and answers queries.
 
 pub mod codec;
+pub mod db;
 pub mod hist;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use db::params;
+pub use db::{Conn, OptionalExtension, Target};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,7 +33,7 @@ use crate::probe::{ms, Outcome, RunResult};
 pub use hist::{Hist, HIST_MAX_US};
 
 /// Migration 3: compact runs keyed by series id, hourly histograms, bookkeeping. Its rows are
-/// converted from the version-1 tables by [`convert_v1`] in the same transaction.
+/// converted from the version-1 tables by [`convert_v1`] once the schema is current.
 const COMPACT: &str = "ALTER TABLE runs RENAME TO runs_v1;
     ALTER TABLE histograms RENAME TO histograms_v1;
     CREATE TABLE series (
@@ -59,8 +61,16 @@ const COMPACT: &str = "ALTER TABLE runs RENAME TO runs_v1;
     ) WITHOUT ROWID;
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;";
 
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-/// Append only: never edit a shipped entry.
+/// Migration 7: the location a series is measured from. A fleet (Postgres) keeps one series
+/// per probe and location; the single-machine SQLite store leaves it empty.
+const LOCATION: &str = "ALTER TABLE series ADD COLUMN location TEXT NOT NULL DEFAULT '';
+    -- postgres: ALTER TABLE series DROP CONSTRAINT series_name_key;
+    CREATE UNIQUE INDEX series_location_name ON series (location, name);";
+
+/// Schema migrations, applied in order; `PRAGMA user_version` (SQLite) or the
+/// `watchpost_schema` table (Postgres) records how many ran. Append only: never edit a
+/// shipped entry. Each is SQLite DDL that Postgres runs through [`db::pg_ddl`], so a new
+/// table is added once for both databases (see [`db`] for the shared dialect).
 pub const MIGRATIONS: &[&str] = &[
     // 1: runs, histograms, skips
     "CREATE TABLE runs (
@@ -108,6 +118,8 @@ pub const MIGRATIONS: &[&str] = &[
         down INTEGER NOT NULL,
         PRIMARY KEY (bucket_start, series)
     ) WITHOUT ROWID;",
+    // 7: series.location
+    LOCATION,
 ];
 
 /// Migration 5: a random installation id, generated once with the database, and the first
@@ -131,7 +143,7 @@ pub struct Installation {
 
 impl Installation {
     /// Read it (the migration created it).
-    pub fn read(conn: &Connection) -> rusqlite::Result<Installation> {
+    pub fn read(conn: &Conn) -> db::Result<Installation> {
         Ok(Installation {
             id: format!("{:016x}", hist::meta(conn, "installation_id")?),
             since_incident: hist::meta(conn, "installation_since")?,
@@ -145,6 +157,25 @@ impl Installation {
             Some(id) if id < self.since_incident => None,
             _ => Some(self.id.clone()),
         }
+    }
+}
+
+/// Migrations whose SQLite text Postgres cannot run as mapped by [`db::pg_ddl`]: their
+/// Postgres form, by index into [`MIGRATIONS`]. Add one only where the dialects disagree.
+const PG_OVERRIDES: &[(usize, &str)] = &[(
+    4,
+    // INSTALLATION: `INSERT OR IGNORE` and SQLite's 64-bit `random()`.
+    "INSERT INTO meta (key, value)
+        VALUES ('installation_id', floor(random() * 4611686018427387903)::bigint) ON CONFLICT DO NOTHING;
+    INSERT INTO meta (key, value)
+        VALUES ('installation_since', (SELECT coalesce(max(id), 0) + 1 FROM incidents)) ON CONFLICT DO NOTHING;",
+)];
+
+/// Migration `i` (0-based) as Postgres runs it.
+fn pg_migration(i: usize) -> String {
+    match PG_OVERRIDES.iter().find(|(j, _)| *j == i) {
+        Some((_, sql)) => sql.to_string(),
+        None => db::pg_ddl(MIGRATIONS[i]),
     }
 }
 
@@ -169,39 +200,112 @@ const DETAILS_EVERY_MS: i64 = HOUR_MS;
 /// Rows one pruning statement deletes at most.
 const PRUNE_ROWS: i64 = 200;
 
-/// Open (creating if needed) the database for writing and bring the schema up to date.
-pub fn open(path: &Path) -> anyhow::Result<Connection> {
+/// Open (creating if needed) the SQLite database for writing and bring the schema up to date.
+pub fn open(path: &Path) -> anyhow::Result<Conn> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating data directory {}", dir.display()))?;
         }
     }
-    let mut conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    migrate(&mut conn)?;
+    let c =
+        rusqlite::Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    let conn = Conn::sqlite(c);
+    migrate(&conn)?;
     Ok(conn)
 }
 
-/// Open a read-only connection; `None` when the database does not exist yet.
-pub fn open_reader(path: &Path) -> anyhow::Result<Option<Connection>> {
+/// Open a read-only SQLite connection; `None` when the database does not exist yet.
+pub fn open_reader(path: &Path) -> anyhow::Result<Option<Conn>> {
     if !path.exists() {
         return Ok(None);
     }
-    let conn = Connection::open_with_flags(
+    let c = rusqlite::Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .with_context(|| format!("opening {} for reading", path.display()))?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(Some(conn))
+    c.busy_timeout(Duration::from_secs(5))?;
+    Ok(Some(Conn::sqlite(c)))
 }
 
-fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
-    let version: usize =
-        conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+impl Target {
+    /// The database `config` names: Postgres when `[agent] database_url_env` is set, else
+    /// SQLite in the data directory.
+    pub fn of(config: &crate::config::Config) -> anyhow::Result<Target> {
+        match &config.agent.database_url {
+            Some(url) => Ok(Target::Postgres(db::Pg::new(
+                url.expose(),
+                &config.agent.location,
+            )?)),
+            None => Ok(Target::Sqlite(config.db_path())),
+        }
+    }
+
+    /// A read connection; `None` when a SQLite database does not exist yet.
+    pub fn reader(&self) -> anyhow::Result<Option<Conn>> {
+        match self {
+            Target::Sqlite(p) => open_reader(p),
+            Target::Postgres(pg) => Ok(Some(pg.conn()?)),
+        }
+    }
+
+    /// A connection for the writer, schema brought up to date.
+    fn writer(&self) -> anyhow::Result<Conn> {
+        match self {
+            Target::Sqlite(p) => open(p),
+            Target::Postgres(pg) => {
+                let conn = pg.conn().context("connecting to Postgres")?;
+                migrate(&conn)?;
+                Ok(conn)
+            }
+        }
+    }
+}
+
+/// Advisory lock key that serialises migrations of agents starting at once ("watchpost").
+const MIGRATE_LOCK: i64 = 0x7761_7463_6870_6f73;
+
+fn migrate(conn: &Conn) -> anyhow::Result<()> {
+    if conn.is_postgres() {
+        conn.execute("SELECT pg_advisory_lock(?1)", [MIGRATE_LOCK])?;
+        let r = migrate_locked(conn);
+        let _ = conn.execute("SELECT pg_advisory_unlock(?1)", [MIGRATE_LOCK]);
+        return r;
+    }
+    migrate_locked(conn)
+}
+
+fn schema_version(conn: &Conn) -> db::Result<usize> {
+    if conn.is_postgres() {
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS watchpost_schema (version BIGINT NOT NULL)",
+        )?;
+        conn.query_row(
+            "SELECT coalesce(max(version), 0) FROM watchpost_schema",
+            [],
+            |r| r.get(0),
+        )
+    } else {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+    }
+}
+
+fn set_schema_version(conn: &Conn, v: usize) -> db::Result<()> {
+    if conn.is_postgres() {
+        conn.execute("DELETE FROM watchpost_schema", [])?;
+        conn.execute("INSERT INTO watchpost_schema (version) VALUES (?1)", [v])?;
+        Ok(())
+    } else {
+        conn.execute_batch(&format!("PRAGMA user_version = {v}"))
+    }
+}
+
+fn migrate_locked(conn: &Conn) -> anyhow::Result<()> {
+    let version = schema_version(conn)?;
     if version > MIGRATIONS.len() {
         anyhow::bail!(
             "database schema version {version} is newer than this watchpost knows ({}); upgrade watchpost",
@@ -209,18 +313,41 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         );
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)
+        conn.begin()?;
+        let r = (|| -> anyhow::Result<()> {
+            if conn.is_postgres() {
+                conn.execute_batch(&pg_migration(i))
+            } else {
+                conn.execute_batch(sql)
+            }
             .with_context(|| format!("applying migration {}", i + 1))?;
-        if *sql == COMPACT {
-            let n = convert_v1(&tx)
-                .with_context(|| format!("converting stored runs (migration {})", i + 1))?;
-            if n > 0 {
-                tracing::info!(runs = n, "converted stored runs to the compact format");
+            set_schema_version(conn, i + 1)?;
+            Ok(())
+        })();
+        match r {
+            Ok(()) => conn.commit()?,
+            Err(e) => {
+                let _ = conn.rollback();
+                return Err(e);
             }
         }
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
+    }
+    // The version-1 rows are converted once the schema is current (migration 3 renamed
+    // their tables; the conversion drops them, so an interrupted one is taken up again).
+    if conn.table_exists("runs_v1")? {
+        conn.begin()?;
+        match convert_v1(conn) {
+            Ok(n) => {
+                conn.commit()?;
+                if n > 0 {
+                    tracing::info!(runs = n, "converted stored runs to the compact format");
+                }
+            }
+            Err(e) => {
+                let _ = conn.rollback();
+                return Err(anyhow::Error::from(e).context("converting stored runs (migration 3)"));
+            }
+        }
     }
     Ok(())
 }
@@ -335,14 +462,14 @@ impl Latest {
     }
 
     /// Seed from the database (at start): the newest runs and the strips.
-    fn seed(&self, conn: &Connection, latest: Vec<LatestRun>) -> rusqlite::Result<()> {
+    fn seed(&self, conn: &Conn, latest: Vec<LatestRun>) -> db::Result<()> {
         let mut st = conn.prepare(
             "SELECT started_at, outcome FROM runs WHERE series = ?1 ORDER BY started_at DESC LIMIT ?2",
         )?;
         let series = hist::series_names(conn)?;
         let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
-        for s in series.into_values() {
-            let rows = st.query_map(params![hist_id(conn, &s.name)?, RECENT_RUNS as i64], |r| {
+        for (id, s) in series {
+            let rows = st.query_map(params![id, RECENT_RUNS as i64], |r| {
                 Ok(Tick(r.get(0)?, outcome_of(r.get(1)?).as_str()))
             })?;
             let mut ticks: Vec<Tick> = rows.collect::<Result<_, _>>()?;
@@ -359,14 +486,9 @@ impl Latest {
     }
 }
 
-fn hist_id(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
-    conn.prepare_cached("SELECT id FROM series WHERE name = ?1")?
-        .query_row([name], |r| r.get(0))
-}
-
 /// Called once the batch holding the operation has committed (`Ok`) or failed (`Err`).
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
-type ExecFn = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+type ExecFn = Box<dyn FnOnce(&Conn) -> Reply + Send>;
 type StepResult = anyhow::Result<(MaintainStats, Option<MaintainCursor>)>;
 
 enum Op {
@@ -387,7 +509,7 @@ enum Op {
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Op>,
-    path: PathBuf,
+    target: Target,
     latest: Latest,
 }
 
@@ -405,9 +527,14 @@ impl WriterHandle {
 const BATCH: usize = 1024;
 
 impl Store {
-    /// Open the database and start the writer thread.
+    /// Open the SQLite database at `path` and start the writer thread.
     pub fn start(path: &Path) -> anyhow::Result<(Store, WriterHandle)> {
-        let conn = open(path)?;
+        Store::open(Target::Sqlite(path.to_path_buf()))
+    }
+
+    /// Open the database (SQLite or Postgres), migrate it and start the writer thread.
+    pub fn open(target: Target) -> anyhow::Result<(Store, WriterHandle)> {
+        let conn = target.writer()?;
         let latest = Latest::default();
         latest.seed(&conn, latest_runs(&conn)?)?;
         let state = State::load(&conn)?;
@@ -416,18 +543,12 @@ impl Store {
         let handle = std::thread::Builder::new()
             .name("watchpost-writer".into())
             .spawn(move || writer_loop(conn, state, l, rx))?;
-        Ok((
-            Store {
-                tx,
-                path: path.to_path_buf(),
-                latest,
-            },
-            WriterHandle(handle),
-        ))
+        Ok((Store { tx, target, latest }, WriterHandle(handle)))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The database this store writes.
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
     /// The in-memory newest run of each series (for `GET /api/runs/latest`).
@@ -458,10 +579,10 @@ impl Store {
     pub async fn write<T, F>(&self, f: F) -> anyhow::Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        F: FnOnce(&Conn) -> db::Result<T> + Send + 'static,
     {
         let (otx, orx) = oneshot::channel::<anyhow::Result<T>>();
-        let op = Op::Exec(Box::new(move |conn: &Connection| -> Reply {
+        let op = Op::Exec(Box::new(move |conn: &Conn| -> Reply {
             let r = savepoint(conn, f);
             // Answer only after the batch commits, so callers never see uncommitted writes.
             Box::new(move |commit: Result<(), String>| {
@@ -525,15 +646,12 @@ impl Store {
     }
 
     /// A fresh read connection.
-    pub fn reader(&self) -> anyhow::Result<Connection> {
-        open_reader(&self.path)?.context("database disappeared")
+    pub fn reader(&self) -> anyhow::Result<Conn> {
+        self.target.reader()?.context("database disappeared")
     }
 }
 
-fn savepoint<T>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
+fn savepoint<T>(conn: &Conn, f: impl FnOnce(&Conn) -> db::Result<T>) -> db::Result<T> {
     conn.execute_batch("SAVEPOINT op")?;
     match f(conn) {
         Ok(v) => {
@@ -572,10 +690,11 @@ struct State {
 }
 
 impl State {
-    fn load(conn: &Connection) -> rusqlite::Result<State> {
+    fn load(conn: &Conn) -> db::Result<State> {
         let mut series = HashMap::new();
-        let mut st = conn.prepare("SELECT id, name, kind, phases FROM series")?;
-        let rows = st.query_map([], |r| {
+        let mut st =
+            conn.prepare("SELECT id, name, kind, phases FROM series WHERE location = ?1")?;
+        let rows = st.query_map([conn.location()], |r| {
             Ok((
                 r.get::<_, String>(1)?,
                 SeriesInfo {
@@ -599,7 +718,7 @@ impl State {
     }
 }
 
-fn writer_loop(mut conn: Connection, mut state: State, latest: Latest, mut rx: mpsc::Receiver<Op>) {
+fn writer_loop(mut conn: Conn, mut state: State, latest: Latest, mut rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(op) = rx.blocking_recv() {
         batch.push(op);
@@ -614,11 +733,13 @@ fn writer_loop(mut conn: Connection, mut state: State, latest: Latest, mut rx: m
         }
         batch.clear();
     }
-    let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    if let Some(c) = conn.as_sqlite() {
+        let _ = c.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    }
 }
 
 fn apply_batch(
-    conn: &mut Connection,
+    conn: &mut Conn,
     state: &mut State,
     latest: &Latest,
     batch: &mut Vec<Op>,
@@ -643,16 +764,30 @@ fn apply_batch(
 }
 
 fn apply_ops(
-    conn: &mut Connection,
+    conn: &mut Conn,
     state: &mut State,
     batch: &mut Vec<Op>,
     replies: &mut Vec<Reply>,
     fresh: &mut Vec<LatestRun>,
 ) -> anyhow::Result<()> {
-    let tx = conn.transaction()?;
+    conn.begin()?;
+    let r = apply_each(conn, state, batch, replies, fresh).and_then(|()| Ok(conn.commit()?));
+    if r.is_err() {
+        let _ = conn.rollback();
+    }
+    r
+}
+
+fn apply_each(
+    tx: &Conn,
+    state: &mut State,
+    batch: &mut Vec<Op>,
+    replies: &mut Vec<Reply>,
+    fresh: &mut Vec<LatestRun>,
+) -> anyhow::Result<()> {
     for op in batch.drain(..) {
         match op {
-            Op::Run(r) => insert_run(&tx, state, &r, fresh)?,
+            Op::Run(r) => insert_run(tx, state, &r, fresh)?,
             Op::Skip {
                 probe,
                 planned_at_ms,
@@ -660,14 +795,14 @@ fn apply_ops(
                 tx.prepare_cached("INSERT INTO skips (probe, planned_at) VALUES (?1, ?2)")?
                     .execute(params![probe, planned_at_ms])?;
             }
-            Op::Exec(f) => replies.push(f(&tx)),
+            Op::Exec(f) => replies.push(f(tx)),
             Op::Maintain { cut, cursor, reply } => {
                 let (t0, cpu0) = (Instant::now(), thread_cpu());
-                let r = savepoint(&tx, |c| maintain_step(c, state, &cut, cursor, CHUNK_BUDGET));
+                let r = savepoint(tx, |c| maintain_step(c, state, &cut, cursor, CHUNK_BUDGET));
                 let took = t0.elapsed();
                 let cpu = thread_cpu().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
                 if r.is_err() {
-                    if let Ok(s) = State::load(&tx) {
+                    if let Ok(s) = State::load(tx) {
                         *state = s;
                     }
                 }
@@ -687,7 +822,6 @@ fn apply_ops(
             }
         }
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -705,11 +839,11 @@ struct Row<'a> {
 }
 
 fn insert_run(
-    tx: &Connection,
+    tx: &Conn,
     state: &mut State,
     r: &RunResult,
     fresh: &mut Vec<LatestRun>,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     let started_ms = r.started_at.timestamp_millis();
     let row = Row {
         series: &r.probe,
@@ -747,19 +881,22 @@ fn insert_run(
 }
 
 fn ensure_series<'s>(
-    tx: &Connection,
+    tx: &Conn,
     state: &'s mut State,
     name: &str,
     kind: &str,
-) -> rusqlite::Result<&'s mut SeriesInfo> {
+) -> db::Result<&'s mut SeriesInfo> {
     if !state.series.contains_key(name) {
-        tx.prepare_cached(
-            "INSERT INTO series (name, kind) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
-        )?
-        .execute(params![name, kind])?;
+        let location = tx.location();
+        tx.execute(
+            "INSERT INTO series (name, kind, location) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            params![name, kind, location],
+        )?;
         let info = tx
-            .prepare_cached("SELECT id, kind, phases FROM series WHERE name = ?1")?
-            .query_row([name], |r| {
+            .prepare_cached(
+                "SELECT id, kind, phases FROM series WHERE location = ?1 AND name = ?2",
+            )?
+            .query_row([location, name], |r| {
                 Ok(SeriesInfo {
                     id: r.get(0)?,
                     kind: r.get(1)?,
@@ -770,11 +907,11 @@ fn ensure_series<'s>(
     }
     match state.series.get_mut(name) {
         Some(info) => Ok(info),
-        None => Err(rusqlite::Error::QueryReturnedNoRows),
+        None => Err(db::Error::NoRows),
     }
 }
 
-fn insert_row(tx: &Connection, state: &mut State, row: &Row) -> rusqlite::Result<LatestRun> {
+fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> {
     let info = ensure_series(tx, state, row.series, row.kind)?;
     if info.kind != row.kind {
         tx.prepare_cached("UPDATE series SET kind = ?2 WHERE id = ?1")?
@@ -831,7 +968,9 @@ fn insert_row(tx: &Connection, state: &mut State, row: &Row) -> rusqlite::Result
     state.buf.clear();
     codec::encode(&mut state.buf, &idx, row.duration.as_micros() as u64);
     tx.prepare_cached(
-        "INSERT OR REPLACE INTO runs (series, started_at, outcome, lag_us, data, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO runs (series, started_at, outcome, lag_us, data, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (series, started_at) DO UPDATE SET outcome = excluded.outcome, lag_us = excluded.lag_us,
+         data = excluded.data, note = excluded.note",
     )?
     .execute(params![
         id,
@@ -848,8 +987,9 @@ fn insert_row(tx: &Connection, state: &mut State, row: &Row) -> rusqlite::Result
         let o = outcome_code(row.outcome);
         tx.prepare_cached(
             "INSERT INTO hourly_outcomes (bucket_start, series, up, degraded, down) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (bucket_start, series) DO UPDATE SET up = up + excluded.up,
-               degraded = degraded + excluded.degraded, down = down + excluded.down",
+             ON CONFLICT (bucket_start, series) DO UPDATE SET up = hourly_outcomes.up + excluded.up,
+               degraded = hourly_outcomes.degraded + excluded.degraded,
+               down = hourly_outcomes.down + excluded.down",
         )?
         .execute(params![hour, id, (o == 0) as i64, (o == 1) as i64, (o == 2) as i64])?;
         for (name, d) in &row.phases {
@@ -883,7 +1023,7 @@ fn insert_row(tx: &Connection, state: &mut State, row: &Row) -> rusqlite::Result
 /// Convert the rows of the version-1 tables (runs with text columns, per-minute and hourly
 /// histograms keyed by name) and drop them. The old histograms become hourly rows (they hold
 /// exactly the old runs' latencies), and `rolled_until`/`fine_from` start after them.
-fn convert_v1(tx: &Connection) -> rusqlite::Result<usize> {
+fn convert_v1(tx: &Conn) -> db::Result<usize> {
     let mut state = State::load(tx)?;
     let mut n = 0;
     {
@@ -891,9 +1031,8 @@ fn convert_v1(tx: &Connection) -> rusqlite::Result<usize> {
             "SELECT probe, kind, started_at, outcome, error_class, error_message, duration_ms, lag_ms, phases, details
              FROM runs_v1 ORDER BY id",
         )?;
-        let mut rows = st.query([])?;
         let dur = |ms: f64| Duration::from_micros((ms.max(0.0) * 1000.0).round() as u64);
-        while let Some(r) = rows.next()? {
+        st.query_each([], |r| {
             let probe: String = r.get(0)?;
             let kind: String = r.get(1)?;
             let class: Option<String> = r.get(4)?;
@@ -920,7 +1059,8 @@ fn convert_v1(tx: &Connection) -> rusqlite::Result<usize> {
             };
             insert_row(tx, &mut state, &row)?;
             n += 1;
-        }
+            Ok(())
+        })?;
     }
     // Old histograms, merged per series, phase and hour (read in that order, so only one
     // hour is held at a time).
@@ -928,23 +1068,21 @@ fn convert_v1(tx: &Connection) -> rusqlite::Result<usize> {
         let mut st = tx.prepare(
             "SELECT series, phase, bucket_start, data FROM histograms_v1 ORDER BY series, phase, bucket_start",
         )?;
-        let mut rows = st.query([])?;
         let mut cur: Option<(String, String, i64, Hist)> = None;
-        let flush =
-            |state: &mut State, c: Option<(String, String, i64, Hist)>| -> rusqlite::Result<()> {
-                if let Some((series, phase, hour, h)) = c {
-                    let kind = if series.contains('/') { "subcheck" } else { "" };
-                    let id = ensure_series(tx, state, &series, kind)?.id;
-                    hist::add_hourly(tx, hour, id, &phase, &h)?;
-                }
-                Ok(())
-            };
-        while let Some(r) = rows.next()? {
+        let flush = |state: &mut State, c: Option<(String, String, i64, Hist)>| -> db::Result<()> {
+            if let Some((series, phase, hour, h)) = c {
+                let kind = if series.contains('/') { "subcheck" } else { "" };
+                let id = ensure_series(tx, state, &series, kind)?.id;
+                hist::add_hourly(tx, hour, id, &phase, &h)?;
+            }
+            Ok(())
+        };
+        st.query_each([], |r| {
             let series: String = r.get(0)?;
             let phase: String = r.get(1)?;
             let hour = hist::floor(r.get(2)?, HOUR);
-            let Some(h) = r.get_ref(3)?.as_blob().ok().and_then(hist::decode) else {
-                continue;
+            let Some(h) = hist::decode(r.blob(3)) else {
+                return Ok(());
             };
             match &mut cur {
                 Some((s, p, hr, acc)) if *s == series && *p == phase && *hr == hour => {
@@ -955,7 +1093,8 @@ fn convert_v1(tx: &Connection) -> rusqlite::Result<usize> {
                     cur = Some((series, phase, hour, h));
                 }
             }
-        }
+            Ok(())
+        })?;
         flush(&mut state, cur.take())?;
     }
     let end: Option<i64> = tx.query_row(
@@ -972,11 +1111,11 @@ fn convert_v1(tx: &Connection) -> rusqlite::Result<usize> {
     Ok(n)
 }
 
-fn set_meta(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
-    conn.prepare_cached(
+fn set_meta(conn: &Conn, key: &str, value: i64) -> db::Result<()> {
+    conn.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )?
-    .execute(params![key, value])?;
+        params![hist::meta_key(conn, key), value],
+    )?;
     Ok(())
 }
 
@@ -1037,16 +1176,16 @@ fn thread_cpu() -> Option<Duration> {
 /// Stages: 0 roll up finished hours, 1 move the read boundaries, 2 prune runs series by
 /// series, 3 prune hourly rows and skips.
 fn maintain_step(
-    tx: &Connection,
+    tx: &Conn,
     state: &mut State,
     cut: &Cutoffs,
     mut cur: MaintainCursor,
     budget: Duration,
-) -> rusqlite::Result<(MaintainStats, Option<MaintainCursor>)> {
+) -> db::Result<(MaintainStats, Option<MaintainCursor>)> {
     let t0 = Instant::now();
     let mut stats = MaintainStats::default();
     let more = |cur| Ok(Some(cur));
-    let r: rusqlite::Result<Option<MaintainCursor>> = (|| {
+    let r: db::Result<Option<MaintainCursor>> = (|| {
         if cur.stage == 0 {
             loop {
                 if t0.elapsed() >= budget {
@@ -1061,9 +1200,9 @@ fn maintain_step(
                     let first: Option<i64> = tx
                         .prepare_cached(
                             "SELECT min((SELECT started_at FROM runs WHERE series = s.id AND started_at >= ?1
-                                         ORDER BY started_at LIMIT 1)) FROM series s",
+                                         ORDER BY started_at LIMIT 1)) FROM series s WHERE s.location = ?2",
                         )?
-                        .query_row([hour], |r| r.get(0))?;
+                        .query_row(params![hour, tx.location()], |r| r.get(0))?;
                     let Some(first) = first else { break };
                     let first_hour = hist::floor(first, HOUR);
                     if first_hour > hour {
@@ -1072,8 +1211,8 @@ fn maintain_step(
                     }
                 }
                 let next: Option<i64> = tx
-                    .prepare_cached("SELECT id FROM series WHERE id > ?1 ORDER BY id LIMIT 1")?
-                    .query_row([state.roll_cursor], |r| r.get(0))
+                    .prepare_cached(NEXT_SERIES)?
+                    .query_row(params![state.roll_cursor, tx.location()], |r| r.get(0))
                     .optional()?;
                 match next {
                     Some(id) => {
@@ -1110,8 +1249,8 @@ fn maintain_step(
                     return more(cur);
                 }
                 let next: Option<i64> = tx
-                    .prepare_cached("SELECT id FROM series WHERE id > ?1 ORDER BY id LIMIT 1")?
-                    .query_row([cur.after], |r| r.get(0))
+                    .prepare_cached(NEXT_SERIES)?
+                    .query_row(params![cur.after, tx.location()], |r| r.get(0))
                     .optional()?;
                 let Some(id) = next else { break };
                 let n = tx
@@ -1147,7 +1286,7 @@ fn maintain_step(
                 .execute(params![cut.hourly, PRUNE_ROWS])?;
             let s = tx
                 .prepare_cached(
-                    "DELETE FROM skips WHERE rowid IN (SELECT rowid FROM skips WHERE planned_at < ?1 LIMIT ?2)",
+                    "DELETE FROM skips WHERE (probe, planned_at) IN (SELECT probe, planned_at FROM skips WHERE planned_at < ?1 LIMIT ?2)",
                 )?
                 .execute(params![runs_from, PRUNE_ROWS])?;
             if (n as i64) < PRUNE_ROWS && (s as i64) < PRUNE_ROWS && (o as i64) < PRUNE_ROWS {
@@ -1161,8 +1300,12 @@ fn maintain_step(
     Ok((stats, next))
 }
 
+/// The next series of this location after an id (maintenance walks them in id order).
+const NEXT_SERIES: &str =
+    "SELECT id FROM series WHERE id > ?1 AND location = ?2 ORDER BY id LIMIT 1";
+
 /// Roll one series' runs of the hour starting at `hour` into hourly rows; returns how many.
-fn roll_series(tx: &Connection, id: i64, hour: i64) -> rusqlite::Result<usize> {
+fn roll_series(tx: &Conn, id: i64, hour: i64) -> db::Result<usize> {
     let phases: String = tx
         .prepare_cached("SELECT phases FROM series WHERE id = ?1")?
         .query_row([id], |r| r.get(0))?;
@@ -1175,7 +1318,10 @@ fn roll_series(tx: &Connection, id: i64, hour: i64) -> rusqlite::Result<usize> {
     })?;
     tx.prepare_cached(
         "INSERT INTO hourly_outcomes (bucket_start, series, up, degraded, down)
-         SELECT ?2, ?1, coalesce(sum(outcome = 0), 0), coalesce(sum(outcome = 1), 0), coalesce(sum(outcome = 2), 0)
+         SELECT CAST(?2 AS BIGINT), CAST(?1 AS BIGINT),
+           coalesce(sum(CASE WHEN outcome = 0 THEN 1 ELSE 0 END), 0),
+           coalesce(sum(CASE WHEN outcome = 1 THEN 1 ELSE 0 END), 0),
+           coalesce(sum(CASE WHEN outcome = 2 THEN 1 ELSE 0 END), 0)
          FROM runs WHERE series = ?1 AND started_at >= ?2 AND started_at < ?3 HAVING count(*) > 0
          ON CONFLICT (bucket_start, series) DO UPDATE SET up = excluded.up, degraded = excluded.degraded,
            down = excluded.down",
@@ -1211,13 +1357,13 @@ impl Counts {
 }
 
 /// Outcome counts per series since `since_ms`.
-pub fn counts_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<HashMap<String, Counts>> {
+pub fn counts_since(conn: &Conn, since_ms: i64) -> db::Result<HashMap<String, Counts>> {
     let mut st = conn.prepare_cached(
         "SELECT s.name, r.outcome, count(*) FROM series s JOIN runs r ON r.series = s.id AND r.started_at >= ?1
-         GROUP BY s.id, r.outcome",
+         WHERE s.location = ?2 GROUP BY s.id, s.name, r.outcome",
     )?;
     let mut out: HashMap<String, Counts> = HashMap::new();
-    let rows = st.query_map([since_ms], |r| {
+    let rows = st.query_map(params![since_ms, conn.location()], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, i64>(1)?,
@@ -1249,25 +1395,25 @@ impl std::ops::AddAssign for Counts {
 /// the runs where they are kept and from the hourly outcome rows before that (an hour is
 /// counted whole, in the bucket where it starts).
 pub fn outcomes(
-    conn: &Connection,
+    conn: &Conn,
     series: Option<&[String]>,
     since_ms: i64,
     until_ms: i64,
     bucket_ms: i64,
-) -> rusqlite::Result<HashMap<String, Vec<Counts>>> {
+) -> db::Result<HashMap<String, Vec<Counts>>> {
     outcomes_from(conn, series, since_ms, since_ms, until_ms, bucket_ms)
 }
 
 /// [`outcomes`] over `[since_ms, until_ms)` with buckets counted from `origin_ms` (at or
 /// before `since_ms`): a part of a longer bucketed window.
 pub fn outcomes_from(
-    conn: &Connection,
+    conn: &Conn,
     series: Option<&[String]>,
     origin_ms: i64,
     since_ms: i64,
     until_ms: i64,
     bucket_ms: i64,
-) -> rusqlite::Result<HashMap<String, Vec<Counts>>> {
+) -> db::Result<HashMap<String, Vec<Counts>>> {
     let bucket_ms = bucket_ms.max(1);
     let origin_ms = origin_ms.min(since_ms);
     let n = ((until_ms - origin_ms).max(0) + bucket_ms - 1) / bucket_ms;
@@ -1278,8 +1424,10 @@ pub fn outcomes_from(
     let boundary = hist::floor(runs_from + HOUR_MS - 1, HOUR).min(rolled);
     let mut ids: Vec<(i64, String)> = Vec::new();
     {
-        let mut st = conn.prepare_cached("SELECT id, name FROM series")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut st = conn.prepare_cached("SELECT id, name FROM series WHERE location = ?1")?;
+        let rows = st.query_map([conn.location()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
         for row in rows {
             let (id, name) = row?;
             if series.is_none_or(|list| list.contains(&name)) {
@@ -1302,8 +1450,7 @@ pub fn outcomes_from(
         let mut any = false;
         let hi = boundary.min(until_ms);
         if since_ms < hi {
-            let mut rows = hours.query(params![hist::floor(since_ms, HOUR), hi, id])?;
-            while let Some(r) = rows.next()? {
+            hours.query_each(params![hist::floor(since_ms, HOUR), hi, id], |r| {
                 let c = Counts {
                     up: r.get::<_, i64>(1)? as u64,
                     degraded: r.get::<_, i64>(2)? as u64,
@@ -1311,12 +1458,12 @@ pub fn outcomes_from(
                 };
                 v[slot(r.get(0)?)] += c;
                 any = true;
-            }
+                Ok(())
+            })?;
         }
         let lo = since_ms.max(boundary);
         if lo < until_ms {
-            let mut rows = runs.query(params![origin_ms, bucket_ms, id, lo, until_ms])?;
-            while let Some(r) = rows.next()? {
+            runs.query_each(params![origin_ms, bucket_ms, id, lo, until_ms], |r| {
                 let i = (r.get::<_, i64>(0)?.max(0) as usize).min(n - 1);
                 let k = r.get::<_, i64>(2)? as u64;
                 match outcome_of(r.get(1)?) {
@@ -1325,7 +1472,8 @@ pub fn outcomes_from(
                     Outcome::Down => v[i].down += k,
                 }
                 any = true;
-            }
+                Ok(())
+            })?;
         }
         if any {
             out.insert(name, v);
@@ -1352,17 +1500,17 @@ pub struct LatestRun {
 
 /// The newest stored run of each series, from the database (the writer keeps the same in
 /// memory: [`Store::latest`]).
-pub fn latest_runs(conn: &Connection) -> rusqlite::Result<Vec<LatestRun>> {
+pub fn latest_runs(conn: &Conn) -> db::Result<Vec<LatestRun>> {
     let mut st = conn.prepare(
         "SELECT s.name, s.kind, s.phases, r.started_at, r.outcome, r.data, r.note FROM series s
          JOIN runs r ON r.series = s.id
           AND r.started_at = (SELECT max(started_at) FROM runs WHERE series = s.id)
-         ORDER BY s.name",
+         WHERE s.location = ?1 ORDER BY s.name",
     )?;
-    let rows = st.query_map([], |r| {
+    let rows = st.query_map([conn.location()], |r| {
         let names = hist::parse_phases(&r.get::<_, String>(2)?);
         let mut phases = Map::new();
-        let data = r.get_ref(5)?.as_blob().unwrap_or(&[]);
+        let data = r.blob(5);
         let duration_us = codec::decode(data, |i, us| {
             if let Some(n) = names.get(i) {
                 phases.insert(n.clone(), Value::from(us as f64 / 1000.0));
