@@ -532,7 +532,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 }
             };
             let now = chrono::Utc::now().timestamp_millis();
-            let r = match store::open_reader(&c.db_path())? {
+            let r = match store::Target::of(&c)?.reader()? {
                 Some(conn) => report::build(&c, &conn, w, now)?,
                 None => report::Report::empty(w, now),
             };
@@ -556,7 +556,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            let list = match store::open_reader(&c.db_path())? {
+            let list = match store::Target::of(&c)?.reader()? {
                 Some(conn) => incident::list_incidents(&conn, open)?,
                 None => vec![],
             };

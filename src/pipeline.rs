@@ -157,7 +157,7 @@ impl Pipeline {
         opts: Options,
         shared: Shared,
     ) -> anyhow::Result<Pipeline> {
-        let (store, writer) = Store::start(&config.db_path())?;
+        let (store, writer) = Store::open(crate::store::Target::of(&config)?)?;
         let metrics = Metrics::new();
         shared
             .paused

@@ -1,7 +1,8 @@
 //! The store against a real SQLite file: runs persist across reopen, latency windows merge
 //! exactly whether they read runs or hourly rows, finished hours roll up, retention prunes in
 //! chunks that leave the writer free, old databases are converted, the latest run is served
-//! from memory, and the storage per run stays within its budget.
+//! from memory, and the storage per run stays within its budget. The tests of the store's
+//! behaviour run twice: on SQLite and on a real Postgres cluster (`common/pg.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,72 @@ use chrono::{TimeZone, Utc};
 use serde_json::json;
 use watchpost::config::{Dur, Retention};
 use watchpost::probe::{ErrorClass, ErrorInfo, Outcome, RunResult, SubCheck};
-use watchpost::store::{self, hist, Conn, Store, HOUR, MIGRATIONS};
+use watchpost::store::{self, db::Pg, hist, Conn, Store, Target, WriterHandle, HOUR, MIGRATIONS};
+
+#[path = "common/pg.rs"]
+mod pg;
+
+/// Where a test's store lives: the same tests run on SQLite and on a real Postgres.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+struct Db {
+    _dir: tempfile::TempDir,
+    _pg: Option<pg::PgCluster>,
+    target: Target,
+}
+
+impl Db {
+    fn new(b: Backend) -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        match b {
+            Backend::Sqlite => Db {
+                target: Target::Sqlite(dir.path().join("data/watchpost.db")),
+                _dir: dir,
+                _pg: None,
+            },
+            Backend::Postgres => {
+                let cluster = pg::PgCluster::start();
+                let pg = Pg::new(&cluster.default_url(), "test-location").unwrap();
+                Db {
+                    target: Target::Postgres(pg),
+                    _dir: dir,
+                    _pg: Some(cluster),
+                }
+            }
+        }
+    }
+
+    fn start(&self) -> (Store, WriterHandle) {
+        Store::open(self.target.clone()).unwrap()
+    }
+}
+
+/// `both!(f)`: tests `f::sqlite` and `f::postgres` running `async fn f(Backend)`.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(super::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+both!(
+    runs_and_latency_persist_across_reopen,
+    details_are_stored_only_when_they_say_something_new,
+    rollup_merges_hours_exactly_and_prunes,
+    write_is_atomic_per_operation,
+);
 
 fn run_at(probe: &str, ms: i64, total_ms: u64, outcome: Outcome) -> RunResult {
     RunResult {
@@ -68,13 +134,11 @@ fn quantiles(h: &hist::Hist) -> Vec<u64> {
         .collect()
 }
 
-#[tokio::test]
-async fn runs_and_latency_persist_across_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("data/watchpost.db");
+async fn runs_and_latency_persist_across_reopen(b: Backend) {
+    let db = Db::new(b);
     let base = aligned(T0, HOUR);
     {
-        let (s, writer) = Store::start(&db).unwrap();
+        let (s, writer) = db.start();
         // 100 runs in one minute: totals 1..=100 ms.
         for i in 1..=100u64 {
             s.record(run_at("api", base + i as i64 * 100, i, Outcome::Up))
@@ -90,7 +154,7 @@ async fn runs_and_latency_persist_across_reopen() {
         drop(s);
         writer.join().await;
     }
-    let (s, writer) = Store::start(&db).unwrap(); // reopen: migrations are idempotent
+    let (s, writer) = db.start(); // reopen: migrations are idempotent
     let c = s.reader().unwrap();
     assert_eq!(count(&c, "api"), 101);
     assert_eq!(count(&c, "api/checks.db"), 101);
@@ -148,10 +212,9 @@ async fn runs_and_latency_persist_across_reopen() {
     writer.join().await;
 }
 
-#[tokio::test]
-async fn details_are_stored_only_when_they_say_something_new() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, writer) = Store::start(&dir.path().join("d.db")).unwrap();
+async fn details_are_stored_only_when_they_say_something_new(b: Backend) {
+    let db = Db::new(b);
+    let (s, writer) = db.start();
     let base = aligned(T0, HOUR);
     let mut plan = Vec::new();
     // minutes of the runs; cert_days_left changes from the third run, run 6 fails
@@ -218,11 +281,9 @@ fn retention(runs_s: u64, minute_s: u64, hourly_s: u64) -> Retention {
     }
 }
 
-#[tokio::test]
-async fn rollup_merges_hours_exactly_and_prunes() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("watchpost.db");
-    let (s, writer) = Store::start(&db).unwrap();
+async fn rollup_merges_hours_exactly_and_prunes(b: Backend) {
+    let db = Db::new(b);
+    let (s, writer) = db.start();
     let hour = aligned(T0, HOUR);
     // 3 hours of runs, one per minute, total = minute index ms (1..=180).
     for m in 0..180i64 {
@@ -303,10 +364,9 @@ async fn rollup_merges_hours_exactly_and_prunes() {
     writer.join().await;
 }
 
-#[tokio::test]
-async fn write_is_atomic_per_operation() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, writer) = Store::start(&dir.path().join("w.db")).unwrap();
+async fn write_is_atomic_per_operation(b: Backend) {
+    let db = Db::new(b);
+    let (s, writer) = db.start();
     let r = s
         .write(|c| {
             c.execute("INSERT INTO skips (probe, planned_at) VALUES ('a', 1)", [])?;
