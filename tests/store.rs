@@ -339,6 +339,37 @@ async fn rollup_merges_hours_exactly_and_prunes(b: Backend) {
     assert_eq!(hourly(&c, "api", "total")[0], (hour, 61));
     let late = hist::window(&c, hour, hour + 3 * 3_600_000).unwrap()[&key].clone();
     assert_eq!((late.len(), late.max() / 1000), (181, 999));
+    // Outcomes outlive the runs in the hourly outcome rows, the late run counted in its hour,
+    // and the report reads them (with its component figures) on either database.
+    let api = ["api".to_string()];
+    let outcomes = store::outcomes(&c, Some(&api), hour, hour + 3 * 3_600_000, 3_600_000).unwrap();
+    let up: Vec<u64> = outcomes["api"].iter().map(|c| c.up).collect();
+    assert_eq!(up, vec![61, 60, 60]);
+    let cfg_path = db._dir.path().join("watchpost.toml");
+    std::fs::create_dir_all(db._dir.path().join("probes")).unwrap();
+    std::fs::write(
+        db._dir.path().join("probes/api.toml"),
+        "name = \"api\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/health\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &cfg_path,
+        "[agent]\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n\n\
+         [[component]]\nname = \"API\"\nprobes = [\"api\"]\nobjective = \"90%\"\n",
+    )
+    .unwrap();
+    let cfg = watchpost::config::load(&cfg_path).unwrap();
+    let r = watchpost::report::build(
+        &cfg,
+        &c,
+        Duration::from_secs(3 * 3600),
+        hour + 3 * 3_600_000,
+    )
+    .unwrap();
+    assert_eq!(r.components.len(), 1, "{:?}", r.components);
+    assert_eq!(r.components[0].window.runs, 181);
+    assert_eq!(r.components[0].window.availability_pct, Some(100.0));
+    assert!(r.incidents.is_empty() && r.rehearsals.is_empty());
     drop(c);
 
     // An hour later: nothing new to roll, the next hour of runs is pruned, the figures hold.
