@@ -129,6 +129,22 @@ pub struct ComponentRow {
     pub trend: Vec<AvailabilityPoint>,
 }
 
+impl ComponentRow {
+    /// The burn rate as the tables show it (`2.50×`, `-` without an objective).
+    fn burn_cell(&self) -> String {
+        self.burn_rate
+            .map(|b| format!("{b:.2}×"))
+            .unwrap_or_else(|| "-".into())
+    }
+
+    /// The error budget left (`80.0% <window>`, `-` without an objective).
+    fn budget_left_cell(&self, window: &str) -> String {
+        self.error_budget_remaining_pct
+            .map(|b| format!("{b:.1}% {window}"))
+            .unwrap_or_else(|| "-".into())
+    }
+}
+
 /// Availability of one bucket.
 #[derive(Debug, Clone, Serialize)]
 pub struct AvailabilityPoint {
@@ -894,12 +910,8 @@ pub fn render_table(r: &Report) -> String {
                 pct(c.window.availability_pct),
                 pct(c.window.degraded_pct),
                 pct(c.window.down_pct),
-                c.burn_rate
-                    .map(|b| format!("{b:.2}×"))
-                    .unwrap_or("-".into()),
-                c.error_budget_remaining_pct
-                    .map(|b| format!("{b:.1}% of {}", c.slo_window))
-                    .unwrap_or("-".into()),
+                c.burn_cell(),
+                c.budget_left_cell(&format!("of {}", c.slo_window)),
                 c.incidents
             );
         }
@@ -953,12 +965,8 @@ pub fn render_markdown(r: &Report) -> String {
                 pct(c.window.availability_pct),
                 pct(c.window.degraded_pct),
                 pct(c.window.down_pct),
-                c.burn_rate
-                    .map(|b| format!("{b:.2}×"))
-                    .unwrap_or("-".into()),
-                c.error_budget_remaining_pct
-                    .map(|b| format!("{b:.1}% ({})", c.slo_window))
-                    .unwrap_or("-".into()),
+                c.burn_cell(),
+                c.budget_left_cell(&format!("({})", c.slo_window)),
                 c.incidents
             );
         }
@@ -1218,10 +1226,8 @@ pub fn render_html(r: &Report) -> String {
                 pct(c.window.availability_pct),
                 pct(c.window.degraded_pct),
                 pct(c.window.down_pct),
-                c.burn_rate.map(|b| format!("{b:.2}×")).unwrap_or("-".into()),
-                c.error_budget_remaining_pct
-                    .map(|b| format!("{b:.1}% ({})", html_escape(&c.slo_window)))
-                    .unwrap_or("-".into()),
+                c.burn_cell(),
+                c.budget_left_cell(&format!("({})", html_escape(&c.slo_window))),
                 c.incidents
             );
         }
