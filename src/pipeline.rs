@@ -585,12 +585,17 @@ fn observe_run(m: &Metrics, r: &RunResult) {
     if let Some(wer) = detail("wer") {
         m.listen_wer.with([probe]).set(wer);
     }
+    // A run that is up is a debug line: at thousands of probes a line per run costs more CPU
+    // than the probe's own store write, and floods the journal (docs/BENCHMARKS.md).
     match &r.error {
         Some(e) => {
             tracing::info!(probe = %r.probe, outcome = %o, class = %e.class, error = %e.message, duration_ms = probe::ms(r.duration), "run")
         }
-        None => {
+        None if r.outcome != probe::Outcome::Up => {
             tracing::info!(probe = %r.probe, outcome = %o, duration_ms = probe::ms(r.duration), "run")
+        }
+        None => {
+            tracing::debug!(probe = %r.probe, outcome = %o, duration_ms = probe::ms(r.duration), "run")
         }
     }
 }

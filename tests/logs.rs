@@ -158,7 +158,8 @@ fn the_strict_parser_rejects_duplicate_keys_at_any_depth() {
 async fn run_json_log_lines_are_strict_json_with_stable_keys() {
     let peers = Peers::start().await;
     let t = rich_config(&peers);
-    let mut a = start_json(&t, &[]);
+    // Runs that are up are debug lines: ask for them from the pipeline only.
+    let mut a = start_json(&t, &[("WATCHPOST_LOG", "info,watchpost::pipeline=debug")]);
     a.api().await;
     // The incident opened, one notifier delivered, the other is retrying.
     a.wait_line(Duration::from_secs(15), |l| {
@@ -194,6 +195,12 @@ async fn run_json_log_lines_are_strict_json_with_stable_keys() {
         .as_str()
         .is_some_and(|e| !e.is_empty()));
     assert!(down["fields"]["duration_ms"].is_number());
+    assert_eq!(down["level"], "INFO", "{down:?}");
+    let up = parsed
+        .iter()
+        .find(|m| message(m) == "run" && m["fields"]["outcome"] == "up")
+        .unwrap_or_else(|| panic!("no up run line in:\n{}", lines.join("\n")));
+    assert_eq!(up["level"], "DEBUG", "{up:?}");
     // Optional values are plain numbers and strings when present.
     let changed = find("component status changed");
     assert!(changed["fields"]["incident"].is_u64(), "{changed:?}");
