@@ -225,9 +225,11 @@ pub async fn connect_via(
         }
     }
     // Small read buffers: a probe reads small messages, and hundreds of concurrent listen
-    // sessions should not each hold the 128 KiB default.
+    // sessions should not each hold the 128 KiB default. tungstenite also zeroes this much
+    // before every read (docs/BENCHMARKS.md, listen profile); a longer message still arrives
+    // whole: the frame's length is reserved once its header is read.
     let cfg = WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
+        .read_buffer_size(4 * 1024)
         .max_message_size(Some(t.max_message_bytes))
         .max_frame_size(Some(t.max_message_bytes));
     let connector = Connector::Rustls(t.tls.clone());
