@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use super::fault::Mode;
 use crate::config::{
-    duration::human, take_kind, Config, ConfigErrors, Diagnostic, Dur, Interp, Notifier, Sink,
+    duration::human, take_kind, Config, ConfigErrors, Diagnostic, Dur, Errors, Interp, Notifier,
     Source, SpanError,
 };
 use crate::incident::state::Status;
@@ -263,16 +263,12 @@ fn parse(src: &Source, config: &Config) -> Result<Rehearsal, Vec<Diagnostic>> {
                         err(body.span(), format!("notify.{name} must be a table"));
                         continue;
                     };
-                    let more = Sink::default();
-                    let parsed = take_kind(bt, body.span(), &more).and_then(|(kind, rest)| {
-                        NotifierConfig::from_kind(kind.get_ref(), kind.span(), rest)
-                    });
+                    let parsed = take_kind(bt, body.span()).map_err(Errors::from).and_then(
+                        |(kind, rest)| NotifierConfig::from_kind(kind.get_ref(), kind.span(), rest),
+                    );
                     match parsed {
                         Ok(config) => notify.push(Notifier { name, config }),
-                        Err(e) => err_at(e.located_in(bt)),
-                    }
-                    for e in more.take() {
-                        err_at(e);
+                        Err(errs) => errs.into_iter().for_each(|e| err_at(e.located_in(bt))),
                     }
                 }
             }

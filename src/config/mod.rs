@@ -9,12 +9,10 @@ pub mod duration;
 pub mod interp;
 pub mod schema;
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -120,6 +118,82 @@ impl SpanError {
     }
 }
 
+/// The problems a builder found, collected rather than returned one at a time: each check
+/// records its error and the builder goes on with the keys that do not depend on it, so one
+/// `validate` lists every problem of a file.
+#[derive(Debug, Default)]
+pub struct Errors {
+    errors: Vec<SpanError>,
+    /// Keys dropped for a bad value or a misspelt name (the top-level key they sit under,
+    /// and where): defaults stand in for them, so a check that depends on one is skipped
+    /// rather than reported against the default.
+    unread: Vec<(String, Option<Range<usize>>)>,
+}
+
+impl Errors {
+    pub fn push(&mut self, e: SpanError) {
+        self.errors.push(e);
+    }
+    /// The value of `r`, or `None` with its error recorded.
+    pub fn check<T>(&mut self, r: Result<T, SpanError>) -> Option<T> {
+        r.map_err(|e| self.push(e)).ok()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.errors.len()
+    }
+    /// Whether the top-level `key` was read as written (false when a value in it was bad or
+    /// a key in it misspelt).
+    pub fn read(&self, key: &str) -> bool {
+        !self.unread.iter().any(|(k, _)| k == key)
+    }
+    /// Whether every key under the top-level `key` that lies within `span` (one of its
+    /// tables, say) was read as written.
+    pub fn intact(&self, key: &str, span: &Range<usize>) -> bool {
+        !self.unread.iter().any(|(k, at)| {
+            k == key
+                && at
+                    .as_ref()
+                    .is_some_and(|at| span.start <= at.start && at.end <= span.end)
+        })
+    }
+    /// `value` when nothing was recorded, else every error.
+    pub fn finish<T>(self, value: T) -> Result<T, Errors> {
+        if self.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
+    }
+    /// Rewrite each recorded message (e.g. serde's wording into ours).
+    pub fn map(mut self, f: impl FnMut(SpanError) -> SpanError) -> Errors {
+        self.errors = self.errors.into_iter().map(f).collect();
+        self
+    }
+    pub fn iter(&self) -> std::slice::Iter<'_, SpanError> {
+        self.errors.iter()
+    }
+}
+
+impl From<SpanError> for Errors {
+    fn from(e: SpanError) -> Self {
+        Errors {
+            errors: vec![e],
+            unread: Vec::new(),
+        }
+    }
+}
+
+impl IntoIterator for Errors {
+    type Item = SpanError;
+    type IntoIter = std::vec::IntoIter<SpanError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.errors.into_iter()
+    }
+}
+
 /// Span of the value at `path` in `table`, or of the deepest part of the path that exists.
 fn locate<S: AsRef<str>>(table: &DeTable<'_>, path: &[S]) -> Option<Range<usize>> {
     let (first, rest) = path.split_first()?;
@@ -153,11 +227,19 @@ impl Source {
             Some(s) => line_col(&self.text, s.start),
             None => (1, 1),
         };
+        // One diagnostic, one line: a message from a library may span several.
+        let message: String = message.into();
+        let message = message
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
         Diagnostic {
             file: self.path.clone(),
             line,
             col,
-            message: message.into(),
+            message,
         }
     }
     pub fn err(&self, e: SpanError) -> Diagnostic {
@@ -880,6 +962,7 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
         },
         None => Vec::new(),
     };
+    let main_doc = DeTable::parse(&src.text).ok();
     let mut comp_names = HashMap::new();
     for c in &main.components {
         if comp_names.insert(c.name.get_ref().clone(), ()).is_some() {
@@ -951,23 +1034,29 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
                 "burn_alert needs an objective (e.g. objective = \"99.5%\") to measure the burn against",
             ));
         }
+        // At the key, or at the component's name when the value is an inherited default.
+        let at = |key: &str| {
+            main_doc
+                .as_ref()
+                .and_then(|d| component_key_span(d.get_ref(), c.name.get_ref(), key))
+                .or(Some(c.name.span()))
+        };
         if c.slo_window.0 < Duration::from_secs(3600) {
-            let at = DeTable::parse(&src.text)
-                .ok()
-                .and_then(|d| component_key_span(d.get_ref(), c.name.get_ref(), "slo_window"));
             diags.push(src.diag(
-                at.or(Some(c.name.span())),
+                at("slo_window"),
                 format!(
                     "slo_window {} is shorter than 1h",
                     duration::human(c.slo_window.0)
                 ),
             ));
         }
-        if c.failure_threshold == 0 || c.success_threshold == 0 {
-            diags.push(src.diag(
-                Some(c.name.span()),
-                "failure_threshold and success_threshold must be at least 1",
-            ));
+        for (key, n) in [
+            ("failure_threshold", c.failure_threshold),
+            ("success_threshold", c.success_threshold),
+        ] {
+            if n == 0 {
+                diags.push(src.diag(at(key), format!("{key} must be at least 1")));
+            }
         }
     }
     for m in &main.maintenance {
@@ -1040,9 +1129,17 @@ fn jitter_too_long(jitter: Duration, interval: Duration) -> String {
     )
 }
 
-/// `[defaults]` checks: each reported once, at the key.
-fn check_defaults(d: &Defaults, doc: &DeTable<'_>, src: &Source, diags: &mut Vec<Diagnostic>) {
+/// `[defaults]` checks: each reported once, at the key. Two keys are compared only when
+/// both were read (`parsed`: the file's parse errors), not a default standing in for one.
+fn check_defaults(
+    d: &Defaults,
+    doc: &DeTable<'_>,
+    parsed: &Errors,
+    src: &Source,
+    diags: &mut Vec<Diagnostic>,
+) {
     let at = |key: &str| locate(doc, &["defaults", key]);
+    let read = |key: &str| at(key).is_none_or(|s| parsed.intact("defaults", &s));
     if d.interval.0 < Duration::from_secs(1) {
         diags.push(src.diag(
             at("interval"),
@@ -1054,10 +1151,10 @@ fn check_defaults(d: &Defaults, doc: &DeTable<'_>, src: &Source, diags: &mut Vec
     }
     if d.timeout.0.is_zero() {
         diags.push(src.diag(at("timeout"), "timeout must be longer than 0s"));
-    } else if d.timeout.0 > d.interval.0 {
+    } else if d.timeout.0 > d.interval.0 && read("timeout") && read("interval") {
         diags.push(src.diag(at("timeout"), timeout_too_long(d.timeout.0, d.interval.0)));
     }
-    if d.jitter.0 >= d.interval.0 {
+    if d.jitter.0 >= d.interval.0 && read("jitter") && read("interval") {
         diags.push(src.diag(at("jitter"), jitter_too_long(d.jitter.0, d.interval.0)));
     }
     if d.retries > MAX_RETRIES {
@@ -1135,13 +1232,13 @@ fn parse_main(
         }
     };
     let (main, errors) = parse_lenient::<MainFile>(doc.get_ref().clone(), doc.span());
-    diags.extend(errors.into_iter().map(|e| src.err(e)));
+    diags.extend(errors.iter().map(|e| src.err(e.clone())));
     let main = main.unwrap_or_else(|| {
         let mut m = MainFile::default();
         m.agent.probes.clear();
         m
     });
-    check_defaults(&main.defaults, doc.get_ref(), src, diags);
+    check_defaults(&main.defaults, doc.get_ref(), &errors, src, diags);
     check_agent(&main.agent, doc.get_ref(), src, diags);
     let mut notifiers = Vec::new();
     if let Some(v) = doc.get_ref().get("notifier") {
@@ -1155,8 +1252,7 @@ fn parse_main(
                     ));
                     continue;
                 };
-                let more = Sink::default();
-                let (kind, rest) = match take_kind(body_t, body.span(), &more) {
+                let (kind, rest) = match take_kind(body_t, body.span()) {
                     Ok(v) => v,
                     Err(e) => {
                         diags.push(src.err(e));
@@ -1165,11 +1261,10 @@ fn parse_main(
                 };
                 match NotifierConfig::from_kind(kind.get_ref(), kind.span(), rest) {
                     Ok(config) => notifiers.push(Notifier { name, config }),
-                    Err(e) if need_notifiers => diags.push(src.err(e.located(body_t))),
+                    Err(errs) if need_notifiers => {
+                        diags.extend(errs.into_iter().map(|e| src.err(e.located(body_t))))
+                    }
                     Err(_) => {}
-                }
-                if need_notifiers {
-                    diags.extend(more.take().into_iter().map(|e| src.err(e)));
                 }
             }
         }
@@ -1181,7 +1276,6 @@ fn parse_main(
 pub(crate) fn take_kind<'a>(
     table: &DeTable<'a>,
     span: Range<usize>,
-    more: &Sink,
 ) -> Result<(Spanned<String>, Rest<'a>), SpanError> {
     let Some(kind) = table.get("kind") else {
         return Err(SpanError::at(span, "missing field `kind`"));
@@ -1192,7 +1286,7 @@ pub(crate) fn take_kind<'a>(
     let kind = Spanned::new(kind.span(), k.to_string());
     let mut rest = table.clone();
     rest.remove("kind");
-    Ok((kind, Rest::new(rest, span, more)))
+    Ok((kind, Rest::new(rest, span)))
 }
 
 /// The keys of a table left after the generic ones were taken; deserialize the kind-specific
@@ -1200,34 +1294,20 @@ pub(crate) fn take_kind<'a>(
 pub struct Rest<'a> {
     table: DeTable<'a>,
     span: Range<usize>,
-    /// Where [`Rest::parse`] leaves the errors after the first one; the loader reports them.
-    more: Sink,
 }
 
-/// Errors a kind's parser found beyond the one it returns.
-pub(crate) type Sink = Rc<RefCell<Vec<SpanError>>>;
-
 impl<'a> Rest<'a> {
-    fn new(table: DeTable<'a>, span: Range<usize>, more: &Sink) -> Self {
-        Rest {
-            table,
-            span,
-            more: Rc::clone(more),
-        }
+    fn new(table: DeTable<'a>, span: Range<usize>) -> Self {
+        Rest { table, span }
     }
-    /// Deserialize `T`. On failure every unknown key and bad value of the table is found
-    /// (see [`parse_lenient`]): the first is returned, the others go to the loader, so one
-    /// `validate` lists them all.
-    pub fn parse<T: DeserializeOwned>(self) -> Result<T, SpanError> {
-        let (value, mut errors) = parse_lenient(self.table, self.span);
+    /// Deserialize `T` without stopping at the first problem (see [`parse_lenient`]): the
+    /// value read without the bad keys, when there is one, and every unknown key and bad
+    /// value of the table. A builder goes on checking that value and adds its own errors.
+    pub fn parse<T: DeserializeOwned>(self) -> (Option<T>, Errors) {
+        let (value, errors) = parse_lenient(self.table, self.span);
         match value {
-            Some(v) if errors.is_empty() => Ok(v),
-            _ if errors.is_empty() => Err(SpanError::new("invalid table")),
-            _ => {
-                let first = errors.remove(0);
-                self.more.borrow_mut().extend(errors);
-                Err(first)
-            }
+            None if errors.is_empty() => (None, SpanError::new("invalid table").into()),
+            v => (v, errors),
         }
     }
     pub fn span(&self) -> Range<usize> {
@@ -1241,12 +1321,13 @@ const MAX_DROPPED_KEYS: usize = 64;
 /// Deserialize `T` from `table` without stopping at the first problem: each error serde
 /// reports is kept, the key it is about is dropped, and the rest is read again. Returns the
 /// value read without the dropped keys (`None` when an error could not be tied to one key,
-/// e.g. a missing required key) and every error, in the order found.
+/// e.g. a missing required key) and every error, in the order found, with the keys whose
+/// values were unreadable (see [`Errors::read`]).
 fn parse_lenient<T: DeserializeOwned>(
     mut table: DeTable<'_>,
     span: Range<usize>,
-) -> (Option<T>, Vec<SpanError>) {
-    let mut errors: Vec<SpanError> = Vec::new();
+) -> (Option<T>, Errors) {
+    let mut errors = Errors::default();
     let mut dropped: Vec<String> = Vec::new();
     for _ in 0..=MAX_DROPPED_KEYS {
         let de = toml::de::Deserializer::from(Spanned::new(span.clone(), table.clone()));
@@ -1254,15 +1335,18 @@ fn parse_lenient<T: DeserializeOwned>(
             Ok(v) => return (Some(v), errors),
             Err(e) => SpanError::from(e),
         };
-        let key = e.span.clone().and_then(|at| drop_key_at(&mut table, &at));
+        let path = e.span.clone().and_then(|at| drop_key_at(&mut table, &at));
         // A required key dropped for its bad value: that it is now missing is no news.
         if !dropped
             .iter()
             .any(|k| e.message == format!("missing field `{k}`"))
         {
+            if let Some(top) = path.as_ref().and_then(|p| p.first()) {
+                errors.unread.push((top.clone(), e.span.clone()));
+            }
             errors.push(e);
         }
-        match key {
+        match path.and_then(|mut p| p.pop()) {
             Some(k) => dropped.push(k),
             None => break,
         }
@@ -1271,9 +1355,9 @@ fn parse_lenient<T: DeserializeOwned>(
 }
 
 /// Remove the key whose `key = value` holds the whole span `at` (the innermost one, in
-/// nested tables and arrays of tables); returns its name.
-fn drop_key_at(table: &mut DeTable<'_>, at: &Range<usize>) -> Option<String> {
-    for (_, v) in table.iter_mut() {
+/// nested tables and arrays of tables); returns its path of key names, outermost first.
+fn drop_key_at(table: &mut DeTable<'_>, at: &Range<usize>) -> Option<Vec<String>> {
+    for (k, v) in table.iter_mut() {
         let inner = match v.get_mut() {
             DeValue::Table(t) => drop_key_at(t, at),
             DeValue::Array(items) => items.iter_mut().find_map(|item| match item.get_mut() {
@@ -1282,8 +1366,9 @@ fn drop_key_at(table: &mut DeTable<'_>, at: &Range<usize>) -> Option<String> {
             }),
             _ => None,
         };
-        if inner.is_some() {
-            return inner;
+        if let Some(mut inner) = inner {
+            inner.insert(0, k.get_ref().to_string());
+            return Some(inner);
         }
     }
     let key = table
@@ -1294,7 +1379,7 @@ fn drop_key_at(table: &mut DeTable<'_>, at: &Range<usize>) -> Option<String> {
         })
         .map(|(k, _)| k.get_ref().to_string())?;
     table.remove(key.as_str());
-    Some(key)
+    Some(vec![key])
 }
 
 /// `[agent]` checks, each at its key.
@@ -1433,12 +1518,15 @@ pub fn hostname() -> String {
 }
 
 /// A probe's own timing keys against its interval. Problems that come only from
-/// `[defaults]` are reported there, once; here only what this file's keys cause.
+/// `[defaults]` are reported there, once; here only what this file's keys cause. `timeout`
+/// is the attempt deadline in force and whether it is the kind's own default (`None`: not
+/// known, the spec did not build). A comparison with an unreadable key (its default stands
+/// in, see [`Errors::read`]) or an interval that is itself in error is skipped.
 fn check_probe_timing(
     common: &ProbeCommonFile,
-    spec: &ProbeSpec,
+    read: &Errors,
     interval: Duration,
-    timeout: Duration,
+    timeout: Option<(Duration, bool)>,
     defaults: &Defaults,
     src: &Source,
     diags: &mut Vec<Diagnostic>,
@@ -1454,30 +1542,56 @@ fn check_probe_timing(
             format!("retries = {} is more than {MAX_RETRIES}", r.get_ref()),
         ));
     }
-    match &common.timeout {
-        Some(t) if t.get_ref().0.is_zero() => {
-            diags.push(src.diag(Some(t.span()), "timeout must be longer than 0s"))
+    let zero_timeout = common.timeout.as_ref().filter(|t| t.get_ref().0.is_zero());
+    if let Some(t) = zero_timeout {
+        diags.push(src.diag(Some(t.span()), "timeout must be longer than 0s"));
+    }
+    // An inherited interval below the floor is reported once, at `[defaults]`.
+    if let Some(own) = common
+        .interval
+        .as_ref()
+        .filter(|i| i.get_ref().0 < Duration::from_secs(1))
+    {
+        diags.push(src.diag(
+            Some(own.span()),
+            format!(
+                "interval {} is below the 1s floor",
+                duration::human(own.get_ref().0)
+            ),
+        ));
+        return;
+    }
+    if !read.read("interval") {
+        return;
+    }
+    if let Some(off) = common.offset.as_ref().filter(|o| o.get_ref().0 >= interval) {
+        diags.push(src.diag(
+            Some(off.span()),
+            format!(
+                "offset {} must be shorter than the interval",
+                duration::human(off.get_ref().0)
+            ),
+        ));
+    }
+    let timeout = timeout.filter(|(t, _)| *t > interval && read.read("timeout"));
+    if let (Some((timeout, kind_default)), None) = (timeout, zero_timeout) {
+        // At the key that makes it so: this file's timeout, else its interval, else (a
+        // kind's own default timeout against the inherited interval) the kind.
+        let span = common
+            .timeout
+            .as_ref()
+            .map(|t| t.span())
+            .or(own_interval.clone())
+            .or_else(|| kind_default.then(|| common.kind.span()));
+        if span.is_some() || timeout != defaults.timeout.0 {
+            diags.push(src.diag(span, timeout_too_long(timeout, interval)));
         }
-        _ if timeout > interval => {
-            // At the key that makes it so: this file's timeout, else its interval, else (a
-            // kind's own default timeout against the inherited interval) the kind.
-            let span = common
-                .timeout
-                .as_ref()
-                .map(|t| t.span())
-                .or(own_interval.clone())
-                .or_else(|| (spec.default_timeout() == Some(timeout)).then(|| common.kind.span()));
-            if span.is_some() || timeout != defaults.timeout.0 {
-                diags.push(src.diag(span, timeout_too_long(timeout, interval)));
-            }
-        }
-        _ => {}
     }
     let jitter = common
         .jitter
         .as_ref()
         .map_or(defaults.jitter.0, |j| j.get_ref().0);
-    if jitter >= interval {
+    if jitter >= interval && read.read("jitter") {
         if let Some(span) = common.jitter.as_ref().map(|j| j.span()).or(own_interval) {
             diags.push(src.diag(Some(span), jitter_too_long(jitter, interval)));
         }
@@ -1557,8 +1671,8 @@ fn load_probe(
         declared.push(name.to_string());
     }
     let mut diags = Vec::new();
-    let (common, errors) = parse_lenient::<ProbeCommonFile>(common_t, span.clone());
-    diags.extend(errors.into_iter().map(|e| src.err(e)));
+    let (common, common_errs) = parse_lenient::<ProbeCommonFile>(common_t, span.clone());
+    diags.extend(common_errs.iter().map(|e| src.err(e.clone())));
     // The kind's own keys are checked even when the common ones are not all right.
     let kind = common.as_ref().map(|c| c.kind.clone()).or_else(|| {
         let v = doc.get("kind")?;
@@ -1571,18 +1685,25 @@ fn load_probe(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let more = Sink::default();
+    // `[budget]` keys are the kind's to judge (its phases), read from the file itself so
+    // they are checked even when another common key is wrong.
+    let budget_keys: Vec<Spanned<String>> = match doc.get("budget").map(|v| v.get_ref()) {
+        Some(DeValue::Table(t)) => t
+            .iter()
+            .map(|(k, _)| Spanned::new(k.span(), k.get_ref().to_string()))
+            .collect(),
+        _ => Vec::new(),
+    };
     let spec = kind.and_then(|kind| {
-        let rest = Rest::new(rest_t, span, &more);
-        match ProbeSpec::from_kind(kind.get_ref(), kind.span(), rest, &dir) {
+        let rest = Rest::new(rest_t, span);
+        match ProbeSpec::from_kind(kind.get_ref(), kind.span(), rest, &dir, &budget_keys) {
             Ok(s) => Some(s),
-            Err(e) => {
-                diags.push(src.err(e.located(&doc)));
+            Err(errs) => {
+                diags.extend(errs.into_iter().map(|e| src.err(e.located(&doc))));
                 None
             }
         }
     });
-    diags.extend(more.take().into_iter().map(|e| src.err(e.located(&doc))));
     let Some(common) = common else {
         return Err(diags);
     };
@@ -1604,71 +1725,29 @@ fn load_probe(
         .map(|i| *i.get_ref())
         .unwrap_or(defaults.interval)
         .0;
-    // An inherited interval below the floor is reported once, at `[defaults]`.
-    if let Some(own) = common
-        .interval
-        .as_ref()
-        .filter(|i| i.get_ref().0 < Duration::from_secs(1))
-    {
-        diags.push(src.diag(
-            Some(own.span()),
-            format!(
-                "interval {} is below the 1s floor",
-                duration::human(own.get_ref().0)
-            ),
-        ));
-    }
-    if let Some(off) = common.offset.as_ref().filter(|o| o.get_ref().0 >= interval) {
-        diags.push(src.diag(
-            Some(off.span()),
-            format!(
-                "offset {} must be shorter than the interval",
-                duration::human(off.get_ref().0)
-            ),
-        ));
-    }
-    if let Some(spec) = &spec {
-        let phases = spec.phases();
-        let sub = spec.subcheck_path();
-        for key in common.budget.keys() {
-            let k = key.get_ref();
-            if phases.iter().any(|p| p == k) || subcheck_budget_key(sub, k).is_some() {
-                continue;
-            }
-            let subs = match sub {
-                Some(path) => format!(", or a sub-check as \"{path}.<name>\""),
-                None => String::new(),
-            };
-            diags.push(src.diag(
-                Some(key.span()),
-                format!(
-                    "[budget] {k:?} is not a phase of a {} probe{} (expected one of: {}{subs})",
-                    spec.kind(),
-                    if sub.is_some() {
-                        " or one of its sub-checks"
-                    } else {
-                        ""
-                    },
-                    phases.join(", ")
-                ),
-            ));
-        }
-    }
-    if !diags.is_empty() {
-        return Err(diags);
-    }
-    let Some(spec) = spec else { return Err(diags) };
     let own_timeout = common.timeout.as_ref().map(|t| t.get_ref().0);
-    let timeout = spec
-        .default_timeout()
-        .filter(|_| own_timeout.is_none())
-        .unwrap_or(own_timeout.unwrap_or(defaults.timeout.0));
+    // A listen probe's own default deadline is known only from a spec that built.
+    let kind_default = spec.as_ref().and_then(ProbeSpec::default_timeout);
+    let timeout = match (own_timeout, kind_default) {
+        (Some(t), _) => Some((t, false)),
+        (None, Some(t)) => Some((t, true)),
+        (None, None) => spec.is_some().then_some((defaults.timeout.0, false)),
+    };
     check_probe_timing(
-        &common, &spec, interval, timeout, defaults, &src, &mut diags,
+        &common,
+        &common_errs,
+        interval,
+        timeout,
+        defaults,
+        &src,
+        &mut diags,
     );
     if !diags.is_empty() {
         return Err(diags);
     }
+    let (Some(spec), Some((timeout, _))) = (spec, timeout) else {
+        return Err(diags);
+    };
     Ok((
         ProbeConfig {
             name,

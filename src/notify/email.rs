@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use super::event::{iso, Event, EventKind};
 use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
-use crate::config::{Interp, Rest, Secret, SpanError};
+use crate::config::{Errors, Interp, Rest, Secret, SpanError};
 use crate::report::html_escape;
 
 /// `[notifier.NAME]` with `kind = "email"`.
@@ -125,50 +125,71 @@ fn is_loopback(host: &str) -> bool {
             .unwrap_or(false)
 }
 
-pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
-    super::parse_with::<EmailConfig, _>(rest, |c, span| {
-        let err = |m: String| SpanError::at(span.clone(), m);
-        let target = parse_smtp_url(&c.smtp_url).map_err(|m| SpanError::key(&["smtp_url"], m))?;
+pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, Errors> {
+    super::parse_with::<EmailConfig, _>(rest, |c, span, errs| {
         if c.username_env.is_some() != c.password_env.is_some() {
-            return Err(err(
-                "set both username_env and password_env, or neither".into()
+            errs.push(SpanError::at(
+                span.clone(),
+                "set both username_env and password_env, or neither",
             ));
         }
-        if c.username_env.is_some() && target.tls == SmtpTls::None && !is_loopback(&target.host) {
-            return Err(err(format!(
-                "refusing to send SMTP credentials unencrypted to {}: use smtps:// or ?tls=starttls",
-                target.host
-            )));
+        // What depends on the URL's TLS mode waits for a URL that parses.
+        match parse_smtp_url(&c.smtp_url) {
+            Err(m) => errs.push(SpanError::key(&["smtp_url"], m)),
+            Ok(target) => {
+                if c.username_env.is_some()
+                    && target.tls == SmtpTls::None
+                    && !is_loopback(&target.host)
+                {
+                    errs.push(SpanError::at(
+                        span,
+                        format!(
+                            "refusing to send SMTP credentials unencrypted to {}: use smtps:// or ?tls=starttls",
+                            target.host
+                        ),
+                    ));
+                }
+                if let Some(ca) = c.ca_file.as_ref().filter(|_| target.tls == SmtpTls::None) {
+                    errs.push(SpanError::at(
+                        ca.span(),
+                        "ca_file needs TLS: use smtps:// or ?tls=starttls in smtp_url",
+                    ));
+                }
+            }
         }
         if let Some(ca) = &c.ca_file {
-            let at = |m: String| SpanError::at(ca.span(), m);
-            if target.tls == SmtpTls::None {
-                return Err(at(
-                    "ca_file needs TLS: use smtps:// or ?tls=starttls in smtp_url".into(),
+            if !std::path::Path::new(ca.get_ref()).is_absolute() {
+                errs.push(SpanError::at(
+                    ca.span(),
+                    format!("ca_file {:?} must be an absolute path", ca.get_ref()),
+                ));
+            } else {
+                errs.check(crate::probe::websocket::read_ca_file(
+                    std::path::Path::new("/"),
+                    &c.ca_file,
                 ));
             }
-            if !std::path::Path::new(ca.get_ref()).is_absolute() {
-                return Err(at(format!(
-                    "ca_file {:?} must be an absolute path",
-                    ca.get_ref()
-                )));
-            }
-            crate::probe::websocket::read_ca_file(std::path::Path::new("/"), &c.ca_file)?;
         }
-        c.from
-            .parse::<Mailbox>()
-            .map_err(|e| SpanError::key(&["from"], format!("from = {:?}: {e}", c.from.as_str())))?;
+        if let Err(e) = c.from.parse::<Mailbox>() {
+            errs.push(SpanError::key(
+                &["from"],
+                format!("from = {:?}: {e}", c.from.as_str()),
+            ));
+        }
         if c.to.is_empty() {
-            return Err(SpanError::key(
+            errs.push(SpanError::key(
                 &["to"],
                 "to is empty: list at least one recipient",
             ));
         }
         for t in &c.to {
-            t.parse::<Mailbox>()
-                .map_err(|e| SpanError::key(&["to"], format!("to: {:?}: {e}", t.as_str())))?;
+            if let Err(e) = t.parse::<Mailbox>() {
+                errs.push(SpanError::key(
+                    &["to"],
+                    format!("to: {:?}: {e}", t.as_str()),
+                ));
+            }
         }
-        Ok(())
     })
 }
 

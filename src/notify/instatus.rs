@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use super::event::{iso, Event, EventKind, Status};
 use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Retry, Spec};
-use crate::config::{Interp, Rest, Secret, SpanError};
+use crate::config::{Errors, Interp, Rest, Secret, SpanError};
 
 fn default_base_url() -> Interp {
     Interp::literal("https://api.instatus.com")
@@ -65,41 +65,43 @@ enum Mode {
     Integration,
 }
 
-pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
-    super::parse_with::<InstatusConfig, _>(rest, |c, span| {
-        let err = |m: &str| SpanError::at(span.clone(), m.to_string());
+pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, Errors> {
+    super::parse_with::<InstatusConfig, _>(rest, |c, span, errs| {
+        let mut err = |m: &str| errs.push(SpanError::at(span.clone(), m.to_string()));
         let api = c.page_id.is_some() || c.api_key_env.is_some() || !c.components.is_empty();
         let integration = !c.webhooks.is_empty();
         match (api, integration) {
-            (true, true) => return Err(err("use either the API (page_id, api_key_env, components) or integration webhooks (webhooks), not both")),
-            (false, false) => return Err(err("needs page_id, api_key_env and components (API mode) or webhooks (integration mode)")),
+            (true, true) => err("use either the API (page_id, api_key_env, components) or integration webhooks (webhooks), not both"),
+            (false, false) => err("needs page_id, api_key_env and components (API mode) or webhooks (integration mode)"),
             (true, false) => {
                 if c.page_id.as_deref().is_none_or(str::is_empty) {
-                    return Err(err("API mode needs page_id"));
+                    err("API mode needs page_id");
                 }
                 if c.api_key_env.is_none() {
-                    return Err(err("API mode needs api_key_env"));
+                    err("API mode needs api_key_env");
                 }
                 if c.components.is_empty() {
-                    return Err(err("API mode needs components = { \"<watchpost component>\" = \"<Instatus component id>\" }"));
+                    err("API mode needs components = { \"<watchpost component>\" = \"<Instatus component id>\" }");
                 }
             }
             (false, true) => {}
         }
-        super::check_http_url(&c.base_url)
-            .map_err(|m| SpanError::key(&["base_url"], format!("base_url: {m}")))?;
         for (name, w) in &c.webhooks {
-            if w.starts_with("http") {
-                super::check_http_url(w).map_err(|m| {
-                    SpanError::key(&["webhooks", name], format!("webhooks.{name:?}: {m}"))
-                })?;
-            } else if w.is_empty() || w.contains('/') {
-                return Err(err(&format!(
-                    "webhooks.{name:?}: expected a webhook URL or id"
-                )));
+            if w.is_empty() || (!w.starts_with("http") && w.contains('/')) {
+                err(&format!("webhooks.{name:?}: expected a webhook URL or id"));
             }
         }
-        Ok(())
+        if let Err(m) = super::check_http_url(&c.base_url) {
+            errs.push(SpanError::key(&["base_url"], format!("base_url: {m}")));
+        }
+        for (name, w) in c.webhooks.iter().filter(|(_, w)| w.starts_with("http")) {
+            if let Err(m) = super::check_http_url(w) {
+                errs.push(SpanError::key(
+                    &["webhooks", name],
+                    format!("webhooks.{name:?}: {m}"),
+                ));
+            }
+        }
     })
 }
 

@@ -38,7 +38,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::{Config, Dur, Rest, SpanError};
+use crate::config::{Config, Dur, Errors, Rest, SpanError};
 use crate::health::{Beat, Health};
 use crate::metrics::Metrics;
 use crate::pipeline::Shared;
@@ -50,7 +50,7 @@ pub use retry::{DeliveryError, Retry};
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Parses one notifier kind's keys (everything but `kind`).
-type Parse = fn(Rest<'_>) -> Result<Arc<dyn Spec>, SpanError>;
+type Parse = fn(Rest<'_>) -> Result<Arc<dyn Spec>, Errors>;
 
 /// The notifier kinds: one registration line each (its name, its parser, and the schema of
 /// the struct the parser deserializes, for `watchpost schema`).
@@ -130,7 +130,7 @@ pub struct NotifierConfig(pub Arc<dyn Spec>);
 
 impl NotifierConfig {
     /// Parse a `[notifier.NAME]` table whose `kind` was `kind`.
-    pub fn from_kind(kind: &str, span: Range<usize>, rest: Rest<'_>) -> Result<Self, SpanError> {
+    pub fn from_kind(kind: &str, span: Range<usize>, rest: Rest<'_>) -> Result<Self, Errors> {
         match KINDS.iter().find(|(k, _, _)| *k == kind) {
             Some((_, parse, _)) => parse(rest).map(NotifierConfig),
             None => {
@@ -141,7 +141,8 @@ impl NotifierConfig {
                         "unknown notifier kind {kind:?} (expected {})",
                         known.join(", ")
                     ),
-                ))
+                )
+                .into())
             }
         }
     }
@@ -219,11 +220,12 @@ impl Default for DeliveryOptions {
 }
 
 impl DeliveryOptions {
-    /// Check values; errors name their key under `delivery` (positioned by the loader).
-    pub fn validate(&self) -> Result<(), SpanError> {
+    /// Check values; each problem is recorded at its key under `delivery` (positioned by
+    /// the loader).
+    pub fn validate(&self, errs: &mut Errors) {
         if let Some(r) = self.rate_limit {
             if !(r.is_finite() && r > 0.0 && r <= 1000.0) {
-                return Err(SpanError::key(
+                errs.push(SpanError::key(
                     &["delivery", "rate_limit"],
                     format!(
                         "delivery.rate_limit = {r} must be between 0 and 1000 requests per second"
@@ -232,24 +234,23 @@ impl DeliveryOptions {
             }
         }
         if self.timeout.0.is_zero() {
-            return Err(SpanError::key(
+            errs.push(SpanError::key(
                 &["delivery", "timeout"],
                 "delivery.timeout must be above zero",
             ));
         }
         if self.retry_initial.0.is_zero() || self.retry_max.0 < self.retry_initial.0 {
-            return Err(SpanError::key(
+            errs.push(SpanError::key(
                 &["delivery", "retry_initial"],
                 "delivery.retry_initial must be above zero and at most retry_max",
             ));
         }
         if self.breaker_failures == 0 {
-            return Err(SpanError::key(
+            errs.push(SpanError::key(
                 &["delivery", "breaker_failures"],
                 "delivery.breaker_failures must be at least 1",
             ));
         }
-        Ok(())
     }
 }
 
@@ -424,17 +425,19 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Parse a notifier's keys with `T` and validate them.
-pub(crate) fn parse_with<T, F>(rest: Rest<'_>, validate: F) -> Result<Arc<dyn Spec>, SpanError>
+/// Parse a notifier's keys with `T` and validate them: every unknown key and bad value,
+/// every problem of the delivery options and every one `validate` records, in one go.
+pub(crate) fn parse_with<T, F>(rest: Rest<'_>, validate: F) -> Result<Arc<dyn Spec>, Errors>
 where
     T: serde::de::DeserializeOwned + Spec + 'static,
-    F: FnOnce(&T, Range<usize>) -> Result<(), SpanError>,
+    F: FnOnce(&T, Range<usize>, &mut Errors),
 {
     let span = rest.span();
-    let spec: T = rest.parse()?;
-    spec.delivery().validate()?;
-    validate(&spec, span)?;
-    Ok(Arc::new(spec))
+    let (spec, mut errs) = rest.parse::<T>();
+    let Some(spec) = spec else { return Err(errs) };
+    spec.delivery().validate(&mut errs);
+    validate(&spec, span, &mut errs);
+    errs.finish(Arc::new(spec))
 }
 
 // ---------------------------------------------------------------------------------------

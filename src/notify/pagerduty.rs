@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::event::{iso, truncate, Event, EventKind, Status};
 use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
-use crate::config::{Interp, Rest, Secret, SpanError};
+use crate::config::{Errors, Interp, Rest, Secret, SpanError};
 
 fn default_events_url() -> Interp {
     Interp::literal("https://events.pagerduty.com/v2/enqueue")
@@ -48,15 +48,14 @@ pub struct PagerDutyConfig {
     pub delivery: DeliveryOptions,
 }
 
-pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
-    super::parse_with::<PagerDutyConfig, _>(rest, |c, _span| {
-        super::check_http_url(&c.events_url)
-            .map_err(|m| SpanError::key(&["events_url"], format!("events_url: {m}")))?;
-        if let Some(u) = &c.client_url {
-            super::check_http_url(u)
-                .map_err(|m| SpanError::key(&["client_url"], format!("client_url: {m}")))?;
+pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, Errors> {
+    super::parse_with::<PagerDutyConfig, _>(rest, |c, _span, errs| {
+        if let Err(m) = super::check_http_url(&c.events_url) {
+            errs.push(SpanError::key(&["events_url"], format!("events_url: {m}")));
         }
-        Ok(())
+        if let Some(Err(m)) = c.client_url.as_ref().map(|u| super::check_http_url(u)) {
+            errs.push(SpanError::key(&["client_url"], format!("client_url: {m}")));
+        }
     })
 }
 

@@ -45,7 +45,7 @@ use sha2::{Digest, Sha256};
 
 use super::event::{iso, Event, EventKind};
 use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
-use crate::config::{Interp, Rest, Secret, SpanError};
+use crate::config::{Errors, Interp, Rest, Secret, SpanError};
 
 /// Body format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
@@ -108,12 +108,14 @@ const EVENT_NAMES: &[&str] = &[
     "maintenance_ended",
 ];
 
-pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
-    super::parse_with::<WebhookConfig, _>(rest, |c, _span| {
-        super::check_http_url(&c.url).map_err(|m| SpanError::key(&["url"], format!("url: {m}")))?;
+pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, Errors> {
+    super::parse_with::<WebhookConfig, _>(rest, |c, _span, errs| {
+        if let Err(m) = super::check_http_url(&c.url) {
+            errs.push(SpanError::key(&["url"], format!("url: {m}")));
+        }
         for e in c.events.iter().flatten() {
             if !EVENT_NAMES.contains(&e.as_str()) {
-                return Err(SpanError::key(
+                errs.push(SpanError::key(
                     &["events"],
                     format!(
                         "unknown event {e:?} in events (expected {})",
@@ -124,7 +126,7 @@ pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
         }
         for k in c.headers.keys().chain(std::iter::once(&c.signature_header)) {
             if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                return Err(SpanError::key(
+                errs.push(SpanError::key(
                     &["headers", k],
                     format!("invalid header name {k:?}"),
                 ));
@@ -132,51 +134,54 @@ pub fn parse(rest: Rest<'_>) -> Result<Arc<dyn Spec>, SpanError> {
         }
         for (k, v) in &c.headers {
             if reqwest::header::HeaderValue::from_str(v).is_err() {
-                return Err(SpanError::key(
+                errs.push(SpanError::key(
                     &["headers", k],
                     format!("invalid value for header {k:?}"),
                 ));
             }
         }
         if reqwest::header::HeaderValue::from_str(&c.content_type).is_err() {
-            return Err(SpanError::key(
+            errs.push(SpanError::key(
                 &["content_type"],
                 format!("invalid content_type {:?}", c.content_type),
             ));
         }
         if let Some(t) = &c.body_template {
-            check_variables(t)
-                .map_err(|m| SpanError::key(&["body_template"], format!("body_template: {m}")))?;
-            // Rendered against a sample of every event kind it is sent, so a syntax error or
-            // a misspelt variable is a config error now, not a dead letter during an outage.
-            use EventKind as K;
-            let kinds = [
-                K::Opened,
-                K::Escalated,
-                K::Deescalated,
-                K::Resolved,
-                K::MaintenanceStarted,
-                K::MaintenanceEnded,
-            ];
-            let wanted = |k: &K| {
-                c.events
-                    .as_ref()
-                    .is_none_or(|l| l.iter().any(|e| e == k.as_str()))
-            };
-            for kind in kinds.into_iter().filter(wanted) {
-                let mut ev = Event::test("validate", 0);
-                ev.test = false;
-                ev.kind = kind;
-                ev.component = "validate".into();
-                let maintenance = matches!(kind, K::MaintenanceStarted | K::MaintenanceEnded);
-                ev.incident_id = (!maintenance).then_some(1);
-                render(t, &c.content_type, &ev, Some(1)).map_err(|m| {
-                    SpanError::key(&["body_template"], format!("body_template: {m}"))
-                })?;
-            }
+            errs.check(check_template(c, t));
         }
-        Ok(())
     })
+}
+
+/// A `body_template`'s variables, and its rendering against a sample of every event kind it
+/// is sent, so a syntax error or a misspelt variable is a config error now, not a dead letter
+/// during an outage.
+fn check_template(c: &WebhookConfig, t: &str) -> Result<(), SpanError> {
+    let at = |m: String| SpanError::key(&["body_template"], format!("body_template: {m}"));
+    check_variables(t).map_err(at)?;
+    use EventKind as K;
+    let kinds = [
+        K::Opened,
+        K::Escalated,
+        K::Deescalated,
+        K::Resolved,
+        K::MaintenanceStarted,
+        K::MaintenanceEnded,
+    ];
+    let wanted = |k: &K| {
+        c.events
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|e| e == k.as_str()))
+    };
+    for kind in kinds.into_iter().filter(wanted) {
+        let mut ev = Event::test("validate", 0);
+        ev.test = false;
+        ev.kind = kind;
+        ev.component = "validate".into();
+        let maintenance = matches!(kind, K::MaintenanceStarted | K::MaintenanceEnded);
+        ev.incident_id = (!maintenance).then_some(1);
+        render(t, &c.content_type, &ev, Some(1)).map_err(at)?;
+    }
+    Ok(())
 }
 
 /// The variables a `body_template` sees: the `watchpost` body (its `rehearsal` included)

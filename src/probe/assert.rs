@@ -33,10 +33,21 @@ impl fmt::Debug for Re {
 impl<'de> Deserialize<'de> for Re {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Regex::new(&s)
-            .map(Re)
-            .map_err(|e| serde::de::Error::custom(format!("invalid regex {s:?}: {e}")))
+        Regex::new(&s).map(Re).map_err(|e| {
+            serde::de::Error::custom(format!("invalid regex {s:?}: {}", regex_error(&e)))
+        })
     }
+}
+
+/// The one-line reason of a regex error: the parser's message draws the pattern and a
+/// caret on lines of their own, which a `file:line:col: message` line cannot hold.
+fn regex_error(e: &regex::Error) -> String {
+    let full = e.to_string();
+    let reason = full
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("error: "))
+        .unwrap_or(full.lines().next().unwrap_or_default());
+    reason.trim().to_string()
 }
 
 impl schemars::JsonSchema for Re {

@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::assert::{any_status, excerpt, json_path, JsonAssert, Re, StatusPattern};
 use super::{Attempt, ErrorClass, Outcome, SubCheck};
 use crate::chaos::fault::{Injection, Mode};
-use crate::config::{duration::human, Interp, ProbeConfig, Rest, SpanError};
+use crate::config::{duration::human, Errors, Interp, ProbeConfig, Rest, SpanError};
 
 /// Largest sub-check `latency_ms` recorded (1 h, the top of the latency histograms).
 const MAX_SUBCHECK_LATENCY_MS: f64 = 3_600_000.0;
@@ -158,10 +158,22 @@ pub struct HttpSpec {
 pub const MAX_DETAIL_PATHS: usize = 16;
 
 impl HttpSpec {
-    pub fn from_config(rest: Rest<'_>, dir: &Path) -> Result<Self, SpanError> {
-        let f: HttpFile = rest.parse()?;
+    /// Every problem of the file, each at its key; `budget` keys are checked against
+    /// [`PHASES`] and the sub-checks.
+    pub fn from_config(
+        rest: Rest<'_>,
+        dir: &Path,
+        budget: &[toml::Spanned<String>],
+    ) -> Result<Self, Errors> {
+        let (f, mut errs) = rest.parse::<HttpFile>();
+        let Some(f) = f else { return Err(errs) };
+        // With an unreadable `subchecks`, a sub-check's budget cannot be told from a typo.
+        if errs.read("subchecks") {
+            let phases = PHASES.map(String::from);
+            super::check_budget("http", &phases, f.subchecks.as_deref(), budget, &mut errs);
+        }
         if f.details.len() > MAX_DETAIL_PATHS {
-            return Err(SpanError::key(
+            errs.push(SpanError::key(
                 &["details"],
                 format!(
                     "details names {} paths; at most {MAX_DETAIL_PATHS}",
@@ -173,18 +185,14 @@ impl HttpSpec {
         let url = f.url.into_inner();
         match url::Url::parse(&url) {
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-            Ok(u) => {
-                return Err(SpanError::at(
-                    url_span,
-                    format!("url scheme {:?} is not http or https", u.scheme()),
-                ))
-            }
-            Err(e) => {
-                return Err(SpanError::at(
-                    url_span,
-                    format!("invalid url {:?}: {e}", url.template()),
-                ))
-            }
+            Ok(u) => errs.push(SpanError::at(
+                url_span,
+                format!("url scheme {:?} is not http or https", u.scheme()),
+            )),
+            Err(e) => errs.push(SpanError::at(
+                url_span,
+                format!("invalid url {:?}: {e}", url.template()),
+            )),
         }
         let method =
             reqwest::Method::from_bytes(f.method.get_ref().to_ascii_uppercase().as_bytes())
@@ -193,10 +201,14 @@ impl HttpSpec {
                         f.method.span(),
                         format!("invalid method {:?}", f.method.get_ref()),
                     )
-                })?;
-        super::websocket::validate_headers(&f.headers)?;
-        let ca_pem = super::websocket::read_ca_file(dir, &f.ca_file)?;
-        Ok(HttpSpec {
+                });
+        let method = errs.check(method);
+        super::websocket::validate_headers(&f.headers, &mut errs);
+        let ca_pem = errs.check(super::websocket::read_ca_file(dir, &f.ca_file));
+        let (Some(method), Some(ca_pem)) = (method, ca_pem) else {
+            return Err(errs);
+        };
+        errs.finish(HttpSpec {
             url,
             method,
             headers: f.headers.into_iter().collect(),

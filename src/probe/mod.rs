@@ -21,8 +21,9 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::chaos::fault::{Faults, Injection, Mode};
-use crate::config::{duration::human, ProbeConfig, Rest, SpanError};
+use crate::config::{duration::human, subcheck_budget_key, Errors, ProbeConfig, Rest, SpanError};
 pub use class::ErrorClass;
+use toml::Spanned;
 
 /// The outcome of a run. Ordered by severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -301,6 +302,37 @@ pub const KIND_SCHEMAS: &[(&str, crate::config::schema::SchemaFn)] = &[
     ("listen", listen::config::schema),
 ];
 
+/// Each `[budget]` key must name one of `phases` (the phases a `kind` probe times) or, with
+/// `subchecks`, one of its sub-checks (`"<subchecks>.<name>"`).
+pub fn check_budget(
+    kind: &str,
+    phases: &[String],
+    subchecks: Option<&str>,
+    keys: &[Spanned<String>],
+    errs: &mut Errors,
+) {
+    for key in keys {
+        let k = key.get_ref();
+        if phases.iter().any(|p| p == k) || subcheck_budget_key(subchecks, k).is_some() {
+            continue;
+        }
+        let (or_sub, subs) = match subchecks {
+            Some(path) => (
+                " or one of its sub-checks",
+                format!(", or a sub-check as \"{path}.<name>\""),
+            ),
+            None => ("", String::new()),
+        };
+        errs.push(SpanError::at(
+            key.span(),
+            format!(
+                "[budget] {k:?} is not a phase of a {kind} probe{or_sub} (expected one of: {}{subs})",
+                phases.join(", ")
+            ),
+        ));
+    }
+}
+
 /// Kind-specific validated configuration.
 #[derive(Debug, Clone)]
 pub enum ProbeSpec {
@@ -310,21 +342,26 @@ pub enum ProbeSpec {
 }
 
 impl ProbeSpec {
-    /// Parse and validate the kind-specific keys of a probe file (no network).
+    /// Parse and validate the kind-specific keys of a probe file (no network), and the
+    /// `[budget]` keys against the kind's phases; every problem found, not just the first.
     pub fn from_kind(
         kind: &str,
         kind_span: Range<usize>,
         rest: Rest<'_>,
         dir: &Path,
-    ) -> Result<Self, SpanError> {
+        budget: &[Spanned<String>],
+    ) -> Result<Self, Errors> {
         match kind {
-            "http" => http::HttpSpec::from_config(rest, dir).map(ProbeSpec::Http),
-            "websocket" => websocket::WsSpec::from_config(rest, dir).map(ProbeSpec::WebSocket),
-            "listen" => listen::ListenSpec::from_config(rest, dir).map(ProbeSpec::Listen),
+            "http" => http::HttpSpec::from_config(rest, dir, budget).map(ProbeSpec::Http),
+            "websocket" => {
+                websocket::WsSpec::from_config(rest, dir, budget).map(ProbeSpec::WebSocket)
+            }
+            "listen" => listen::ListenSpec::from_config(rest, dir, budget).map(ProbeSpec::Listen),
             other => Err(SpanError::at(
                 kind_span,
                 format!("unknown probe kind {other:?} (expected http, websocket, listen)"),
-            )),
+            )
+            .into()),
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -340,10 +377,7 @@ impl ProbeSpec {
         let fixed = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
         match self {
             ProbeSpec::Http(_) => fixed(&http::PHASES),
-            ProbeSpec::WebSocket(s) => std::iter::once("connect".to_string())
-                .chain(s.steps.iter().map(|st| st.name.clone()))
-                .chain(std::iter::once("total".to_string()))
-                .collect(),
+            ProbeSpec::WebSocket(s) => websocket::phases(s.steps.iter().map(|st| st.name.clone())),
             ProbeSpec::Listen(_) => fixed(&listen::PHASES),
         }
     }

@@ -28,7 +28,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use super::assert::{excerpt, JsonAssert, Re};
 use super::{Attempt, ErrorClass};
 use crate::chaos::fault::{Injection, Mode};
-use crate::config::{duration::human, interp, Dur, Interp, ProbeConfig, Rest, SpanError};
+use crate::config::{duration::human, interp, Dur, Errors, Interp, ProbeConfig, Rest, SpanError};
 
 /// The connected socket type both WebSocket-based kinds use.
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -98,23 +98,21 @@ pub struct Connected {
     pub elapsed: Duration,
 }
 
-/// Check header names and values at config time.
-pub fn validate_headers(headers: &BTreeMap<String, Interp>) -> Result<(), SpanError> {
+/// Check header names and values at config time; each bad one is recorded.
+pub fn validate_headers(headers: &BTreeMap<String, Interp>, errs: &mut Errors) {
     for (k, v) in headers {
         if HeaderName::from_bytes(k.as_bytes()).is_err() {
-            return Err(SpanError::key(
+            errs.push(SpanError::key(
                 &["headers", k],
                 format!("invalid header name {k:?}"),
             ));
-        }
-        if HeaderValue::from_str(v).is_err() {
-            return Err(SpanError::key(
+        } else if HeaderValue::from_str(v).is_err() {
+            errs.push(SpanError::key(
                 &["headers", k],
                 format!("invalid value for header {k:?}"),
             ));
         }
     }
-    Ok(())
 }
 
 /// Check a ws:// or wss:// URL at config time.
@@ -499,7 +497,8 @@ struct WsFile {
 #[serde(deny_unknown_fields)]
 struct StepFile {
     /// Phase name for this step (default `step<N>`, counting from 1).
-    name: Option<String>,
+    #[schemars(with = "Option<String>")]
+    name: Option<toml::Spanned<String>>,
     /// Send this text frame (may use `${ENV}`).
     send: Option<Interp>,
     /// Send this value as a JSON text frame (strings may use `${ENV}`).
@@ -512,7 +511,8 @@ struct StepFile {
     /// Pause this long.
     wait: Option<Dur>,
     /// Close the socket with this code (1000 = normal).
-    close: Option<u16>,
+    #[schemars(with = "Option<u16>")]
+    close: Option<toml::Spanned<u16>>,
 }
 
 /// `expect = { … }` of a step: every given condition must hold for one message.
@@ -563,6 +563,21 @@ pub struct WsSpec {
     pub steps: Vec<Step>,
 }
 
+/// The phases a WebSocket run times: `connect`, one per step (by name), `total`.
+pub fn phases(step_names: impl Iterator<Item = String>) -> Vec<String> {
+    std::iter::once("connect".to_string())
+        .chain(step_names)
+        .chain(std::iter::once("total".to_string()))
+        .collect()
+}
+
+/// A step's phase name: its own, or `step<N>` counting from 1.
+fn step_name(i: usize, s: &StepFile) -> String {
+    s.name
+        .as_ref()
+        .map_or_else(|| format!("step{}", i + 1), |n| n.get_ref().clone())
+}
+
 fn expand_json(v: Value) -> Result<Value, String> {
     Ok(match v {
         Value::String(s) => Value::String(interp::expand(&s)?),
@@ -577,92 +592,138 @@ fn expand_json(v: Value) -> Result<Value, String> {
 }
 
 impl WsSpec {
-    pub fn from_config(rest: Rest<'_>, dir: &Path) -> Result<Self, SpanError> {
-        let f: WsFile = rest.parse()?;
-        validate_ws_url(&f.url)?;
-        validate_headers(&f.headers)?;
+    /// Every problem of the file, each at its key or step; `budget` keys are checked
+    /// against the phases the steps name.
+    pub fn from_config(
+        rest: Rest<'_>,
+        dir: &Path,
+        budget: &[toml::Spanned<String>],
+    ) -> Result<Self, Errors> {
+        let (f, mut errs) = rest.parse::<WsFile>();
+        let Some(f) = f else { return Err(errs) };
+        // Where each step's keys are: from its start to the next step's (a `[[step]]`
+        // table's own span is its header).
+        let starts: Vec<usize> = f.step.iter().map(|s| s.span().start).collect();
+        let region = |i: usize| starts[i]..starts.get(i + 1).copied().unwrap_or(usize::MAX);
+        // A step whose name could not be read would be budgeted under its default name.
+        if f.step
+            .iter()
+            .enumerate()
+            .all(|(i, s)| s.get_ref().name.is_some() || errs.intact("step", &region(i)))
+        {
+            let names = f
+                .step
+                .iter()
+                .enumerate()
+                .map(|(i, s)| step_name(i, s.get_ref()));
+            super::check_budget("websocket", &phases(names), None, budget, &mut errs);
+        }
+        errs.check(validate_ws_url(&f.url));
+        validate_headers(&f.headers, &mut errs);
         for p in &f.subprotocols {
             if p.is_empty() || !p.chars().all(|c| c.is_ascii_graphic() && c != ',') {
-                return Err(SpanError::key(
+                errs.push(SpanError::key(
                     &["subprotocols"],
                     format!("invalid subprotocol name {p:?}"),
                 ));
             }
         }
         if f.max_message_bytes < 125 {
-            return Err(SpanError::key(
+            errs.push(SpanError::key(
                 &["max_message_bytes"],
                 "max_message_bytes must be at least 125",
             ));
         }
-        let ca_pem = read_ca_file(dir, &f.ca_file)?;
+        let ca_pem = errs.check(read_ca_file(dir, &f.ca_file));
         let mut steps = Vec::new();
+        // Every step's name, kept or not, so a duplicate is found next to a broken step.
+        let mut names: Vec<String> = Vec::new();
         for (i, s) in f.step.into_iter().enumerate() {
             let span = s.span();
             let s = s.into_inner();
-            let name = s.name.clone().unwrap_or_else(|| format!("step{}", i + 1));
+            let name = step_name(i, &s);
+            let name_at = s.name.as_ref().map_or(span.clone(), |n| n.span());
             if name.is_empty() || matches!(name.as_str(), "connect" | "total") {
-                return Err(SpanError::at(
-                    span,
+                errs.push(SpanError::at(
+                    name_at,
                     format!("step name {name:?} is empty or reserved"),
                 ));
+            } else if names.contains(&name) {
+                errs.push(SpanError::at(
+                    name_at,
+                    format!("duplicate step name {name:?}"),
+                ));
             }
-            if steps.iter().any(|st: &Step| st.name == name) {
-                return Err(SpanError::at(span, format!("duplicate step name {name:?}")));
-            }
+            names.push(name.clone());
             let mut actions = Vec::new();
+            // A key that failed to parse is one action fewer: its step is not counted.
+            let mut counted = errs.intact("step", &region(i));
             if let Some(t) = s.send {
                 actions.push(Action::SendText(t.to_string()));
             }
             if let Some(j) = s.send_json {
-                let j = expand_json(j).map_err(|e| SpanError::at(span.clone(), e))?;
-                actions.push(Action::SendText(j.to_string()));
+                match expand_json(j) {
+                    Ok(j) => actions.push(Action::SendText(j.to_string())),
+                    Err(e) => {
+                        errs.push(SpanError::at(span.clone(), e));
+                        counted = false;
+                    }
+                }
             }
             if let Some(b) = s.send_binary {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(b.get_ref().trim())
-                    .map_err(|e| {
-                        SpanError::at(b.span(), format!("send_binary is not valid base64: {e}"))
-                    })?;
-                if bytes.is_empty() {
-                    return Err(SpanError::at(b.span(), "send_binary is empty"));
+                    .map_err(|e| format!("send_binary is not valid base64: {e}"))
+                    .and_then(|v| match v.is_empty() {
+                        true => Err("send_binary is empty".to_string()),
+                        false => Ok(v),
+                    });
+                match bytes {
+                    Ok(bytes) => actions.push(Action::SendBinary(Bytes::from(bytes))),
+                    Err(m) => {
+                        errs.push(SpanError::at(b.span(), m));
+                        counted = false;
+                    }
                 }
-                actions.push(Action::SendBinary(Bytes::from(bytes)));
             }
             if let Some(e) = s.expect {
-                if e.json.is_empty() && e.matches.is_none() && e.contains.is_none() {
-                    // An empty expectation means "any message".
-                }
                 actions.push(Action::Expect(e));
             }
             if let Some(w) = s.wait {
                 actions.push(Action::Wait(w.0));
             }
             if let Some(c) = s.close {
+                let (at, c) = (c.span(), c.into_inner());
                 if !(c == 1000 || (3000..=4999).contains(&c) || (1001..=1003).contains(&c)) {
-                    return Err(SpanError::at(
-                        span,
+                    errs.push(SpanError::at(
+                        at,
                         format!("close code {c} cannot be sent (use 1000, 1001 or 3000-4999)"),
                     ));
                 }
                 actions.push(Action::Close(c));
             }
             if actions.len() != 1 {
-                return Err(SpanError::at(
-                    span,
-                    format!(
-                        "step {} needs exactly one of send, send_json, send_binary, expect, wait, close (found {})",
-                        i + 1,
-                        actions.len()
-                    ),
-                ));
+                if counted {
+                    errs.push(SpanError::at(
+                        span,
+                        format!(
+                            "step {} needs exactly one of send, send_json, send_binary, expect, wait, close (found {})",
+                            i + 1,
+                            actions.len()
+                        ),
+                    ));
+                }
+                continue;
             }
             steps.push(Step {
                 name,
                 action: actions.remove(0),
             });
         }
-        Ok(WsSpec {
+        let Some(ca_pem) = ca_pem else {
+            return Err(errs);
+        };
+        errs.finish(WsSpec {
             url: f.url.into_inner().to_string(),
             headers: f.headers.into_iter().collect(),
             subprotocols: f.subprotocols,

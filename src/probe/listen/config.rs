@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Bytes;
 
 use super::audio::{self, Audio};
 use super::{deepgram, flux, generic, omi, wer, Dialect};
-use crate::config::{duration::human, Dur, Interp, Rest, SpanError};
+use crate::config::{duration::human, Dur, Errors, Interp, Rest, SpanError};
 use crate::probe::websocket as wsock;
 
 fn default_max_wer() -> toml::Spanned<f64> {
@@ -272,35 +272,45 @@ fn only_for<T>(
     want: DialectName,
     key: &str,
     v: &Option<toml::Spanned<T>>,
-) -> Result<(), SpanError> {
-    match v {
-        Some(s) if dialect != want => {
-            let hint = if key == "end" {
-                " (generic uses end_messages)".to_string()
-            } else {
-                format!(" (this probe is {:?})", dialect.as_str())
-            };
-            Err(SpanError::at(
-                s.span(),
-                format!("{key} is only for dialect = {:?}{hint}", want.as_str()),
-            ))
-        }
-        _ => Ok(()),
+    errs: &mut Errors,
+) {
+    if let Some(s) = v.as_ref().filter(|_| dialect != want) {
+        let hint = if key == "end" {
+            " (generic uses end_messages)".to_string()
+        } else {
+            format!(" (this probe is {:?})", dialect.as_str())
+        };
+        errs.push(SpanError::at(
+            s.span(),
+            format!("{key} is only for dialect = {:?}{hint}", want.as_str()),
+        ));
     }
 }
 
 /// The dialect and its settings; keys of another dialect are errors at their position.
-fn dialect(f: &ListenFile) -> Result<Dialect, SpanError> {
+fn dialect(f: &ListenFile, errs: &mut Errors) -> Option<Dialect> {
     use DialectName as D;
     let name = *f.dialect.get_ref();
-    only_for(name, D::Generic, "transcript_path", &f.transcript_path)?;
-    only_for(name, D::Generic, "final_path", &f.final_path)?;
-    only_for(name, D::Generic, "error_path", &f.error_path)?;
-    only_for(name, D::Generic, "accumulate", &f.accumulate)?;
-    only_for(name, D::Generic, "end_messages", &f.end_messages)?;
-    only_for(name, D::Generic, "keepalive_message", &f.keepalive_message)?;
-    only_for(name, D::Deepgram, "end", &f.end)?;
-    Ok(match name {
+    only_for(
+        name,
+        D::Generic,
+        "transcript_path",
+        &f.transcript_path,
+        errs,
+    );
+    only_for(name, D::Generic, "final_path", &f.final_path, errs);
+    only_for(name, D::Generic, "error_path", &f.error_path, errs);
+    only_for(name, D::Generic, "accumulate", &f.accumulate, errs);
+    only_for(name, D::Generic, "end_messages", &f.end_messages, errs);
+    only_for(
+        name,
+        D::Generic,
+        "keepalive_message",
+        &f.keepalive_message,
+        errs,
+    );
+    only_for(name, D::Deepgram, "end", &f.end, errs);
+    Some(match name {
         D::Deepgram => Dialect::Deepgram(deepgram::Settings {
             end: f.end.as_ref().map(|e| *e.get_ref()).unwrap_or_default(),
         }),
@@ -308,10 +318,14 @@ fn dialect(f: &ListenFile) -> Result<Dialect, SpanError> {
         D::Omi => Dialect::Omi(omi::Settings),
         D::Generic => {
             let Some(tp) = &f.transcript_path else {
-                return Err(SpanError::at(
-                    f.dialect.span(),
-                    "dialect = \"generic\" needs transcript_path (the dotted JSON path of the transcript text)",
-                ));
+                // An unreadable transcript_path has its own error.
+                if errs.read("transcript_path") {
+                    errs.push(SpanError::at(
+                        f.dialect.span(),
+                        "dialect = \"generic\" needs transcript_path (the dotted JSON path of the transcript text)",
+                    ));
+                }
+                return None;
             };
             Dialect::Generic(generic::Settings {
                 layout: generic::Layout {
@@ -338,48 +352,47 @@ fn dialect(f: &ListenFile) -> Result<Dialect, SpanError> {
     })
 }
 
-/// `max_wer`, `chunk`, `speed`, `max_message_bytes` within their ranges.
-fn check_numbers(f: &ListenFile) -> Result<(), SpanError> {
+/// `max_wer`, `chunk`, `speed`, `max_message_bytes` within their ranges; each one out of
+/// range is recorded.
+fn check_numbers(f: &ListenFile, errs: &mut Errors) {
     let max_wer = *f.max_wer.get_ref();
     if !(0.0..=1.0).contains(&max_wer) {
-        return Err(SpanError::at(
+        errs.push(SpanError::at(
             f.max_wer.span(),
             format!("max_wer {max_wer} is not between 0.0 and 1.0"),
         ));
     }
     let chunk = f.chunk.get_ref().0;
     if chunk < Duration::from_millis(10) || chunk > Duration::from_secs(1) {
-        return Err(SpanError::at(
+        errs.push(SpanError::at(
             f.chunk.span(),
             format!("chunk {} is not between 10ms and 1s", human(chunk)),
         ));
     }
     let speed = *f.speed.get_ref();
     if !(0.1..=20.0).contains(&speed) {
-        return Err(SpanError::at(
+        errs.push(SpanError::at(
             f.speed.span(),
             format!("speed {speed} is not between 0.1 and 20"),
         ));
     }
     if f.max_message_bytes < 1024 {
-        return Err(SpanError::key(
+        errs.push(SpanError::key(
             &["max_message_bytes"],
             "max_message_bytes must be at least 1024",
         ));
     }
-    Ok(())
 }
 
-/// Load the audio and check it is what the URL (or `sample_rate`/`channels`) tells the
-/// server to expect.
-fn load_audio(
+/// Check the audio is what the URL (or `sample_rate`/`channels`) tells the server to
+/// expect; each mismatch is recorded.
+fn check_format(
     f: &ListenFile,
-    audio_path: &Path,
+    audio: &Audio,
     url: &url::Url,
-    dialect: &Dialect,
-) -> Result<Audio, SpanError> {
-    let audio = Audio::load(audio_path, f.channel)
-        .map_err(|e| SpanError::at(f.audio.span(), e.to_string()))?;
+    dialect: Option<&Dialect>,
+    errs: &mut Errors,
+) {
     let query: BTreeMap<String, String> = url
         .query_pairs()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -403,33 +416,37 @@ fn load_audio(
             })
             .transpose()
     };
-    let declared_rate =
-        number("sample_rate")?.or(f.sample_rate.as_ref().map(|r| *r.get_ref() as u64));
+    let declared_rate = errs
+        .check(number("sample_rate"))
+        .flatten()
+        .or(f.sample_rate.as_ref().map(|r| *r.get_ref() as u64));
     match declared_rate {
-        Some(r) if r != audio.sample_rate as u64 => {
-            return Err(SpanError::at(
-                declared("sample_rate", f.sample_rate.as_ref().map(|r| r.span())),
-                format!(
-                    "{shown} is {} Hz but the probe declares sample_rate={r}",
-                    audio.sample_rate
-                ),
-            ))
-        }
-        None if dialect.wire().needs_declared_format() => {
-            return Err(SpanError::at(
-                f.url.span(),
-                format!(
-                "{} needs encoding=linear16&sample_rate={}&channels={} in the url to read raw PCM",
-                dialect.name(),
-                audio.sample_rate,
-                audio.channels
+        Some(r) if r != audio.sample_rate as u64 => errs.push(SpanError::at(
+            declared("sample_rate", f.sample_rate.as_ref().map(|r| r.span())),
+            format!(
+                "{shown} is {} Hz but the probe declares sample_rate={r}",
+                audio.sample_rate
             ),
-            ))
+        )),
+        None => {
+            if let Some(d) = dialect.filter(|d| d.wire().needs_declared_format()) {
+                errs.push(SpanError::at(
+                    f.url.span(),
+                    format!(
+                        "{} needs encoding=linear16&sample_rate={}&channels={} in the url to read raw PCM",
+                        d.name(),
+                        audio.sample_rate,
+                        audio.channels
+                    ),
+                ));
+            }
         }
         _ => {}
     }
-    let declared_channels =
-        number("channels")?.or(f.channels.as_ref().map(|c| *c.get_ref() as u64));
+    let declared_channels = errs
+        .check(number("channels"))
+        .flatten()
+        .or(f.channels.as_ref().map(|c| *c.get_ref() as u64));
     if let Some(c) = declared_channels.filter(|c| *c != audio.channels as u64) {
         let how = match f.channel {
             Some(ch) => format!("channel {ch} of {shown} is sent as 1 channel"),
@@ -439,7 +456,7 @@ fn load_audio(
             ),
             None => format!("{shown} has {} channel", audio.channels),
         };
-        return Err(SpanError::at(
+        errs.push(SpanError::at(
             declared("channels", f.channels.as_ref().map(|c| c.span())),
             format!("{how} but the probe declares channels={c}"),
         ));
@@ -449,7 +466,7 @@ fn load_audio(
         ("codec", ["pcm16", "linear16", "pcm_s16le"]),
     ] {
         if let Some(v) = query.get(key).filter(|v| !ok.contains(&v.as_str())) {
-            return Err(SpanError::at(
+            errs.push(SpanError::at(
                 f.url.span(),
                 format!(
                     "url has {key}={v} but {shown} is sent as PCM 16-bit ({key}={})",
@@ -458,43 +475,44 @@ fn load_audio(
             ));
         }
     }
-    Ok(audio)
 }
 
-/// The expected transcript (from the file or the manifest) and phrases.
-fn expectation(f: &ListenFile, audio_path: &Path) -> Result<Expectation, SpanError> {
+/// The expected transcript (from the file or the manifest) and phrases; `None` with its
+/// problems recorded.
+fn expectation(f: &ListenFile, audio_path: &Path, errs: &mut Errors) -> Option<Expectation> {
     let (transcript, span) = match &f.transcript {
-        Some(t) => (Some(t.get_ref().clone()), Some(t.span())),
+        Some(t) => (Some(t.get_ref().clone()), t.span()),
         None => (
-            audio::manifest_transcript(audio_path).map_err(|e| SpanError::at(f.audio.span(), e))?,
-            None,
+            errs.check(
+                audio::manifest_transcript(audio_path)
+                    .map_err(|e| SpanError::at(f.audio.span(), e)),
+            )?,
+            f.audio.span(),
         ),
     };
-    let at = |msg: String| match &span {
-        Some(s) => SpanError::at(s.clone(), msg),
-        None => SpanError::at(f.audio.span(), msg),
-    };
+    let before = errs.len();
     if let Some(t) = &transcript {
         let words = wer::normalize(t).len();
         if words == 0 {
-            return Err(at("transcript has no words to compare".into()));
-        }
-        if words > MAX_EXPECTED_WORDS {
-            return Err(at(format!(
-                "transcript has {words} words; at most {MAX_EXPECTED_WORDS} are compared"
-            )));
-        }
-    }
-    for p in &f.contains {
-        if wer::normalize(p).len() > MAX_EXPECTED_WORDS {
-            return Err(SpanError::key(
-                &["contains"],
-                format!("a contains phrase has more than {MAX_EXPECTED_WORDS} words"),
+            errs.push(SpanError::at(span, "transcript has no words to compare"));
+        } else if words > MAX_EXPECTED_WORDS {
+            errs.push(SpanError::at(
+                span,
+                format!("transcript has {words} words; at most {MAX_EXPECTED_WORDS} are compared"),
             ));
         }
     }
+    if f.contains
+        .iter()
+        .any(|p| wer::normalize(p).len() > MAX_EXPECTED_WORDS)
+    {
+        errs.push(SpanError::key(
+            &["contains"],
+            format!("a contains phrase has more than {MAX_EXPECTED_WORDS} words"),
+        ));
+    }
     if transcript.is_none() && f.contains.is_empty() {
-        return Err(SpanError::at(
+        errs.push(SpanError::at(
             f.audio.span(),
             format!(
                 "no expected transcript for {}: set transcript or contains, or list it in manifest.toml next to it",
@@ -502,7 +520,7 @@ fn expectation(f: &ListenFile, audio_path: &Path) -> Result<Expectation, SpanErr
             ),
         ));
     }
-    Ok(Expectation {
+    (errs.len() == before).then(|| Expectation {
         transcript,
         max_wer: *f.max_wer.get_ref(),
         contains: f.contains.clone(),
@@ -510,16 +528,53 @@ fn expectation(f: &ListenFile, audio_path: &Path) -> Result<Expectation, SpanErr
 }
 
 impl ListenSpec {
-    pub fn from_config(rest: Rest<'_>, dir: &Path) -> Result<Self, SpanError> {
-        let f: ListenFile = rest.parse().map_err(closed_set_error)?;
-        let dialect = dialect(&f)?;
-        let url = wsock::validate_ws_url(&f.url)?;
-        wsock::validate_headers(&f.headers)?;
-        check_numbers(&f)?;
+    /// Every problem of the file, each at its key; `budget` keys are checked against
+    /// [`super::PHASES`]. What depends on a bad value (the audio's format against a bad
+    /// URL, say) is left until that value is right.
+    pub fn from_config(
+        rest: Rest<'_>,
+        dir: &Path,
+        budget: &[toml::Spanned<String>],
+    ) -> Result<Self, Errors> {
+        let (f, errs) = rest.parse::<ListenFile>();
+        let mut errs = errs.map(closed_set_error);
+        let phases = super::PHASES.map(String::from);
+        crate::probe::check_budget("listen", &phases, None, budget, &mut errs);
+        let Some(f) = f else { return Err(errs) };
+        let dialect = dialect(&f, &mut errs);
+        let url = errs.check(wsock::validate_ws_url(&f.url));
+        wsock::validate_headers(&f.headers, &mut errs);
+        check_numbers(&f, &mut errs);
         let audio_path = dir.join(f.audio.get_ref());
-        let audio = load_audio(&f, &audio_path, &url, &dialect)?;
-        let expect = expectation(&f, &audio_path)?;
-        let ca_pem = wsock::read_ca_file(dir, &f.ca_file)?;
+        // The file is read as `channel` says, and judged against `sample_rate`/`channels`.
+        let audio = if ["channel", "sample_rate", "channels"]
+            .iter()
+            .all(|k| errs.read(k))
+        {
+            errs.check(
+                Audio::load(&audio_path, f.channel)
+                    .map_err(|e| SpanError::at(f.audio.span(), e.to_string())),
+            )
+        } else {
+            None
+        };
+        if let (Some(audio), Some(url)) = (&audio, &url) {
+            check_format(&f, audio, url, dialect.as_ref(), &mut errs);
+        }
+        let expect = if errs.read("transcript") && errs.read("contains") {
+            expectation(&f, &audio_path, &mut errs)
+        } else {
+            None
+        };
+        let ca_pem = errs.check(wsock::read_ca_file(dir, &f.ca_file));
+        let (Some(dialect), Some(audio), Some(expect), Some(ca_pem)) =
+            (dialect, audio, expect, ca_pem)
+        else {
+            return Err(errs);
+        };
+        if !errs.is_empty() {
+            return Err(errs);
+        }
         let chunk = f.chunk.get_ref().0;
         let frames = audio.frames(chunk, f.lead_in.0, f.tail.0);
         let request_id_header = f
