@@ -261,6 +261,49 @@ pub fn list(conn: &Conn) -> db::Result<Vec<Value>> {
     Ok(out)
 }
 
+/// A drill starts: its row, `running`.
+pub fn insert_running(c: &Conn, r: &Report, origin: &str, at_ms: i64) -> db::Result<usize> {
+    c.execute(
+        "INSERT INTO rehearsals (rehearsal_id, name, file, origin, started_at, status) VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
+        params![r.rehearsal_id, r.name, r.file, origin, at_ms],
+    )
+}
+
+/// A drill ended: its verdict, measured times and whole report on its `running` row.
+pub fn finish(c: &Conn, r: &Report, ended_ms: i64) -> db::Result<usize> {
+    let (detect, page, resolve) = times(r);
+    let json = serde_json::to_string(r).unwrap_or_default();
+    c.execute(
+        "UPDATE rehearsals SET ended_at = ?2, status = ?3, passed = ?4, reason = ?5, detect_ms = ?6, page_ms = ?7, resolve_ms = ?8, report = ?9
+         WHERE rehearsal_id = ?1 AND status = 'running'",
+        params![r.rehearsal_id, ended_ms, status_of(r), r.passed, r.aborted, detect, page, resolve, json],
+    )
+}
+
+/// A firing of a schedule that did not start, and why.
+pub fn insert_skipped(
+    c: &Conn,
+    name: &str,
+    file: &str,
+    origin: &str,
+    at_ms: i64,
+    why: &str,
+) -> db::Result<usize> {
+    c.execute(
+        "INSERT INTO rehearsals (rehearsal_id, name, file, origin, started_at, ended_at, status, passed, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, 'skipped', 0, ?6)",
+        params![at_ms.to_string(), name, file, origin, at_ms, why],
+    )
+}
+
+/// At start: rows a crash left `running` are `aborted`.
+pub fn close_interrupted(c: &Conn) -> db::Result<usize> {
+    c.execute(
+        "UPDATE rehearsals SET status = 'aborted', reason = 'the agent stopped during the rehearsal' WHERE status = 'running'",
+        [],
+    )
+}
+
 impl Rehearsals {
     /// Rehearsals on `agent`, marking incidents through `drill` (the evaluator's).
     pub fn new(agent: Agent, drill: Drill) -> Rehearsals {
@@ -329,16 +372,10 @@ impl Rehearsals {
             report
         };
         drop(conn);
-        let row = (report.clone(), origin.to_string());
+        let (row, who) = (report.clone(), origin.to_string());
         let stored = a
             .store
-            .write(move |c| {
-                let (r, origin) = row;
-                c.execute(
-                    "INSERT INTO rehearsals (rehearsal_id, name, file, origin, started_at, status) VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
-                    params![r.rehearsal_id, r.name, r.file, origin, started.timestamp_millis()],
-                )
-            })
+            .write(move |c| insert_running(c, &row, &who, started.timestamp_millis()))
             .await;
         if let Err(e) = stored {
             self.0
@@ -397,19 +434,8 @@ impl Rehearsals {
         };
         let status = status_of(&report);
         tracing::info!(rehearsal = %id, name = %report.name, status, aborted = report.aborted.as_deref(), "rehearsal ended");
-        let (detect, page, resolve) = times(&report);
-        let json = serde_json::to_string(&report).unwrap_or_default();
-        let (ended, passed, reason) = (a.clock.now_ms(), report.passed, report.aborted.clone());
-        let r = a
-            .store
-            .write(move |c| {
-                c.execute(
-                    "UPDATE rehearsals SET ended_at = ?2, status = ?3, passed = ?4, reason = ?5, detect_ms = ?6, page_ms = ?7, resolve_ms = ?8, report = ?9
-                     WHERE rehearsal_id = ?1 AND status = 'running'",
-                    params![id, ended, status, passed, reason, detect, page, resolve, json],
-                )
-            })
-            .await;
+        let ended = a.clock.now_ms();
+        let r = a.store.write(move |c| finish(c, &report, ended)).await;
         if let Err(e) = r {
             tracing::error!(error = %format!("{e:#}"), "cannot store the rehearsal's verdict");
         }
@@ -429,13 +455,7 @@ impl Rehearsals {
         let origin = format!("schedule {}", e.schedule);
         let r = a
             .store
-            .write(move |c| {
-                c.execute(
-                    "INSERT INTO rehearsals (rehearsal_id, name, file, origin, started_at, ended_at, status, passed, reason)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?5, 'skipped', 0, ?6)",
-                    params![now.to_string(), name, file, origin, now, why],
-                )
-            })
+            .write(move |c| insert_skipped(c, &name, &file, &origin, now, &why))
             .await;
         if let Err(e) = r {
             tracing::error!(error = %format!("{e:#}"), "cannot store the skipped rehearsal");
@@ -468,12 +488,7 @@ impl Rehearsals {
     pub async fn run(self) -> anyhow::Result<()> {
         let a = self.0.agent.clone();
         a.store
-            .write(|c| {
-                c.execute(
-                    "UPDATE rehearsals SET status = 'aborted', reason = 'the agent stopped during the rehearsal' WHERE status = 'running'",
-                    [],
-                )
-            })
+            .write(close_interrupted)
             .await
             .context("closing rehearsals a crash left running")?;
         let stop = self.0.stop.clone();
