@@ -296,6 +296,7 @@ impl From<CommandError> for ApiError {
         let status = match &e {
             CommandError::NotFound(_) => StatusCode::NOT_FOUND,
             CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
+            CommandError::Conflict(_) => StatusCode::CONFLICT,
             CommandError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             CommandError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -330,6 +331,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/incidents/{id}/resolve", post(resolve))
         .route("/api/v1/alerts/alertmanager", post(alertmanager))
         .route("/api/v1/alerts/grafana", post(grafana))
+        .route(
+            "/api/v1/rehearsals",
+            post(start_rehearsal).get(list_rehearsals),
+        )
+        .route("/api/v1/rehearsals/{id}", get(get_rehearsal))
         .with_state(state)
 }
 
@@ -1077,6 +1083,84 @@ async fn resolve(
         })
         .await?;
     answer(StatusCode::OK, json!({"incident": id, "resolved": true}))
+}
+
+/// `POST /api/v1/rehearsals` body.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StartRehearsal {
+    /// A rehearsal file inside the agent's config directory (`rehearsals/drill.toml`).
+    #[serde(default)]
+    file: String,
+}
+
+/// `POST /api/v1/rehearsals` with `{"file"}`: start that rehearsal on this agent; 202 with
+/// its document (`status: running`, `rehearsal_id` to follow it). 409 while another runs or
+/// when a component of the drill is in maintenance or has an incident open.
+async fn start_rehearsal(who: Authorized, State(s): State<AppState>, b: Bytes) -> Answer {
+    let req: StartRehearsal = body(&b)?;
+    if req.file.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "file is required: a rehearsal file in the agent's config directory, e.g. rehearsals/drill.toml",
+        ));
+    }
+    let doc = s
+        .control()?
+        .rehearsals()
+        .start(&req.file, &format!("api {}", who.remote))
+        .await?;
+    answer(StatusCode::ACCEPTED, doc)
+}
+
+/// The running rehearsal's document (`None`: none runs, or not this id).
+fn running_rehearsal(s: &AppState, id: Option<&str>) -> Option<Value> {
+    s.control().ok().and_then(|c| c.rehearsals().current(id))
+}
+
+/// `GET /api/v1/rehearsals`: the one running (if any) and the stored ones, newest first,
+/// without timelines.
+async fn list_rehearsals(State(s): State<AppState>) -> Response {
+    let running = running_rehearsal(&s, None).map(|mut v| {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("timeline");
+        }
+        v
+    });
+    let r = read(&s, |c| Ok(crate::chaos::live::list(c)?)).await;
+    match r {
+        Ok(stored) => {
+            let mut all: Vec<Value> = running.into_iter().collect();
+            let ids: Vec<Value> = all.iter().map(|v| v["rehearsal_id"].clone()).collect();
+            all.extend(
+                stored
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|v| !ids.contains(&v["rehearsal_id"])),
+            );
+            no_store(Json(json!({"rehearsals": all})).into_response())
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/v1/rehearsals/{id}`: progress (`status: running`, the timeline so far) and
+/// then the final verdict, in the `rehearse --json` shape.
+async fn get_rehearsal(State(s): State<AppState>, Path(id): Path<String>) -> Answer {
+    if let Some(doc) = running_rehearsal(&s, Some(&id)) {
+        return answer(StatusCode::OK, doc);
+    }
+    let key = id.clone();
+    let found = read(&s, move |c| Ok(crate::chaos::live::stored(c, &key)?))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    match found.flatten() {
+        Some(doc) => answer(StatusCode::OK, doc),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no rehearsal {id:?} on this agent"),
+        )),
+    }
 }
 
 /// Read a request body of at most `max` bytes; a bigger one is a 413 (from its

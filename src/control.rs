@@ -141,6 +141,9 @@ pub enum CommandError {
     /// The request is well-formed but cannot be done (→ 400).
     #[error("{0}")]
     Invalid(String),
+    /// It conflicts with what the agent is doing (a rehearsal already running → 409).
+    #[error("{0}")]
+    Conflict(String),
     /// The agent is stopping, or the part that does it has stopped (→ 503).
     #[error("{0}")]
     Unavailable(String),
@@ -199,6 +202,7 @@ pub struct Control {
     /// draining at shutdown.
     runs: mpsc::WeakSender<RunResult>,
     commands: mpsc::Sender<Command>,
+    rehearsals: crate::chaos::live::Rehearsals,
 }
 
 impl Control {
@@ -211,6 +215,15 @@ impl Control {
         runs: mpsc::WeakSender<RunResult>,
         commands: mpsc::Sender<Command>,
     ) -> Control {
+        let rehearsals = crate::chaos::live::Rehearsals::new(
+            crate::chaos::run::Agent {
+                config: config.clone(),
+                store: store.clone(),
+                faults: shared.faults.clone(),
+                clock: shared.clock,
+            },
+            shared.drill.clone(),
+        );
         Control {
             config,
             store,
@@ -219,7 +232,13 @@ impl Control {
             gate,
             runs,
             commands,
+            rehearsals,
         }
+    }
+
+    /// Rehearsals on this agent (`POST /api/v1/rehearsals`).
+    pub fn rehearsals(&self) -> &crate::chaos::live::Rehearsals {
+        &self.rehearsals
     }
 
     pub fn paused(&self) -> &Paused {

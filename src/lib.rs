@@ -9,6 +9,7 @@ pub mod check;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod cron;
 pub mod demo;
 pub mod demo_stt;
 pub mod fdlimit;

@@ -118,6 +118,14 @@ enum Cmd {
         /// Also write a self-contained HTML report with the timeline drawn.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Run it on the live agent at this API URL (POST /api/v1/rehearsals) and follow it;
+        /// FILE must be inside the config directory, which the agent reads it from.
+        #[arg(long)]
+        agent: Option<String>,
+        /// With --agent: the environment variable holding the API token (default: the
+        /// config's [agent] api_token_env).
+        #[arg(long, requires = "agent")]
+        token_env: Option<String>,
     },
     /// Send one clearly marked test event to a notifier.
     NotifyTest {
@@ -204,6 +212,116 @@ enum MaintenanceCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `rehearse FILE --agent URL`: start FILE (named relative to the config directory, where
+/// the agent reads it) on the agent, print its timeline as it goes, and return its final
+/// document; `Err` is the exit code after saying why (3: usage, 1: refused or unreachable).
+async fn rehearse_on_agent(
+    c: &config::Config,
+    file: &std::path::Path,
+    agent: &str,
+    token_env: Option<&str>,
+    live: &mut (dyn FnMut(&chaos::run::Mark) + Send),
+) -> Result<serde_json::Value, u8> {
+    use reqwest::Method;
+    let base = control::agent_url(c, Some(agent)).map_err(|e| {
+        eprintln!("error: {e:#}");
+        3u8
+    })?;
+    let token = match token_env {
+        Some(var) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Some(config::Secret::new(var, v)),
+            _ => {
+                eprintln!("error: --token-env {var}: the variable is not set");
+                return Err(3);
+            }
+        },
+        None => c.agent.api_token.clone(),
+    };
+    let inside = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+    let rel = match (inside(file), inside(&c.dir)) {
+        (Some(f), Some(d)) => f
+            .strip_prefix(&d)
+            .ok()
+            .map(|r| r.to_string_lossy().into_owned()),
+        _ => None,
+    };
+    let Some(rel) = rel else {
+        eprintln!(
+            "error: {} is not inside the config directory {}: the agent reads rehearsal files from there",
+            file.display(),
+            c.dir.display()
+        );
+        return Err(3);
+    };
+    let refused = |e: control::ClientError| {
+        eprintln!("error: {e}");
+        if token_env.is_none()
+            && c.agent.api_token.is_none()
+            && matches!(
+                e,
+                control::ClientError::Refused {
+                    status: 401 | 403,
+                    ..
+                }
+            )
+        {
+            eprintln!("hint: set [agent] api_token_env (or pass --token-env) and export the token in this shell");
+        }
+        1u8
+    };
+    let started = control::call(
+        &base,
+        token.as_ref(),
+        Method::POST,
+        "/api/v1/rehearsals",
+        Some(serde_json::json!({ "file": rel })),
+    )
+    .await
+    .map_err(refused)?;
+    let Some(id) = started["rehearsal_id"].as_str().map(str::to_string) else {
+        eprintln!("error: the agent did not say which rehearsal it started");
+        return Err(1);
+    };
+    eprintln!("rehearsal {id} started on {base}");
+    let mut shown = std::collections::HashSet::new();
+    let interrupt = shutdown_signal();
+    tokio::pin!(interrupt);
+    loop {
+        let doc = control::call(
+            &base,
+            None,
+            Method::GET,
+            &format!("/api/v1/rehearsals/{id}"),
+            None,
+        )
+        .await
+        .map_err(refused)?;
+        let marks: Vec<chaos::run::Mark> = doc["timeline"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| serde_json::from_value(m.clone()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for m in marks {
+            if shown.insert(format!("{}|{}|{}", m.at_ms, m.event, m.detail)) {
+                live(&m);
+            }
+        }
+        if doc["status"] != "running" {
+            return Ok(doc);
+        }
+        tokio::select! {
+            _ = &mut interrupt => {
+                eprintln!("stopped following; rehearsal {id} goes on on the agent (GET {base}/api/v1/rehearsals/{id})");
+                return Err(1);
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+        }
+    }
 }
 
 /// `watchpost maintenance …`: 0 done · 1 refused or unreachable · 3 config or usage error.
@@ -604,7 +722,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             };
             maintenance(&c, cmd).await
         }
-        Cmd::Rehearse { file, json, output } => {
+        Cmd::Rehearse {
+            file,
+            json,
+            output,
+            agent,
+            token_env,
+        } => {
             let c = match load(&cli.config, cli.data_dir.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
@@ -621,7 +745,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             };
             // The live timeline goes to stderr, so stdout stays the table or the JSON.
             let mut live = |m: &chaos::run::Mark| eprintln!("{}", chaos::report::live_line(m));
-            let report = chaos::run::rehearse(&c, &r, shutdown_signal(), &mut live).await?;
+            let (report, doc) = match agent {
+                None => {
+                    let report = chaos::run::rehearse(&c, &r, shutdown_signal(), &mut live).await?;
+                    let doc = serde_json::to_value(&report)?;
+                    (report, doc)
+                }
+                Some(url) => {
+                    if !r.notify.is_empty() {
+                        eprintln!("error: {}: [notify] swaps work only in a standalone rehearsal (without --agent)", file.display());
+                        return Ok(3);
+                    }
+                    match rehearse_on_agent(&c, &file, &url, token_env.as_deref(), &mut live).await
+                    {
+                        Ok(doc) => match serde_json::from_value(doc.clone()) {
+                            Ok(report) => (report, doc),
+                            Err(e) => {
+                                eprintln!(
+                                    "error: the agent's answer is not a rehearsal report: {e}"
+                                );
+                                return Ok(1);
+                            }
+                        },
+                        Err(code) => return Ok(code),
+                    }
+                }
+            };
             if let Some(p) = &output {
                 std::fs::write(p, chaos::report::render_html(&report))
                     .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?;
@@ -630,7 +779,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             // The verdict is the exit code: a closed stdout must not turn a failure into 0.
             let print = || -> anyhow::Result<()> {
                 if json {
-                    out!("{}", serde_json::to_string_pretty(&report)?);
+                    out!("{}", serde_json::to_string_pretty(&doc)?);
                 } else {
                     out_raw!("{}", chaos::report::render_table(&report));
                 }

@@ -54,6 +54,8 @@ pub struct Shared {
     pub paused: Paused,
     /// Rehearsal faults the probes see (empty unless a rehearsal runs).
     pub faults: crate::chaos::fault::Faults,
+    /// The live rehearsal whose run id marks incidents opening on its components.
+    pub drill: crate::chaos::live::Drill,
 }
 
 /// What to start.
@@ -196,6 +198,7 @@ impl Pipeline {
             run_tx.downgrade(),
             cmd_tx,
         );
+        tasks.push(spawn("rehearsals", control.rehearsals().clone().run()));
         if opts.dispatcher {
             let d =
                 notify::Dispatcher::new(config.clone(), store.clone(), metrics.clone(), &shared)?;
@@ -384,9 +387,11 @@ impl Pipeline {
         };
         let mut errors = Vec::new();
         sched_stop.cancel();
+        control.rehearsals().shutdown();
         drop(runs);
         for stage in [
-            &["scheduler", "fan-out", "evaluator"][..],
+            // A drill in progress first: its fault lifted, its end hooks run, its row kept.
+            &["rehearsals", "scheduler", "fan-out", "evaluator"][..],
             &["dispatcher", "maintenance", "api", "heartbeat"],
         ] {
             for name in stage {

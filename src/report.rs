@@ -735,7 +735,14 @@ fn rehearsals(conn: &Conn, since: i64, until: i64) -> db::Result<Vec<Value>> {
         .into_iter()
         .find(|c| names.iter().any(|n| n == c));
     let mut out = Vec::new();
-    conn.query_each("SELECT * FROM rehearsals LIMIT 1000", [], |r| {
+    // The window in SQL when the table has a time column (the newest 1000 rows otherwise).
+    let sql = match time_col {
+        Some(c) => format!(
+            "SELECT * FROM rehearsals WHERE {c} >= {since} AND {c} < {until} ORDER BY {c} LIMIT 1000"
+        ),
+        None => "SELECT * FROM rehearsals ORDER BY 1 DESC LIMIT 1000".to_string(),
+    };
+    conn.query_each(&sql, [], |r| {
         let mut m = serde_json::Map::new();
         for (i, n) in names.iter().enumerate() {
             let v = match r.get::<_, db::Value>(i)? {
@@ -942,7 +949,39 @@ pub fn render_table(r: &Report) -> String {
         }
     }
     let _ = writeln!(out, "\nrehearsals in the window: {}", r.rehearsals.len());
+    for v in &r.rehearsals {
+        let _ = writeln!(out, "  {}", rehearsal_line(v));
+    }
     out
+}
+
+/// One line about a rehearsal row (the columns of the `rehearsals` table): when, verdict,
+/// which drill, the measured times, why it was skipped or cut short.
+fn rehearsal_line(v: &Value) -> String {
+    let text = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("");
+    let mut line = format!(
+        "{} {} {:?} ({})",
+        v.get("started_at")
+            .and_then(Value::as_i64)
+            .map(iso)
+            .unwrap_or_default(),
+        text("status"),
+        text("name"),
+        text("file")
+    );
+    for (label, key) in [
+        ("detect", "detect_ms"),
+        ("page", "page_ms"),
+        ("resolve", "resolve_ms"),
+    ] {
+        if let Some(ms) = v.get(key).and_then(Value::as_i64) {
+            let _ = write!(line, " {label} {:.1}s", ms as f64 / 1000.0);
+        }
+    }
+    if !text("reason").is_empty() {
+        let _ = write!(line, ": {}", text("reason"));
+    }
+    line
 }
 
 fn md(s: &str) -> String {
@@ -1008,6 +1047,9 @@ pub fn render_markdown(r: &Report) -> String {
         }
     }
     let _ = writeln!(out, "\nRehearsals in the window: {}", r.rehearsals.len());
+    for v in &r.rehearsals {
+        let _ = writeln!(out, "- {}", md(&rehearsal_line(v)));
+    }
     out
 }
 
@@ -1308,7 +1350,7 @@ pub fn render_html(r: &Report) -> String {
         } else {
             r.rehearsals
                 .iter()
-                .map(|v| html_escape(&v.to_string()))
+                .map(|v| html_escape(&rehearsal_line(v)))
                 .collect::<Vec<_>>()
                 .join("<br>")
         }

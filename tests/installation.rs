@@ -148,6 +148,8 @@ async fn an_incident_open_across_the_upgrade_keeps_its_old_key() {
              DROP TABLE hourly_outcomes;
              DROP INDEX series_location_name;
              ALTER TABLE series DROP COLUMN location;
+             DROP TABLE rehearsals;
+             ALTER TABLE incidents DROP COLUMN rehearsal;
              UPDATE outbox SET status = 'delivered';
              PRAGMA user_version = 4;",
         )

@@ -213,7 +213,8 @@ fn table_keys(section: &str) -> BTreeSet<String> {
             let tok = match tok.strip_prefix('[') {
                 Some(rest) => {
                     let (t, k) = rest.split_once("] ").unwrap_or((rest, ""));
-                    table = format!("{}.", t.trim_end_matches(']'));
+                    // `[agent] x` and `[[rehearsal]] x` alike.
+                    table = format!("{}.", t.trim_start_matches('[').trim_end_matches(']'));
                     k
                 }
                 None => tok,
@@ -382,6 +383,14 @@ fn the_configuration_tables_name_exactly_the_loaders_keys() {
         "## Incidents and notifiers",
         &incidents,
         false,
+        &mut bad,
+    );
+
+    check(
+        &text,
+        "### Scheduled rehearsals (`[[rehearsal]]`)",
+        &keys_of(&main, &main["properties"]["rehearsal"], "rehearsal."),
+        true,
         &mut bad,
     );
 

@@ -248,11 +248,12 @@ async fn report_figures_match_the_known_runs() {
     let table = report::render(&r, Format::Table).unwrap();
     assert!(table.contains("OVER: p95"), "{table}");
 
-    // Rehearsals recorded by the agent appear once their table exists.
+    // Rehearsals the agent recorded in the window appear.
     s.write(move |c| {
         c.execute_batch(&format!(
-            "CREATE TABLE IF NOT EXISTS rehearsals (id INTEGER PRIMARY KEY, name TEXT, started_at INTEGER, passed INTEGER);
-             INSERT INTO rehearsals (name, started_at, passed) VALUES ('drill', {}, 1), ('old', {}, 0);",
+            "INSERT INTO rehearsals (rehearsal_id, name, file, origin, started_at, status, passed)
+             VALUES ('1', 'drill', 'rehearsals/d.toml', 'api', {}, 'passed', 1),
+                    ('2', 'old', 'rehearsals/o.toml', 'api', {}, 'failed', 0);",
             now - 10 * MIN,
             now - 300 * MIN
         ))

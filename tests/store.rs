@@ -75,7 +75,113 @@ both!(
     details_are_stored_only_when_they_say_something_new,
     rollup_merges_hours_exactly_and_prunes,
     write_is_atomic_per_operation,
+    rehearsal_rows_are_kept_listed_and_reported,
 );
+
+/// The rows of the daemon's rehearsals (`chaos::live`): running, finished with its verdict
+/// and times, skipped, closed after a crash; read back by id, in the list and in the report.
+async fn rehearsal_rows_are_kept_listed_and_reported(b: Backend) {
+    use watchpost::chaos::live;
+    use watchpost::chaos::run::{Report, Verdict};
+    let db = Db::new(b);
+    let (s, writer) = db.start();
+    let report = |id: &str| Report {
+        name: "API outage drill".into(),
+        file: "rehearsals/drill.toml".into(),
+        rehearsal_id: id.into(),
+        started_at: "2027-01-15T08:00:00+00:00".into(),
+        passed: true,
+        aborted: None,
+        duration_ms: 2500,
+        settle_ms: 20_000,
+        expectations: ["opened", "delivered", "resolved"]
+            .iter()
+            .zip([1200, 1300, 900])
+            .map(|(e, ms)| Verdict {
+                event: e.to_string(),
+                component: Some("API".into()),
+                notifier: None,
+                within_ms: 10_000,
+                measured_ms: Some(ms),
+                held: true,
+                detail: String::new(),
+            })
+            .collect(),
+        timeline: vec![],
+    };
+    let (done, crashed) = (report("1800000000000"), report("1800000060000"));
+    let (d, k) = (done.clone(), crashed.clone());
+    s.write(move |c| {
+        live::insert_running(c, &d, "api 127.0.0.1:1", T0)?;
+        live::insert_running(c, &k, "schedule 0 9 * * MON", T0 + 60_000)?;
+        live::insert_skipped(
+            c,
+            "API outage drill",
+            "rehearsals/drill.toml",
+            "schedule 0 9 * * MON",
+            T0 + 120_000,
+            "component \"API\" is in a maintenance window (freeze)",
+        )
+    })
+    .await
+    .unwrap();
+    let c = s.reader().unwrap();
+    assert_eq!(
+        live::stored(&c, &done.rehearsal_id).unwrap().unwrap()["status"],
+        "running"
+    );
+    drop(c);
+    let d = done.clone();
+    let n = s
+        .write(move |c| Ok(live::finish(c, &d, T0 + 30_000)? + live::close_interrupted(c)?))
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "one finished, one closed");
+    let c = s.reader().unwrap();
+    let doc = live::stored(&c, &done.rehearsal_id).unwrap().unwrap();
+    assert_eq!(doc["status"], "passed");
+    assert_eq!(doc["origin"], "api 127.0.0.1:1");
+    assert_eq!(doc["expectations"][1]["measured_ms"], 1300);
+    let statuses: Vec<String> = live::list(&c)
+        .unwrap()
+        .iter()
+        .map(|v| v["status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(statuses, ["skipped", "aborted", "passed"], "newest first");
+    assert!(live::stored(&c, "nope").unwrap().is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("watchpost.toml"),
+        "[agent]\ndata_dir = \"data\"\nprobes = []\nlisten = \"\"\n",
+    )
+    .unwrap();
+    let cfg = watchpost::config::load(&dir.path().join("watchpost.toml")).unwrap();
+    let r = watchpost::report::build(&cfg, &c, Duration::from_secs(3600), T0 + 3_600_000).unwrap();
+    assert_eq!(r.rehearsals.len(), 3, "{:?}", r.rehearsals);
+    let passed = r
+        .rehearsals
+        .iter()
+        .find(|v| v["status"] == "passed")
+        .unwrap();
+    assert_eq!(
+        (
+            &passed["detect_ms"],
+            &passed["page_ms"],
+            &passed["resolve_ms"]
+        ),
+        (&json!(1200), &json!(1300), &json!(900))
+    );
+    assert_eq!(passed["report"]["name"], "API outage drill");
+    let table = watchpost::report::render(&r, watchpost::report::Format::Table).unwrap();
+    assert!(
+        table.contains("passed \"API outage drill\" (rehearsals/drill.toml) detect 1.2s page 1.3s resolve 0.9s"),
+        "{table}"
+    );
+    drop(c);
+    drop(s);
+    writer.join().await;
+}
 
 fn run_at(probe: &str, ms: i64, total_ms: u64, outcome: Outcome) -> RunResult {
     RunResult {

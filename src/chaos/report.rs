@@ -120,7 +120,7 @@ pub fn render_html(r: &Report) -> String {
             rows,
             "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if v.held { "ok" } else { "bad" },
-            html_escape(v.event),
+            html_escape(&v.event),
             html_escape(v.notifier.as_deref().or(v.component.as_deref()).unwrap_or("")),
             opt_secs(Some(v.within_ms)),
             opt_secs(v.measured_ms),

@@ -13,23 +13,26 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::db::{self, Conn};
+use crate::store::db::{self, params, Conn};
 use anyhow::Context as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::fault::target_of;
+use super::fault::Faults;
 use super::file::{Event, Expect, Hook, HookAt, Rehearsal};
+use crate::clock::Clock;
 use crate::config::{duration::human, Config};
 use crate::incident::state::Status;
 use crate::pipeline::{Options, Pipeline, Shared};
 use crate::probe::assert::excerpt;
+use crate::store::Store;
 
 /// How often the store is read back while the drill runs.
 const POLL: Duration = Duration::from_millis(100);
 
 /// One thing that happened, measured from the fault's start.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Mark {
     /// Milliseconds from the fault's start (negative: before it).
     pub at_ms: i64,
@@ -42,9 +45,9 @@ pub struct Mark {
 }
 
 /// The verdict on one expectation (the `--json` contract in CONFIG.md).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
-    pub event: &'static str,
+    pub event: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub component: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -55,8 +58,8 @@ pub struct Verdict {
     pub detail: String,
 }
 
-/// What a rehearsal found.
-#[derive(Debug, Clone, Serialize)]
+/// What a rehearsal found (also what `rehearse --agent` reads back from the agent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub name: String,
     pub file: String,
@@ -72,36 +75,55 @@ pub struct Report {
     pub timeline: Vec<Mark>,
 }
 
-/// The isolated agent's config: a temporary data dir, no API, the run id on every
-/// notification, the rehearsal's notifier swaps, and only the components the drill touches
-/// (with their probes and maintenance windows), so nothing else is probed or announced.
-pub fn isolated_config(config: &Config, r: &Rehearsal, data_dir: PathBuf, id: &str) -> Config {
-    let mut c = config.clone();
-    c.agent.data_dir = data_dir;
-    c.agent.listen = None;
-    c.agent.rehearsal = Some(id.to_string());
-    for swap in &r.notify {
-        if let Some(n) = c.notifiers.iter_mut().find(|n| n.name == swap.name) {
-            n.config = swap.config.clone();
-        }
-    }
-    let faulted: Vec<&str> = r
-        .faults
-        .iter()
-        .flat_map(|f| f.probes.iter().map(String::as_str))
-        .collect();
+/// The components a drill touches: those its expectations name, and those with a faulted
+/// probe among their members.
+pub fn involved_components(config: &Config, r: &Rehearsal) -> Vec<String> {
+    let faulted = faulted_probes(r);
     let named: Vec<&str> = r
         .expects
         .iter()
         .filter_map(|e| e.component.as_deref())
         .collect();
-    c.components.retain(|comp| {
-        named.contains(&comp.name.get_ref().as_str())
-            || comp
-                .probes
-                .iter()
-                .any(|m| faulted.contains(&member_probe(m.get_ref())))
-    });
+    config
+        .components
+        .iter()
+        .filter(|comp| {
+            named.contains(&comp.name.get_ref().as_str())
+                || comp
+                    .probes
+                    .iter()
+                    .any(|m| faulted.contains(&member_probe(m.get_ref())))
+        })
+        .map(|comp| comp.name.get_ref().clone())
+        .collect()
+}
+
+fn faulted_probes(r: &Rehearsal) -> Vec<&str> {
+    r.faults
+        .iter()
+        .flat_map(|f| f.probes.iter().map(String::as_str))
+        .collect()
+}
+
+/// The isolated agent's config: a temporary data dir, no API, the run id on every
+/// notification, the rehearsal's notifier swaps, no schedules of its own, and only the
+/// components the drill touches (with their probes and maintenance windows), so nothing
+/// else is probed or announced.
+pub fn isolated_config(config: &Config, r: &Rehearsal, data_dir: PathBuf, id: &str) -> Config {
+    let mut c = config.clone();
+    c.agent.data_dir = data_dir;
+    c.agent.listen = None;
+    c.agent.rehearsal = Some(id.to_string());
+    c.rehearsals.clear();
+    for swap in &r.notify {
+        if let Some(n) = c.notifiers.iter_mut().find(|n| n.name == swap.name) {
+            n.config = swap.config.clone();
+        }
+    }
+    let faulted = faulted_probes(r);
+    let involved = involved_components(config, r);
+    c.components
+        .retain(|comp| involved.contains(comp.name.get_ref()));
     let keep: Vec<String> = c
         .components
         .iter()
@@ -113,13 +135,8 @@ pub fn isolated_config(config: &Config, r: &Rehearsal, data_dir: PathBuf, id: &s
         .chain(faulted.iter().map(|p| p.to_string()))
         .collect();
     c.probes.retain(|p| keep.contains(&p.name));
-    let names: Vec<String> = c
-        .components
-        .iter()
-        .map(|k| k.name.get_ref().clone())
-        .collect();
     for m in &mut c.maintenance {
-        m.components.retain(|x| names.contains(x.get_ref()));
+        m.components.retain(|x| involved.contains(x.get_ref()));
     }
     c.maintenance.retain(|m| !m.components.is_empty());
     c
@@ -201,26 +218,56 @@ struct OutboxRow {
     last_error: Option<String>,
 }
 
-fn read_seen(conn: &Conn) -> db::Result<Seen> {
+/// The newest row ids when the drill began: only what comes after is the drill's (on a
+/// live agent the tables hold its whole history).
+#[derive(Debug, Clone, Copy, Default)]
+struct Floor {
+    events: i64,
+    incidents: i64,
+    outbox: i64,
+}
+
+/// Most rows of each table one rehearsal reads back.
+const MAX_ROWS: i64 = 10_000;
+
+fn floor(conn: &Conn) -> db::Result<Floor> {
+    let max = |table: &str| {
+        conn.query_row(
+            &format!("SELECT coalesce(max(id), 0) FROM {table}"),
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+    };
+    Ok(Floor {
+        events: max("incident_events")?,
+        incidents: max("incidents")?,
+        outbox: max("outbox")?,
+    })
+}
+
+fn read_seen(conn: &Conn, f: Floor) -> db::Result<Seen> {
     let mut s = Seen::default();
-    let mut st =
-        conn.prepare("SELECT component, at, to_status FROM incident_events ORDER BY id")?;
+    let mut st = conn.prepare(
+        "SELECT component, at, to_status FROM incident_events WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
     s.transitions = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map(params![f.events, MAX_ROWS], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
         .collect::<Result<_, _>>()?;
     let mut st = conn.prepare(
-        "SELECT id, component, opened_at, resolved_at, worst_status FROM incidents ORDER BY id",
+        "SELECT id, component, opened_at, resolved_at, worst_status FROM incidents WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
     s.incidents = st
-        .query_map([], |r| {
+        .query_map(params![f.incidents, MAX_ROWS], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })?
         .collect::<Result<_, _>>()?;
     let mut st = conn.prepare(
-        "SELECT id, notifier, component, kind, status, finished_at, last_error FROM outbox ORDER BY id",
+        "SELECT id, notifier, component, kind, status, finished_at, last_error FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
     s.outbox = st
-        .query_map([], |r| {
+        .query_map(params![f.outbox, MAX_ROWS], |r| {
             Ok(OutboxRow {
                 id: r.get(0)?,
                 notifier: r.get(1)?,
@@ -315,7 +362,7 @@ fn new_marks(s: &Seen, t0: i64, printed: &mut std::collections::HashSet<String>)
 fn judge(e: &Expect, s: &Seen, t0: i64, t_end: Option<i64>, now: i64) -> Option<Verdict> {
     let within = e.within.as_millis() as i64;
     let v = |measured: Option<i64>, held: bool, detail: String| Verdict {
-        event: e.event.as_str(),
+        event: e.event.as_str().to_string(),
         component: e.component.clone(),
         notifier: e.notifier.clone(),
         within_ms: within,
@@ -468,7 +515,7 @@ fn verdicts(r: &Rehearsal, s: &Seen, t0: i64, t_end: Option<i64>, now: i64) -> V
                 // nothing opened in the time the rehearsal ran).
                 let held = e.event == Event::NoIncident;
                 Verdict {
-                    event: e.event.as_str(),
+                    event: e.event.as_str().to_string(),
                     component: e.component.clone(),
                     notifier: e.notifier.clone(),
                     within_ms: e.within.as_millis() as i64,
@@ -491,8 +538,7 @@ fn verdicts(r: &Rehearsal, s: &Seen, t0: i64, t_end: Option<i64>, now: i64) -> V
 /// Wait (bounded by each probe's interval and deadlines) until every faulted probe has
 /// run once; one `baseline` mark per probe with its outcome, `at_ms` as wall time.
 async fn baseline(
-    p: &Pipeline,
-    cfg: &Config,
+    a: &Agent,
     r: &Rehearsal,
     interrupt: &mut (impl Future<Output = ()> + Unpin),
 ) -> Option<Vec<Mark>> {
@@ -500,7 +546,7 @@ async fn baseline(
         .faults
         .iter()
         .flat_map(|f| f.probes.iter())
-        .filter_map(|n| cfg.probe(n))
+        .filter_map(|n| a.config.probe(n))
         .collect();
     let limit = probes
         .iter()
@@ -511,7 +557,7 @@ async fn baseline(
     let until = Instant::now() + limit;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     loop {
-        let latest = p.store.latest().runs();
+        let latest = a.store.latest().runs();
         let seen: Vec<_> = probes
             .iter()
             .map(|pc| latest.iter().find(|l| l.probe == pc.name))
@@ -522,7 +568,7 @@ async fn baseline(
                     .iter()
                     .zip(seen)
                     .map(|(pc, l)| Mark {
-                        at_ms: l.map_or_else(|| p.shared.clock.now_ms(), |l| l.started_at),
+                        at_ms: l.map_or_else(|| a.clock.now_ms(), |l| l.started_at),
                         event: "baseline".into(),
                         component: None,
                         notifier: None,
@@ -553,6 +599,40 @@ async fn baseline(
     }
 }
 
+/// The parts of a running agent a rehearsal drives: its config, its store (read back for
+/// the timeline), the fault registry its probes consult, and its clock.
+#[derive(Clone)]
+pub struct Agent {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub faults: Faults,
+    pub clock: Clock,
+}
+
+impl Report {
+    /// The report of `r` (run id `id`, started at `started`, read from `file`) before
+    /// anything happened.
+    pub fn begin(
+        r: &Rehearsal,
+        file: &str,
+        id: &str,
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> Report {
+        Report {
+            name: r.name.clone(),
+            file: file.to_string(),
+            rehearsal_id: id.to_string(),
+            started_at: started.to_rfc3339(),
+            passed: false,
+            aborted: None,
+            duration_ms: r.duration.as_millis() as i64,
+            settle_ms: r.settle.as_millis() as i64,
+            expectations: Vec::new(),
+            timeline: Vec::new(),
+        }
+    }
+}
+
 /// Run `r` standalone against `config`. `interrupt` ends it early (the fault is lifted and
 /// the end hooks run); `live` sees every mark as it happens.
 pub async fn rehearse(
@@ -568,8 +648,7 @@ pub async fn rehearse(
     let _cleanup = TempDir(dir.clone());
     let cfg = Arc::new(isolated_config(config, r, dir, &id));
     let shared = Shared::default();
-    let faults = shared.faults.clone();
-    let clock = shared.clock;
+    let (faults, clock) = (shared.faults.clone(), shared.clock);
     let pipeline = Pipeline::start_with(
         cfg.clone(),
         Options {
@@ -579,7 +658,36 @@ pub async fn rehearse(
         },
         shared,
     )?;
-    let conn = pipeline.store.reader()?;
+    let agent = Agent {
+        config: cfg,
+        store: pipeline.store.clone(),
+        faults,
+        clock,
+    };
+    let begun = Report::begin(r, &r.path.display().to_string(), &id, started);
+    let report = drive(&agent, r, begun, interrupt, live).await;
+    // The store handle holds the writer open: the pipeline's stop waits for it.
+    drop(agent);
+    if let Err(e) = pipeline.stop().await {
+        tracing::warn!(error = %format!("{e:#}"), "the rehearsal's agent did not stop cleanly");
+    }
+    report
+}
+
+/// Drive `r` on agent `a`: baseline, start hooks, the fault for `duration`, end hooks, up
+/// to `settle` for the resolves, verdicts. `begun` is the report so far (name, id, start);
+/// `interrupt` ends it early (the fault is lifted and the end hooks run); `live` sees every
+/// mark as it happens. The fault is never left behind, also on an error.
+pub async fn drive(
+    a: &Agent,
+    r: &Rehearsal,
+    begun: Report,
+    interrupt: impl Future<Output = ()>,
+    live: &mut (dyn FnMut(&Mark) + Send),
+) -> anyhow::Result<Report> {
+    let (faults, clock) = (&a.faults, a.clock);
+    let conn = a.store.reader()?;
+    let floor = floor(&conn).context("reading the agent's store")?;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
@@ -616,7 +724,7 @@ pub async fn rehearse(
     // that begins right after a good run.
     let mut aborted = None;
     let t_base = clock.now_ms();
-    match baseline(&pipeline, &cfg, r, &mut interrupt).await {
+    match baseline(a, r, &mut interrupt).await {
         Some(marks) => {
             for m in marks {
                 mark(
@@ -648,18 +756,10 @@ pub async fn rehearse(
         for m in run_end_hooks(t0).await {
             mark(m, &mut timeline);
         }
-        pipeline.stop().await?;
         return Ok(Report {
-            name: r.name.clone(),
-            file: r.path.display().to_string(),
-            rehearsal_id: id,
-            started_at: started.to_rfc3339(),
-            passed: false,
             aborted: Some(why),
-            duration_ms: r.duration.as_millis() as i64,
-            settle_ms: r.settle.as_millis() as i64,
-            expectations: Vec::new(),
             timeline,
+            ..begun
         });
     }
 
@@ -668,10 +768,12 @@ pub async fn rehearse(
     let start = Instant::now();
     for f in &r.faults {
         for p in &f.probes {
-            let target = cfg.probe(p).and_then(|pc| target_of(pc.spec.url()));
+            let target = a.config.probe(p).and_then(|pc| target_of(pc.spec.url()));
             if let Err(e) = faults.inject(p, f.mode.clone(), target).await {
                 faults.clear_all();
-                let _ = pipeline.stop().await;
+                for m in run_end_hooks(t0).await {
+                    mark(m, &mut timeline);
+                }
                 return Err(e.context(format!("injecting {} into {p}", f.mode.name())));
             }
         }
@@ -697,7 +799,17 @@ pub async fn rehearse(
             _ = tick.tick() => false,
         };
         let now = clock.now_ms();
-        let s = read_seen(&conn).context("reading the rehearsal's store")?;
+        let read = read_seen(&conn, floor);
+        let s = match read {
+            Ok(s) => s,
+            Err(e) => {
+                faults.clear_all();
+                for m in run_end_hooks(t0).await {
+                    mark(m, &mut timeline);
+                }
+                return Err(anyhow::Error::from(e).context("reading the agent's store"));
+            }
+        };
         let mut fresh = new_marks(&s, t0, &mut printed);
         fresh.sort_by_key(|m| m.at_ms);
         for m in fresh {
@@ -746,21 +858,13 @@ pub async fn rehearse(
     faults.clear_all();
     let now = clock.now_ms();
     let expectations = verdicts(r, &seen, t0, t_end, now);
-    if let Err(e) = pipeline.stop().await {
-        tracing::warn!(error = %format!("{e:#}"), "the rehearsal's agent did not stop cleanly");
-    }
     let passed = aborted.is_none() && expectations.iter().all(|v| v.held);
     timeline.sort_by_key(|m| m.at_ms);
     Ok(Report {
-        name: r.name.clone(),
-        file: r.path.display().to_string(),
-        rehearsal_id: id,
-        started_at: started.to_rfc3339(),
         passed,
         aborted,
-        duration_ms: r.duration.as_millis() as i64,
-        settle_ms: r.settle.as_millis() as i64,
         expectations,
         timeline,
+        ..begun
     })
 }

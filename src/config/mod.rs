@@ -278,10 +278,36 @@ struct MainFile {
     /// Maintenance windows.
     #[serde(default, rename = "maintenance")]
     maintenance: Vec<crate::incident::MaintenanceConfig>,
+    /// Rehearsals the daemon runs on a schedule.
+    #[serde(default, rename = "rehearsal")]
+    rehearsals: Vec<RehearsalEntry>,
     /// Notifiers, read separately (their shape depends on `kind`).
     #[serde(default, rename = "notifier")]
     #[schemars(with = "BTreeMap<String, crate::notify::NotifierTable>")]
     _notifiers: Option<serde::de::IgnoredAny>,
+}
+
+/// `[[rehearsal]]`: a rehearsal file the daemon runs on a cron schedule.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RehearsalEntry {
+    /// The rehearsal file, relative to this config file (e.g. `rehearsals/http-outage.toml`).
+    #[schemars(with = "String")]
+    file: Spanned<String>,
+    /// When to run it: cron in UTC, 5 fields (`"0 9 * * MON"`) or 6 with seconds first.
+    #[schemars(with = "String")]
+    schedule: Spanned<String>,
+}
+
+/// A `[[rehearsal]]`, validated: its file exists and loads against the config, its schedule
+/// parses.
+#[derive(Debug, Clone)]
+pub struct ScheduledRehearsal {
+    /// The file as written in the config.
+    pub file: String,
+    /// The file resolved against the config's directory.
+    pub path: PathBuf,
+    pub schedule: crate::cron::Schedule,
 }
 
 /// `[agent]`: the agent itself.
@@ -794,6 +820,8 @@ pub struct Config {
     pub components: Vec<ComponentConfig>,
     pub maintenance: Vec<crate::incident::MaintenanceConfig>,
     pub notifiers: Vec<Notifier>,
+    /// `[[rehearsal]]`: rehearsals the daemon runs on a schedule.
+    pub rehearsals: Vec<ScheduledRehearsal>,
 }
 
 impl Config {
@@ -1064,6 +1092,24 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
             diags.push(src.err(e));
         }
     }
+    let mut rehearsals = Vec::new();
+    for e in &main.rehearsals {
+        let path = dir.join(e.file.get_ref());
+        if !path.is_file() {
+            diags.push(src.diag(
+                Some(e.file.span()),
+                format!("rehearsal file {} does not exist", path.display()),
+            ));
+        }
+        match crate::cron::Schedule::parse(e.schedule.get_ref()) {
+            Ok(schedule) => rehearsals.push(ScheduledRehearsal {
+                file: e.file.get_ref().clone(),
+                path,
+                schedule,
+            }),
+            Err(m) => diags.push(src.diag(Some(e.schedule.span()), m)),
+        }
+    }
 
     if !diags.is_empty() {
         diags.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
@@ -1072,7 +1118,7 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
         diags.dedup_by(|b, a| (&a.file, a.line, a.col) == (&b.file, b.line, b.col));
         return Err(ConfigErrors(diags));
     }
-    Ok(Config {
+    let config = Config {
         path: path.to_path_buf(),
         dir,
         agent,
@@ -1082,7 +1128,22 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
         components: main.components,
         maintenance: main.maintenance,
         notifiers,
-    })
+        rehearsals,
+    };
+    // Scheduled rehearsal files are checked against the whole config (their probes,
+    // components and notifiers), each error at its place in the rehearsal file.
+    if need_notifiers {
+        let diags: Vec<Diagnostic> = config
+            .rehearsals
+            .iter()
+            .filter_map(|r| crate::chaos::file::load(&r.path, &config).err())
+            .flat_map(|e| e.0)
+            .collect();
+        if !diags.is_empty() {
+            return Err(ConfigErrors(diags));
+        }
+    }
+    Ok(config)
 }
 
 /// Span of `key` in the `[[component]]` named `name`.

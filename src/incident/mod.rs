@@ -143,6 +143,8 @@ pub struct Evaluator {
     clock: Clock,
     bell: outbox::Bell,
     beat: Beat,
+    /// A rehearsal on this agent: incidents opening on its components carry its run id.
+    drill: crate::chaos::live::Drill,
 }
 
 /// Longest time the evaluator may go without progress before `/health` calls it wedged.
@@ -270,6 +272,7 @@ impl Evaluator {
             clock: shared.clock,
             bell: shared.bell.clone(),
             beat: shared.health.beat("evaluator", "evaluator", STALE_AFTER),
+            drill: shared.drill.clone(),
         };
         for i in 0..ev.comps.len() {
             ev.export(i);
@@ -492,12 +495,24 @@ impl Evaluator {
         let reason = self.maintenance_reason(ci, now);
         let next_id = &mut self.next_id;
         let comp = &mut self.comps[ci];
-        comp.state
+        let mut t = comp
+            .state
             .evaluate(&comp.rules, now, reason.as_deref(), &mut || {
                 let id = *next_id;
                 *next_id += 1;
                 id
-            })
+            })?;
+        if t.kind == EventKind::Opened {
+            if let Some(id) = self.drill.id_for(&comp.name) {
+                for inc in [comp.state.incident.as_mut(), t.incident.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    inc.rehearsal = Some(id.clone());
+                }
+            }
+        }
+        Some(t)
     }
 
     /// Judge a probe's latency budgets (p50/p95/p99 of each phase over the component's
@@ -582,7 +597,12 @@ impl Evaluator {
                 details,
                 test: false,
                 installation: None,
-                rehearsal: self.config.agent.rehearsal.clone(),
+                rehearsal: self
+                    .config
+                    .agent
+                    .rehearsal
+                    .clone()
+                    .or_else(|| t.incident.as_ref().and_then(|i| i.rehearsal.clone())),
             };
             if t.notify {
                 for (n, cfg) in &comp.notify {
@@ -1025,9 +1045,9 @@ fn write_transition(conn: &Conn, component: &str, t: &Transition, ev: &Event) ->
     match (t.kind, inc) {
         (EventKind::Opened, Some(i)) => {
             conn.execute(
-                "INSERT INTO incidents (id, component, status, worst_status, opened_at, flapping, cause_member, cause_class, cause_message)
-                 VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![i.id, component, t.to.as_str(), i.opened_at, flapping, member, class, message],
+                "INSERT INTO incidents (id, component, status, worst_status, opened_at, flapping, cause_member, cause_class, cause_message, rehearsal)
+                 VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![i.id, component, t.to.as_str(), i.opened_at, flapping, member, class, message, ev.rehearsal],
             )?;
         }
         (EventKind::Escalated | EventKind::Deescalated, Some(i)) => {

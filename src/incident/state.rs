@@ -165,6 +165,10 @@ pub struct OpenIncident {
     pub flapping: bool,
     /// Clear, but held open because of flapping.
     pub held: bool,
+    /// Opened during a rehearsal on the live agent: its run id, which marks every
+    /// notification of this incident (`[REHEARSAL]`, dedup keys apart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rehearsal: Option<String>,
 }
 
 /// Thresholds of one component.
@@ -600,6 +604,7 @@ impl ComponentState {
                 opened_at: now,
                 flapping: false,
                 held: false,
+                rehearsal: None,
             };
             self.incident = Some(inc.clone());
             self.status = target;

@@ -120,6 +120,8 @@ pub const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;",
     // 7: series.location
     LOCATION,
+    // 8: rehearsals the daemon ran, incidents.rehearsal
+    crate::chaos::live::MIGRATION,
 ];
 
 /// Migration 5: a random installation id, generated once with the database, and the first
