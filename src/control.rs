@@ -190,6 +190,24 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Answer the command with `e` without doing it (e.g. on a fleet agent that does not
+    /// lead).
+    pub fn refuse(self, e: CommandError) {
+        match self {
+            Command::StartMaintenance { reply, .. } | Command::EndMaintenance { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Command::Resolve { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Command::Alerts { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
 /// The handle the API holds on a running agent.
 #[derive(Clone)]
 pub struct Control {

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -41,7 +41,9 @@ impl Beat {
 
 #[derive(Default)]
 struct State {
-    beats: Vec<Arc<BeatInner>>,
+    /// A loop's beat counts while the loop keeps it: a part that stopped on purpose (a
+    /// fleet agent that no longer leads drops its evaluator) is not reported as wedged.
+    beats: Vec<Weak<BeatInner>>,
     faults: BTreeMap<String, String>,
     /// Per probe: panicked runs and the last panic message.
     panics: BTreeMap<String, (u64, String)>,
@@ -110,7 +112,10 @@ impl Health {
             stale_after,
             last_ms: AtomicU64::new(self.origin.elapsed().as_millis() as u64),
         });
-        self.with(|s| s.beats.push(inner.clone()));
+        self.with(|s| {
+            s.beats.retain(|b| b.strong_count() > 0);
+            s.beats.push(Arc::downgrade(&inner));
+        });
         Beat {
             inner,
             origin: self.origin,
@@ -145,7 +150,12 @@ impl Health {
                 return Some(Check::Fail { error: why.clone() });
             }
             let mut oldest: Option<u64> = None;
-            for b in s.beats.iter().filter(|b| b.part == part) {
+            for b in s
+                .beats
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|b| b.part == part)
+            {
                 let age = now.saturating_sub(b.last_ms.load(Ordering::Relaxed));
                 if age > b.stale_after.as_millis() as u64 {
                     return Some(Check::Fail {

@@ -13,6 +13,7 @@ pub mod cron;
 pub mod demo;
 pub mod demo_stt;
 pub mod fdlimit;
+pub mod fleet;
 pub mod health;
 pub mod heartbeat;
 pub mod incident;

@@ -56,6 +56,10 @@ pub struct Shared {
     pub faults: crate::chaos::fault::Faults,
     /// The live rehearsal whose run id marks incidents opening on its components.
     pub drill: crate::chaos::live::Drill,
+    /// The probes this agent runs (all of them, except in fleet mode).
+    pub ownership: crate::fleet::Ownership,
+    /// This agent in the fleet (fleet mode only).
+    pub member: Option<Arc<crate::fleet::Member>>,
 }
 
 /// What to start.
@@ -111,6 +115,9 @@ pub struct Pipeline {
     sched_stop: CancellationToken,
     stop: CancellationToken,
     force: CancellationToken,
+    /// Stops what must outlive the others (fleet membership: the lease is held until the
+    /// leader's work has stopped).
+    last: CancellationToken,
 }
 
 /// The text of a panic payload.
@@ -157,7 +164,7 @@ impl Pipeline {
     pub fn start_with(
         config: Arc<Config>,
         opts: Options,
-        shared: Shared,
+        mut shared: Shared,
     ) -> anyhow::Result<Pipeline> {
         let (store, writer) = Store::open(crate::store::Target::of(&config)?)?;
         let metrics = Metrics::new();
@@ -168,7 +175,14 @@ impl Pipeline {
         for p in config.probes.iter().filter(|p| p.enabled) {
             control::export_paused(&metrics, &p.name, shared.paused.contains(&p.name));
         }
-        let (sched_stop, stop, force) = (
+        let member = crate::fleet::Member::of(&config).map(Arc::new);
+        if let Some(m) = &member {
+            tracing::info!(agent = %m.id, location = %m.location, "fleet mode: joining the agents that share this database");
+            shared.ownership = crate::fleet::Ownership::fleet(&m.id);
+            shared.member = Some(m.clone());
+        }
+        let (sched_stop, stop, force, last) = (
+            CancellationToken::new(),
             CancellationToken::new(),
             CancellationToken::new(),
             CancellationToken::new(),
@@ -181,13 +195,62 @@ impl Pipeline {
 
         let (run_tx, run_rx) = mpsc::channel::<RunResult>(1024);
         let (eval_tx, eval_rx) = mpsc::channel::<RunResult>(1024);
-        let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
-        let evaluator =
-            incident::Evaluator::new(config.clone(), store.clone(), metrics.clone(), &shared)?;
-        tasks.push(spawn(
-            "evaluator",
-            evaluator.run(eval_rx, cmd_rx, force.clone()),
-        ));
+        let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
+        match &member {
+            // Fleet mode: runs go to the feed; whichever agent leads evaluates and notifies.
+            Some(m) => {
+                let (role_tx, role_rx) = tokio::sync::watch::channel(None);
+                let cursor = crate::fleet::Cursor::default();
+                tasks.push(spawn(
+                    "feed",
+                    crate::fleet::feed(eval_rx, store.clone(), m.clone()),
+                ));
+                tasks.push(spawn(
+                    "fleet",
+                    crate::fleet::membership(
+                        m.clone(),
+                        store.clone(),
+                        shared.clone(),
+                        role_tx,
+                        cursor.clone(),
+                        last.clone(),
+                    ),
+                ));
+                let leader = crate::fleet::Leader {
+                    config: config.clone(),
+                    store: store.clone(),
+                    metrics: metrics.clone(),
+                    shared: shared.clone(),
+                    member: m.clone(),
+                    dispatcher: opts.dispatcher,
+                };
+                tasks.push(spawn(
+                    "leader",
+                    leader.run(cmd_rx, role_rx, cursor, stop.clone(), force.clone()),
+                ));
+            }
+            None => {
+                let evaluator = incident::Evaluator::new(
+                    config.clone(),
+                    store.clone(),
+                    metrics.clone(),
+                    &shared,
+                )?;
+                let halt = force.clone();
+                tasks.push(spawn("evaluator", async move {
+                    evaluator.run(eval_rx, &mut cmd_rx, halt).await
+                }));
+                if opts.dispatcher {
+                    let d = notify::Dispatcher::new(
+                        config.clone(),
+                        store.clone(),
+                        metrics.clone(),
+                        &shared,
+                    )?;
+                    tasks.push(spawn("dispatcher", d.run(stop.clone(), force.clone())));
+                }
+            }
+        }
         let gate = Gate::new(&config);
         let control = Control::new(
             config.clone(),
@@ -199,11 +262,6 @@ impl Pipeline {
             cmd_tx,
         );
         tasks.push(spawn("rehearsals", control.rehearsals().clone().run()));
-        if opts.dispatcher {
-            let d =
-                notify::Dispatcher::new(config.clone(), store.clone(), metrics.clone(), &shared)?;
-            tasks.push(spawn("dispatcher", d.run(stop.clone(), force.clone())));
-        }
         tasks.push(spawn(
             "fan-out",
             fan_out(
@@ -282,6 +340,7 @@ impl Pipeline {
             sched_stop,
             stop,
             force,
+            last,
         })
     }
 
@@ -335,7 +394,8 @@ impl Pipeline {
         let what = what.unwrap_or_else(|| "returned before shutdown".to_string());
         tracing::error!(task, what = %what, "a task of the daemon stopped; stopping the daemon");
         let part = match task {
-            "fan-out" => "evaluator",
+            "fan-out" | "feed" | "leader" => "evaluator",
+            "fleet" => "scheduler",
             t => t,
         };
         self.shared
@@ -376,6 +436,7 @@ impl Pipeline {
             sched_stop,
             stop,
             force,
+            last,
             ..
         } = self;
         let timer = {
@@ -389,10 +450,17 @@ impl Pipeline {
         sched_stop.cancel();
         control.rehearsals().shutdown();
         drop(runs);
-        for stage in [
+        for (stage, then) in [
             // A drill in progress first: its fault lifted, its end hooks run, its row kept.
-            &["rehearsals", "scheduler", "fan-out", "evaluator"][..],
-            &["dispatcher", "maintenance", "api", "heartbeat"],
+            (
+                &["rehearsals", "scheduler", "fan-out", "evaluator", "feed"][..],
+                &stop,
+            ),
+            (
+                &["dispatcher", "leader", "maintenance", "api", "heartbeat"],
+                &last,
+            ),
+            (&["fleet"], &last),
         ] {
             for name in stage {
                 if let Some(i) = tasks.iter().position(|t| t.name == *name) {
@@ -400,7 +468,7 @@ impl Pipeline {
                     join_task(t, deadline, &mut errors).await;
                 }
             }
-            stop.cancel();
+            then.cancel();
         }
         timer.abort();
         // The control handle holds a writer handle too.

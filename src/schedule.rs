@@ -283,7 +283,9 @@ impl Scheduler {
             let skip_name = cfg.name.clone();
             let loop_name = cfg.name.clone();
             let paused = self.shared.paused.clone();
+            let ownership = self.shared.ownership.clone();
             let run = move |slot: Slot| {
+                let owned = ownership.owns(&cfg.name);
                 let (probe, cfg, gate, sink, metrics, health, host, abandon, paused, faults) = (
                     probe.clone(),
                     cfg.clone(),
@@ -297,8 +299,9 @@ impl Scheduler {
                     faults.clone(),
                 );
                 async move {
-                    // Paused through the API: the slot passes without a run (not a skip).
-                    if paused.contains(&cfg.name) {
+                    // Paused through the API, or (fleet mode) another agent of this location
+                    // runs the probe: the slot passes without a run (not a skip).
+                    if !owned || paused.contains(&cfg.name) {
                         return;
                     }
                     let work = async {

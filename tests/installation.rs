@@ -150,6 +150,11 @@ async fn an_incident_open_across_the_upgrade_keeps_its_old_key() {
              ALTER TABLE series DROP COLUMN location;
              DROP TABLE rehearsals;
              ALTER TABLE incidents DROP COLUMN rehearsal;
+             DROP TABLE members;
+             DROP TABLE leases;
+             DROP TABLE run_feed;
+             ALTER TABLE outbox DROP COLUMN claimed_by;
+             ALTER TABLE outbox DROP COLUMN claim_until;
              UPDATE outbox SET status = 'delivered';
              PRAGMA user_version = 4;",
         )

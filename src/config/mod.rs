@@ -341,7 +341,60 @@ struct AgentFile {
     host_rate_limit: u32,
     /// A dead man's switch pinged every interval while the agent's parts are healthy.
     heartbeat: Option<HeartbeatFile>,
+    /// Fleet mode timing: membership heartbeats and the leader lease.
+    #[serde(default)]
+    fleet: FleetFile,
 }
+
+/// `[agent] fleet`: how agents sharing one Postgres see each other (fleet mode only).
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct FleetFile {
+    /// How often the agent writes its membership heartbeat and renews (or tries to take)
+    /// the leader lease; a member is live while its heartbeat is younger than twice this.
+    #[serde(default = "default_fleet_heartbeat")]
+    heartbeat: Dur,
+    /// How long the leader lease lasts unrenewed: a leader that cannot renew it stops
+    /// evaluating and notifying by then, and another agent takes over.
+    #[serde(default = "default_fleet_lease")]
+    lease: Dur,
+}
+
+impl Default for FleetFile {
+    fn default() -> Self {
+        FleetFile {
+            heartbeat: default_fleet_heartbeat(),
+            lease: default_fleet_lease(),
+        }
+    }
+}
+
+fn default_fleet_heartbeat() -> Dur {
+    Dur::secs(2)
+}
+fn default_fleet_lease() -> Dur {
+    Dur::secs(10)
+}
+
+/// Fleet mode timing, validated (see `crate::fleet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetTiming {
+    pub heartbeat: Duration,
+    pub lease: Duration,
+}
+
+impl Default for FleetTiming {
+    fn default() -> Self {
+        FleetTiming {
+            heartbeat: default_fleet_heartbeat().0,
+            lease: default_fleet_lease().0,
+        }
+    }
+}
+
+/// Shortest fleet heartbeat, and how many heartbeats the lease must span at least.
+pub const MIN_FLEET_HEARTBEAT: Duration = Duration::from_millis(100);
+pub const LEASE_HEARTBEATS: u32 = 3;
 
 /// `[agent] heartbeat`: an external dead man's switch (healthchecks.io, Better Stack, a
 /// PagerDuty heartbeat, any URL).
@@ -397,6 +450,7 @@ impl Default for AgentFile {
             max_concurrency: default_max_concurrency(),
             host_rate_limit: default_host_rate(),
             heartbeat: None,
+            fleet: FleetFile::default(),
         }
     }
 }
@@ -771,6 +825,8 @@ pub struct Agent {
     pub host_rate_limit: u32,
     /// `[agent] heartbeat`, if configured.
     pub heartbeat: Option<Heartbeat>,
+    /// `[agent] fleet`: membership heartbeat and leader lease (used in fleet mode only).
+    pub fleet: FleetTiming,
     /// Set only on the isolated agent of `watchpost rehearse`: the rehearsal's run id, which
     /// marks every notification it sends (never read from a file).
     pub rehearsal: Option<String>,
@@ -1479,6 +1535,25 @@ fn check_agent(a: &AgentFile, doc: &DeTable<'_>, src: &Source, diags: &mut Vec<D
             diags.push(src.diag(at("timeout"), "heartbeat timeout must be longer than 0s"));
         }
     }
+    if a.fleet.heartbeat.0 < MIN_FLEET_HEARTBEAT {
+        diags.push(src.diag(
+            locate(doc, &["agent", "fleet", "heartbeat"]),
+            format!(
+                "fleet heartbeat {} is below the {} floor",
+                a.fleet.heartbeat,
+                duration::human(MIN_FLEET_HEARTBEAT)
+            ),
+        ));
+    } else if a.fleet.lease.0 < a.fleet.heartbeat.0 * LEASE_HEARTBEATS {
+        diags.push(src.diag(
+            locate(doc, &["agent", "fleet", "lease"]),
+            format!(
+                "fleet lease {} must span at least {LEASE_HEARTBEATS} heartbeats ({})",
+                a.fleet.lease,
+                duration::human(a.fleet.heartbeat.0 * LEASE_HEARTBEATS)
+            ),
+        ));
+    }
     if !a.listen.is_empty() && a.listen.as_str().parse::<std::net::SocketAddr>().is_err() {
         diags.push(src.diag(
             at("listen"),
@@ -1564,6 +1639,10 @@ fn build_agent(a: &AgentFile, dir: &Path) -> Agent {
                 timeout: h.timeout.0,
             })
         }),
+        fleet: FleetTiming {
+            heartbeat: a.fleet.heartbeat.0,
+            lease: a.fleet.lease.0,
+        },
         rehearsal: None,
     }
 }

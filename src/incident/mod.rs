@@ -286,7 +286,7 @@ impl Evaluator {
     pub async fn run(
         mut self,
         mut runs: mpsc::Receiver<RunResult>,
-        mut commands: mpsc::Receiver<Command>,
+        commands: &mut mpsc::Receiver<Command>,
         force: CancellationToken,
     ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(self.tick);

@@ -465,7 +465,12 @@ struct Worker {
     clock: Clock,
     bell: outbox::Bell,
     beat: Beat,
+    /// Fleet mode: the agent id rows are claimed as before delivery.
+    claim_as: Option<String>,
 }
+
+/// How long a fleet claim outlives the delivery's own deadline.
+const CLAIM_MARGIN: Duration = Duration::from_secs(5);
 
 /// The monotonic "now" the breaker is given: tokio's clock, so paused time moves it.
 fn mono_now() -> std::time::Instant {
@@ -529,6 +534,7 @@ impl Dispatcher {
                     &format!("notifier worker {}", n.name),
                     stale_after,
                 ),
+                claim_as: shared.member.as_ref().map(|m| m.id.clone()),
             });
         }
         Ok(Dispatcher {
@@ -668,6 +674,14 @@ impl Worker {
                     }
                     break;
                 }
+                if !self.claim(row.id).await {
+                    // Another agent holds it, or this one no longer leads: look again later.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(POLL) => {}
+                    }
+                    break;
+                }
                 if !self.attempt(row, &mut breaker, &force).await {
                     return;
                 }
@@ -675,6 +689,31 @@ impl Worker {
                     .notifier_circuit_open
                     .with([&self.name])
                     .set(if breaker.is_open() { 1.0 } else { 0.0 });
+            }
+        }
+    }
+
+    /// Fleet mode: claim the row for this agent before delivering it, so two leaders never
+    /// deliver the same row (see `crate::fleet::claim`). Always `true` on a single machine.
+    async fn claim(&self, id: i64) -> bool {
+        let Some(agent) = self.claim_as.clone() else {
+            return true;
+        };
+        let ttl = outer_deadline(&self.opts) + CLAIM_MARGIN;
+        match self
+            .store
+            .write(move |c| crate::fleet::claim(c, id, &agent, ttl))
+            .await
+        {
+            Ok(claimed) => {
+                if !claimed {
+                    tracing::debug!(notifier = %self.name, id, "outbox row not claimed: another agent delivers it, or this one no longer leads");
+                }
+                claimed
+            }
+            Err(e) => {
+                tracing::warn!(notifier = %self.name, id, error = %format!("{e:#}"), "cannot claim the outbox row");
+                false
             }
         }
     }
@@ -955,6 +994,7 @@ mod tests {
             metrics: metrics.clone(),
             clock: shared.clock,
             bell: shared.bell.clone(),
+            claim_as: None,
         };
         let d = Dispatcher {
             workers: vec![worker],

@@ -85,7 +85,8 @@ pub fn mark_retry(
     error: &str,
 ) -> db::Result<()> {
     conn.execute(
-        "UPDATE outbox SET attempts = ?2, next_attempt_at = ?3, last_error = ?4 WHERE id = ?1",
+        "UPDATE outbox SET attempts = ?2, next_attempt_at = ?3, last_error = ?4, claimed_by = NULL,
+         claim_until = NULL WHERE id = ?1",
         params![id, attempts, next_at_ms, error],
     )?;
     Ok(())

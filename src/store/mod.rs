@@ -122,6 +122,8 @@ pub const MIGRATIONS: &[&str] = &[
     LOCATION,
     // 8: rehearsals the daemon ran, incidents.rehearsal
     crate::chaos::live::MIGRATION,
+    // 9: fleet mode: members, the leader lease, the run feed, outbox claims
+    crate::fleet::MIGRATION,
 ];
 
 /// Migration 5: a random installation id, generated once with the database, and the first
@@ -1186,6 +1188,20 @@ fn maintain_step(
 ) -> db::Result<(MaintainStats, Option<MaintainCursor>)> {
     let t0 = Instant::now();
     let mut stats = MaintainStats::default();
+    if tx.is_postgres() {
+        // Agents of one location share its series: one rolls up and prunes at a time (the
+        // others skip their pass), going on from the bookkeeping the last one committed. A
+        // try-lock, never a wait: a writer waiting here while holding row locks another
+        // writer needs would deadlock.
+        let key = crate::schedule::stable_hash(&format!("maintain@{}", tx.location())) as i64;
+        let got: bool =
+            tx.query_row("SELECT pg_try_advisory_xact_lock(?1)", [key], |r| r.get(0))?;
+        if !got {
+            return Ok((stats, None));
+        }
+        state.rolled_until = hist::meta(tx, "rolled_until")?;
+        state.roll_cursor = hist::meta(tx, "roll_cursor")?;
+    }
     let more = |cur| Ok(Some(cur));
     let r: db::Result<Option<MaintainCursor>> = (|| {
         if cur.stage == 0 {
