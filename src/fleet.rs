@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::control::{Command, CommandError};
+use crate::incident::Located;
 use crate::metrics::Metrics;
 use crate::pipeline::Shared;
 use crate::probe::{ErrorClass, ErrorInfo, Outcome, RunResult, SubCheck};
@@ -499,15 +500,15 @@ const FEED_WRITE_BATCH: usize = 256;
 /// fan-out closes `runs`. A batch that cannot be written is logged and dropped (the runs
 /// themselves are in the store; only the leader's evaluation misses them).
 pub async fn feed(
-    mut runs: mpsc::Receiver<RunResult>,
+    mut runs: mpsc::Receiver<Located>,
     store: Store,
     member: Arc<Member>,
 ) -> anyhow::Result<()> {
     while let Some(r) = runs.recv().await {
-        let mut batch = vec![r];
+        let mut batch = vec![r.run];
         while batch.len() < FEED_WRITE_BATCH {
             match runs.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok(r) => batch.push(r.run),
                 Err(_) => break,
             }
         }
@@ -577,7 +578,7 @@ async fn poll_feed(
     config: Arc<Config>,
     store: Store,
     cursor: Cursor,
-    runs: mpsc::Sender<RunResult>,
+    runs: mpsc::Sender<Located>,
     stop: CancellationToken,
 ) {
     let mut conn = None;
@@ -603,13 +604,17 @@ async fn poll_feed(
             }
         };
         let full = rows.len() as i64 >= FEED_BATCH;
-        for (txid, id, _location, json) in rows {
+        for (txid, id, location, json) in rows {
             pos = (txid, id);
             match serde_json::from_str::<FeedRun>(&json) {
                 Ok(f) => {
                     let kind = config.probe(&f.probe).map_or("unknown", |p| p.kind());
+                    let run = Located {
+                        run: f.into_run(kind),
+                        location: Some(location),
+                    };
                     let sent = tokio::select! {
-                        s = runs.send(f.into_run(kind)) => s.is_ok(),
+                        s = runs.send(run) => s.is_ok(),
                         _ = stop.cancelled() => false,
                     };
                     if !sent {

@@ -194,7 +194,7 @@ impl Pipeline {
         });
 
         let (run_tx, run_rx) = mpsc::channel::<RunResult>(1024);
-        let (eval_tx, eval_rx) = mpsc::channel::<RunResult>(1024);
+        let (eval_tx, eval_rx) = mpsc::channel::<incident::Located>(1024);
         let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
         match &member {
             // Fleet mode: runs go to the feed; whichever agent leads evaluates and notifies.
@@ -561,7 +561,7 @@ impl AgentSeries {
 /// stopped the evaluator are still stored (the evaluator reads its state back at start).
 async fn fan_out(
     mut runs: mpsc::Receiver<RunResult>,
-    eval: mpsc::Sender<RunResult>,
+    eval: mpsc::Sender<incident::Located>,
     store: Store,
     metrics: Metrics,
     force: CancellationToken,
@@ -573,8 +573,12 @@ async fn fan_out(
         observe_run(&metrics, &r);
         store.record(r.clone()).await;
         let Some(tx) = &eval else { continue };
+        let run = incident::Located {
+            run: r,
+            location: None,
+        };
         let sent = tokio::select! {
-            sent = tx.send(r) => sent.is_ok(),
+            sent = tx.send(run) => sent.is_ok(),
             _ = force.cancelled() => false,
         };
         if !sent {

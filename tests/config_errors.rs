@@ -530,3 +530,67 @@ fn every_bad_key_of_every_notifier() {
         assert_at(d, &main, line, col, &[msg]);
     }
 }
+
+#[test]
+fn fleet_timing_and_quorum_errors_point_at_their_key() {
+    let t = TestConfig::empty();
+    let main = t.write(
+        "watchpost.toml",
+        "[agent]\nprobes = []\nlisten = \"\"\nfleet = { heartbeat = \"50ms\" }\n",
+    );
+    let d = errors(&t);
+    assert_eq!(d.len(), 1, "{}", show(&d));
+    assert_at(
+        &d[0],
+        &main,
+        4,
+        23,
+        &["fleet heartbeat 50ms is below the 100ms floor"],
+    );
+    let t = TestConfig::empty();
+    let main = t.write(
+        "watchpost.toml",
+        "[agent]\nprobes = []\nlisten = \"\"\nfleet = { heartbeat = \"2s\", lease = \"5s\" }\n",
+    );
+    let d = errors(&t);
+    assert_eq!(d.len(), 1, "{}", show(&d));
+    assert_at(
+        &d[0],
+        &main,
+        4,
+        37,
+        &["fleet lease 5s must span at least 3 heartbeats (6s)"],
+    );
+    for (value, col) in [("0", 10), ("\"most\"", 10)] {
+        let t = TestConfig::empty();
+        let main = t.write(
+            "watchpost.toml",
+            &format!("[agent]\nprobes = []\nlisten = \"\"\n\n[[component]]\nname = \"X\"\nalert_labels = {{ component = \"X\" }}\nquorum = {value}\n"),
+        );
+        let d = errors(&t);
+        assert_eq!(d.len(), 1, "{}", show(&d));
+        assert_at(
+            &d[0],
+            &main,
+            8,
+            col,
+            &["invalid quorum", "\"majority\" or a number"],
+        );
+    }
+    let t = TestConfig::empty();
+    t.write(
+        "watchpost.toml",
+        "[agent]\nprobes = []\nlisten = \"\"\n\n[[component]]\nname = \"X\"\nalert_labels = { a = \"x\" }\nquorum = 2\n\n[[component]]\nname = \"Y\"\nalert_labels = { a = \"y\" }\n",
+    );
+    let c = t.load_ok();
+    use watchpost::config::Quorum;
+    assert_eq!(c.components[0].quorum, Quorum::Locations(2));
+    assert_eq!(c.components[1].quorum, Quorum::Majority);
+    assert_eq!(c.agent.fleet, watchpost::config::FleetTiming::default());
+    // Majority of the locations that reported; a number, capped by those that reported.
+    assert_eq!(
+        [1, 2, 3, 4].map(|n| Quorum::Majority.needed(n)),
+        [1, 2, 2, 3]
+    );
+    assert_eq!([1, 2, 3].map(|n| Quorum::Locations(2).needed(n)), [1, 2, 2]);
+}

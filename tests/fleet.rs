@@ -443,3 +443,114 @@ async fn sigkill_of_the_leader_mid_incident_the_new_leader_delivers_the_resolve_
         "the survivor leads"
     );
 }
+
+/// Quorum across locations: two agents in `eu`, one in `us`, each location probing the
+/// target through its own path. When only `eu`'s path fails, the majority of the two
+/// locations does not see the member bad: no incident, no page, and the disagreement is on
+/// the timeline. When `us` fails too, exactly one incident opens and one page goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_locations_failure_is_not_an_incident_all_locations_failing_is_exactly_one() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cluster = pg::PgCluster::start();
+    let url = cluster.default_url();
+    let eu_down = Arc::new(AtomicBool::new(false));
+    let us_down = Arc::new(AtomicBool::new(false));
+    let (e, u) = (eu_down.clone(), us_down.clone());
+    let target = Recorder::with_default(move |r: &Recorded| {
+        let down = if r.path.starts_with("/eu/") { &e } else { &u };
+        Reply::status(if down.load(Ordering::SeqCst) {
+            503
+        } else {
+            200
+        })
+    })
+    .await;
+    let pd = Recorder::with_default(|_| Reply::json(202, serde_json::json!({"status": "success"})))
+        .await;
+    let root = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[[component]]\nname = \"Target\"\nprobes = [\"target\"]\nfailure_threshold = 2\nsuccess_threshold = 2\nrecovery = \"1s\"\nnotify = [\"pager\"]\n\n\
+         [notifier.pager]\nkind = \"pagerduty\"\nrouting_key_env = \"{}\"\nevents_url = \"{}/v2/enqueue\"\n\
+         delivery = {{ retry_initial = \"100ms\", retry_max = \"300ms\", timeout = \"1s\", rate_limit = 50 }}\n",
+        fleet::PD_VAR,
+        pd.url()
+    );
+    let timing = "heartbeat = \"500ms\", lease = \"2s\"";
+    let mut agents = Vec::new();
+    for (name, location) in [("eu1", "eu"), ("eu2", "eu"), ("us1", "us")] {
+        let dir = root.path().join(location);
+        http_probe(
+            &dir,
+            "target",
+            &format!("{}/{location}/health", target.url()),
+            "1s",
+        );
+        let cfg = agent_config(&dir, name, location, timing, &extra);
+        agents.push(Proc::start(name, &cfg, &url));
+    }
+    let db = Db::open(&url);
+    let ctx = || logs(&agents.iter().collect::<Vec<_>>());
+    // Both locations report the target.
+    wait_for(
+        "runs from both locations",
+        Duration::from_secs(30),
+        || {
+            let locs: BTreeSet<String> = db
+                .runs_since(now_ms() - 1500)
+                .into_iter()
+                .map(|r| r.location)
+                .collect();
+            (locs.len() == 2).then_some(())
+        },
+        ctx,
+    )
+    .await;
+
+    // eu's path fails: the locations disagree, the majority (two of two) does not see it.
+    eu_down.store(true, Ordering::SeqCst);
+    wait_for(
+        "the disagreement on the timeline",
+        Duration::from_secs(20),
+        || {
+            db.timeline()
+                .into_iter()
+                .find(|t| t.0 == "locations_disagree")
+                .and_then(|t| t.2)
+        },
+        ctx,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let note = db
+        .timeline()
+        .into_iter()
+        .find(|t| t.0 == "locations_disagree")
+        .and_then(|t| t.2)
+        .unwrap();
+    assert!(
+        note.contains("eu sees it down") && note.contains("us sees it up"),
+        "{note}"
+    );
+    assert!(
+        db.incidents().is_empty(),
+        "one location failing opened {:?}",
+        db.incidents()
+    );
+    assert!(pd.requests().is_empty(), "nothing paged");
+
+    // Every location fails: one incident, one page.
+    us_down.store(true, Ordering::SeqCst);
+    pd.wait_ok("the page", 1, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pages = pd.requests();
+    assert_eq!(
+        pages.len(),
+        1,
+        "one page: {:?}",
+        pages.iter().map(|r| r.json()).collect::<Vec<_>>()
+    );
+    assert_eq!(pages[0].json()["event_action"], "trigger");
+    let incidents = db.incidents();
+    assert_eq!(incidents.len(), 1, "{incidents:?}");
+    assert_eq!(incidents[0].1, "Target");
+}

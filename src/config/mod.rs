@@ -625,6 +625,67 @@ pub struct ComponentConfig {
     /// Open an incident when the error budget burns fast (multi-window burn rate).
     #[schemars(with = "Option<bool>")]
     pub burn_alert: Option<Spanned<bool>>,
+    /// Fleet mode: how many locations must see a member bad for it to count as bad:
+    /// `"majority"` of the locations that reported it in the last two intervals, or a number.
+    #[serde(default)]
+    pub quorum: Quorum,
+}
+
+/// `[[component]] quorum`: locations that must agree a member is bad.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quorum {
+    /// More than half of the locations that reported.
+    #[default]
+    Majority,
+    /// This many locations (all that reported, when fewer did).
+    Locations(u32),
+}
+
+impl Quorum {
+    /// Locations that must see a member bad when `reporting` locations reported it.
+    pub fn needed(self, reporting: usize) -> usize {
+        match self {
+            Quorum::Majority => reporting / 2 + 1,
+            Quorum::Locations(n) => (n as usize).min(reporting).max(1),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Quorum {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Count(i64),
+        }
+        let bad = |what: String| {
+            serde::de::Error::custom(format!(
+                "invalid quorum {what} (expected \"majority\" or a number of locations, at least 1)"
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "majority" => Ok(Quorum::Majority),
+            Raw::Word(w) => Err(bad(format!("{w:?}"))),
+            Raw::Count(n) if n >= 1 => Ok(Quorum::Locations(u32::try_from(n).unwrap_or(u32::MAX))),
+            Raw::Count(n) => Err(bad(n.to_string())),
+        }
+    }
+}
+
+impl schemars::JsonSchema for Quorum {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Quorum".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Locations that must see a member bad: \"majority\" or a number.",
+            "oneOf": [
+                { "type": "string", "enum": ["majority"] },
+                { "type": "integer", "minimum": 1 }
+            ]
+        })
+    }
 }
 
 /// The component status a firing inbound alert asks for.

@@ -120,6 +120,34 @@ struct Comp {
     saved: String,
     /// `burn_alert`: the objective, and when the burn was last judged.
     burn: Option<(crate::config::Objective, i64)>,
+    /// Locations that must agree a member is bad (fleet mode).
+    quorum: crate::config::Quorum,
+}
+
+/// A run and the location it was seen from (`None`: this agent's own).
+#[derive(Debug)]
+pub struct Located {
+    pub run: RunResult,
+    pub location: Option<String>,
+}
+
+/// The newest run of a member from one location.
+#[derive(Debug, Clone)]
+struct Sighting {
+    outcome: Outcome,
+    at: i64,
+    error: Option<(String, String)>,
+}
+
+/// A timeline entry about locations that do not agree on a member.
+struct LocationNote {
+    component: String,
+    /// The component's open incident, if any.
+    incident: Option<i64>,
+    status: &'static str,
+    member: String,
+    kind: &'static str,
+    note: String,
 }
 
 /// The error-budget burn of a component is judged at most this often (its windows are
@@ -145,6 +173,10 @@ pub struct Evaluator {
     beat: Beat,
     /// A rehearsal on this agent: incidents opening on its components carry its run id.
     drill: crate::chaos::live::Drill,
+    /// Per member, the newest run from each location that reported it recently.
+    sightings: HashMap<String, BTreeMap<String, Sighting>>,
+    /// Per (component, member), the disagreement of locations last put on the timeline.
+    disagreements: HashMap<(usize, String), String>,
 }
 
 /// Longest time the evaluator may go without progress before `/health` calls it wedged.
@@ -231,6 +263,7 @@ impl Evaluator {
                     .objective()
                     .filter(|_| c.burn_alert())
                     .map(|o| (o, i64::MIN)),
+                quorum: c.quorum,
             });
         }
         for (name, s) in saved {
@@ -273,6 +306,8 @@ impl Evaluator {
             bell: shared.bell.clone(),
             beat: shared.health.beat("evaluator", "evaluator", STALE_AFTER),
             drill: shared.drill.clone(),
+            sightings: HashMap::new(),
+            disagreements: HashMap::new(),
         };
         for i in 0..ev.comps.len() {
             ev.export(i);
@@ -285,7 +320,7 @@ impl Evaluator {
     /// inputs (the control API); each is answered once its effect is stored.
     pub async fn run(
         mut self,
-        mut runs: mpsc::Receiver<RunResult>,
+        mut runs: mpsc::Receiver<Located>,
         commands: &mut mpsc::Receiver<Command>,
         force: CancellationToken,
     ) -> anyhow::Result<()> {
@@ -303,7 +338,7 @@ impl Evaluator {
                 // before a backlog of runs.
                 Some(c) = commands.recv() => self.on_command(c).await,
                 r = runs.recv() => match r {
-                    Some(run) => self.on_run(&run).await,
+                    Some(r) => self.on_run_from(&r.run, r.location.as_deref()).await,
                     None => break,
                 },
                 _ = tick.tick() => self.on_tick().await,
@@ -315,11 +350,24 @@ impl Evaluator {
         Ok(())
     }
 
-    /// Feed one run (also usable directly, e.g. by rehearsals and tests).
+    /// Feed one run of this agent (also usable directly, e.g. by rehearsals and tests).
     pub async fn on_run(&mut self, run: &RunResult) {
+        self.on_run_from(run, None).await
+    }
+
+    /// Feed one run seen from `location` (`None`: this agent's). Each member input is judged
+    /// by the component's location quorum first (see [`Evaluator::judge`]).
+    pub async fn on_run_from(&mut self, run: &RunResult, location: Option<&str>) {
         let now = self.clock.now_ms();
         let at = run.started_at.timestamp_millis();
+        let location = location.unwrap_or(&self.config.agent.location).to_string();
+        // Locations that reported within two intervals count.
+        let window = self
+            .config
+            .probe(&run.probe)
+            .map_or(120_000, |p| 2 * p.interval.as_millis() as i64);
         let comps = self.by_probe.get(&run.probe).cloned().unwrap_or_default();
+        let mut notes = Vec::new();
         for ci in comps {
             let inputs = member_inputs(&self.comps[ci].members, run, at);
             if inputs.is_empty() {
@@ -327,6 +375,7 @@ impl Evaluator {
             }
             let rules = self.comps[ci].rules;
             for i in inputs {
+                let i = self.judge(ci, i, &location, window, &mut notes);
                 self.comps[ci].state.apply(&rules, i);
             }
             let budgeted: Vec<String> = match self.config.probe(&run.probe) {
@@ -348,6 +397,141 @@ impl Evaluator {
             }
             let t = self.evaluate(ci, now);
             self.persist(ci, t, now).await;
+        }
+        Self::write_notes(self.store.clone(), notes, now).await;
+    }
+
+    /// A member input judged by the locations that reported the member within `window`
+    /// (fleet mode): bad only when the component's `quorum` of them see it bad (then as bad
+    /// as the worst of them), else up. With one location this is the input itself. When
+    /// the locations disagree, or agree again, a note for the timeline is added to `notes`.
+    fn judge(
+        &mut self,
+        ci: usize,
+        input: Input,
+        location: &str,
+        window: i64,
+        notes: &mut Vec<LocationNote>,
+    ) -> Input {
+        let Input::Run {
+            member,
+            outcome,
+            at,
+            error,
+            details,
+        } = input
+        else {
+            return input;
+        };
+        let seen = self.sightings.entry(member.clone()).or_default();
+        seen.insert(
+            location.to_string(),
+            Sighting {
+                outcome,
+                at,
+                error: error.clone(),
+            },
+        );
+        seen.retain(|_, s| s.at >= at - window);
+        let reporting = seen.len();
+        let worst = seen
+            .iter()
+            .filter(|(_, s)| s.outcome != Outcome::Up)
+            .max_by_key(|(_, s)| s.outcome);
+        let bad = seen.values().filter(|s| s.outcome != Outcome::Up).count();
+        let disagreement = (bad > 0 && bad < reporting).then(|| {
+            let views: Vec<String> = seen
+                .iter()
+                .map(|(l, s)| match &s.error {
+                    Some((class, msg)) if s.outcome != Outcome::Up => format!(
+                        "{l} sees it {} ({class}: {})",
+                        s.outcome.as_str(),
+                        crate::notify::event::truncate(msg, 120)
+                    ),
+                    _ => format!("{l} sees it {}", s.outcome.as_str()),
+                })
+                .collect();
+            format!("locations disagree on {member}: {}", views.join("; "))
+        });
+        let judged = match worst {
+            Some((l, s)) if bad >= self.comps[ci].quorum.needed(reporting) => {
+                if outcome != Outcome::Up {
+                    Input::Run {
+                        member: member.clone(),
+                        outcome: s.outcome.max(outcome),
+                        at,
+                        error,
+                        details,
+                    }
+                } else {
+                    Input::Run {
+                        member: member.clone(),
+                        outcome: s.outcome,
+                        at,
+                        error: s
+                            .error
+                            .clone()
+                            .map(|(c, m)| (c, format!("{m} (seen from {l})"))),
+                        details: None,
+                    }
+                }
+            }
+            _ => Input::Run {
+                member: member.clone(),
+                outcome: Outcome::Up,
+                at,
+                error: None,
+                details: None,
+            },
+        };
+        let key = (ci, member.clone());
+        let note = match disagreement {
+            Some(text) if self.disagreements.get(&key) != Some(&text) => {
+                self.disagreements.insert(key, text.clone());
+                Some(("locations_disagree", text))
+            }
+            None if self.disagreements.remove(&key).is_some() => Some((
+                "locations_agree",
+                format!("locations agree again on {member}"),
+            )),
+            _ => None,
+        };
+        if let Some((kind, note)) = note {
+            let c = &self.comps[ci];
+            notes.push(LocationNote {
+                component: c.name.clone(),
+                incident: c.state.incident.as_ref().map(|i| i.id),
+                status: c.state.status.as_str(),
+                member,
+                kind,
+                note,
+            });
+        }
+        judged
+    }
+
+    /// Put location notes on the timeline (of the component's open incident, if any).
+    async fn write_notes(store: Store, notes: Vec<LocationNote>, now: i64) {
+        if notes.is_empty() {
+            return;
+        }
+        for n in &notes {
+            tracing::info!(component = %n.component, member = %n.member, kind = n.kind, note = %n.note, "location view on the timeline");
+        }
+        let r = store
+            .write(move |c| {
+                for n in &notes {
+                    c.execute(
+                        "INSERT INTO incident_events (component, incident_id, at, kind, from_status, to_status, member, note)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
+                        params![n.component, n.incident, now, n.kind, n.status, n.member, n.note],
+                    )?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %format!("{e:#}"), "cannot store the locations' disagreement on the timeline");
         }
     }
 

@@ -186,6 +186,28 @@ impl Db {
             .unwrap_or_default()
     }
 
+    /// Timeline entries: (kind, incident id, note).
+    pub fn timeline(&self) -> Vec<(String, Option<i64>, Option<String>)> {
+        self.0
+            .query_map(
+                "SELECT kind, incident_id, note FROM incident_events ORDER BY id",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap_or_default()
+    }
+
+    /// Incidents: (id, component, status).
+    pub fn incidents(&self) -> Vec<(i64, String, String)> {
+        self.0
+            .query_map(
+                "SELECT id, component, status FROM incidents ORDER BY id",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap_or_default()
+    }
+
     /// The installation id the PagerDuty dedup keys carry.
     pub fn installation(&self) -> String {
         watchpost::store::Installation::read(&self.0)
