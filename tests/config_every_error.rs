@@ -274,12 +274,25 @@ channels = 2
 contains = ["testing"]
 "#,
         ),
+        (
+            "probes/typo.toml",
+            r#"name = "stt-typo"
+kind = "listen"
+dialect = "deepgramm"
+url = "ws://127.0.0.1:1/v1/listen?encoding=linear16&sample_rate=16000&channels=1"
+audio = "audio/testing-one-two-three.wav"
+transcript = "testing one two three four five"
+speed = 0.0
+chunk = "2s"
+end = "finalize"
+"#,
+        ),
     ]);
     let wav = Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/audio/testing-one-two-three.wav");
     std::fs::create_dir_all(t.path("probes/audio")).expect("mkdir");
     std::fs::copy(&wav, t.path("probes/audio/testing-one-two-three.wav"))
         .expect("copy the shipped test utterance");
-    let (stt, generic) = (p[0].as_path(), p[1].as_path());
+    let (stt, generic, typo) = (p[0].as_path(), p[1].as_path(), p[2].as_path());
     validate_reports(
         &t,
         &[
@@ -336,6 +349,21 @@ contains = ["testing"]
                 "2",
                 "but the probe declares channels=2",
             ),
+            // A misspelt dialect hides none of the rest; what depends on the dialect (may
+            // this file say `end`?) waits for it.
+            want(
+                typo,
+                "\"deepgramm\"",
+                "\"",
+                "unknown dialect \"deepgramm\" (expected deepgram, flux, omi, generic)",
+            ),
+            want(
+                typo,
+                "speed = 0.0",
+                "0.0",
+                "speed 0 is not between 0.1 and 20",
+            ),
+            want(typo, "\"2s\"", "\"", "chunk 2s is not between 10ms and 1s"),
         ],
     );
 }

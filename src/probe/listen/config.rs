@@ -134,8 +134,10 @@ pub fn schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
 #[serde(deny_unknown_fields)]
 struct ListenFile {
     /// Wire dialect: `deepgram`, `omi` or `generic`.
-    #[schemars(with = "DialectName")]
-    dialect: toml::Spanned<DialectName>,
+    // Required, but read as an option: a misspelt dialect must not hide the file's other
+    // problems (the builder reports a missing one).
+    #[schemars(with = "DialectName", required)]
+    dialect: Option<toml::Spanned<DialectName>>,
     /// ws:// or wss:// URL of the realtime endpoint, query included
     /// (`encoding=linear16&sample_rate=16000&channels=1` for Deepgram).
     #[schemars(with = "Interp")]
@@ -288,9 +290,11 @@ fn only_for<T>(
 }
 
 /// The dialect and its settings; keys of another dialect are errors at their position.
+/// Without a readable dialect there is nothing to check them against.
 fn dialect(f: &ListenFile, errs: &mut Errors) -> Option<Dialect> {
     use DialectName as D;
-    let name = *f.dialect.get_ref();
+    let dialect = f.dialect.as_ref()?;
+    let name = *dialect.get_ref();
     only_for(
         name,
         D::Generic,
@@ -321,7 +325,7 @@ fn dialect(f: &ListenFile, errs: &mut Errors) -> Option<Dialect> {
                 // An unreadable transcript_path has its own error.
                 if errs.read("transcript_path") {
                     errs.push(SpanError::at(
-                        f.dialect.span(),
+                        dialect.span(),
                         "dialect = \"generic\" needs transcript_path (the dotted JSON path of the transcript text)",
                     ));
                 }
@@ -536,11 +540,21 @@ impl ListenSpec {
         dir: &Path,
         budget: &[toml::Spanned<String>],
     ) -> Result<Self, Errors> {
+        let table = rest.span();
         let (f, errs) = rest.parse::<ListenFile>();
         let mut errs = errs.map(closed_set_error);
         let phases = super::PHASES.map(String::from);
         crate::probe::check_budget("listen", &phases, None, budget, &mut errs);
         let Some(f) = f else { return Err(errs) };
+        if f.dialect.is_none() && errs.read("dialect") {
+            errs.push(SpanError::at(
+                table,
+                format!(
+                    "missing field `dialect` (expected one of {})",
+                    DialectName::NAMES.join(", ")
+                ),
+            ));
+        }
         let dialect = dialect(&f, &mut errs);
         let url = errs.check(wsock::validate_ws_url(&f.url));
         wsock::validate_headers(&f.headers, &mut errs);
