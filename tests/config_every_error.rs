@@ -398,8 +398,8 @@ fn a_syntax_error_does_not_hide_other_files_semantic_errors() {
     );
 }
 
-/// The main file: every problem of every notifier (its own keys and its delivery options)
-/// and of every component, each at its key.
+/// The main file: every problem of every notifier (its own keys and its delivery options),
+/// of every component and of every maintenance window, each at its key.
 #[test]
 fn every_mistake_of_notifiers_and_components_in_one_run() {
     let t = TestConfig::empty();
@@ -418,6 +418,11 @@ failure_threshold = 0
 success_threshold = 0
 slo_window = "10m"
 notify = ["hook", "mail"]
+
+[[maintenance]]
+components = ["API", "Nope"]
+at = "25:00"
+duration = "1h"
 
 [notifier.hook]
 kind = "webhook"
@@ -474,6 +479,13 @@ to = []
             want(m, "\"smtp://", "\"", "unknown tls=\"maybe\" in smtp_url"),
             want(m, "\"not an address\"", "\"", "from = \"not an address\""),
             want(m, "to = []", "[", "to is empty"),
+            want(
+                m,
+                "\"Nope\"",
+                "\"",
+                "unknown component \"Nope\" in maintenance window",
+            ),
+            want(m, "\"25:00\"", "\"", "invalid time of day \"25:00\""),
         ],
     );
 }

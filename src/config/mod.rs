@@ -175,6 +175,11 @@ impl Errors {
     pub fn iter(&self) -> std::slice::Iter<'_, SpanError> {
         self.errors.iter()
     }
+    /// Take in the errors another check collected.
+    pub fn extend(&mut self, other: Errors) {
+        self.errors.extend(other.errors);
+        self.unread.extend(other.unread);
+    }
 }
 
 impl From<SpanError> for Errors {
@@ -1205,8 +1210,8 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
         }
     }
     for m in &main.maintenance {
-        if let Err(e) = m.validate(&main.components) {
-            diags.push(src.err(e));
+        if let Err(errs) = m.validate(&main.components) {
+            diags.extend(errs.into_iter().map(|e| src.err(e)));
         }
     }
     let mut rehearsals = Vec::new();

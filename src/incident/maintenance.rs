@@ -8,7 +8,7 @@ use chrono::{DateTime, Datelike, Duration as ChronoDuration, NaiveTime, Utc, Wee
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{ComponentConfig, Dur, SpanError};
+use crate::config::{ComponentConfig, Dur, Errors, SpanError};
 
 /// `[[maintenance]]`: a window in which incidents are suppressed.
 ///
@@ -115,33 +115,39 @@ impl MaintenanceConfig {
         }
     }
 
-    fn window(&self) -> Result<Window, SpanError> {
+    /// The window, or every problem of its keys.
+    fn window(&self) -> Result<Window, Errors> {
         let fixed = self.start.is_some() || self.end.is_some();
         let recurring = self.at.is_some() || self.duration.is_some() || self.days.is_some();
+        let mut errs = Errors::default();
         match (fixed, recurring) {
-            (true, true) => {
-                Err(self
-                    .err("use either start/end (fixed) or at/duration/days (recurring), not both"))
-            }
-            (false, false) => {
-                Err(self.err("needs start and end (fixed) or at and duration (recurring)"))
-            }
+            (true, true) => Err(self
+                .err("use either start/end (fixed) or at/duration/days (recurring), not both")
+                .into()),
+            (false, false) => Err(self
+                .err("needs start and end (fixed) or at and duration (recurring)")
+                .into()),
             (true, false) => {
                 let (Some(s), Some(e)) = (&self.start, &self.end) else {
-                    return Err(self.err("a fixed window needs both start and end"));
+                    return Err(self.err("a fixed window needs both start and end").into());
                 };
-                let (start, end) = (parse_time(s)?, parse_time(e)?);
+                let (start, end) = (errs.check(parse_time(s)), errs.check(parse_time(e)));
+                let (Some(start), Some(end)) = (start, end) else {
+                    return Err(errs);
+                };
                 if end <= start {
-                    return Err(SpanError::at(
+                    errs.push(SpanError::at(
                         e.span(),
                         "maintenance window: end must be after start",
                     ));
                 }
-                Ok(Window::Fixed { start, end })
+                errs.finish(Window::Fixed { start, end })
             }
             (false, true) => {
                 let (Some(at), Some(d)) = (&self.at, &self.duration) else {
-                    return Err(self.err("a recurring window needs both at and duration"));
+                    return Err(self
+                        .err("a recurring window needs both at and duration")
+                        .into());
                 };
                 let t = NaiveTime::parse_from_str(at.get_ref(), "%H:%M").map_err(|_| {
                     SpanError::at(
@@ -151,36 +157,45 @@ impl MaintenanceConfig {
                             at.get_ref()
                         ),
                     )
-                })?;
+                });
+                let t = errs.check(t);
                 let dur = d.get_ref().0;
-                if dur.is_zero() || dur > std::time::Duration::from_secs(7 * 86400) {
-                    return Err(SpanError::at(
+                let duration = if dur.is_zero() || dur > std::time::Duration::from_secs(7 * 86400) {
+                    errs.push(SpanError::at(
                         d.span(),
                         "maintenance duration must be between 1s and 7d",
                     ));
-                }
+                    None
+                } else {
+                    errs.check(
+                        ChronoDuration::from_std(dur)
+                            .map_err(|_| SpanError::at(d.span(), "duration out of range")),
+                    )
+                };
                 let days = match &self.days {
                     Some(list) if list.is_empty() => {
-                        return Err(self.err("days is empty (omit it for every day)"))
+                        errs.push(self.err("days is empty (omit it for every day)"));
+                        Vec::new()
                     }
-                    Some(list) => list.iter().map(parse_day).collect::<Result<Vec<_>, _>>()?,
+                    Some(list) => list
+                        .iter()
+                        .filter_map(|day| errs.check(parse_day(day)))
+                        .collect(),
                     None => Vec::new(),
                 };
-                let duration = ChronoDuration::from_std(dur)
-                    .map_err(|_| SpanError::at(d.span(), "duration out of range"))?;
-                Ok(Window::Recurring {
-                    days,
-                    at: t,
-                    duration,
-                })
+                let (Some(at), Some(duration)) = (t, duration) else {
+                    return Err(errs);
+                };
+                errs.finish(Window::Recurring { days, at, duration })
             }
         }
     }
 
-    /// Check the window and that every component exists.
-    pub fn validate(&self, components: &[ComponentConfig]) -> Result<(), SpanError> {
+    /// Check the window and that every component exists; every problem found.
+    pub fn validate(&self, components: &[ComponentConfig]) -> Result<(), Errors> {
+        let mut errs = Errors::default();
         if self.components.is_empty() {
-            return Err(self.err("components is empty"));
+            errs.push(self.err("components is empty"));
         }
         for c in &self.components {
             if !components.iter().any(|k| k.name.get_ref() == c.get_ref()) {
@@ -188,7 +203,7 @@ impl MaintenanceConfig {
                     .iter()
                     .map(|k| k.name.get_ref().as_str())
                     .collect();
-                return Err(SpanError::at(
+                errs.push(SpanError::at(
                     c.span(),
                     format!(
                         "unknown component {:?} in maintenance window (defined: {})",
@@ -202,7 +217,10 @@ impl MaintenanceConfig {
                 ));
             }
         }
-        self.window().map(|_| ())
+        if let Err(w) = self.window() {
+            errs.extend(w);
+        }
+        errs.finish(())
     }
 
     /// Whether the window covers `component` at `now`.
@@ -318,9 +336,29 @@ mod tests {
         let comps: Vec<ComponentConfig> =
             vec![toml::from_str("name = \"A\"\nprobes = [\"p\"]").unwrap()];
         for (src, want) in cases {
-            let e = parse(src).validate(&comps).unwrap_err();
+            let errs = parse(src).validate(&comps).unwrap_err();
+            let e = errs.iter().next().expect("an error");
             assert!(e.message.contains(want), "{src}: {}", e.message);
             assert!(e.span.is_some(), "{src}: error has a position");
+        }
+        // Every problem of a window, not the first.
+        let errs = parse(
+            "components = [\"A\", \"Nope\"]\nat = \"25:00\"\nduration = \"0s\"\ndays = [\"mon\", \"funday\"]",
+        )
+        .validate(&comps)
+        .unwrap_err();
+        let messages: Vec<&str> = errs.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages.len(), 4, "{messages:#?}");
+        for want in [
+            "unknown component \"Nope\"",
+            "invalid time of day",
+            "between 1s and 7d",
+            "unknown day \"funday\"",
+        ] {
+            assert!(
+                messages.iter().any(|m| m.contains(want)),
+                "{want}: {messages:#?}"
+            );
         }
         assert!(
             parse("components = [\"A\"]\nat = \"02:00\"\nduration = \"1h\"")
