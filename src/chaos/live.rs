@@ -296,6 +296,14 @@ pub fn insert_skipped(
     )
 }
 
+/// Retention: skipped firings older than `before_ms` go (drills that ran are kept).
+pub fn prune_skipped(c: &Conn, before_ms: i64) -> db::Result<usize> {
+    c.execute(
+        "DELETE FROM rehearsals WHERE status = 'skipped' AND started_at < ?1",
+        [before_ms],
+    )
+}
+
 /// At start: rows a crash left `running` are `aborted`.
 pub fn close_interrupted(c: &Conn) -> db::Result<usize> {
     c.execute(
