@@ -11,6 +11,13 @@
 //! timeout: a session's length does not scale).
 //! Times count from the fault's start (detect, page) and from its end (resolve), as the
 //! rehearsal report does — so they include where the fault falls in the probe's interval.
+//!
+//!     cargo run --release --example rehearsal_times -- --trials 3 --live
+//!
+//! `--live` runs every drill on a running daemon instead (`watchpost::pipeline::Pipeline`,
+//! drills started as `POST /api/v1/rehearsals` starts them, from files in its config
+//! directory): no baseline run aligns the fault with the schedule, so it falls anywhere in
+//! the probe's interval, as a real outage does.
 
 #[path = "../tests/common/recorder.rs"]
 mod recorder;
@@ -115,6 +122,57 @@ fn drill(probe: &str, component: &str, mode: Mode, status: Status) -> Rehearsal 
     }
 }
 
+/// The rehearsal file of [`drill`] (what a team writes in `config/rehearsals/`).
+fn drill_toml(probe: &str, component: &str, mode: &Mode, status: Status) -> String {
+    let params = match mode {
+        Mode::Latency(d) => format!("delay = \"{}ms\"\n", d.as_millis()),
+        Mode::HttpStatus { status, .. } => format!("status = {status}\n"),
+        Mode::WsClose {
+            code,
+            reason,
+            after,
+        } => format!(
+            "code = {code}\nreason = \"{reason}\"\nafter = \"{}ms\"\n",
+            after.as_millis()
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "name = \"{} on {probe}\"\nduration = \"6s\"\nsettle = \"20s\"\n\n\
+         [[fault]]\nprobes = [\"{probe}\"]\nmode = \"{}\"\n{params}\n\
+         [[expect]]\nevent = \"status\"\ncomponent = \"{component}\"\nstatus = \"{}\"\nwithin = \"20s\"\n\n\
+         [[expect]]\nevent = \"delivered\"\ncomponent = \"{component}\"\nnotifier = \"pager\"\nwithin = \"20s\"\n\n\
+         [[expect]]\nevent = \"resolved\"\ncomponent = \"{component}\"\nnotifier = \"pager\"\nwithin = \"20s\"\n",
+        mode.name(),
+        mode.name(),
+        status.as_str()
+    )
+}
+
+/// One drill on the running daemon `p`, as the API starts it; its final report.
+async fn on_daemon(
+    p: &watchpost::pipeline::Pipeline,
+    dir: &Path,
+    text: &str,
+    name: &str,
+) -> watchpost::chaos::run::Report {
+    let file = format!("rehearsals/{name}.toml");
+    std::fs::create_dir_all(dir.join("rehearsals")).unwrap();
+    std::fs::write(dir.join(&file), text).unwrap();
+    let r = p.control.rehearsals();
+    let started = r
+        .start(&file, "bench")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let id = started["rehearsal_id"].as_str().unwrap().to_string();
+    while r.current(Some(&id)).is_some() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conn = p.store.reader().unwrap();
+    let doc = watchpost::chaos::live::stored(&conn, &id).unwrap().unwrap();
+    serde_json::from_value(doc).unwrap()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let trials = arg("--trials", 3.0) as usize;
@@ -132,6 +190,14 @@ async fn main() {
     // The target by name: the fault proxy needs none, but this is how users write URLs.
     let target_url = format!("http://localhost:{}", target.addr.port());
     let cfg = config(dir.path(), &target_url, stt, &pd.url());
+    let live = std::env::args().any(|a| a == "--live");
+    let daemon = live.then(|| {
+        watchpost::pipeline::Pipeline::start(std::sync::Arc::new(cfg.clone()), Default::default())
+            .unwrap()
+    });
+    if live {
+        println!("On the live daemon (drills started as the API starts them):\n");
+    }
 
     let modes: Vec<(&str, &str, Mode, Status)> = vec![
         ("api", "API", Mode::Down, Status::MajorOutage),
@@ -176,10 +242,17 @@ async fn main() {
             // Start anywhere in the interval, as a real outage does.
             tokio::time::sleep(Duration::from_secs_f64(I * rand::random::<f64>())).await;
             let r = drill(probe, comp, mode.clone(), status);
-            let report =
-                watchpost::chaos::run::rehearse(&cfg, &r, std::future::pending(), &mut |_| {})
-                    .await
-                    .expect("rehearsal runs");
+            let report = match &daemon {
+                Some(p) => {
+                    let text = drill_toml(probe, comp, &mode, status);
+                    on_daemon(p, dir.path(), &text, mode.name()).await
+                }
+                None => {
+                    watchpost::chaos::run::rehearse(&cfg, &r, std::future::pending(), &mut |_| {})
+                        .await
+                        .expect("rehearsal runs")
+                }
+            };
             if report.passed {
                 held += 1;
             }
@@ -208,6 +281,9 @@ async fn main() {
             fmt(&mut page),
             fmt(&mut res)
         );
+    }
+    if let Some(p) = daemon {
+        p.stop().await.unwrap();
     }
     token.cancel();
 }

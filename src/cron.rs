@@ -1,56 +1,97 @@
-//! Cron schedules of the config (`[[rehearsal]] schedule`, and any other key that runs
-//! something on a calendar): the pattern parsed once by `croner` and the next time it fires.
-//! Five fields (`minute hour day-of-month month day-of-week`, e.g. `"0 9 * * MON"`), or six
-//! with seconds first (`"*/30 * * * * *"`), nicknames such as `@daily`; times are UTC, like
-//! maintenance windows.
+//! Cron schedules: `[[review]] schedule`, `[[rehearsal]] schedule` (and any other key that
+//! fires on a calendar). Five fields — minute, hour, day of month, month, day of week, e.g.
+//! `"0 9 * * MON"` — or an alias (`@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`),
+//! with cron's ranges, steps and lists and croner's `L`, `W` and `#`; where a key allows it
+//! ([`Schedule::parse_with_seconds`]), six with seconds first. Evaluated in UTC (as
+//! maintenance windows are). Parsing is croner's; this module only fixes the dialect and the
+//! time zone.
 //!
-//! Not here: what runs at those times, or waiting for them (each user sleeps on its own
-//! clock until [`Schedule::next_after`]).
+//! Not here: running anything on a schedule (see `review`, `chaos::live`).
 
-use chrono::{DateTime, Utc};
+use std::fmt;
+use std::str::FromStr;
 
-/// A parsed cron pattern.
-#[derive(Debug, Clone)]
+use chrono::{DateTime, TimeZone, Utc};
+use croner::parser::{CronParser, Seconds, Year};
+
+/// A parsed cron schedule.
+#[derive(Clone)]
 pub struct Schedule {
-    text: String,
     cron: croner::Cron,
+    text: String,
 }
 
 impl Schedule {
-    /// Parse `text`; the error is a sentence for a `file:line:col: message`.
+    /// Parse a five-field pattern or an alias; a pattern that never fires (`0 0 30 2 *`) is
+    /// an error too.
     pub fn parse(text: &str) -> Result<Schedule, String> {
-        let trimmed = text.trim();
-        if trimmed.is_empty() {
-            return Err("empty cron schedule (e.g. \"0 9 * * MON\")".into());
-        }
-        let cron = croner::parser::CronParser::builder()
+        Schedule::build(
+            text,
+            Seconds::Disallowed,
+            "five fields: minute hour day-of-month month day-of-week, e.g. \"0 9 * * MON\"",
+        )
+    }
+
+    /// [`Schedule::parse`], or six fields with seconds first (`"*/30 * * * * *"`), for keys
+    /// where a minute is too coarse (`[[rehearsal]]`: a drill every few seconds in a test).
+    pub fn parse_with_seconds(text: &str) -> Result<Schedule, String> {
+        Schedule::build(
+            text,
+            Seconds::Optional,
+            "five fields: minute hour day-of-month month day-of-week, e.g. \"0 9 * * MON\", or six with seconds first",
+        )
+    }
+
+    fn build(text: &str, seconds: Seconds, expected: &str) -> Result<Schedule, String> {
+        let cron = CronParser::builder()
+            .seconds(seconds)
+            .year(Year::Disallowed)
             .build()
-            .parse(trimmed)
-            .map_err(|e| {
-                format!(
-                    "invalid cron schedule {text:?}: {e} (expected 5 fields `minute hour day month weekday` like \"0 9 * * MON\", or 6 with seconds first)"
-                )
-            })?;
-        Ok(Schedule {
-            text: trimmed.to_string(),
+            .parse(text)
+            .map_err(|e| format!("invalid cron schedule {text:?}: {e} ({expected})"))?;
+        let s = Schedule {
             cron,
-        })
+            text: text.trim().to_string(),
+        };
+        let epoch = Utc.timestamp_opt(0, 0).single().unwrap_or_default();
+        if s.next_after(epoch).is_none() {
+            return Err(format!("cron schedule {text:?} never fires"));
+        }
+        Ok(s)
+    }
+
+    /// The first time the schedule fires strictly after `t` (`None`: never again).
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron.find_next_occurrence(&t, false).ok()
+    }
+
+    /// The last time the schedule fired at or before `t` (`None`: never before).
+    pub fn last_at_or_before(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron.find_previous_occurrence(&t, true).ok()
     }
 
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
     }
+}
 
-    /// The first time strictly after `t` the schedule fires (`None`: never again).
-    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron.find_next_occurrence(&t, false).ok()
+impl fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Schedule({:?})", self.text)
     }
 }
 
-impl std::fmt::Display for Schedule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Schedule, String> {
+        Schedule::parse(s)
     }
 }
 
@@ -59,18 +100,16 @@ mod tests {
     use super::*;
 
     fn at(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s)
-            .map(|t| t.with_timezone(&Utc))
-            .unwrap_or_else(|e| panic!("{s}: {e}"))
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
     #[test]
-    fn next_after_is_strictly_after_and_in_utc() {
+    fn next_times() {
         let cases = [
-            // 2026-11-22 is a Sunday.
+            // Mondays 09:00, from a Sunday, from Monday 09:00 itself (strictly after).
             (
                 "0 9 * * MON",
-                "2026-11-22T21:00:00Z",
+                "2026-11-22T10:00:00Z",
                 "2026-11-23T09:00:00Z",
             ),
             (
@@ -78,11 +117,52 @@ mod tests {
                 "2026-11-23T09:00:00Z",
                 "2026-11-30T09:00:00Z",
             ),
+            ("0 9 * * 1", "2026-11-23T08:59:59Z", "2026-11-23T09:00:00Z"),
             (
                 "*/15 * * * *",
-                "2026-11-22T21:07:10Z",
-                "2026-11-22T21:15:00Z",
+                "2026-11-22T10:07:00Z",
+                "2026-11-22T10:15:00Z",
             ),
+            ("@daily", "2026-11-22T10:00:00Z", "2026-11-23T00:00:00Z"),
+            ("30 6 1 * *", "2026-11-22T10:00:00Z", "2026-12-01T06:30:00Z"),
+            ("0 0 L * *", "2026-11-22T10:00:00Z", "2026-11-30T00:00:00Z"),
+        ];
+        for (pattern, from, want) in cases {
+            let s = Schedule::parse(pattern).unwrap();
+            assert_eq!(
+                s.next_after(at(from)),
+                Some(at(want)),
+                "{pattern} after {from}"
+            );
+            // And back: the slot itself is the last one at or before it.
+            assert_eq!(s.last_at_or_before(at(want)), Some(at(want)), "{pattern}");
+        }
+        let mondays = Schedule::parse("0 9 * * MON").unwrap();
+        assert_eq!(
+            mondays.last_at_or_before(at("2026-11-22T10:00:00Z")),
+            Some(at("2026-11-16T09:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn bad_patterns_say_why() {
+        for bad in [
+            "",
+            "every monday",
+            "0 9 * *",
+            "61 * * * *",
+            "0 25 * * *",
+            "0 0 9 * * MON",
+            "0 0 30 2 *",
+        ] {
+            let e = Schedule::parse(bad).unwrap_err();
+            assert!(e.contains("cron schedule"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn seconds_where_a_key_allows_them() {
+        let cases = [
             (
                 "* * * * * *",
                 "2026-11-22T21:07:10.400Z",
@@ -93,33 +173,30 @@ mod tests {
                 "2026-11-22T21:07:10Z",
                 "2026-11-22T21:07:12Z",
             ),
-            ("@daily", "2026-11-22T21:07:10Z", "2026-11-23T00:00:00Z"),
-            ("30 3 1 * *", "2026-11-22T21:07:10Z", "2026-12-01T03:30:00Z"),
+            (
+                "0 9 * * MON",
+                "2026-11-22T21:00:00Z",
+                "2026-11-23T09:00:00Z",
+            ),
+            (
+                "30 0 9 * * MON",
+                "2026-11-22T21:00:00Z",
+                "2026-11-23T09:00:30Z",
+            ),
         ];
         for (pattern, from, want) in cases {
-            let s = Schedule::parse(pattern).unwrap_or_else(|e| panic!("{pattern}: {e}"));
-            assert_eq!(
-                s.next_after(at(from)),
-                Some(at(want)),
-                "{pattern} after {from}"
-            );
+            let s = Schedule::parse_with_seconds(pattern).unwrap();
+            assert_eq!(s.next_after(at(from)), Some(at(want)), "{pattern}");
         }
-    }
-
-    #[test]
-    fn bad_patterns_are_sentences_naming_the_pattern() {
         for bad in [
             "",
             "0 9 * *",
-            "61 * * * *",
-            "0 9 * * FUNDAY",
-            "every monday",
+            "61 * * * * *",
+            "0 0 0 30 2 *",
+            "0 0 9 * * MON 2027",
         ] {
-            let e = Schedule::parse(bad).expect_err(bad);
-            assert!(
-                e.contains("cron schedule") && (bad.is_empty() || e.contains(bad)),
-                "{bad}: {e}"
-            );
+            let e = Schedule::parse_with_seconds(bad).unwrap_err();
+            assert!(e.contains("cron schedule"), "{bad}: {e}");
         }
     }
 }

@@ -620,6 +620,9 @@ pub async fn maintain_once(
     let s = store.maintain(now_ms, &config.retention).await?;
     let before = now_ms - config.retention.runs.0.as_millis() as i64;
     let p = store.write(move |c| incident::prune(c, before)).await?;
+    let skipped = store
+        .write(move |c| crate::chaos::live::prune_skipped(c, before))
+        .await?;
     tracing::debug!(
         rolled_hours = s.rolled_hours,
         chunks = s.chunks,
@@ -627,6 +630,7 @@ pub async fn maintain_once(
         pruned_outbox = p.outbox,
         pruned_events = p.events,
         pruned_refs = p.refs,
+        pruned_skipped_rehearsals = skipped,
         "store maintenance"
     );
     Ok(p)

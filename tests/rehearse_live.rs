@@ -333,6 +333,18 @@ async fn a_drill_on_the_live_agent_holds_is_marked_stored_and_refuses_a_second_o
     assert_eq!(status, 200);
     assert_eq!(stored["status"], "passed", "{stored:#}");
     assert_eq!(stored["expectations"], doc["expectations"]);
+    let (_, incidents) = call(
+        reqwest::Method::GET,
+        format!("{api}/api/v1/incidents"),
+        None,
+        None,
+    )
+    .await;
+    let list = incidents["incidents"].as_array().expect("incidents");
+    assert!(
+        !list.is_empty() && list.iter().all(|i| i["rehearsal"] == id.as_str()),
+        "{incidents:#}"
+    );
     stop(d).await;
     let rows = reported(&t).await;
     let row = rows

@@ -178,6 +178,13 @@ async fn rehearsal_rows_are_kept_listed_and_reported(b: Backend) {
         table.contains("passed \"API outage drill\" (rehearsals/drill.toml) detect 1.2s page 1.3s resolve 0.9s"),
         "{table}"
     );
+    // Retention takes the skipped firings only.
+    let pruned = s
+        .write(|c| live::prune_skipped(c, T0 + 3_600_000))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+    assert_eq!(live::list(&c).unwrap().len(), 2);
     drop(c);
     drop(s);
     writer.join().await;

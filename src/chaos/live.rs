@@ -85,6 +85,22 @@ impl Drill {
     }
 }
 
+/// Frees the one-at-a-time slot and the drill's marker however its task ends (a panic
+/// too), after its row is written.
+struct Slot(Rehearsals);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let inner = &self.0 .0;
+        inner.drill.clear();
+        inner
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+}
+
 /// The one running now, as far as it got.
 struct Running {
     report: Report,
@@ -296,6 +312,14 @@ pub fn insert_skipped(
     )
 }
 
+/// Retention: skipped firings older than `before_ms` go (drills that ran are kept).
+pub fn prune_skipped(c: &Conn, before_ms: i64) -> db::Result<usize> {
+    c.execute(
+        "DELETE FROM rehearsals WHERE status = 'skipped' AND started_at < ?1",
+        [before_ms],
+    )
+}
+
 /// At start: rows a crash left `running` are `aborted`.
 pub fn close_interrupted(c: &Conn) -> db::Result<usize> {
     c.execute(
@@ -397,6 +421,7 @@ impl Rehearsals {
 
     /// The drill, then its row.
     async fn drive(self, r: Rehearsal, begun: Report) {
+        let _slot = Slot(self.clone());
         let a = &self.0.agent;
         let id = begun.rehearsal_id.clone();
         self.0
@@ -439,11 +464,6 @@ impl Rehearsals {
         if let Err(e) = r {
             tracing::error!(error = %format!("{e:#}"), "cannot store the rehearsal's verdict");
         }
-        self.0
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
     }
 
     /// Keep a schedule's firing that did not start, and why.

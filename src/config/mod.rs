@@ -1223,7 +1223,7 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
                 format!("rehearsal file {} does not exist", path.display()),
             ));
         }
-        match crate::cron::Schedule::parse(e.schedule.get_ref()) {
+        match crate::cron::Schedule::parse_with_seconds(e.schedule.get_ref()) {
             Ok(schedule) => rehearsals.push(ScheduledRehearsal {
                 file: e.file.get_ref().clone(),
                 path,

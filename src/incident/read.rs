@@ -25,6 +25,9 @@ pub struct IncidentView {
     /// Open incidents: time so far.
     pub duration_seconds: i64,
     pub flapping: bool,
+    /// Opened during a rehearsal on the live agent: its run id (its notifications said
+    /// `[REHEARSAL]`).
+    pub rehearsal: Option<String>,
     pub cause: Option<CauseView>,
     pub timeline: Vec<TimelineEntry>,
     pub notifications: Vec<NotificationView>,
@@ -79,8 +82,14 @@ pub fn list_incidents_limited(
     if !conn.table_exists("incidents")? {
         return Ok(Vec::new());
     }
+    // A database an older version left (read without migrating) has no `rehearsal` yet.
+    let rehearsal = if conn.columns("incidents")?.iter().any(|c| c == "rehearsal") {
+        "rehearsal"
+    } else {
+        "NULL"
+    };
     let sql = format!(
-        "SELECT id, component, status, worst_status, opened_at, resolved_at, flapping, cause_member, cause_class, cause_message
+        "SELECT id, component, status, worst_status, opened_at, resolved_at, flapping, cause_member, cause_class, cause_message, {rehearsal}
          FROM incidents {} ORDER BY opened_at DESC, id DESC LIMIT {limit}",
         if open_only { "WHERE resolved_at IS NULL" } else { "" }
     );
@@ -101,6 +110,7 @@ pub fn list_incidents_limited(
                 resolved_at: resolved.map(iso),
                 duration_seconds: (resolved.unwrap_or(now) - opened).max(0) / 1000,
                 flapping: r.get(6)?,
+                rehearsal: r.get(10)?,
                 cause: match member {
                     Some(member) => Some(CauseView {
                         member,
@@ -183,7 +193,12 @@ pub fn render_incidents(list: &[IncidentView]) -> String {
                 )
             })
             .unwrap_or_default();
-        let flap = if v.flapping { " (flapping)" } else { "" };
+        let flap = match (&v.rehearsal, v.flapping) {
+            (Some(r), true) => format!(" (flapping, rehearsal {r})"),
+            (Some(r), false) => format!(" (rehearsal {r})"),
+            (None, true) => " (flapping)".to_string(),
+            (None, false) => String::new(),
+        };
         let _ = writeln!(
             out,
             "{:<5} {:<24} {:<24} {:<24} {:<10} {}{flap}",
