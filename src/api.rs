@@ -619,13 +619,16 @@ async fn read<T: Send + 'static>(
 }
 
 /// Every check of `/health`, in contract order: the writer answers a ping through its queue
-/// (a round trip of everything queued before it; `None`: the agent is stopping), the other
-/// parts by their progress stamps and faults. The heartbeat asks the same question.
+/// (a round trip of everything queued before it; `None`: the agent is stopping); in fleet
+/// mode, the store (degraded while Postgres is unreachable and runs are buffered on local
+/// disk, and while the buffer is flushed); the other parts by their progress stamps and
+/// faults. The heartbeat asks the same question.
 pub async fn all_checks(store: Option<Store>, health: &Health) -> Vec<(String, Check)> {
     let t = Instant::now();
+    let pinger = store.clone();
     let ping = async {
-        match store {
-            Some(store) => store.flush().await,
+        match pinger {
+            Some(store) => store.ping().await,
             None => Err(anyhow::anyhow!("the agent is stopping")),
         }
     };
@@ -647,7 +650,21 @@ pub async fn all_checks(store: Option<Store>, health: &Health) -> Vec<(String, C
         Some(dead @ Check::Fail { .. }) => dead,
         _ => writer,
     };
+    // Read after the ping: it has seen what the writer saw about the database.
+    let store = store
+        .as_ref()
+        .and_then(Store::link)
+        .map(|l| match l.problem() {
+            Some(error) => Check::Degraded { error },
+            None => Check::Ok {
+                latency_ms: match &writer {
+                    Check::Ok { latency_ms } => *latency_ms,
+                    _ => 0.0,
+                },
+            },
+        });
     let mut checks = vec![("writer".to_string(), writer)];
+    checks.extend(store.map(|c| ("store".to_string(), c)));
     checks.extend(health.checks());
     checks
 }
@@ -683,6 +700,19 @@ async fn health(State(s): State<AppState>) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     s.metrics.uptime.set(s.health.uptime().as_secs_f64());
+    let link = s
+        .store
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(Store::link);
+    if let Some(l) = link {
+        s.metrics.store_buffered.set(l.buffered as f64);
+        let seen = s.metrics.store_dropped.get();
+        s.metrics
+            .store_dropped
+            .inc_by(l.dropped.saturating_sub(seen));
+    }
     no_store(
         (
             [(header::CONTENT_TYPE, crate::metrics::TEXT_FORMAT)],

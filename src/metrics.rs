@@ -105,6 +105,10 @@ pub struct Families {
     pub api_connections_refused: IntCounter,
     /// `watchpost_uptime_seconds`, set when scraped.
     pub uptime: Gauge,
+    /// `watchpost_store_buffered_runs`, set when scraped (fleet mode).
+    pub store_buffered: Gauge,
+    /// `watchpost_store_dropped_runs_total`, brought up to the writer's count when scraped.
+    pub store_dropped: IntCounter,
 }
 
 /// Shared metrics registry. Clone freely; each `Metrics::new()` is its own registry (tests
@@ -342,6 +346,20 @@ impl Metrics {
                 .gauge(
                     "watchpost_uptime_seconds",
                     "Seconds since the agent started.",
+                    [],
+                )
+                .with([]),
+            store_buffered: b
+                .gauge(
+                    "watchpost_store_buffered_runs",
+                    "Fleet mode: runs buffered on local disk while Postgres is unreachable.",
+                    [],
+                )
+                .with([]),
+            store_dropped: b
+                .counter(
+                    "watchpost_store_dropped_runs_total",
+                    "Fleet mode: runs lost while Postgres was unreachable (the outage buffer was full or could not be written).",
                     [],
                 )
                 .with([]),

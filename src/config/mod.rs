@@ -335,6 +335,11 @@ struct AgentFile {
     /// Environment variable holding a `postgres://` URL: fleet mode, runs and incidents in
     /// that shared Postgres instead of the embedded SQLite database.
     database_url_env: Option<String>,
+    /// Fleet mode: runs kept on local disk (`<data_dir>/outage-buffer.db`) while Postgres is
+    /// unreachable, flushed in order when it answers again; past this many the oldest are
+    /// dropped (counted and logged).
+    #[serde(default = "default_outage_buffer_runs")]
+    outage_buffer_runs: u64,
     /// How long in-flight runs may take to finish after SIGTERM/SIGINT.
     #[serde(default = "default_shutdown_grace")]
     shutdown_grace: Dur,
@@ -451,6 +456,7 @@ impl Default for AgentFile {
             listen: default_listen(),
             api_token_env: None,
             database_url_env: None,
+            outage_buffer_runs: default_outage_buffer_runs(),
             shutdown_grace: default_shutdown_grace(),
             max_concurrency: default_max_concurrency(),
             host_rate_limit: default_host_rate(),
@@ -471,6 +477,9 @@ fn default_listen() -> Interp {
 }
 fn default_shutdown_grace() -> Dur {
     Dur::secs(20)
+}
+fn default_outage_buffer_runs() -> u64 {
+    100_000
 }
 fn default_max_concurrency() -> usize {
     256
@@ -886,6 +895,8 @@ pub struct Agent {
     pub api_token: Option<Secret>,
     /// Fleet mode: the Postgres URL from `database_url_env`.
     pub database_url: Option<Secret>,
+    /// Fleet mode: most runs buffered on local disk while Postgres is unreachable.
+    pub outage_buffer_runs: u64,
     pub shutdown_grace: Duration,
     pub max_concurrency: usize,
     pub host_rate_limit: u32,
@@ -1568,6 +1579,12 @@ fn drop_key_at(table: &mut DeTable<'_>, at: &Range<usize>) -> Option<Vec<String>
 /// `[agent]` checks, each at its key.
 fn check_agent(a: &AgentFile, doc: &DeTable<'_>, src: &Source, diags: &mut Vec<Diagnostic>) {
     let at = |key: &str| locate(doc, &["agent", key]);
+    if a.outage_buffer_runs == 0 {
+        diags.push(src.diag(
+            at("outage_buffer_runs"),
+            "outage_buffer_runs must be at least 1",
+        ));
+    }
     if a.max_concurrency == 0 {
         diags.push(src.diag(at("max_concurrency"), "max_concurrency must be at least 1"));
     }
@@ -1693,6 +1710,7 @@ fn build_agent(a: &AgentFile, dir: &Path) -> Agent {
         listen,
         api_token,
         database_url,
+        outage_buffer_runs: a.outage_buffer_runs.max(1),
         shutdown_grace: a.shutdown_grace.0,
         max_concurrency: a.max_concurrency.max(1),
         host_rate_limit: a.host_rate_limit,

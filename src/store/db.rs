@@ -75,7 +75,11 @@ impl Error {
                 m
             }
         };
-        let lost = e.is_closed() || e.as_db_error().is_none() && e.code().is_none();
+        let lost = e.is_closed()
+            || match e.code() {
+                Some(code) => connection_class(code.code()),
+                None => e.as_db_error().is_none(),
+            };
         Error::Postgres { message, lost }
     }
 
@@ -88,6 +92,14 @@ impl Error {
             },
         }
     }
+}
+
+/// SQLSTATEs that mean the server went away or refuses connections, not that a statement
+/// was wrong: class 08 (connection exception), 57P01–57P03 (the server is shutting down,
+/// crashed, or not accepting connections yet) and 53300 (too many connections). A shutdown
+/// reaches a statement in flight as one of these before the socket closes.
+fn connection_class(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
 }
 
 /// `Result<T>` → `Result<Option<T>>` with "no rows" as `None` (rusqlite's `optional`).
@@ -384,6 +396,8 @@ impl std::fmt::Debug for Target {
 pub struct Pg {
     pool: deadpool_postgres::Pool,
     pub location: String,
+    /// Where the writer keeps runs while this database is unreachable (none: they are lost).
+    pub buffer: Option<super::buffer::Spec>,
 }
 
 impl Pg {
@@ -427,7 +441,14 @@ impl Pg {
         Ok(Pg {
             pool,
             location: location.to_string(),
+            buffer: None,
         })
+    }
+
+    /// Buffer runs in `spec` while the database is unreachable.
+    pub fn with_buffer(mut self, spec: super::buffer::Spec) -> Pg {
+        self.buffer = Some(spec);
+        self
     }
 
     /// A connection from the pool.
@@ -902,6 +923,17 @@ mod tests {
             pg_sql("SELECT '?1', \"a?\" , ?3"),
             "SELECT '?1', \"a?\" , $3"
         );
+    }
+
+    #[test]
+    fn connection_loss_is_told_from_a_bad_statement() {
+        for code in ["08006", "08001", "57P01", "57P02", "57P03", "53300"] {
+            assert!(connection_class(code), "{code}");
+        }
+        // unique violation, syntax error, statement timeout, serialization failure
+        for code in ["23505", "42601", "57014", "40001"] {
+            assert!(!connection_class(code), "{code}");
+        }
     }
 
     #[test]

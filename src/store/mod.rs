@@ -14,6 +14,7 @@
 //!
 //! Not here: deciding anything. The store records and answers queries.
 
+pub mod buffer;
 pub mod codec;
 pub mod db;
 pub mod hist;
@@ -24,6 +25,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+pub use buffer::Buffer;
+use buffer::{Entry, Kept};
 use db::params;
 pub use db::{Conn, OptionalExtension, Target};
 use serde_json::{Map, Value};
@@ -241,10 +244,12 @@ impl Target {
     /// SQLite in the data directory.
     pub fn of(config: &crate::config::Config) -> anyhow::Result<Target> {
         match &config.agent.database_url {
-            Some(url) => Ok(Target::Postgres(db::Pg::new(
-                url.expose(),
-                &config.agent.location,
-            )?)),
+            Some(url) => Ok(Target::Postgres(
+                db::Pg::new(url.expose(), &config.agent.location)?.with_buffer(buffer::Spec {
+                    path: config.agent.data_dir.join(buffer::FILE),
+                    max: config.agent.outage_buffer_runs,
+                }),
+            )),
             None => Ok(Target::Sqlite(config.db_path())),
         }
     }
@@ -492,7 +497,9 @@ impl Latest {
 
 /// Called once the batch holding the operation has committed (`Ok`) or failed (`Err`).
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
-type ExecFn = Box<dyn FnOnce(&Conn) -> Reply + Send>;
+/// A [`Store::write`]: run on the writer connection, or refused (`None`: the database is
+/// unreachable; its reply is then called with the reason).
+type ExecFn = Box<dyn FnOnce(Option<&Conn>) -> Reply + Send>;
 type StepResult = anyhow::Result<(MaintainStats, Option<MaintainCursor>)>;
 
 enum Op {
@@ -507,6 +514,11 @@ enum Op {
         cursor: MaintainCursor,
         reply: oneshot::Sender<StepResult>,
     },
+    /// Answered once everything queued before it is applied: committed, or buffered while
+    /// the database is unreachable.
+    Ping(oneshot::Sender<Result<(), String>>),
+    /// Taken out of its batch (applied or answered).
+    Taken,
 }
 
 /// Handle to the single writer. Cheap to clone; the writer stops when every handle is gone.
@@ -515,6 +527,55 @@ pub struct Store {
     tx: mpsc::Sender<Op>,
     target: Target,
     latest: Latest,
+    /// A Postgres store's connection and outage buffer, as the writer last saw them.
+    link: Option<Arc<RwLock<LinkStatus>>>,
+}
+
+/// A Postgres store's connection as the writer sees it, for `/health` and `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct LinkStatus {
+    /// Since when the database is unreachable (`None`: connected).
+    pub down_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last connection error.
+    pub error: String,
+    /// Entries (runs, skip marks) waiting in the outage buffer.
+    pub buffered: u64,
+    /// Entries dropped since the agent started: the buffer was full (oldest first), could not
+    /// be written, or is not configured.
+    pub dropped: u64,
+    /// The outage buffer's file and bound (none: runs are lost while unreachable).
+    pub buffer: Option<buffer::Spec>,
+}
+
+impl LinkStatus {
+    /// What is wrong, in a sentence naming the store (`None`: connected, nothing buffered).
+    pub fn problem(&self) -> Option<String> {
+        let kept = match &self.buffer {
+            Some(b) => format!(
+                "{} run(s) buffered on local disk ({}, at most {}), {} dropped",
+                self.buffered,
+                b.path.display(),
+                b.max,
+                self.dropped
+            ),
+            None => format!("no outage buffer: {} run(s) lost", self.dropped),
+        };
+        match self.down_since {
+            Some(since) => Some(format!(
+                "store: postgres unreachable since {} ({}); {kept}",
+                since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                self.error
+            )),
+            None if self.buffered > 0 => Some(format!(
+                "store: postgres answers again; flushing {} buffered run(s) from {}",
+                self.buffered,
+                self.buffer
+                    .as_ref()
+                    .map_or_else(String::new, |b| b.path.display().to_string())
+            )),
+            None => None,
+        }
+    }
 }
 
 /// Join handle of the writer thread.
@@ -537,17 +598,79 @@ impl Store {
     }
 
     /// Open the database (SQLite or Postgres), migrate it and start the writer thread.
+    /// A Postgres store with an outage buffer flushes what an earlier run left in it first.
     pub fn open(target: Target) -> anyhow::Result<(Store, WriterHandle)> {
         let conn = target.writer()?;
         let latest = Latest::default();
         latest.seed(&conn, latest_runs(&conn)?)?;
         let state = State::load(&conn)?;
+        let (spill, link) = match &target {
+            Target::Postgres(pg) => {
+                let spill = match &pg.buffer {
+                    Some(spec) => Some(Spill {
+                        spec: spec.clone(),
+                        buf: Buffer::open_existing(spec)?,
+                    }),
+                    None => None,
+                };
+                let buffered = spill.as_ref().map_or(0, Spill::len);
+                if buffered > 0 {
+                    tracing::info!(
+                        runs = buffered,
+                        "flushing runs an earlier run left in the outage buffer"
+                    );
+                }
+                let status = LinkStatus {
+                    buffered,
+                    buffer: pg.buffer.clone(),
+                    ..LinkStatus::default()
+                };
+                (spill, Some(Arc::new(RwLock::new(status))))
+            }
+            Target::Sqlite(_) => (None, None),
+        };
         let (tx, rx) = mpsc::channel(8192);
-        let l = latest.clone();
+        let w = Writer {
+            target: target.clone(),
+            link: Link::Up(conn),
+            state,
+            latest: latest.clone(),
+            spill,
+            status: link.clone(),
+            dropped_in_outage: 0,
+        };
         let handle = std::thread::Builder::new()
             .name("watchpost-writer".into())
-            .spawn(move || writer_loop(conn, state, l, rx))?;
-        Ok((Store { tx, target, latest }, WriterHandle(handle)))
+            .spawn(move || writer_loop(w, rx))?;
+        Ok((
+            Store {
+                tx,
+                target,
+                latest,
+                link,
+            },
+            WriterHandle(handle),
+        ))
+    }
+
+    /// A Postgres store's connection and outage buffer (`None` on SQLite).
+    pub fn link(&self) -> Option<LinkStatus> {
+        self.link
+            .as_ref()
+            .map(|l| l.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Wait until the writer has applied everything queued before this call (committed, or
+    /// buffered while the database is unreachable): the writer is alive and keeping up.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        let (otx, orx) = oneshot::channel();
+        self.tx
+            .send(Op::Ping(otx))
+            .await
+            .map_err(|_| anyhow::anyhow!("store writer has stopped"))?;
+        orx.await
+            .map_err(|_| anyhow::anyhow!("store writer dropped the operation"))?
+            .map_err(|e| anyhow::anyhow!("store write failed: {e}"))
     }
 
     /// The database this store writes.
@@ -586,13 +709,14 @@ impl Store {
         F: FnOnce(&Conn) -> db::Result<T> + Send + 'static,
     {
         let (otx, orx) = oneshot::channel::<anyhow::Result<T>>();
-        let op = Op::Exec(Box::new(move |conn: &Conn| -> Reply {
-            let r = savepoint(conn, f);
+        let op = Op::Exec(Box::new(move |conn: Option<&Conn>| -> Reply {
+            let r = conn.map(|c| savepoint(c, f));
             // Answer only after the batch commits, so callers never see uncommitted writes.
             Box::new(move |commit: Result<(), String>| {
-                let r = match commit {
-                    Ok(()) => r.map_err(anyhow::Error::from),
-                    Err(e) => Err(anyhow::anyhow!("store commit failed: {e}")),
+                let r = match (commit, r) {
+                    (Ok(()), Some(r)) => r.map_err(anyhow::Error::from),
+                    (Err(e), _) => Err(anyhow::anyhow!("store write failed: {e}")),
+                    (Ok(()), None) => Err(anyhow::anyhow!("store write refused")),
                 };
                 let _ = otx.send(r);
             })
@@ -722,31 +846,422 @@ impl State {
     }
 }
 
-fn writer_loop(mut conn: Conn, mut state: State, latest: Latest, mut rx: mpsc::Receiver<Op>) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while let Some(op) = rx.blocking_recv() {
-        batch.push(op);
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = apply_batch(&mut conn, &mut state, &latest, &mut batch) {
-            tracing::error!(error = %format!("{e:#}"), "store write failed; batch lost");
-        }
-        batch.clear();
-    }
-    if let Some(c) = conn.as_sqlite() {
-        let _ = c.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+/// Between two looks at the queue while the database is unreachable.
+const OUTAGE_POLL: Duration = Duration::from_millis(50);
+/// First and longest wait between two attempts to reach an unreachable database.
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Buffered entries flushed per transaction once the database answers again.
+pub const FLUSH_CHUNK: usize = 256;
+
+/// The writer's database: connected, or (Postgres) unreachable and being retried.
+enum Link {
+    Up(Conn),
+    Down(Reconnect),
+}
+
+struct Reconnect {
+    next_try: Instant,
+    backoff: Duration,
+    /// An attempt under way on its own thread (connecting can take the connect timeout).
+    attempt: Option<std::sync::mpsc::Receiver<anyhow::Result<Conn>>>,
+}
+
+/// The outage buffer of a Postgres store; its file is opened at the first outage.
+struct Spill {
+    spec: buffer::Spec,
+    buf: Option<Buffer>,
+}
+
+impl Spill {
+    fn len(&self) -> u64 {
+        self.buf.as_ref().map_or(0, Buffer::len)
     }
 }
 
+/// The writer thread's state.
+struct Writer {
+    target: Target,
+    link: Link,
+    state: State,
+    latest: Latest,
+    spill: Option<Spill>,
+    status: Option<Arc<RwLock<LinkStatus>>>,
+    /// Entries dropped since the database was last reachable (logged once per outage).
+    dropped_in_outage: u64,
+}
+
+fn writer_loop(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut open = true;
+    while open {
+        if w.settled() {
+            match rx.blocking_recv() {
+                Some(op) => batch.push(op),
+                None => break,
+            }
+        } else if !w.can_flush() {
+            // Unreachable: look at the queue and at the reconnection attempt in turn.
+            std::thread::sleep(OUTAGE_POLL);
+        }
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            w.apply(&mut batch);
+        }
+        w.tend();
+    }
+    // What is still buffered stays in the file: the next start flushes it.
+    if let Link::Up(c) = &w.link {
+        if let Some(c) = c.as_sqlite() {
+            let _ = c.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+        }
+    }
+}
+
+impl Writer {
+    /// Connected with nothing buffered: operations are applied as they come.
+    fn settled(&self) -> bool {
+        matches!(self.link, Link::Up(_)) && self.spill.as_ref().is_none_or(|s| s.len() == 0)
+    }
+
+    /// Connected with buffered entries to flush.
+    fn can_flush(&self) -> bool {
+        matches!(self.link, Link::Up(_)) && !self.settled()
+    }
+
+    fn apply(&mut self, batch: &mut Vec<Op>) {
+        // While the database is unreachable, or buffered runs wait to be flushed, runs go to
+        // the buffer, behind the ones already there.
+        let mut spilled = Ok(());
+        if !self.settled() {
+            spilled = self.spill_runs(batch);
+            if spilled.is_ok() && batch.iter().all(|op| matches!(op, Op::Taken)) {
+                batch.clear();
+                return;
+            }
+        }
+        let failure = match &self.link {
+            Link::Up(conn) => match apply_batch(conn, &mut self.state, &self.latest, batch) {
+                Ok(()) => None,
+                Err(e) if is_connection(&e) => {
+                    let why = format!("{e:#}");
+                    self.lost(&why);
+                    // The transaction rolled back: every run of the batch goes to the buffer.
+                    let r = self.spill_runs(batch);
+                    Some((why, r))
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    tracing::error!(error = %why, "store write failed; batch lost");
+                    Some((why.clone(), Err(why)))
+                }
+            },
+            Link::Down(_) => Some((self.down_reason(), spilled)),
+        };
+        if let Some((why, ping)) = failure {
+            refuse(batch, &why, &ping);
+        }
+        batch.clear();
+    }
+
+    fn down_reason(&self) -> String {
+        let error = self
+            .status
+            .as_ref()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).error.clone())
+            .unwrap_or_default();
+        format!("the database is unreachable ({error})")
+    }
+
+    /// Move the batch's runs and skip marks to the outage buffer (or, without one, count
+    /// them lost). `Err`: the buffer could not be written, and they are lost.
+    fn spill_runs(&mut self, batch: &mut [Op]) -> Result<(), String> {
+        let mut entries = Vec::new();
+        let mut fresh = Vec::new();
+        for op in batch.iter_mut() {
+            match op {
+                Op::Run(r) => {
+                    let rows = rows_of(r);
+                    fresh.extend(rows.iter().map(latest_of));
+                    entries.push(Entry::Run(rows.iter().map(Kept::of).collect()));
+                }
+                Op::Skip {
+                    probe,
+                    planned_at_ms,
+                } => entries.push(Entry::Skip {
+                    probe: std::mem::take(probe),
+                    planned_at_ms: *planned_at_ms,
+                }),
+                _ => continue,
+            }
+            *op = Op::Taken;
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // The dashboard shows the present even while the database is away.
+        self.latest.update(fresh);
+        let n = entries.len() as u64;
+        let pushed = match &mut self.spill {
+            None => Err("no outage buffer is configured".to_string()),
+            Some(spill) => {
+                let buf = match spill.buf.take() {
+                    Some(b) => Ok(b),
+                    None => Buffer::open(&spill.spec),
+                };
+                match buf {
+                    Ok(mut b) => {
+                        let r = b.push(&entries).map_err(|e| format!("{e:#}"));
+                        spill.buf = Some(b);
+                        r
+                    }
+                    Err(e) => Err(format!("{e:#}")),
+                }
+            }
+        };
+        let r = match pushed {
+            Ok(dropped) => {
+                if dropped > 0 {
+                    self.dropped(dropped, "the outage buffer is full: oldest runs dropped");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, runs = n, "cannot buffer runs while the database is unreachable; runs lost");
+                self.dropped(n, "runs lost");
+                Err(e)
+            }
+        };
+        self.publish();
+        r
+    }
+
+    fn dropped(&mut self, n: u64, what: &str) {
+        if self.dropped_in_outage == 0 {
+            let max = self.spill.as_ref().map(|s| s.spec.max);
+            tracing::warn!(
+                runs = n,
+                max,
+                "{what} (counted in /health; logged once per outage)"
+            );
+        }
+        self.dropped_in_outage += n;
+        if let Some(s) = &self.status {
+            s.write().unwrap_or_else(|e| e.into_inner()).dropped += n;
+        }
+    }
+
+    /// Show the buffer's length in the status.
+    fn publish(&self) {
+        if let Some(s) = &self.status {
+            s.write().unwrap_or_else(|e| e.into_inner()).buffered =
+                self.spill.as_ref().map_or(0, Spill::len);
+        }
+    }
+
+    /// The database stopped answering: buffer from now on and try to reach it again.
+    fn lost(&mut self, why: &str) {
+        let path = self
+            .spill
+            .as_ref()
+            .map(|s| s.spec.path.display().to_string());
+        tracing::warn!(error = %why, buffer = path.as_deref().unwrap_or("none"), "postgres unreachable: buffering runs on local disk until it answers");
+        self.link = Link::Down(Reconnect {
+            next_try: Instant::now() + RECONNECT_MIN,
+            backoff: RECONNECT_MIN,
+            attempt: None,
+        });
+        if let Some(s) = &self.status {
+            let mut s = s.write().unwrap_or_else(|e| e.into_inner());
+            s.down_since = Some(chrono::Utc::now());
+            s.error = why.to_string();
+        }
+    }
+
+    /// Between batches: try to reach an unreachable database, or flush a chunk of the buffer.
+    fn tend(&mut self) {
+        if self.can_flush() {
+            self.flush_chunk();
+            return;
+        }
+        match &mut self.link {
+            Link::Up(_) => {}
+            Link::Down(rc) => {
+                let got = match &rc.attempt {
+                    Some(rx) => match rx.try_recv() {
+                        Ok(r) => Some(r),
+                        Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            Some(Err(anyhow::anyhow!("the reconnection attempt stopped")))
+                        }
+                    },
+                    None => None,
+                };
+                match got {
+                    Some(r) => {
+                        rc.attempt = None;
+                        let r = r.and_then(|conn| Ok((State::load(&conn)?, conn)));
+                        match r {
+                            Ok((state, conn)) => self.reconnected(state, conn),
+                            Err(e) => {
+                                rc.next_try = Instant::now() + rc.backoff;
+                                rc.backoff = (rc.backoff * 2).min(RECONNECT_MAX);
+                                if let Some(s) = &self.status {
+                                    s.write().unwrap_or_else(|e| e.into_inner()).error =
+                                        format!("{e:#}");
+                                }
+                            }
+                        }
+                    }
+                    None if Instant::now() >= rc.next_try => {
+                        let target = self.target.clone();
+                        let (tx, rx) = std::sync::mpsc::channel();
+                        let spawned = std::thread::Builder::new()
+                            .name("watchpost-reconnect".into())
+                            .spawn(move || {
+                                let _ = tx.send(target.writer());
+                            });
+                        match spawned {
+                            Ok(_) => rc.attempt = Some(rx),
+                            Err(_) => rc.next_try = Instant::now() + rc.backoff,
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn reconnected(&mut self, state: State, conn: Conn) {
+        let buffered = self.spill.as_ref().map_or(0, Spill::len);
+        tracing::info!(
+            buffered,
+            dropped = self.dropped_in_outage,
+            "postgres answers again; flushing the outage buffer"
+        );
+        self.state = state;
+        self.link = Link::Up(conn);
+        self.dropped_in_outage = 0;
+        if let Some(s) = &self.status {
+            s.write().unwrap_or_else(|e| e.into_inner()).down_since = None;
+        }
+    }
+
+    /// Write the oldest buffered entries in one transaction, then forget them.
+    fn flush_chunk(&mut self) {
+        let (Link::Up(conn), Some(buf)) =
+            (&self.link, self.spill.as_mut().and_then(|s| s.buf.as_mut()))
+        else {
+            return;
+        };
+        let chunk = match buf.oldest(FLUSH_CHUNK) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot read the outage buffer");
+                std::thread::sleep(OUTAGE_POLL);
+                return;
+            }
+        };
+        let Some(last) = chunk.last().map(|c| c.0) else {
+            return;
+        };
+        let state = &mut self.state;
+        let r = (|| -> db::Result<()> {
+            conn.begin()?;
+            let r = (|| {
+                for (_, e) in &chunk {
+                    match e {
+                        Some(Entry::Run(rows)) => {
+                            for k in rows {
+                                insert_row(conn, state, &k.row())?;
+                            }
+                        }
+                        Some(Entry::Skip {
+                            probe,
+                            planned_at_ms,
+                        }) => insert_skip(conn, probe, *planned_at_ms)?,
+                        None => {}
+                    }
+                }
+                conn.commit()
+            })();
+            if r.is_err() {
+                let _ = conn.rollback();
+            }
+            r
+        })();
+        let unreadable = chunk.iter().filter(|c| c.1.is_none()).count() as u64;
+        match r {
+            Err(e) if e.is_connection() => {
+                self.lost(&e.to_string());
+                return;
+            }
+            Err(e) => {
+                // A statement the database refuses would refuse every flush: log, drop.
+                tracing::error!(error = %e, entries = chunk.len(), "cannot flush buffered runs; dropped");
+                if let Ok(s) = State::load(conn) {
+                    self.state = s;
+                }
+                self.dropped(chunk.len() as u64, "buffered runs dropped");
+            }
+            Ok(()) if unreadable > 0 => {
+                self.dropped(unreadable, "unreadable buffered entries dropped")
+            }
+            Ok(()) => {}
+        }
+        if let Some(buf) = self.spill.as_mut().and_then(|s| s.buf.as_mut()) {
+            if let Err(e) = buf.remove_through(last) {
+                tracing::error!(error = %format!("{e:#}"), "cannot trim the outage buffer");
+            } else if buf.is_empty() {
+                tracing::info!("outage buffer flushed: every buffered run is in postgres");
+            }
+        }
+        self.publish();
+    }
+}
+
+/// Whether a failed batch failed because the database could not be reached.
+fn is_connection(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<db::Error>()
+            .is_some_and(db::Error::is_connection)
+    })
+}
+
+/// Answer the operations of a failed batch that are still waiting: writes and maintenance
+/// with `why`, pings with `ping` (the writer is alive if it kept the runs).
+fn refuse(batch: &mut Vec<Op>, why: &str, ping: &Result<(), String>) {
+    for op in batch.drain(..) {
+        match op {
+            Op::Exec(f) => f(None)(Err(why.to_string())),
+            Op::Maintain { reply, .. } => {
+                let _ = reply.send(Err(anyhow::anyhow!("store maintenance skipped: {why}")));
+            }
+            Op::Ping(reply) => {
+                let _ = reply.send(ping.clone());
+            }
+            Op::Run(_) | Op::Skip { .. } | Op::Taken => {}
+        }
+    }
+}
+
+/// Apply a batch in one transaction. On failure the batch's runs and skip marks are left in
+/// it (rolled back: the caller buffers them or counts them lost); every other operation has
+/// been taken and will be answered with the result.
 fn apply_batch(
-    conn: &mut Conn,
+    conn: &Conn,
     state: &mut State,
     latest: &Latest,
-    batch: &mut Vec<Op>,
+    batch: &mut [Op],
 ) -> anyhow::Result<()> {
     let mut replies: Vec<Reply> = Vec::new();
     let mut fresh: Vec<LatestRun> = Vec::new();
@@ -768,9 +1283,9 @@ fn apply_batch(
 }
 
 fn apply_ops(
-    conn: &mut Conn,
+    conn: &Conn,
     state: &mut State,
-    batch: &mut Vec<Op>,
+    batch: &mut [Op],
     replies: &mut Vec<Reply>,
     fresh: &mut Vec<LatestRun>,
 ) -> anyhow::Result<()> {
@@ -782,24 +1297,42 @@ fn apply_ops(
     r
 }
 
+fn insert_skip(tx: &Conn, probe: &str, planned_at_ms: i64) -> db::Result<()> {
+    tx.prepare_cached("INSERT INTO skips (probe, planned_at) VALUES (?1, ?2)")?
+        .execute(params![probe, planned_at_ms])?;
+    Ok(())
+}
+
 fn apply_each(
     tx: &Conn,
     state: &mut State,
-    batch: &mut Vec<Op>,
+    batch: &mut [Op],
     replies: &mut Vec<Reply>,
     fresh: &mut Vec<LatestRun>,
 ) -> anyhow::Result<()> {
-    for op in batch.drain(..) {
+    for op in batch.iter_mut() {
         match op {
-            Op::Run(r) => insert_run(tx, state, &r, fresh)?,
+            Op::Run(r) => {
+                for row in rows_of(r) {
+                    fresh.push(insert_row(tx, state, &row)?);
+                }
+                continue;
+            }
             Op::Skip {
                 probe,
                 planned_at_ms,
             } => {
-                tx.prepare_cached("INSERT INTO skips (probe, planned_at) VALUES (?1, ?2)")?
-                    .execute(params![probe, planned_at_ms])?;
+                insert_skip(tx, probe, *planned_at_ms)?;
+                continue;
             }
-            Op::Exec(f) => replies.push(f(tx)),
+            Op::Taken => continue,
+            Op::Exec(_) | Op::Maintain { .. } | Op::Ping(_) => {}
+        }
+        match std::mem::replace(op, Op::Taken) {
+            Op::Exec(f) => replies.push(f(Some(tx))),
+            Op::Ping(reply) => replies.push(Box::new(move |commit: Result<(), String>| {
+                let _ = reply.send(commit);
+            })),
             Op::Maintain { cut, cursor, reply } => {
                 let (t0, cpu0) = (Instant::now(), thread_cpu());
                 let r = savepoint(tx, |c| maintain_step(c, state, &cut, cursor, CHUNK_BUDGET));
@@ -819,17 +1352,20 @@ fn apply_each(
                 replies.push(Box::new(move |commit: Result<(), String>| {
                     let r = match commit {
                         Ok(()) => r.map_err(anyhow::Error::from),
-                        Err(e) => Err(anyhow::anyhow!("store commit failed: {e}")),
+                        Err(e) => Err(anyhow::anyhow!("store write failed: {e}")),
                     };
                     let _ = reply.send(r);
                 }));
             }
+            Op::Run(_) | Op::Skip { .. } | Op::Taken => {}
         }
     }
     Ok(())
 }
 
-/// One row of `runs`, from a probe run, one of its sub-checks, or a converted old row.
+/// One row of `runs`, from a probe run, one of its sub-checks, a buffered run, or a
+/// converted old row.
+#[derive(Debug)]
 struct Row<'a> {
     series: &'a str,
     kind: &'a str,
@@ -842,14 +1378,11 @@ struct Row<'a> {
     details: Option<&'a Map<String, Value>>,
 }
 
-fn insert_run(
-    tx: &Conn,
-    state: &mut State,
-    r: &RunResult,
-    fresh: &mut Vec<LatestRun>,
-) -> db::Result<()> {
+/// The rows a run is stored as: its own and one per sub-check.
+fn rows_of(r: &RunResult) -> Vec<Row<'_>> {
     let started_ms = r.started_at.timestamp_millis();
-    let row = Row {
+    let mut rows = Vec::with_capacity(1 + r.subchecks.len());
+    rows.push(Row {
         series: &r.probe,
         kind: r.kind,
         started_ms,
@@ -862,10 +1395,9 @@ fn insert_run(
             .as_ref()
             .map(|e| (e.class.as_str(), e.message.as_str())),
         details: Some(&r.details),
-    };
-    fresh.push(insert_row(tx, state, &row)?);
+    });
     for s in &r.subchecks {
-        let row = Row {
+        rows.push(Row {
             series: &s.series,
             kind: "subcheck",
             started_ms,
@@ -878,10 +1410,9 @@ fn insert_run(
                 .as_ref()
                 .map(|e| (e.class.as_str(), e.message.as_str())),
             details: None,
-        };
-        fresh.push(insert_row(tx, state, &row)?);
+        });
     }
-    Ok(())
+    rows
 }
 
 fn ensure_series<'s>(
@@ -969,6 +1500,15 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
         state.details.insert(id, last);
     }
 
+    // A run already stored (flushed again from the outage buffer after a commit whose answer
+    // was lost) must not be counted twice in an hour that is already rolled up.
+    let late = row.started_ms < state.rolled_until
+        && tx
+            .prepare_cached("SELECT 1 FROM runs WHERE series = ?1 AND started_at = ?2")?
+            .query_row(params![id, row.started_ms], |_| Ok(()))
+            .optional()?
+            .is_none();
+
     state.buf.clear();
     codec::encode(&mut state.buf, &idx, row.duration.as_micros() as u64);
     tx.prepare_cached(
@@ -985,7 +1525,7 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
         note,
     ])?;
 
-    if row.started_ms < state.rolled_until {
+    if late {
         // Its hour is already rolled up: add it there too.
         let hour = hist::floor(row.started_ms, HOUR);
         let o = outcome_code(row.outcome);
@@ -1003,12 +1543,17 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
         }
     }
 
+    Ok(latest_of(row))
+}
+
+/// A row as the in-memory newest run of its series.
+fn latest_of(row: &Row) -> LatestRun {
     let phases: Map<String, Value> = row
         .phases
         .iter()
         .map(|(n, d)| (n.to_string(), Value::from(ms(*d))))
         .collect();
-    Ok(LatestRun {
+    LatestRun {
         probe: row.series.to_string(),
         kind: row.kind.to_string(),
         started_at: row.started_ms,
@@ -1021,7 +1566,7 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
             .details
             .and_then(|d| d.get("wer"))
             .and_then(Value::as_f64),
-    })
+    }
 }
 
 /// Convert the rows of the version-1 tables (runs with text columns, per-minute and hourly

@@ -214,6 +214,29 @@ impl PgCluster {
         self.url(db)
     }
 
+    /// Make every commit durable across [`PgCluster::stop`], for sessions opened from now on
+    /// (it stays so across restarts).
+    /// The cluster runs with `synchronous_commit=off` for speed, so an immediate stop can
+    /// lose commits the server has already acknowledged — which a real server (default on)
+    /// does not; a test that stops the server and counts what was committed needs this.
+    pub fn durable_commits(&self) {
+        let mut c = Command::new(self.bin.join("psql"));
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            // A role setting outranks the server's command line (`-c synchronous_commit=off`).
+            "ALTER ROLE postgres SET synchronous_commit = on",
+        ]);
+        run(c, "psql: synchronous_commit = on");
+    }
+
     /// The server log, for a failing test's message.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
