@@ -12,6 +12,12 @@
 //! from the runs; whole hours are rolled up into `hourly` rows ([`hist`]). Rollup and pruning
 //! run in chunks of a few milliseconds on the writer ([`Store::maintain`]).
 //!
+//! In fleet mode (Postgres) the writer survives the database going away: a batch that fails
+//! because Postgres cannot be reached is kept, with every run after it, in the outage buffer
+//! on local disk ([`buffer`]) while the writer tries to reach Postgres again off its thread;
+//! once it answers, the buffer is flushed in order before newer runs ([`LinkStatus`] shows
+//! where it stands, for `/health`). Writes other than runs are refused meanwhile.
+//!
 //! Not here: deciding anything. The store records and answers queries.
 
 pub mod buffer;
