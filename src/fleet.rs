@@ -280,11 +280,8 @@ fn heartbeat_once(
         )
         .optional()?;
     let leader = held.is_some();
-    if let (true, Some((txid, id))) = (leader, cursor) {
-        conn.execute(
-            "UPDATE leases SET feed_txid = ?3, feed_id = ?4 WHERE name = ?1 AND holder = ?2",
-            params![LEADER, me.id, txid, id],
-        )?;
+    if let (true, Some(pos)) = (leader, cursor) {
+        save_position(conn, me, pos)?;
     }
     conn.execute(
         concat!(
@@ -295,6 +292,15 @@ fn heartbeat_once(
         [FORGET_AFTER.as_millis() as i64],
     )?;
     Ok(Seen { live, leader })
+}
+
+/// Keep the leader's feed position in the lease row (while `me` holds it).
+fn save_position(conn: &Conn, me: &Member, (txid, id): (i64, i64)) -> db::Result<()> {
+    conn.execute(
+        "UPDATE leases SET feed_txid = ?3, feed_id = ?4 WHERE name = ?1 AND holder = ?2",
+        params![LEADER, me.id, txid, id],
+    )?;
+    Ok(())
 }
 
 /// Leave the fleet: the member row goes, the lease (if held) expires now.
@@ -707,9 +713,23 @@ impl Leader {
             let term = self
                 .term(&mut commands, &mut role, &cursor, &stop, &force)
                 .await;
+            let last = cursor.get();
             cursor.set(None);
             match term {
-                Ok(()) if stop.is_cancelled() => return Ok(()),
+                Ok(()) if stop.is_cancelled() => {
+                    // A clean stop hands over the exact position: the next leader evaluates
+                    // no run twice.
+                    if let Some(pos) = last {
+                        let m = self.member.clone();
+                        let saved =
+                            off_thread(&self.store, &mut None, move |c| save_position(c, &m, pos))
+                                .await;
+                        if let Err(e) = saved {
+                            tracing::warn!(agent = %self.member.id, error = %format!("{e:#}"), "cannot hand over the feed position");
+                        }
+                    }
+                    return Ok(());
+                }
                 Ok(()) => {
                     tracing::warn!(agent = %self.member.id, "lost the fleet leader lease: stopped evaluating and notifying")
                 }

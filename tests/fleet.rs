@@ -554,3 +554,61 @@ async fn one_locations_failure_is_not_an_incident_all_locations_failing_is_exact
     assert_eq!(incidents.len(), 1, "{incidents:?}");
     assert_eq!(incidents[0].1, "Target");
 }
+
+/// The outbox claim on a real Postgres: only the lease holder claims, a live claim of
+/// another agent is respected (also by a new lease holder) until it expires, the holder may
+/// claim its own row again, and a delivered row is never claimed.
+#[test]
+fn an_outbox_row_is_claimed_by_the_lease_holder_only_and_once_at_a_time() {
+    use watchpost::fleet::claim;
+    use watchpost::store::db::Pg;
+    let cluster = pg::PgCluster::start();
+    let url = cluster.default_url();
+    let (store, writer) = watchpost::store::Store::open(watchpost::store::Target::Postgres(
+        Pg::new(&url, "eu").unwrap(),
+    ))
+    .unwrap();
+    let c = store.reader().unwrap();
+    let id: i64 = c
+        .query_row(
+            "INSERT INTO outbox (notifier, component, kind, event, created_at, next_attempt_at)
+             VALUES ('pager', 'API', 'opened', '{}', 0, 0) RETURNING id",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let hold = |agent: &str| {
+        c.execute(
+            "INSERT INTO leases (name, holder, expires_at, acquired_at) VALUES ('leader', ?1, 9000000000000, 0)
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder",
+            [agent],
+        )
+        .unwrap();
+    };
+    let ttl = Duration::from_secs(30);
+    hold("a");
+    assert!(
+        !claim(&c, id, "b", ttl).unwrap(),
+        "b does not hold the lease"
+    );
+    assert!(claim(&c, id, "a", ttl).unwrap());
+    assert!(
+        claim(&c, id, "a", ttl).unwrap(),
+        "the holder renews its own claim"
+    );
+    hold("b");
+    assert!(!claim(&c, id, "a", ttl).unwrap(), "a lost the lease");
+    assert!(!claim(&c, id, "b", ttl).unwrap(), "a's claim is still live");
+    c.execute("UPDATE outbox SET claim_until = 0 WHERE id = ?1", [id])
+        .unwrap();
+    assert!(
+        claim(&c, id, "b", ttl).unwrap(),
+        "an expired claim is taken over"
+    );
+    c.execute("UPDATE outbox SET status = 'delivered' WHERE id = ?1", [id])
+        .unwrap();
+    assert!(!claim(&c, id, "b", ttl).unwrap(), "a delivered row");
+    drop((c, store));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(writer.join());
+}
