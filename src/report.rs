@@ -256,10 +256,10 @@ fn latency_buckets(
     let slot = |t: i64| (((t - since).max(0) / bucket_ms) as usize).min(n - 1);
     let fine_from = hist::meta_value(conn, "fine_from")?;
     let mut out: Buckets = BTreeMap::new();
-    let mut series = hist::series_names(conn)?;
-    if let Some(name) = only {
-        series.retain(|_, s| s.name == name);
-    }
+    let series = match only {
+        Some(name) => hist::series_named(conn, name)?.into_iter().collect(),
+        None => hist::series_names(conn)?,
+    };
     let only_id = series.keys().next().copied().filter(|_| only.is_some());
     let mut add = |name: &str, phase: &str, i: usize, h: &hist::Hist| {
         let v = out
@@ -269,10 +269,14 @@ fn latency_buckets(
     };
     let hi = until.min(fine_from);
     if since < hi {
-        let mut st = conn.prepare_cached(
+        // One series (a chart) by its index; all of them (a report) by time.
+        let mut st = conn.prepare_cached(if only_id.is_some() {
+            "SELECT series, phase, bucket_start, data FROM hourly WHERE series = ?3
+             AND bucket_start >= ?1 AND bucket_start < ?2"
+        } else {
             "SELECT series, phase, bucket_start, data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2
-             AND (CAST(?3 AS BIGINT) IS NULL OR series = ?3)",
-        )?;
+             AND CAST(?3 AS BIGINT) IS NULL"
+        })?;
         st.query_each(params![hist::floor_hour(since), hi, only_id], |r| {
             let Some(s) = series.get(&r.get::<_, i64>(0)?) else {
                 return Ok(());
