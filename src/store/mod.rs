@@ -126,6 +126,8 @@ pub const MIGRATIONS: &[&str] = &[
     crate::fleet::MIGRATION,
     // 10: per-series indexes for the dashboard's reads, and where outcome rows are complete
     DASHBOARD_INDEXES,
+    // 9: the last slot each scheduled review was sent for, per notifier
+    crate::review::MIGRATION,
 ];
 
 /// Migration 10: the dashboard reads one series' hourly rows (its chart) and its members'
