@@ -1698,3 +1698,54 @@ pub fn latest_runs(conn: &Conn) -> db::Result<Vec<LatestRun>> {
     })?;
     rows.collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(probe: &str, at: i64, outcome: &str) -> LatestRun {
+        LatestRun {
+            probe: probe.into(),
+            kind: "http".into(),
+            started_at: at,
+            outcome: outcome.into(),
+            error_class: None,
+            error_message: None,
+            duration_ms: 1.0,
+            phases: Value::Object(Map::new()),
+            wer: None,
+        }
+    }
+
+    #[test]
+    fn changes_since_a_cursor() {
+        let l = Latest::default();
+        l.update(vec![run("a", 1, "up"), run("b", 1, "up")]);
+        let first = l.changed_since(None);
+        assert!(first.full);
+        assert_eq!(first.series.len(), 2);
+        // Nothing new: an empty list, not a full one.
+        let none = l.changed_since(Some(&first.cursor));
+        assert!(!none.full);
+        assert!(none.series.is_empty());
+        assert_eq!(none.cursor, first.cursor);
+        l.update(vec![run("b", 2, "down")]);
+        let one = l.changed_since(Some(&first.cursor));
+        assert!(!one.full);
+        assert_eq!(one.series.len(), 1);
+        assert_eq!(one.series[0].0.probe, "b");
+        assert_eq!(one.series[0].1.runs.len(), 2, "the strip comes whole");
+        // A cursor from another process, from the future, or garbage: everything.
+        let (epoch, version) = one.cursor.split_once('.').unwrap();
+        let other = format!(
+            "{}.{version}",
+            epoch.parse::<u32>().unwrap().wrapping_add(1)
+        );
+        let ahead = format!("{epoch}.{}", version.parse::<u64>().unwrap() + 5);
+        for c in [other.as_str(), ahead.as_str(), "x", ""] {
+            let all = l.changed_since(Some(c));
+            assert!(all.full, "{c}");
+            assert_eq!(all.series.len(), 2, "{c}");
+        }
+    }
+}
