@@ -144,6 +144,8 @@ pub struct AppState {
     /// Reports computed at once.
     report_turns: Arc<Semaphore>,
     reports: Arc<Reports>,
+    /// The hourly part of each SLO window's sums, slid between `/slo` computations.
+    hourly_sums: Arc<crate::store::HourlySums>,
 }
 
 impl AppState {
@@ -158,6 +160,7 @@ impl AppState {
             readers: Arc::new(Semaphore::new(READERS)),
             report_turns: Arc::new(Semaphore::new(REPORTS)),
             reports: Arc::default(),
+            hourly_sums: Arc::default(),
         }
     }
 
@@ -828,13 +831,13 @@ async fn slo(State(s): State<AppState>) -> Response {
     if let Some(body) = s.reports.get(SLO_KEY) {
         return json_bytes(body);
     }
-    let cfg = s.config.clone();
+    let (cfg, sums) = (s.config.clone(), s.hourly_sums.clone());
     let now = chrono::Utc::now().timestamp_millis();
     let built = read(&s, move |c| {
         let list = cfg
             .components
             .iter()
-            .map(|comp| crate::slo::component_slo(c, comp, now))
+            .map(|comp| crate::slo::component_slo(c, comp, now, Some(&sums)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Bytes::from(serde_json::to_vec(
             &json!({"components": list}),

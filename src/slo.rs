@@ -13,7 +13,7 @@ use crate::store::db::{self, Conn};
 use serde::Serialize;
 
 use crate::config::{ComponentConfig, Objective};
-use crate::store::{self, Counts};
+use crate::store::{self, Counts, HourlySums};
 
 /// One rule of the multi-window burn-rate alert: a burn of at least `rate` over both the
 /// long and the short window.
@@ -156,11 +156,27 @@ pub fn component_counts(
     since: i64,
     until: i64,
 ) -> db::Result<Counts> {
+    counts_with(conn, comp, since, until, None)
+}
+
+/// [`component_counts`], the hourly sums kept in `cache` when one is given (without
+/// maintenance in the window: with it, the parts between windows are read whole).
+fn counts_with(
+    conn: &Conn,
+    comp: &ComponentConfig,
+    since: i64,
+    until: i64,
+    cache: Option<&HourlySums>,
+) -> db::Result<Counts> {
     let members: Vec<String> = comp.probes.iter().map(|p| p.get_ref().clone()).collect();
     let spans = maintenance_spans(conn, comp.name.get_ref(), since, until)?;
     let mut total = Counts::default();
     for (a, b) in outside(since, until, &spans) {
-        for v in store::outcomes(conn, Some(&members), a, b, b - a)?.into_values() {
+        let per = match cache.filter(|_| spans.is_empty()) {
+            Some(c) => store::window_outcomes(conn, Some(&members), a, b, c)?,
+            None => store::outcomes(conn, Some(&members), a, b, b - a)?,
+        };
+        for v in per.into_values() {
             for c in v {
                 total += c;
             }
@@ -303,10 +319,16 @@ pub fn budget_remaining(c: &Counts, objective: Objective) -> Option<f64> {
     burn_rate(c, objective).map(|r| 100.0 * (1.0 - r))
 }
 
-/// A component's objective figures at `now`.
-pub fn component_slo(conn: &Conn, comp: &ComponentConfig, now: i64) -> db::Result<ComponentSlo> {
+/// A component's objective figures at `now`; `cache` keeps the hourly part of the SLO
+/// window's sums between calls (the dashboard's `/slo`).
+pub fn component_slo(
+    conn: &Conn,
+    comp: &ComponentConfig,
+    now: i64,
+    cache: Option<&HourlySums>,
+) -> db::Result<ComponentSlo> {
     let window = comp.slo_window.0.as_millis() as i64;
-    let c = component_counts(conn, comp, now - window, now)?;
+    let c = counts_with(conn, comp, now - window, now, cache)?;
     let objective = comp.objective();
     let (remaining, rate, rate_1h, burning) = match objective {
         Some(o) => {

@@ -1493,7 +1493,37 @@ pub fn outcomes_from(
     until_ms: i64,
     bucket_ms: i64,
 ) -> db::Result<HashMap<String, Vec<Counts>>> {
-    outcomes_in(conn, series, origin_ms, since_ms, until_ms, bucket_ms, true)
+    outcomes_in(
+        conn,
+        series,
+        origin_ms,
+        since_ms,
+        until_ms,
+        bucket_ms,
+        Hours::Read,
+    )
+}
+
+/// Outcome counts per series over `[since_ms, until_ms)` in one bucket (an SLO window), the
+/// hourly part of each series' sum kept in `cache` and slid by the hours that entered and
+/// left the window since the last call.
+pub fn window_outcomes(
+    conn: &Conn,
+    series: Option<&[String]>,
+    since_ms: i64,
+    until_ms: i64,
+    cache: &HourlySums,
+) -> db::Result<HashMap<String, Vec<Counts>>> {
+    let span = until_ms - since_ms;
+    outcomes_in(
+        conn,
+        series,
+        since_ms,
+        since_ms,
+        until_ms,
+        span,
+        Hours::Cached(cache),
+    )
 }
 
 /// [`outcomes`] counted from the runs alone (exact to the millisecond, for burn windows);
@@ -1508,7 +1538,77 @@ pub fn run_outcomes(
     if since_ms < hist::meta(conn, "runs_from")? {
         return Ok(None);
     }
-    outcomes_in(conn, series, since_ms, since_ms, until_ms, bucket_ms, false).map(Some)
+    outcomes_in(
+        conn,
+        series,
+        since_ms,
+        since_ms,
+        until_ms,
+        bucket_ms,
+        Hours::Skip,
+    )
+    .map(Some)
+}
+
+/// How [`outcomes_in`] treats hourly outcome rows.
+#[derive(Clone, Copy)]
+enum Hours<'a> {
+    Read,
+    /// Runs only.
+    Skip,
+    /// Read, the sums kept between calls (one bucket only).
+    Cached(&'a HourlySums),
+}
+
+/// (series id, window length) → the hours `[lo, hi)` last summed and their sum.
+type SumMap = HashMap<(i64, i64), (i64, i64, Counts)>;
+
+/// Per series and window length: the hours `[lo, hi)` last summed and their sum.
+#[derive(Default)]
+pub struct HourlySums(std::sync::Mutex<SumMap>);
+
+impl HourlySums {
+    /// The sum of `[lo, hi)` for `key`, from the last one when the window only moved forward
+    /// (minus the hours that left, plus those that came), else `sum(lo, hi)` whole.
+    fn get(
+        &self,
+        key: (i64, i64),
+        lo: i64,
+        hi: i64,
+        mut sum: impl FnMut(i64, i64) -> db::Result<Counts>,
+    ) -> db::Result<Counts> {
+        let last = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied();
+        let c = match last {
+            Some((l, h, c)) if l <= lo && lo <= h && h <= hi => {
+                let gone = if l < lo {
+                    sum(l, lo)?
+                } else {
+                    Counts::default()
+                };
+                let came = if h < hi {
+                    sum(h, hi)?
+                } else {
+                    Counts::default()
+                };
+                Counts {
+                    up: (c.up + came.up).saturating_sub(gone.up),
+                    degraded: (c.degraded + came.degraded).saturating_sub(gone.degraded),
+                    down: (c.down + came.down).saturating_sub(gone.down),
+                }
+            }
+            _ => sum(lo, hi)?,
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (lo, hi, c));
+        Ok(c)
+    }
 }
 
 fn outcomes_in(
@@ -1518,16 +1618,15 @@ fn outcomes_in(
     since_ms: i64,
     until_ms: i64,
     bucket_ms: i64,
-    hourly: bool,
+    hours_mode: Hours<'_>,
 ) -> db::Result<HashMap<String, Vec<Counts>>> {
     let bucket_ms = bucket_ms.max(1);
     let origin_ms = origin_ms.min(since_ms);
     let n = ((until_ms - origin_ms).max(0) + bucket_ms - 1) / bucket_ms;
     let n = n.clamp(1, 10_000) as usize;
-    let (h_lo, h_hi) = if hourly {
-        hourly_span(conn, since_ms, until_ms)?
-    } else {
-        (since_ms, since_ms)
+    let (h_lo, h_hi) = match hours_mode {
+        Hours::Skip => (since_ms, since_ms),
+        _ => hourly_span(conn, since_ms, until_ms)?,
     };
     // Runs before and after the hourly rows.
     let run_spans = if h_lo < h_hi {
@@ -1558,16 +1657,32 @@ fn outcomes_in(
         let mut v = vec![Counts::default(); n];
         let mut any = false;
         if h_lo < h_hi {
-            hours.query_each(params![h_lo, h_hi, id], |r| {
-                let c = Counts {
-                    up: r.get::<_, i64>(1)? as u64,
-                    degraded: r.get::<_, i64>(2)? as u64,
-                    down: r.get::<_, i64>(3)? as u64,
-                };
-                v[slot(r.get(0)?)] += c;
-                any = true;
-                Ok(())
-            })?;
+            let mut read = |lo: i64, hi: i64, v: &mut Vec<Counts>| {
+                let mut found = false;
+                hours.query_each(params![lo, hi, id], |r| {
+                    let c = Counts {
+                        up: r.get::<_, i64>(1)? as u64,
+                        degraded: r.get::<_, i64>(2)? as u64,
+                        down: r.get::<_, i64>(3)? as u64,
+                    };
+                    v[slot(r.get(0)?)] += c;
+                    found = true;
+                    Ok(())
+                })?;
+                Ok::<_, db::Error>(found)
+            };
+            match hours_mode {
+                Hours::Cached(cache) if n == 1 => {
+                    let c = cache.get((id, until_ms - since_ms), h_lo, h_hi, |lo, hi| {
+                        let mut one = vec![Counts::default(); 1];
+                        read(lo, hi, &mut one)?;
+                        Ok(one[0])
+                    })?;
+                    any |= c.total() > 0;
+                    v[0] += c;
+                }
+                _ => any |= read(h_lo, h_hi, &mut v)?,
+            }
         }
         for (lo, hi) in run_spans.iter().copied().filter(|(lo, hi)| lo < hi) {
             runs.query_each(params![origin_ms, bucket_ms, id, lo, hi], |r| {
@@ -1715,6 +1830,35 @@ mod tests {
             phases: Value::Object(Map::new()),
             wer: None,
         }
+    }
+
+    #[test]
+    fn hourly_sums_slide_with_the_window() {
+        // One down run per hour at hours 0..100; sums read from that.
+        let reads = std::cell::Cell::new(0);
+        let sum = |lo: i64, hi: i64| {
+            reads.set(reads.get() + (hi - lo));
+            Ok(Counts {
+                up: 0,
+                degraded: 0,
+                down: (hi - lo) as u64,
+            })
+        };
+        let cache = HourlySums::default();
+        let key = (7, 30);
+        assert_eq!(cache.get(key, 0, 30, sum).unwrap().down, 30);
+        assert_eq!(reads.get(), 30);
+        // The window moved by two hours: four hours read, not thirty.
+        assert_eq!(cache.get(key, 2, 32, sum).unwrap().down, 30);
+        assert_eq!(reads.get(), 34);
+        // Unchanged: nothing read.
+        assert_eq!(cache.get(key, 2, 32, sum).unwrap().down, 30);
+        assert_eq!(reads.get(), 34);
+        // Backwards or jumped past the last one: read whole.
+        assert_eq!(cache.get(key, 1, 31, sum).unwrap().down, 30);
+        assert_eq!(reads.get(), 64);
+        assert_eq!(cache.get(key, 50, 80, sum).unwrap().down, 30);
+        assert_eq!(reads.get(), 94);
     }
 
     #[test]
