@@ -126,7 +126,7 @@ pub const MIGRATIONS: &[&str] = &[
     crate::fleet::MIGRATION,
     // 10: per-series indexes for the dashboard's reads, and where outcome rows are complete
     DASHBOARD_INDEXES,
-    // 9: the last slot each scheduled review was sent for, per notifier
+    // 11: the last slot each scheduled review was sent for, per notifier
     crate::review::MIGRATION,
 ];
 
