@@ -144,6 +144,8 @@ pub struct AppState {
     /// Reports computed at once.
     report_turns: Arc<Semaphore>,
     reports: Arc<Reports>,
+    /// The hourly part of each SLO window's sums, slid between `/slo` computations.
+    hourly_sums: Arc<crate::store::HourlySums>,
 }
 
 impl AppState {
@@ -158,6 +160,7 @@ impl AppState {
             readers: Arc::new(Semaphore::new(READERS)),
             report_turns: Arc::new(Semaphore::new(REPORTS)),
             reports: Arc::default(),
+            hourly_sums: Arc::default(),
         }
     }
 
@@ -743,9 +746,22 @@ async fn latest(State(s): State<AppState>) -> Response {
     }
 }
 
+#[derive(Deserialize)]
+struct OverviewQuery {
+    /// The page's mode: only the series changed since this cursor (empty: all), with
+    /// compact strips.
+    since: Option<String>,
+}
+
 /// Every series' newest run, its uptime strip and newest failure, from the store's memory
 /// (the dashboard's main read; no database work).
-async fn overview(State(s): State<AppState>) -> Response {
+///
+/// With `?since=CURSOR` (what the page asks): only the series whose newest run changed
+/// since the answer that gave the cursor (all of them when the cursor is empty or stale:
+/// `full`), each strip as one letter per run (`strip`: `u` up, `d` degraded, `x` down) with
+/// its start (`strip_t0`, ms) and each run's offset from it in seconds (`strip_dt`) instead
+/// of `recent`.
+async fn overview(State(s): State<AppState>, Query(q): Query<OverviewQuery>) -> Response {
     let mem = s
         .store
         .lock()
@@ -753,8 +769,14 @@ async fn overview(State(s): State<AppState>) -> Response {
         .as_ref()
         .map(Store::latest);
     let paused = s.paused().names();
-    let series: Vec<Value> = mem
-        .map(|l| l.overview())
+    let page = q.since.is_some();
+    let cursor = q.since.as_deref().filter(|c| !c.is_empty());
+    let changes = mem.map(|l| l.changed_since(cursor));
+    let (next, full) = changes
+        .as_ref()
+        .map_or((String::new(), true), |c| (c.cursor.clone(), c.full));
+    let series: Vec<Value> = changes
+        .map(|c| c.series)
         .unwrap_or_default()
         .into_iter()
         .map(|(run, recent)| {
@@ -762,17 +784,41 @@ async fn overview(State(s): State<AppState>) -> Response {
                 .config
                 .probe(&run.probe)
                 .map_or(run.kind.as_str(), |p| p.kind());
-            json!({
+            let mut item = json!({
                 "name": run.probe,
                 "kind": kind,
                 "latest": run,
-                "recent": recent.runs,
                 "wer": recent.wer,
                 "last_bad": recent.last_bad,
-            })
+            });
+            if page {
+                let t0 = recent.runs.front().map_or(0, |t| t.0);
+                let letters: String = recent
+                    .runs
+                    .iter()
+                    .map(|t| match t.1 {
+                        "up" => 'u',
+                        "degraded" => 'd',
+                        _ => 'x',
+                    })
+                    .collect();
+                let dt: Vec<i64> = recent.runs.iter().map(|t| (t.0 - t0) / 1000).collect();
+                item["strip"] = json!(letters);
+                item["strip_t0"] = json!(t0);
+                item["strip_dt"] = json!(dt);
+            } else {
+                item["recent"] = json!(recent.runs);
+            }
+            item
         })
         .collect();
-    no_store(Json(json!({"now": chrono::Utc::now().timestamp_millis(), "series": series, "paused": paused})).into_response())
+    let mut body =
+        json!({"now": chrono::Utc::now().timestamp_millis(), "series": series, "paused": paused});
+    if page {
+        body["cursor"] = json!(next);
+        body["full"] = json!(full);
+    }
+    no_store(Json(body).into_response())
 }
 
 #[derive(Deserialize)]
@@ -815,13 +861,13 @@ async fn slo(State(s): State<AppState>) -> Response {
     if let Some(body) = s.reports.get(SLO_KEY) {
         return json_bytes(body);
     }
-    let cfg = s.config.clone();
+    let (cfg, sums) = (s.config.clone(), s.hourly_sums.clone());
     let now = chrono::Utc::now().timestamp_millis();
     let built = read(&s, move |c| {
         let list = cfg
             .components
             .iter()
-            .map(|comp| crate::slo::component_slo(c, comp, now))
+            .map(|comp| crate::slo::component_slo(c, comp, now, Some(&sums)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Bytes::from(serde_json::to_vec(
             &json!({"components": list}),
@@ -1272,7 +1318,7 @@ async fn dashboard() -> Html<&'static str> {
 }
 
 /// The dashboard: one page, embedded in the binary, no external requests. It polls
-/// `/api/v1/overview`, `/components`, `/incidents?limit=20` and `/slo` every 5 s and loads a
+/// `/api/v1/overview?since=` (the series changed since its last poll), `/components`, `/incidents?limit=20` and `/slo` every 5 s and loads a
 /// chart (`/api/v1/chart`) for each probe card on screen.
 const DASHBOARD: &str = include_str!("dashboard.html");
 

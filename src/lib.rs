@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod probe;
 pub mod redact;
 pub mod report;
+pub mod review;
 pub mod schedule;
 pub mod slo;
 pub mod store;

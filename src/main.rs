@@ -127,6 +127,15 @@ enum Cmd {
         #[arg(long, requires = "agent")]
         token_env: Option<String>,
     },
+    /// A scheduled review (`[[review]]`): when it goes next, or `--now` to send one at once
+    /// (exit 0 all delivered · 1 any failed · 3 config error).
+    Review {
+        /// The review's name, as in `[[review]] name`.
+        name: String,
+        /// Send it now (the window ending now) to each of its notifiers.
+        #[arg(long)]
+        now: bool,
+    },
     /// Send one clearly marked test event to a notifier.
     NotifyTest {
         /// Name of a `[notifier.NAME]` table in the config.
@@ -686,6 +695,37 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 out_raw!("{}", incident::render_incidents(&list));
             }
             Ok(0)
+        }
+        Cmd::Review { name, now } => {
+            let c = match load(&cli.config, cli.data_dir.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let review = match watchpost::review::find(&c, &name) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(3);
+                }
+            };
+            if !now {
+                out!(
+                    "{}",
+                    watchpost::review::next_line(review, chrono::Utc::now())
+                );
+                return Ok(0);
+            }
+            let mut failed = false;
+            for (notifier, r) in watchpost::review::send_now(&c, &name).await? {
+                match r {
+                    Ok(what) => out!("{notifier}: {what}"),
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("error: {notifier}: review not delivered: {e}");
+                    }
+                }
+            }
+            Ok(u8::from(failed))
         }
         Cmd::NotifyTest { notifier } => {
             let c = match load(&cli.config, cli.data_dir.as_deref()) {

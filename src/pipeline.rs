@@ -282,6 +282,12 @@ impl Pipeline {
             "maintenance",
             maintenance(config.clone(), store.clone(), shared.clock, stop.clone()),
         ));
+        if opts.dispatcher && !config.reviews.is_empty() {
+            tasks.push(spawn(
+                "reviews",
+                crate::review::run(config.clone(), store.clone(), shared.clock, stop.clone()),
+            ));
+        }
         if let Some(l) = opts.listener {
             let addr = l.local_addr().context("API listener")?;
             let soft = crate::fdlimit::limits().map(|(soft, _)| soft);

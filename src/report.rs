@@ -256,10 +256,10 @@ fn latency_buckets(
     let slot = |t: i64| (((t - since).max(0) / bucket_ms) as usize).min(n - 1);
     let fine_from = hist::meta_value(conn, "fine_from")?;
     let mut out: Buckets = BTreeMap::new();
-    let mut series = hist::series_names(conn)?;
-    if let Some(name) = only {
-        series.retain(|_, s| s.name == name);
-    }
+    let series = match only {
+        Some(name) => hist::series_named(conn, name)?.into_iter().collect(),
+        None => hist::series_names(conn)?,
+    };
     let only_id = series.keys().next().copied().filter(|_| only.is_some());
     let mut add = |name: &str, phase: &str, i: usize, h: &hist::Hist| {
         let v = out
@@ -269,10 +269,14 @@ fn latency_buckets(
     };
     let hi = until.min(fine_from);
     if since < hi {
-        let mut st = conn.prepare_cached(
+        // One series (a chart) by its index; all of them (a report) by time.
+        let mut st = conn.prepare_cached(if only_id.is_some() {
+            "SELECT series, phase, bucket_start, data FROM hourly WHERE series = ?3
+             AND bucket_start >= ?1 AND bucket_start < ?2"
+        } else {
             "SELECT series, phase, bucket_start, data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2
-             AND (CAST(?3 AS BIGINT) IS NULL OR series = ?3)",
-        )?;
+             AND CAST(?3 AS BIGINT) IS NULL"
+        })?;
         st.query_each(params![hist::floor_hour(since), hi, only_id], |r| {
             let Some(s) = series.get(&r.get::<_, i64>(0)?) else {
                 return Ok(());
@@ -984,6 +988,34 @@ fn rehearsal_line(v: &Value) -> String {
     line
 }
 
+/// A sparkline of `values` (one character per bucket, `·` where there is no data), scaled
+/// from the smallest to the largest value.
+pub fn sparkline(values: impl IntoIterator<Item = Option<f64>>) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let v: Vec<Option<f64>> = values.into_iter().collect();
+    let known = v.iter().flatten().copied();
+    let (lo, hi) = known.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+        (lo.min(x), hi.max(x))
+    });
+    v.iter()
+        .map(|x| match x {
+            None => '·',
+            Some(_) if hi - lo <= f64::EPSILON * hi.abs().max(1.0) => BARS[3],
+            Some(x) => BARS[(((x - lo) / (hi - lo)) * 7.0).round().clamp(0.0, 7.0) as usize],
+        })
+        .collect()
+}
+
+/// A row's p95 trend as a sparkline.
+fn p95_trend(row: &Row) -> String {
+    sparkline(row.trend.iter().map(|p| p.p95_ms))
+}
+
+/// A component's availability trend as a sparkline.
+fn availability_trend(c: &ComponentRow) -> String {
+    sparkline(c.trend.iter().map(|p| p.availability_pct))
+}
+
 fn md(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
@@ -994,11 +1026,11 @@ pub fn render_markdown(r: &Report) -> String {
         r.window, r.since, r.until, r.window
     );
     if !r.components.is_empty() {
-        out.push_str("### Components\n\n| component | objective | availability | degraded | down | burn rate | error budget left | incidents |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
+        let _ = write!(out, "### Components\n\n| component | objective | availability | degraded | down | burn rate | error budget left | incidents | availability per {} |\n|---|---|---:|---:|---:|---:|---:|---:|---|\n", r.bucket);
         for c in &r.components {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | `{}` |",
                 md(&c.component),
                 c.objective.as_deref().unwrap_or("-"),
                 pct(c.window.availability_pct),
@@ -1006,16 +1038,17 @@ pub fn render_markdown(r: &Report) -> String {
                 pct(c.window.down_pct),
                 c.burn_cell(),
                 c.budget_left_cell(&format!("({})", c.slo_window)),
-                c.incidents
+                c.incidents,
+                availability_trend(c)
             );
         }
         out.push('\n');
     }
-    out.push_str("### Latency (worst regressions first)\n\n| series | phase | runs | availability | p50 | p95 | p99 | max | Δp95 | budget | verdict |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    let _ = write!(out, "### Latency (worst regressions first)\n\n| series | phase | runs | availability | p50 | p95 | p99 | max | Δp95 | budget | verdict | p95 per {} |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n", r.bucket);
     for row in &r.rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{}` |",
             md(&row.series),
             md(&row.phase),
             row.runs,
@@ -1026,7 +1059,8 @@ pub fn render_markdown(r: &Report) -> String {
             cell(row.max_ms),
             signed_pct(row.change.p95_pct),
             budget_cell(&row.budget),
-            md(&verdict_cell(row))
+            md(&verdict_cell(row)),
+            p95_trend(row)
         );
     }
     if !r.incidents.is_empty() {

@@ -13,7 +13,7 @@ use crate::store::db::{self, Conn};
 use serde::Serialize;
 
 use crate::config::{ComponentConfig, Objective};
-use crate::store::{self, Counts};
+use crate::store::{self, Counts, HourlySums};
 
 /// One rule of the multi-window burn-rate alert: a burn of at least `rate` over both the
 /// long and the short window.
@@ -156,11 +156,27 @@ pub fn component_counts(
     since: i64,
     until: i64,
 ) -> db::Result<Counts> {
+    counts_with(conn, comp, since, until, None)
+}
+
+/// [`component_counts`], the hourly sums kept in `cache` when one is given (without
+/// maintenance in the window: with it, the parts between windows are read whole).
+fn counts_with(
+    conn: &Conn,
+    comp: &ComponentConfig,
+    since: i64,
+    until: i64,
+    cache: Option<&HourlySums>,
+) -> db::Result<Counts> {
     let members: Vec<String> = comp.probes.iter().map(|p| p.get_ref().clone()).collect();
     let spans = maintenance_spans(conn, comp.name.get_ref(), since, until)?;
     let mut total = Counts::default();
     for (a, b) in outside(since, until, &spans) {
-        for v in store::outcomes(conn, Some(&members), a, b, b - a)?.into_values() {
+        let per = match cache.filter(|_| spans.is_empty()) {
+            Some(c) => store::window_outcomes(conn, Some(&members), a, b, c)?,
+            None => store::outcomes(conn, Some(&members), a, b, b - a)?,
+        };
+        for v in per.into_values() {
             for c in v {
                 total += c;
             }
@@ -176,16 +192,81 @@ pub fn component_burn(
     objective: Objective,
     now: i64,
 ) -> db::Result<Option<(BurnLevel, String)>> {
-    let mut err = None;
-    let verdict = burn_verdict(objective, |w| {
-        component_counts(conn, comp, now - w, now).unwrap_or_else(|e| {
-            err = Some(e);
-            Counts::default()
+    RecentCounts::read(conn, comp, now)?.verdict(conn, comp, objective)
+}
+
+/// The burn windows' step: every window of [`BURN_RULES`] is a whole number of them.
+const STEP: i64 = 5 * MIN;
+/// The longest burn window.
+const LONGEST: i64 = 360 * MIN;
+
+/// A component's counts over the last [`LONGEST`] in [`STEP`]s ending at `now`, from the
+/// runs, read once for every burn window (one read per member instead of one per member
+/// and window).
+pub struct RecentCounts {
+    now: i64,
+    /// Oldest first; `None` when maintenance overlaps the span or the runs kept do not
+    /// reach back that far (each window is then read on its own).
+    steps: Option<Vec<Counts>>,
+}
+
+impl RecentCounts {
+    pub fn read(conn: &Conn, comp: &ComponentConfig, now: i64) -> db::Result<RecentCounts> {
+        let since = now - LONGEST;
+        let none = RecentCounts { now, steps: None };
+        if !maintenance_spans(conn, comp.name.get_ref(), since, now)?.is_empty() {
+            return Ok(none);
+        }
+        let members: Vec<String> = comp.probes.iter().map(|p| p.get_ref().clone()).collect();
+        let Some(per) = store::run_outcomes(conn, Some(&members), since, now, STEP)? else {
+            return Ok(none);
+        };
+        let mut steps = vec![Counts::default(); (LONGEST / STEP) as usize];
+        for v in per.into_values() {
+            for (s, c) in steps.iter_mut().zip(v) {
+                *s += c;
+            }
+        }
+        Ok(RecentCounts {
+            now,
+            steps: Some(steps),
         })
-    });
-    match err {
-        Some(e) => Err(e),
-        None => Ok(verdict),
+    }
+
+    /// Counts over the last `window_ms` (read on its own when it is not a whole number of
+    /// steps within the span, or there are no steps).
+    pub fn last(&self, conn: &Conn, comp: &ComponentConfig, window_ms: i64) -> db::Result<Counts> {
+        match &self.steps {
+            Some(steps) if window_ms % STEP == 0 && window_ms <= LONGEST => {
+                let k = (window_ms / STEP) as usize;
+                let mut t = Counts::default();
+                for c in &steps[steps.len() - k..] {
+                    t += *c;
+                }
+                Ok(t)
+            }
+            _ => component_counts(conn, comp, self.now - window_ms, self.now),
+        }
+    }
+
+    /// [`burn_verdict`] over these counts.
+    pub fn verdict(
+        &self,
+        conn: &Conn,
+        comp: &ComponentConfig,
+        objective: Objective,
+    ) -> db::Result<Option<(BurnLevel, String)>> {
+        let mut err = None;
+        let verdict = burn_verdict(objective, |w| {
+            self.last(conn, comp, w).unwrap_or_else(|e| {
+                err = Some(e);
+                Counts::default()
+            })
+        });
+        match err {
+            Some(e) => Err(e),
+            None => Ok(verdict),
+        }
     }
 }
 
@@ -238,15 +319,22 @@ pub fn budget_remaining(c: &Counts, objective: Objective) -> Option<f64> {
     burn_rate(c, objective).map(|r| 100.0 * (1.0 - r))
 }
 
-/// A component's objective figures at `now`.
-pub fn component_slo(conn: &Conn, comp: &ComponentConfig, now: i64) -> db::Result<ComponentSlo> {
+/// A component's objective figures at `now`; `cache` keeps the hourly part of the SLO
+/// window's sums between calls (the dashboard's `/slo`).
+pub fn component_slo(
+    conn: &Conn,
+    comp: &ComponentConfig,
+    now: i64,
+    cache: Option<&HourlySums>,
+) -> db::Result<ComponentSlo> {
     let window = comp.slo_window.0.as_millis() as i64;
-    let c = component_counts(conn, comp, now - window, now)?;
+    let c = counts_with(conn, comp, now - window, now, cache)?;
     let objective = comp.objective();
     let (remaining, rate, rate_1h, burning) = match objective {
         Some(o) => {
-            let last_hour = component_counts(conn, comp, now - 60 * MIN, now)?;
-            let verdict = component_burn(conn, comp, o, now)?;
+            let recent = RecentCounts::read(conn, comp, now)?;
+            let last_hour = recent.last(conn, comp, 60 * MIN)?;
+            let verdict = recent.verdict(conn, comp, o)?;
             (
                 budget_remaining(&c, o),
                 burn_rate(&c, o),

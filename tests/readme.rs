@@ -393,6 +393,13 @@ fn the_configuration_tables_name_exactly_the_loaders_keys() {
         true,
         &mut bad,
     );
+    check(
+        &text,
+        "### Scheduled reviews (`[[review]]`)",
+        &keys_of(&main, &main["properties"]["review"], "review."),
+        true,
+        &mut bad,
+    );
 
     let notifier = &main["definitions"]["Notifier"]["oneOf"];
     let mut notifiers = BTreeSet::new();

@@ -9,12 +9,15 @@ mod common;
 mod notify_harness;
 #[path = "common/recorder.rs"]
 mod recorder;
+#[path = "common/smtp.rs"]
+mod smtp;
 
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use common::http::TestConfig;
 use serde_json::Value;
+use smtp::SmtpSink;
 use watchpost::probe::{ErrorClass, ErrorInfo, Outcome, RunResult, SubCheck};
 use watchpost::report::{self, Format};
 use watchpost::store::Store;
@@ -232,6 +235,11 @@ async fn report_figures_match_the_known_runs() {
     let md = report::render(&r, Format::Markdown).unwrap();
     assert!(md.contains("| API | 90% | 94.74% |"), "{md}");
     assert!(md.contains("| 1 | API | major_outage |"), "{md}");
+    // The trend as sparklines: the component's availability per 5 m (the outage's bucket at
+    // the bottom, the maintenance bucket without runs), the row's flat p95.
+    assert!(md.contains("availability per 5m"), "{md}");
+    assert!(md.contains("`████████▁█████████·█`"), "{md}");
+    assert!(md.contains(&format!("`{}`", "▄".repeat(20))), "{md}");
     // HTML: self-contained, charts with their points, the budget line, incident spans.
     let html = report::render(&r, Format::Html).unwrap();
     assert!(
@@ -445,4 +453,279 @@ async fn a_fast_error_budget_burn_pages_warns_and_resolves() {
     assert_eq!(kinds[0].0, "opened", "{kinds:?}");
     assert_eq!(done, kinds.len() - 1, "{kinds:?}");
     agent.stop().await;
+}
+
+/// A config with the `api` probe, an e-mail notifier (`team`, to `smtp`), a webhook
+/// (`hook`, to `hook_url`), a PagerDuty notifier (`pager`) and the given `[[review]]` tables.
+fn review_config(smtp: &str, hook_url: &str, reviews: &str) -> TestConfig {
+    let t = config();
+    t.write(
+        "watchpost.toml",
+        &format!(
+            "[agent]\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n\n\
+             [[component]]\nname = \"API\"\nprobes = [\"api\"]\nobjective = \"90%\"\n\n\
+             [notifier.team]\nkind = \"email\"\nsmtp_url = \"{smtp}\"\nfrom = \"watchpost <watchpost@example.com>\"\nto = [\"team@example.com\"]\n\n\
+             [notifier.hook]\nkind = \"webhook\"\nurl = \"{hook_url}\"\n\
+             delivery = {{ retry_initial = \"50ms\", retry_max = \"200ms\", timeout = \"5s\" }}\n\n\
+             [notifier.pager]\nkind = \"pagerduty\"\nrouting_key_env = \"WPT_REVIEW_PD_KEY\"\n\n{reviews}"
+        ),
+    );
+    std::env::set_var("WPT_REVIEW_PD_KEY", "pd-key-review");
+    t
+}
+
+/// Runs of the `api` probe over the last hour, one a minute (runs 20–24 down).
+async fn record_an_hour(cfg: &watchpost::config::Config) {
+    let (s, writer) = Store::start(&cfg.db_path()).unwrap();
+    let now = Utc::now().timestamp_millis() / MIN * MIN;
+    for i in 0..60 {
+        let outcome = if (20..25).contains(&i) {
+            Outcome::Down
+        } else {
+            Outcome::Up
+        };
+        s.record(run_at(now - (60 - i) * MIN, 80, outcome)).await;
+    }
+    s.flush().await.unwrap();
+    drop(s);
+    writer.join().await;
+}
+
+/// The body of the MIME part of `mail` whose Content-Type starts with `ctype`, decoded.
+fn part(mail: &str, ctype: &str) -> Option<String> {
+    let at = mail.find(&format!("Content-Type: {ctype}"))?;
+    let rest = &mail[at..];
+    let head_end = rest.find("\r\n\r\n")?;
+    let head = rest[..head_end].to_ascii_lowercase();
+    let body = &rest[head_end + 4..];
+    let body = &body[..body.find("\r\n--").unwrap_or(body.len())];
+    if head.contains("base64") {
+        use base64::Engine;
+        let clean: String = body.split_whitespace().collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(clean)
+            .ok()?;
+        return String::from_utf8(bytes).ok();
+    }
+    if !head.contains("quoted-printable") {
+        return Some(body.to_string());
+    }
+    // Quoted-printable: soft line breaks, then =XX bytes.
+    let body = body.replace("=\r\n", "");
+    let (b, mut bytes, mut i) = (body.as_bytes(), Vec::new(), 0);
+    while i < b.len() {
+        match (b[i], b.get(i + 1..i + 3)) {
+            (b'=', Some(hex)) => {
+                bytes.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            (c, _) => {
+                bytes.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// `watchpost review --now NAME` (the real binary): the e-mail notifier's SMTP server (real
+/// aiosmtpd) receives one multipart mail whose HTML part is the report and whose text part
+/// is the summary; the webhook receives the JSON report, limited to the review's components.
+#[tokio::test]
+async fn a_review_is_mailed_as_html_with_a_text_summary_and_posted_as_json() {
+    let smtp = SmtpSink::start(None, false);
+    let hook = recorder::Recorder::start().await;
+    let t = review_config(
+        &smtp.url(),
+        &format!("{}/review", hook.url()),
+        "[[review]]\nname = \"weekly\"\nschedule = \"0 9 * * MON\"\nwindow = \"2h\"\n\
+         notify = [\"team\", \"hook\"]\ncomponents = [\"API\"]\ntitle = \"Weekly API review\"\n",
+    );
+    let cfg = t.load_ok();
+    record_an_hour(&cfg).await;
+
+    let cli = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_watchpost"));
+        c.arg("-c").arg(t.path("watchpost.toml")).args(args);
+        // Off the runtime's thread: the recorder answers on it.
+        tokio::task::spawn_blocking(move || c.output().unwrap())
+    };
+    let out = cli(&["review", "--now", "weekly"]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("team: mailed the review to team@example.com"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("hook: posted the review"), "{stdout}");
+
+    let mails = smtp.wait_mails(1, Duration::from_secs(10)).await;
+    assert_eq!(mails.len(), 1);
+    let m = &mails[0].raw;
+    assert_eq!(
+        mails[0].header("subject").as_deref(),
+        Some("Weekly API review")
+    );
+    assert!(
+        mails[0]
+            .header("content-type")
+            .is_some_and(|c| c.starts_with("multipart/alternative")),
+        "{m}"
+    );
+    let html = part(m, "text/html").unwrap_or_else(|| panic!("no HTML part: {m}"));
+    assert!(html.contains("<h1>Weekly API review</h1>"), "{html}");
+    assert!(html.contains("Latency budget review"), "{html}");
+    assert!(html.contains("<svg"), "charts inline: {html}");
+    let text = part(m, "text/plain").unwrap_or_else(|| panic!("no text part: {m}"));
+    assert!(text.contains("Weekly API review"), "{text}");
+    // 55 of 60 runs up in the window: the component's availability in words.
+    assert!(text.contains("- API: availability 91.667%"), "{text}");
+    assert!(text.contains("error budget"), "{text}");
+
+    let posted = hook.wait_ok("the review", 1, Duration::from_secs(10)).await;
+    assert_eq!(posted.len(), 1);
+    assert_eq!(posted[0].header("x-watchpost-event"), Some("review"));
+    let j = posted[0].json();
+    assert_eq!(j["review"], "weekly");
+    assert_eq!(j["title"], "Weekly API review");
+    assert_eq!(j["report"]["window"], "2h");
+    assert_eq!(j["report"]["components"][0]["component"], "API");
+    let series: Vec<&str> = j["report"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["series"].as_str().unwrap())
+        .collect();
+    assert!(series.contains(&"api"), "{series:?}");
+
+    // Without --now: when it goes next.
+    let out = cli(&["review", "weekly"]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("weekly: 0 9 * * MON"), "{stdout}");
+    assert!(stdout.contains("next at"), "{stdout}");
+}
+
+/// The daemon sends a review whose slot came while it was down (once, on start), arms a
+/// new review without sending it, and after a restart sends neither again.
+#[tokio::test]
+async fn the_daemon_sends_a_missed_review_once_and_not_again_after_a_restart() {
+    let smtp = SmtpSink::start(None, false);
+    let hook = recorder::Recorder::start().await;
+    // Daily at the minute an hour ago: its last slot has passed, the next is 23 h away.
+    let slot = Utc::now() - chrono::Duration::hours(1);
+    let schedule = format!(
+        "{} {} * * *",
+        chrono::Timelike::minute(&slot),
+        chrono::Timelike::hour(&slot)
+    );
+    let t = review_config(
+        &smtp.url(),
+        &format!("{}/review", hook.url()),
+        &format!(
+            "[[review]]\nname = \"daily\"\nschedule = \"{schedule}\"\nnotify = [\"hook\"]\n\n\
+             [[review]]\nname = \"fresh\"\nschedule = \"{schedule}\"\nnotify = [\"hook\"]\n"
+        ),
+    );
+    let cfg = std::sync::Arc::new(t.load_ok());
+    record_an_hour(&cfg).await;
+    // "daily" was last sent two days ago; "fresh" never ran.
+    {
+        let (s, writer) = Store::start(&cfg.db_path()).unwrap();
+        let two_days_ago = Utc::now().timestamp_millis() - 2 * 86_400_000;
+        s.write(move |c| {
+            c.execute(
+                "INSERT INTO review_marks (review, notifier, slot, sent_at) VALUES ('daily', 'hook', ?1, ?1)",
+                [two_days_ago],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        drop(s);
+        writer.join().await;
+    }
+    let marks = |cfg: &watchpost::config::Config| -> Vec<(String, i64)> {
+        let c = watchpost::store::Target::of(cfg)
+            .unwrap()
+            .reader()
+            .unwrap()
+            .unwrap();
+        let mut st = c
+            .prepare("SELECT review, slot FROM review_marks ORDER BY review")
+            .unwrap();
+        st.query_map(watchpost::store::db::params![], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    };
+
+    let agent = notify_harness::Agent::start(cfg.clone(), true).await;
+    let posted = hook
+        .wait_ok("the missed review", 1, Duration::from_secs(15))
+        .await;
+    let j = posted[0].json();
+    assert_eq!(j["review"], "daily");
+    let want_slot = watchpost::cron::Schedule::parse(&schedule)
+        .unwrap()
+        .last_at_or_before(Utc::now())
+        .unwrap();
+    assert_eq!(
+        j["slot"],
+        want_slot.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    );
+    // Marked as sent for that slot; "fresh" armed (now), not sent.
+    let t0 = std::time::Instant::now();
+    loop {
+        let m = marks(&cfg);
+        if m.len() == 2 && m[0].1 == want_slot.timestamp_millis() {
+            assert!(m[1].1 > want_slot.timestamp_millis(), "{m:?}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "marks: {m:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.stop().await;
+
+    let agent = notify_harness::Agent::start(cfg.clone(), true).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    agent.stop().await;
+    let all = hook.requests();
+    assert_eq!(all.len(), 1, "sent again after a restart: {all:?}");
+}
+
+#[test]
+fn review_keys_are_checked_at_their_position() {
+    let t = review_config(
+        "smtp://127.0.0.1:25",
+        "http://127.0.0.1:9/review",
+        "[[review]]\nname = \"weekly\"\nschedule = \"every monday\"\nnotify = [\"team\", \"pager\", \"nope\"]\ncomponents = [\"Billing\"]\nwindow = \"10s\"\n",
+    );
+    let e = errors(&t);
+    let line = |key: &str| {
+        std::fs::read_to_string(t.path("watchpost.toml"))
+            .unwrap()
+            .lines()
+            .position(|l| l.starts_with(key))
+            .map(|i| i + 1)
+            .unwrap()
+    };
+    let (sched, notify, comps, window) = (
+        line("schedule ="),
+        line("notify = [\"team\""),
+        line("components = [\"Billing\"]"),
+        line("window = \"10s\""),
+    );
+    for want in [
+        format!("watchpost.toml:{sched}:12: review: invalid cron schedule \"every monday\""),
+        format!("watchpost.toml:{notify}:19: notifier \"pager\" is a pagerduty notifier: reviews go to email or webhook notifiers"),
+        format!("watchpost.toml:{notify}:28: unknown notifier \"nope\" in review (defined: "),
+        format!("watchpost.toml:{comps}:15: unknown component \"Billing\" in review"),
+        format!("watchpost.toml:{window}:10: review: window must be at least 1m"),
+    ] {
+        assert!(e.contains(&want), "missing {want:?} in:\n{e}");
+    }
 }

@@ -114,6 +114,8 @@ pub fn isolated_config(config: &Config, r: &Rehearsal, data_dir: PathBuf, id: &s
     c.agent.data_dir = data_dir;
     c.agent.listen = None;
     c.agent.rehearsal = Some(id.to_string());
+    // A drill announces only its own incidents, never a scheduled review.
+    c.reviews.clear();
     c.rehearsals.clear();
     for swap in &r.notify {
         if let Some(n) = c.notifiers.iter_mut().find(|n| n.name == swap.name) {

@@ -286,6 +286,9 @@ struct MainFile {
     /// Rehearsals the daemon runs on a schedule.
     #[serde(default, rename = "rehearsal")]
     rehearsals: Vec<RehearsalEntry>,
+    /// Reviews sent on a schedule.
+    #[serde(default, rename = "review")]
+    reviews: Vec<crate::review::ReviewConfig>,
     /// Notifiers, read separately (their shape depends on `kind`).
     #[serde(default, rename = "notifier")]
     #[schemars(with = "BTreeMap<String, crate::notify::NotifierTable>")]
@@ -955,6 +958,8 @@ pub struct Config {
     pub notifiers: Vec<Notifier>,
     /// `[[rehearsal]]`: rehearsals the daemon runs on a schedule.
     pub rehearsals: Vec<ScheduledRehearsal>,
+    /// `[[review]]`: the review sent on a schedule.
+    pub reviews: Vec<crate::review::ReviewConfig>,
 }
 
 impl Config {
@@ -1243,6 +1248,18 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
             Err(m) => diags.push(src.diag(Some(e.schedule.span()), m)),
         }
     }
+    let mut review_names = HashMap::new();
+    for r in &main.reviews {
+        if review_names.insert(r.name().to_string(), ()).is_some() {
+            diags.push(src.diag(
+                Some(r.name.span()),
+                format!("duplicate review name {:?}", r.name()),
+            ));
+        }
+        for e in r.validate(&main.components, &notifiers, &declared_notifiers) {
+            diags.push(src.err(e));
+        }
+    }
 
     if !diags.is_empty() {
         diags.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
@@ -1262,6 +1279,7 @@ fn load_as(path: &Path, need_notifiers: bool) -> Result<Config, ConfigErrors> {
         maintenance: main.maintenance,
         notifiers,
         rehearsals,
+        reviews: main.reviews,
     };
     // Scheduled rehearsal files are checked against the whole config (their probes,
     // components and notifiers), each error at its place in the rehearsal file.

@@ -21,6 +21,7 @@ use super::event::{iso, Event, EventKind};
 use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
 use crate::config::{Errors, Interp, Rest, Secret, SpanError};
 use crate::report::html_escape;
+use crate::review::ReviewMessage;
 
 /// `[notifier.NAME]` with `kind = "email"`.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -207,6 +208,9 @@ impl Spec for EmailConfig {
                 EventKind::Opened | EventKind::Escalated | EventKind::Resolved | EventKind::Test
             )
     }
+    fn carries_reviews(&self) -> bool {
+        true
+    }
     fn build(&self) -> anyhow::Result<Arc<dyn Destination>> {
         let target = parse_smtp_url(&self.smtp_url).map_err(anyhow::Error::msg)?;
         let mut params = TlsParameters::builder(target.host.clone());
@@ -382,8 +386,46 @@ impl Mailer {
             .map_err(|e| DeliveryError::Invalid(format!("building the mail: {e}")))
     }
 
+    /// A review: the HTML report as the HTML part, the summary as the text part.
+    fn review_message(&self, r: &ReviewMessage) -> Result<Message, DeliveryError> {
+        let subject = if self.prefix.is_empty() {
+            r.subject.clone()
+        } else {
+            format!("{} {}", self.prefix, r.subject)
+        };
+        let id = format!(
+            "<watchpost.review.{}.{}@{}>",
+            slug(&r.review),
+            r.slot_ms,
+            self.from.email.domain()
+        );
+        let mut b = Message::builder()
+            .from(self.from.clone())
+            .subject(subject)
+            .message_id(Some(id));
+        for t in &self.to {
+            b = b.to(t.clone());
+        }
+        let body = MultiPart::alternative()
+            .singlepart(
+                SinglePart::builder()
+                    .header(ContentType::TEXT_PLAIN)
+                    .body(r.text.clone()),
+            )
+            .singlepart(
+                SinglePart::builder()
+                    .header(ContentType::TEXT_HTML)
+                    .body(r.html.clone()),
+            );
+        b.multipart(body)
+            .map_err(|e| DeliveryError::Invalid(format!("building the mail: {e}")))
+    }
+
     async fn send(&self, ctx: &Ctx, ev: &Event) -> Result<(), DeliveryError> {
-        let msg = self.message(ev)?;
+        self.transmit(ctx, self.message(ev)?).await
+    }
+
+    async fn transmit(&self, ctx: &Ctx, msg: Message) -> Result<(), DeliveryError> {
         ctx.turn().await;
         let t = ctx.timeout;
         match tokio::time::timeout(t, self.transport.send(msg)).await {
@@ -443,6 +485,18 @@ impl Destination for Mailer {
             self.send(ctx, &ev).await?;
             let to: Vec<String> = self.to.iter().map(|t| t.email.to_string()).collect();
             Ok(format!("sent a test mail to {}", to.join(", ")))
+        })
+    }
+
+    fn review<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        msg: &'a ReviewMessage,
+    ) -> BoxFuture<'a, Result<String, DeliveryError>> {
+        Box::pin(async move {
+            self.transmit(ctx, self.review_message(msg)?).await?;
+            let to: Vec<String> = self.to.iter().map(|t| t.email.to_string()).collect();
+            Ok(format!("mailed the review to {}", to.join(", ")))
         })
     }
 }

@@ -109,6 +109,10 @@ pub trait Spec: fmt::Debug + Send + Sync {
     }
     /// Build the runtime side (clients, transports).
     fn build(&self) -> anyhow::Result<Arc<dyn Destination>>;
+    /// Whether [`Destination::review`] can carry a `[[review]]` (e-mail and webhook).
+    fn carries_reviews(&self) -> bool {
+        false
+    }
 }
 
 /// A notifier at run time.
@@ -122,6 +126,19 @@ pub trait Destination: Send + Sync {
     ) -> BoxFuture<'a, Result<(), DeliveryError>>;
     /// `watchpost notify-test`: send one event marked as a test; returns what was done.
     fn test<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, Result<String, DeliveryError>>;
+    /// Send a scheduled review (see `crate::review`); returns what was done. Only kinds
+    /// whose [`Spec::carries_reviews`] is true implement it.
+    fn review<'a>(
+        &'a self,
+        _ctx: &'a Ctx,
+        _msg: &'a crate::review::ReviewMessage,
+    ) -> BoxFuture<'a, Result<String, DeliveryError>> {
+        Box::pin(async {
+            Err(DeliveryError::Invalid(
+                "this notifier kind does not carry reviews".into(),
+            ))
+        })
+    }
 }
 
 /// Kind-specific notifier configuration (a validated [`Spec`]).

@@ -46,6 +46,7 @@ use sha2::{Digest, Sha256};
 use super::event::{iso, Event, EventKind};
 use super::{BoxFuture, Ctx, DeliveryError, DeliveryOptions, Destination, Spec};
 use crate::config::{Errors, Interp, Rest, Secret, SpanError};
+use crate::review::ReviewMessage;
 
 /// Body format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
@@ -284,6 +285,9 @@ impl Spec for WebhookConfig {
             None => true,
         }
     }
+    fn carries_reviews(&self) -> bool {
+        true
+    }
     fn build(&self) -> anyhow::Result<Arc<dyn Destination>> {
         Ok(Arc::new(self.clone()))
     }
@@ -432,6 +436,31 @@ impl WebhookConfig {
     }
 }
 
+impl WebhookConfig {
+    /// POST a review's JSON (`X-Watchpost-Event: review`), signed like every event.
+    async fn post_review(&self, ctx: &Ctx, r: &ReviewMessage) -> Result<(), DeliveryError> {
+        let mut req = ctx
+            .client
+            .post(self.url.as_str())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("X-Watchpost-Event", "review")
+            .header(
+                "X-Watchpost-Delivery",
+                format!("{}-review-{}-{}", ctx.notifier, r.review, r.slot_ms),
+            );
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        if let Some(secret) = &self.secret_env {
+            req = req.header(
+                self.signature_header.as_str(),
+                signature(secret.expose().as_bytes(), &r.json),
+            );
+        }
+        ctx.send(req.body(r.json.clone())).await.map(|_| ())
+    }
+}
+
 impl Destination for WebhookConfig {
     fn deliver<'a>(
         &'a self,
@@ -447,6 +476,20 @@ impl Destination for WebhookConfig {
             self.post(ctx, &ev).await?;
             Ok(format!(
                 "posted a test event to {}",
+                crate::redact::redact_url(self.url.as_str())
+            ))
+        })
+    }
+
+    fn review<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        msg: &'a ReviewMessage,
+    ) -> BoxFuture<'a, Result<String, DeliveryError>> {
+        Box::pin(async move {
+            self.post_review(ctx, msg).await?;
+            Ok(format!(
+                "posted the review to {}",
                 crate::redact::redact_url(self.url.as_str())
             ))
         })

@@ -132,6 +132,21 @@ pub fn series_names(conn: &Conn) -> db::Result<HashMap<i64, SeriesNames>> {
     all_series(conn)
 }
 
+/// One series' id, name and phase names (of this connection's location), by its name.
+pub fn series_named(conn: &Conn, name: &str) -> db::Result<Option<(i64, SeriesNames)>> {
+    conn.prepare_cached("SELECT id, phases FROM series WHERE location = ?1 AND name = ?2")?
+        .query_row([conn.location(), name], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                SeriesNames {
+                    name: name.to_string(),
+                    phases: parse_phases(&r.get::<_, String>(1)?),
+                },
+            ))
+        })
+        .optional()
+}
+
 fn all_series(conn: &Conn) -> db::Result<HashMap<i64, SeriesNames>> {
     let mut st = conn.prepare_cached("SELECT id, name, phases FROM series WHERE location = ?1")?;
     let rows = st.query_map([conn.location()], |r| {

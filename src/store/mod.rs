@@ -133,7 +133,22 @@ pub const MIGRATIONS: &[&str] = &[
     crate::chaos::live::MIGRATION,
     // 9: fleet mode: members, the leader lease, the run feed, outbox claims
     crate::fleet::MIGRATION,
+    // 10: per-series indexes for the dashboard's reads, and where outcome rows are complete
+    DASHBOARD_INDEXES,
+    // 11: the last slot each scheduled review was sent for, per notifier
+    crate::review::MIGRATION,
 ];
+
+/// Migration 10: the dashboard reads one series' hourly rows (its chart) and its members'
+/// hourly outcomes (SLO figures) by series, and a component's maintenance from its timeline.
+/// `outcomes_from`: hours rolled up from here on have outcome rows (older versions rolled
+/// hours without them), so an SLO window reads those hours from `hourly_outcomes` instead
+/// of counting the runs.
+const DASHBOARD_INDEXES: &str = "CREATE INDEX IF NOT EXISTS hourly_by_series ON hourly (series, bucket_start);
+    CREATE INDEX IF NOT EXISTS hourly_outcomes_by_series ON hourly_outcomes (series, bucket_start, up, degraded, down);
+    CREATE INDEX IF NOT EXISTS incident_events_component ON incident_events (component, at);
+    INSERT INTO meta (key, value) SELECT 'outcomes_from', coalesce(max(value), 0) FROM meta
+        WHERE key LIKE 'rolled_until%' ON CONFLICT (key) DO NOTHING;";
 
 /// Migration 5: a random installation id, generated once with the database, and the first
 /// incident id whose notification keys carry it (incidents already open when an older
@@ -388,10 +403,34 @@ fn outcome_of(code: i64) -> Outcome {
 #[derive(Clone, Default)]
 pub struct Latest(Arc<RwLock<LatestMap>>);
 
-#[derive(Default)]
 struct LatestMap {
     runs: HashMap<String, LatestRun>,
     recent: HashMap<String, Recent>,
+    /// Random per process: a cursor from another process (a restarted agent) is not ours.
+    epoch: u32,
+    /// Bumped by every update; a series remembers the version that last changed it.
+    version: u64,
+}
+
+impl Default for LatestMap {
+    fn default() -> Self {
+        LatestMap {
+            runs: HashMap::new(),
+            recent: HashMap::new(),
+            epoch: rand::random(),
+            version: 0,
+        }
+    }
+}
+
+/// What changed since a cursor ([`Latest::changed_since`]).
+pub struct Changes {
+    /// The cursor to ask with next time.
+    pub cursor: String,
+    /// Every series is listed (the cursor was absent, stale or from another process).
+    pub full: bool,
+    /// Newest run and recent outcomes of each listed series, by name.
+    pub series: Vec<(LatestRun, Recent)>,
 }
 
 /// Outcomes kept per series in memory for the dashboard's uptime strip.
@@ -409,6 +448,9 @@ pub struct Recent {
     pub wer: std::collections::VecDeque<(i64, f64)>,
     /// The newest run that was not up.
     pub last_bad: Option<LatestRun>,
+    /// The [`LatestMap`] version of the last change.
+    #[serde(skip)]
+    changed: u64,
 }
 
 impl Recent {
@@ -444,19 +486,34 @@ impl Latest {
 
     /// Every series' newest run with its recent outcomes, ordered by series name.
     pub fn overview(&self) -> Vec<(LatestRun, Recent)> {
+        self.changed_since(None).series
+    }
+
+    /// The series changed since `cursor` (from an earlier answer), ordered by name; all of
+    /// them without a cursor or with one this process did not hand out.
+    pub fn changed_since(&self, cursor: Option<&str>) -> Changes {
         let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let since = cursor
+            .and_then(|c| c.split_once('.'))
+            .filter(|(e, _)| e.parse::<u32>().ok() == Some(map.epoch))
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .filter(|v| *v <= map.version);
         let mut v: Vec<(LatestRun, Recent)> = map
             .runs
             .values()
-            .map(|r| {
-                (
-                    r.clone(),
-                    map.recent.get(&r.probe).cloned().unwrap_or_default(),
-                )
+            .filter_map(|r| {
+                let recent = map.recent.get(&r.probe);
+                let changed = recent.map_or(0, |x| x.changed);
+                (since.is_none_or(|s| changed > s))
+                    .then(|| (r.clone(), recent.cloned().unwrap_or_default()))
             })
             .collect();
         v.sort_by(|a, b| a.0.probe.cmp(&b.0.probe));
-        v
+        Changes {
+            cursor: format!("{}.{}", map.epoch, map.version),
+            full: since.is_none(),
+            series: v,
+        }
     }
 
     fn update(&self, runs: Vec<LatestRun>) {
@@ -464,8 +521,12 @@ impl Latest {
             return;
         }
         let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        map.version += 1;
+        let version = map.version;
         for r in runs {
-            map.recent.entry(r.probe.clone()).or_default().push(&r);
+            let recent = map.recent.entry(r.probe.clone()).or_default();
+            recent.push(&r);
+            recent.changed = version;
             match map.runs.get_mut(&r.probe) {
                 Some(old) if old.started_at > r.started_at => {}
                 Some(old) => *old = r,
@@ -1983,33 +2044,162 @@ pub fn outcomes_from(
     until_ms: i64,
     bucket_ms: i64,
 ) -> db::Result<HashMap<String, Vec<Counts>>> {
+    outcomes_in(
+        conn,
+        series,
+        origin_ms,
+        since_ms,
+        until_ms,
+        bucket_ms,
+        Hours::Read,
+    )
+}
+
+/// Outcome counts per series over `[since_ms, until_ms)` in one bucket (an SLO window), the
+/// hourly part of each series' sum kept in `cache` and slid by the hours that entered and
+/// left the window since the last call.
+pub fn window_outcomes(
+    conn: &Conn,
+    series: Option<&[String]>,
+    since_ms: i64,
+    until_ms: i64,
+    cache: &HourlySums,
+) -> db::Result<HashMap<String, Vec<Counts>>> {
+    let span = until_ms - since_ms;
+    outcomes_in(
+        conn,
+        series,
+        since_ms,
+        since_ms,
+        until_ms,
+        span,
+        Hours::Cached(cache),
+    )
+}
+
+/// [`outcomes`] counted from the runs alone (exact to the millisecond, for burn windows);
+/// `None` when the runs kept do not reach back to `since_ms`.
+pub fn run_outcomes(
+    conn: &Conn,
+    series: Option<&[String]>,
+    since_ms: i64,
+    until_ms: i64,
+    bucket_ms: i64,
+) -> db::Result<Option<HashMap<String, Vec<Counts>>>> {
+    if since_ms < hist::meta(conn, "runs_from")? {
+        return Ok(None);
+    }
+    outcomes_in(
+        conn,
+        series,
+        since_ms,
+        since_ms,
+        until_ms,
+        bucket_ms,
+        Hours::Skip,
+    )
+    .map(Some)
+}
+
+/// How [`outcomes_in`] treats hourly outcome rows.
+#[derive(Clone, Copy)]
+enum Hours<'a> {
+    Read,
+    /// Runs only.
+    Skip,
+    /// Read, the sums kept between calls (one bucket only).
+    Cached(&'a HourlySums),
+}
+
+/// (series id, window length) → the hours `[lo, hi)` last summed and their sum.
+type SumMap = HashMap<(i64, i64), (i64, i64, Counts)>;
+
+/// Per series and window length: the hours `[lo, hi)` last summed and their sum.
+#[derive(Default)]
+pub struct HourlySums(std::sync::Mutex<SumMap>);
+
+impl HourlySums {
+    /// The sum of `[lo, hi)` for `key`, from the last one when the window only moved forward
+    /// (minus the hours that left, plus those that came), else `sum(lo, hi)` whole.
+    fn get(
+        &self,
+        key: (i64, i64),
+        lo: i64,
+        hi: i64,
+        mut sum: impl FnMut(i64, i64) -> db::Result<Counts>,
+    ) -> db::Result<Counts> {
+        let last = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied();
+        let c = match last {
+            Some((l, h, c)) if l <= lo && lo <= h && h <= hi => {
+                let gone = if l < lo {
+                    sum(l, lo)?
+                } else {
+                    Counts::default()
+                };
+                let came = if h < hi {
+                    sum(h, hi)?
+                } else {
+                    Counts::default()
+                };
+                Counts {
+                    up: (c.up + came.up).saturating_sub(gone.up),
+                    degraded: (c.degraded + came.degraded).saturating_sub(gone.degraded),
+                    down: (c.down + came.down).saturating_sub(gone.down),
+                }
+            }
+            _ => sum(lo, hi)?,
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (lo, hi, c));
+        Ok(c)
+    }
+}
+
+fn outcomes_in(
+    conn: &Conn,
+    series: Option<&[String]>,
+    origin_ms: i64,
+    since_ms: i64,
+    until_ms: i64,
+    bucket_ms: i64,
+    hours_mode: Hours<'_>,
+) -> db::Result<HashMap<String, Vec<Counts>>> {
     let bucket_ms = bucket_ms.max(1);
     let origin_ms = origin_ms.min(since_ms);
     let n = ((until_ms - origin_ms).max(0) + bucket_ms - 1) / bucket_ms;
     let n = n.clamp(1, 10_000) as usize;
-    // Runs are complete from `runs_from` on; hours before it are rolled up (or had no runs).
-    let runs_from = hist::meta(conn, "runs_from")?;
-    let rolled = hist::meta(conn, "rolled_until")?;
-    let boundary = hist::floor(runs_from + HOUR_MS - 1, HOUR).min(rolled);
-    let mut ids: Vec<(i64, String)> = Vec::new();
-    {
-        let mut st = conn.prepare_cached("SELECT id, name FROM series WHERE location = ?1")?;
-        let rows = st.query_map([conn.location()], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-        })?;
-        for row in rows {
-            let (id, name) = row?;
-            if series.is_none_or(|list| list.contains(&name)) {
-                ids.push((id, name));
-            }
-        }
-    }
+    let (h_lo, h_hi) = match hours_mode {
+        Hours::Skip => (since_ms, since_ms),
+        _ => hourly_span(conn, since_ms, until_ms)?,
+    };
+    // Runs before and after the hourly rows.
+    let run_spans = if h_lo < h_hi {
+        vec![
+            (since_ms, h_lo.min(until_ms)),
+            (h_hi.max(since_ms), until_ms),
+        ]
+    } else {
+        vec![(since_ms, until_ms)]
+    };
+    let ids = series_ids(conn, series)?;
     let mut out: HashMap<String, Vec<Counts>> = HashMap::new();
     let slot = |t: i64| (((t.max(since_ms) - origin_ms) / bucket_ms) as usize).min(n - 1);
-    let mut hours = conn.prepare_cached(
+    // One bucket (an SLO window): the database sums the hours.
+    let mut hours = conn.prepare_cached(if n == 1 {
+        "SELECT min(bucket_start), CAST(sum(up) AS BIGINT), CAST(sum(degraded) AS BIGINT),
+           CAST(sum(down) AS BIGINT) FROM hourly_outcomes
+         WHERE series = ?3 AND bucket_start >= ?1 AND bucket_start < ?2 HAVING count(*) > 0"
+    } else {
         "SELECT bucket_start, up, degraded, down FROM hourly_outcomes
-         WHERE bucket_start >= ?1 AND bucket_start < ?2 AND series = ?3",
-    )?;
+         WHERE series = ?3 AND bucket_start >= ?1 AND bucket_start < ?2"
+    })?;
     let mut runs = conn.prepare_cached(
         "SELECT (started_at - ?1) / ?2, outcome, count(*) FROM runs
          WHERE series = ?3 AND started_at >= ?4 AND started_at < ?5 GROUP BY 1, 2",
@@ -2017,22 +2207,36 @@ pub fn outcomes_from(
     for (id, name) in ids {
         let mut v = vec![Counts::default(); n];
         let mut any = false;
-        let hi = boundary.min(until_ms);
-        if since_ms < hi {
-            hours.query_each(params![hist::floor(since_ms, HOUR), hi, id], |r| {
-                let c = Counts {
-                    up: r.get::<_, i64>(1)? as u64,
-                    degraded: r.get::<_, i64>(2)? as u64,
-                    down: r.get::<_, i64>(3)? as u64,
-                };
-                v[slot(r.get(0)?)] += c;
-                any = true;
-                Ok(())
-            })?;
+        if h_lo < h_hi {
+            let mut read = |lo: i64, hi: i64, v: &mut Vec<Counts>| {
+                let mut found = false;
+                hours.query_each(params![lo, hi, id], |r| {
+                    let c = Counts {
+                        up: r.get::<_, i64>(1)? as u64,
+                        degraded: r.get::<_, i64>(2)? as u64,
+                        down: r.get::<_, i64>(3)? as u64,
+                    };
+                    v[slot(r.get(0)?)] += c;
+                    found = true;
+                    Ok(())
+                })?;
+                Ok::<_, db::Error>(found)
+            };
+            match hours_mode {
+                Hours::Cached(cache) if n == 1 => {
+                    let c = cache.get((id, until_ms - since_ms), h_lo, h_hi, |lo, hi| {
+                        let mut one = vec![Counts::default(); 1];
+                        read(lo, hi, &mut one)?;
+                        Ok(one[0])
+                    })?;
+                    any |= c.total() > 0;
+                    v[0] += c;
+                }
+                _ => any |= read(h_lo, h_hi, &mut v)?,
+            }
         }
-        let lo = since_ms.max(boundary);
-        if lo < until_ms {
-            runs.query_each(params![origin_ms, bucket_ms, id, lo, until_ms], |r| {
+        for (lo, hi) in run_spans.iter().copied().filter(|(lo, hi)| lo < hi) {
+            runs.query_each(params![origin_ms, bucket_ms, id, lo, hi], |r| {
                 let i = (r.get::<_, i64>(0)?.max(0) as usize).min(n - 1);
                 let k = r.get::<_, i64>(2)? as u64;
                 match outcome_of(r.get(1)?) {
@@ -2049,6 +2253,57 @@ pub fn outcomes_from(
         }
     }
     Ok(out)
+}
+
+/// The hours `[lo, hi)` of a window `[since_ms, until_ms)` read from hourly outcome rows;
+/// the rest of the window is read from the runs. While the runs reach back to the window's
+/// start, only whole hours inside it that are rolled up and have outcome rows
+/// (`outcomes_from`, migration 10: hours rolled by an older version have none) — so the
+/// counts are exact and an SLO window does not count a month of runs. Before the runs
+/// kept, hours are taken whole from the one holding `since_ms`.
+fn hourly_span(conn: &Conn, since_ms: i64, until_ms: i64) -> db::Result<(i64, i64)> {
+    let runs_from = hist::meta(conn, "runs_from")?;
+    let rolled = hist::meta(conn, "rolled_until")?.min(until_ms);
+    let outcomes_from = hist::meta(conn, "outcomes_from")?;
+    let ceil_hour = |ms: i64| hist::floor(ms + HOUR_MS - 1, HOUR);
+    Ok(if since_ms >= runs_from {
+        let lo = ceil_hour(since_ms);
+        (lo, if outcomes_from <= lo { rolled } else { lo })
+    } else {
+        let runs_hour = ceil_hour(runs_from);
+        let hi = if outcomes_from <= runs_hour {
+            rolled
+        } else {
+            runs_hour.min(rolled)
+        };
+        (hist::floor(since_ms, HOUR), hi)
+    })
+}
+
+/// Ids of the named series of this connection's location (all of them for `None`), by
+/// the unique (location, name) index: a few members never read the whole series table.
+pub fn series_ids(conn: &Conn, series: Option<&[String]>) -> db::Result<Vec<(i64, String)>> {
+    let Some(list) = series else {
+        let mut st = conn.prepare_cached("SELECT id, name FROM series WHERE location = ?1")?;
+        let rows = st.query_map([conn.location()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        return rows.collect();
+    };
+    let mut st = conn.prepare_cached("SELECT id FROM series WHERE location = ?1 AND name = ?2")?;
+    let mut ids = Vec::with_capacity(list.len());
+    for name in list {
+        if ids.iter().any(|(_, n)| n == name) {
+            continue;
+        }
+        let id: Option<i64> = st
+            .query_row(params![conn.location(), name], |r| r.get(0))
+            .optional()?;
+        if let Some(id) = id {
+            ids.push((id, name.clone()));
+        }
+    }
+    Ok(ids)
 }
 
 /// The newest stored run of each series.
@@ -2108,4 +2363,84 @@ pub fn latest_runs(conn: &Conn) -> db::Result<Vec<LatestRun>> {
         })
     })?;
     rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(probe: &str, at: i64, outcome: &str) -> LatestRun {
+        LatestRun {
+            probe: probe.into(),
+            kind: "http".into(),
+            started_at: at,
+            outcome: outcome.into(),
+            error_class: None,
+            error_message: None,
+            duration_ms: 1.0,
+            phases: Value::Object(Map::new()),
+            wer: None,
+        }
+    }
+
+    #[test]
+    fn hourly_sums_slide_with_the_window() {
+        // One down run per hour at hours 0..100; sums read from that.
+        let reads = std::cell::Cell::new(0);
+        let sum = |lo: i64, hi: i64| {
+            reads.set(reads.get() + (hi - lo));
+            Ok(Counts {
+                up: 0,
+                degraded: 0,
+                down: (hi - lo) as u64,
+            })
+        };
+        let cache = HourlySums::default();
+        let key = (7, 30);
+        assert_eq!(cache.get(key, 0, 30, sum).unwrap().down, 30);
+        assert_eq!(reads.get(), 30);
+        // The window moved by two hours: four hours read, not thirty.
+        assert_eq!(cache.get(key, 2, 32, sum).unwrap().down, 30);
+        assert_eq!(reads.get(), 34);
+        // Unchanged: nothing read.
+        assert_eq!(cache.get(key, 2, 32, sum).unwrap().down, 30);
+        assert_eq!(reads.get(), 34);
+        // Backwards or jumped past the last one: read whole.
+        assert_eq!(cache.get(key, 1, 31, sum).unwrap().down, 30);
+        assert_eq!(reads.get(), 64);
+        assert_eq!(cache.get(key, 50, 80, sum).unwrap().down, 30);
+        assert_eq!(reads.get(), 94);
+    }
+
+    #[test]
+    fn changes_since_a_cursor() {
+        let l = Latest::default();
+        l.update(vec![run("a", 1, "up"), run("b", 1, "up")]);
+        let first = l.changed_since(None);
+        assert!(first.full);
+        assert_eq!(first.series.len(), 2);
+        // Nothing new: an empty list, not a full one.
+        let none = l.changed_since(Some(&first.cursor));
+        assert!(!none.full);
+        assert!(none.series.is_empty());
+        assert_eq!(none.cursor, first.cursor);
+        l.update(vec![run("b", 2, "down")]);
+        let one = l.changed_since(Some(&first.cursor));
+        assert!(!one.full);
+        assert_eq!(one.series.len(), 1);
+        assert_eq!(one.series[0].0.probe, "b");
+        assert_eq!(one.series[0].1.runs.len(), 2, "the strip comes whole");
+        // A cursor from another process, from the future, or garbage: everything.
+        let (epoch, version) = one.cursor.split_once('.').unwrap();
+        let other = format!(
+            "{}.{version}",
+            epoch.parse::<u32>().unwrap().wrapping_add(1)
+        );
+        let ahead = format!("{epoch}.{}", version.parse::<u64>().unwrap() + 5);
+        for c in [other.as_str(), ahead.as_str(), "x", ""] {
+            let all = l.changed_since(Some(c));
+            assert!(all.full, "{c}");
+            assert_eq!(all.series.len(), 2, "{c}");
+        }
+    }
 }
