@@ -13,7 +13,8 @@
 //!   every heartbeat. The holder acts as leader until its *local* deadline (start of the
 //!   renewing statement + lease − one heartbeat), which is never later than the expiry the
 //!   others judge by: a leader cut off from Postgres stops acting before anyone can take
-//!   over. Only the leader runs the incident evaluator and the notifier workers ([`lead`]).
+//!   over. Only the leader runs the incident evaluator, the notifier workers and the scheduled
+//!   reviews ([`Leader`]).
 //! - **Run feed.** Every agent appends its runs to `run_feed` ([`feed`]); the leader reads
 //!   them in commit order and feeds its evaluator, so it judges every agent's runs. Rows are
 //!   read up to the oldest transaction still running (`pg_snapshot_xmin`), so a row whose
@@ -799,7 +800,27 @@ impl Leader {
         };
         let disp = async {
             let r = match dispatcher {
-                Some(d) => d.run(wind_down.clone(), halt.clone()).await,
+                Some(d) if self.config.reviews.is_empty() => {
+                    d.run(wind_down.clone(), halt.clone()).await
+                }
+                // Scheduled reviews go out from the leader only, once per slot.
+                Some(d) => {
+                    let reviews = async {
+                        let r = crate::review::run(
+                            self.config.clone(),
+                            self.store.clone(),
+                            self.shared.clock,
+                            wind_down.clone(),
+                        )
+                        .await;
+                        if r.is_err() {
+                            wind_down.cancel();
+                        }
+                        r
+                    };
+                    let (d, r) = tokio::join!(d.run(wind_down.clone(), halt.clone()), reviews);
+                    d.and(r)
+                }
                 None => {
                     wind_down.cancelled().await;
                     Ok(())

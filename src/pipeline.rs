@@ -282,7 +282,8 @@ impl Pipeline {
             "maintenance",
             maintenance(config.clone(), store.clone(), shared.clock, stop.clone()),
         ));
-        if opts.dispatcher && !config.reviews.is_empty() {
+        // In fleet mode the leader sends the reviews (`fleet::Leader`), so they go out once.
+        if opts.dispatcher && !config.reviews.is_empty() && shared.member.is_none() {
             tasks.push(spawn(
                 "reviews",
                 crate::review::run(config.clone(), store.clone(), shared.clock, stop.clone()),

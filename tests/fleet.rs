@@ -612,3 +612,81 @@ fn an_outbox_row_is_claimed_by_the_lease_holder_only_and_once_at_a_time() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(writer.join());
 }
+
+/// A scheduled review goes out from the leader only: two agents share the database, the
+/// review's last slot was missed, and the webhook receives it once — not once per agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_review_is_sent_once_by_the_leader_not_by_every_agent() {
+    use watchpost::store::db::Pg;
+    let cluster = pg::PgCluster::start();
+    let url = cluster.default_url();
+    let target = Recorder::with_default(|_| Reply::status(200)).await;
+    let hook = Recorder::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    http_probe(dir.path(), "api", &format!("{}/health", target.url()), "1s");
+    // Daily at the minute an hour ago: its last slot has passed, the next is 23 h away.
+    let slot = chrono::Utc::now() - chrono::Duration::hours(1);
+    let schedule = format!(
+        "{} {} * * *",
+        chrono::Timelike::minute(&slot),
+        chrono::Timelike::hour(&slot)
+    );
+    let extra = format!(
+        "[[component]]\nname = \"API\"\nprobes = [\"api\"]\n\n\
+         [notifier.hook]\nkind = \"webhook\"\nurl = \"{}/review\"\n\
+         delivery = {{ retry_initial = \"50ms\", retry_max = \"200ms\", timeout = \"5s\" }}\n\n\
+         [[review]]\nname = \"daily\"\nschedule = \"{schedule}\"\nwindow = \"1h\"\nnotify = [\"hook\"]\n",
+        hook.url()
+    );
+    // The schema first, with the review last sent two days ago: the missed slot is due.
+    {
+        let (store, writer) = watchpost::store::Store::open(watchpost::store::Target::Postgres(
+            Pg::new(&url, "eu").unwrap(),
+        ))
+        .unwrap();
+        let two_days_ago = now_ms() - 2 * 86_400_000;
+        store
+            .reader()
+            .unwrap()
+            .execute(
+                "INSERT INTO review_marks (review, notifier, slot, sent_at) VALUES ('daily', 'hook', ?1, ?1)",
+                [two_days_ago],
+            )
+            .unwrap();
+        drop(store);
+        writer.join().await;
+    }
+    let timing = "heartbeat = \"500ms\", lease = \"2s\"";
+    let agents: Vec<Proc> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let cfg = agent_config(dir.path(), n, "eu", timing, &extra);
+            Proc::start(n, &cfg, &url)
+        })
+        .collect();
+    let db = Db::open(&url);
+    wait_for(
+        "both agents are members",
+        Duration::from_secs(20),
+        || (db.members().len() == 2).then_some(()),
+        || logs(&agents.iter().collect::<Vec<_>>()),
+    )
+    .await;
+    let got = hook
+        .wait_ok("the missed review", 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(got.len(), 1);
+    // Both agents have been up for several heartbeats: a second sender would have sent.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let posts: Vec<_> = hook
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/review")
+        .collect();
+    assert_eq!(
+        posts.len(),
+        1,
+        "the review went out once\n{}",
+        logs(&agents.iter().collect::<Vec<_>>())
+    );
+}
