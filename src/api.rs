@@ -179,6 +179,11 @@ impl AppState {
             .take();
     }
 
+    /// The store handle (`None` once the API has released it).
+    fn store(&self) -> Option<Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The paused probes (empty without a control handle).
     fn paused(&self) -> crate::control::Paused {
         self.control
@@ -674,7 +679,7 @@ pub async fn all_checks(store: Option<Store>, health: &Health) -> Vec<(String, C
 
 /// Each part of the pipeline (see [`all_checks`]).
 async fn health(State(s): State<AppState>) -> Response {
-    let store = s.store.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let store = s.store();
     let checks = all_checks(store, &s.health).await;
     let status = if checks.iter().any(|(_, c)| c.status() == "fail") {
         "fail"
@@ -703,12 +708,7 @@ async fn health(State(s): State<AppState>) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     s.metrics.uptime.set(s.health.uptime().as_secs_f64());
-    let link = s
-        .store
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .and_then(Store::link);
+    let link = s.store().as_ref().and_then(Store::link);
     if let Some(l) = link {
         s.metrics.store_buffered.set(l.buffered as f64);
         let seen = s.metrics.store_dropped.get();
@@ -727,12 +727,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
 
 async fn latest(State(s): State<AppState>) -> Response {
     // From the store's memory; from the database once the API has released the store.
-    let mem = s
-        .store
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(Store::latest);
+    let mem = s.store().as_ref().map(Store::latest);
     // Paused probes are listed by name (their newest run stays in `runs`).
     let paused = s.paused().names();
     if let Some(l) = mem {
@@ -762,12 +757,7 @@ struct OverviewQuery {
 /// its start (`strip_t0`, ms) and each run's offset from it in seconds (`strip_dt`) instead
 /// of `recent`.
 async fn overview(State(s): State<AppState>, Query(q): Query<OverviewQuery>) -> Response {
-    let mem = s
-        .store
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(Store::latest);
+    let mem = s.store().as_ref().map(Store::latest);
     let paused = s.paused().names();
     let page = q.since.is_some();
     let cursor = q.since.as_deref().filter(|c| !c.is_empty());
