@@ -1229,9 +1229,16 @@ async fn get_rehearsal(State(s): State<AppState>, Path(id): Path<String>) -> Ans
     }
 }
 
+/// How much of a refused body is still read and dropped, and for how long, so that a
+/// client still writing it reads the 413 instead of a reset connection.
+const DRAIN_MAX: u64 = 8 << 20;
+const DRAIN_FOR: Duration = Duration::from_secs(2);
+
 /// Read a request body of at most `max` bytes; a bigger one is a 413 (from its
-/// Content-Length when it has one, before anything is read).
-async fn body_within(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, ApiError> {
+/// Content-Length when it has one, before anything is kept). The rest of a refused body is
+/// drained, bounded by [`DRAIN_MAX`] and [`DRAIN_FOR`], before the answer goes out.
+async fn body_within(headers: &HeaderMap, mut body: Body, max: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -1244,18 +1251,40 @@ async fn body_within(headers: &HeaderMap, body: Body, max: usize) -> Result<Byte
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
+    let mut kept = Vec::new();
+    let mut seen = 0u64;
+    if !declared.is_some_and(|n| n > max as u64) {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                )
+            })?;
+            if let Ok(data) = frame.into_data() {
+                seen += data.len() as u64;
+                if seen > max as u64 {
+                    break;
+                }
+                kept.extend_from_slice(&data);
+            }
+        }
+        if seen <= max as u64 {
+            return Ok(Bytes::from(kept));
+        }
     }
-    use http_body_util::BodyExt;
-    match http_body_util::Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("cannot read the request body: {e}"),
-        )),
+    if declared.is_none_or(|n| n <= DRAIN_MAX) {
+        let drain = async {
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > DRAIN_MAX {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_FOR, drain).await;
     }
+    Err(too_large())
 }
 
 /// `POST /api/v1/alerts/alertmanager`: an Alertmanager webhook payload (version 4).
