@@ -1253,7 +1253,7 @@ async fn body_within(headers: &HeaderMap, mut body: Body, max: usize) -> Result<
         .and_then(|v| v.parse::<u64>().ok());
     let mut kept = Vec::new();
     let mut seen = 0u64;
-    if !declared.is_some_and(|n| n > max as u64) {
+    if declared.is_none_or(|n| n <= max as u64) {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
                 ApiError::new(
