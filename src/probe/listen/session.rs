@@ -171,6 +171,13 @@ impl<'a> Session<'a> {
     }
 
     async fn wait(&mut self) -> Result<Ending, Failure> {
+        // Three timers for the whole session, moved only when their deadline changes: a
+        // fresh timer per loop turn (per frame and per message) cost a timer-wheel
+        // registration and removal each, thousands a second at 1,000 sessions.
+        let send_sleep = tokio::time::sleep_until(self.deadline);
+        let close_sleep = tokio::time::sleep_until(self.deadline);
+        let timer_sleep = tokio::time::sleep_until(self.deadline);
+        tokio::pin!(send_sleep, close_sleep, timer_sleep);
         loop {
             let send_at = self.send_at();
             let timer = [
@@ -182,14 +189,23 @@ impl<'a> Session<'a> {
             .flatten()
             .fold(self.deadline, Instant::min);
             let close_at = self.fault_close_at();
+            for (sleep, at) in [
+                (send_sleep.as_mut(), send_at),
+                (close_sleep.as_mut(), close_at),
+                (timer_sleep.as_mut(), Some(timer)),
+            ] {
+                if let Some(at) = at.filter(|&at| at != sleep.deadline() || sleep.is_elapsed()) {
+                    sleep.reset(at);
+                }
+            }
             let ended = tokio::select! {
                 biased;
-                _ = tokio::time::sleep_until(send_at.unwrap_or(self.deadline)), if send_at.is_some() => {
+                _ = &mut send_sleep, if send_at.is_some() => {
                     self.send_frame(send_at.unwrap_or(self.deadline)).await?;
                     None
                 }
                 msg = self.ws.next() => self.on_message(msg)?,
-                _ = tokio::time::sleep_until(close_at.unwrap_or(self.deadline)), if close_at.is_some() => {
+                _ = &mut close_sleep, if close_at.is_some() => {
                     let Some(Mode::WsClose { code, reason, .. }) = self.fault else { continue };
                     let frame = tungstenite::protocol::CloseFrame {
                         code: (*code).into(),
@@ -198,7 +214,7 @@ impl<'a> Session<'a> {
                     let since = self.since_connect(Instant::now());
                     Some(self.on_close(Some(frame), since)?)
                 }
-                _ = tokio::time::sleep_until(timer) => self.on_timer(send_at).await?,
+                _ = &mut timer_sleep => self.on_timer(send_at).await?,
             };
             if let Some(e) = ended {
                 return Ok(e);
@@ -213,8 +229,11 @@ impl<'a> Session<'a> {
             Some(Mode::Garble) => garble_frame(&spec.frames[n - 1 - self.next]).into(),
             _ => spec.frames[self.next].clone(),
         };
-        let what = format!("audio frame {} of {n}", self.next + 1);
-        self.send(Message::Binary(frame), &what).await?;
+        let next = self.next;
+        self.send(Message::Binary(frame), || {
+            format!("audio frame {} of {n}", next + 1)
+        })
+        .await?;
         let sent = Instant::now();
         self.stats
             .lateness
@@ -225,8 +244,10 @@ impl<'a> Session<'a> {
         if self.next == n {
             self.stats.last_frame_at = Some(sent);
             for m in self.wire.end_messages() {
-                self.send(Message::text(m.to_string()), "the end-of-stream message")
-                    .await?;
+                self.send(Message::text(m.to_string()), || {
+                    "the end-of-stream message".into()
+                })
+                .await?;
             }
             self.last_sent = Instant::now();
         }
@@ -266,7 +287,7 @@ impl<'a> Session<'a> {
         }
         if self.keepalive_at(send_at).is_some_and(|t| now >= t) {
             if let Some(m) = self.wire.keepalive_message() {
-                self.send(Message::text(m.to_string()), "a keepalive")
+                self.send(Message::text(m.to_string()), || "a keepalive".into())
                     .await?;
                 self.last_sent = Instant::now();
                 self.keepalives += 1;
@@ -552,7 +573,8 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn send(&mut self, m: Message, what: &str) -> Result<(), Failure> {
+    /// Send one message; `what` names it in an error (formatted only then).
+    async fn send(&mut self, m: Message, what: impl FnOnce() -> String) -> Result<(), Failure> {
         match tokio::time::timeout_at(self.deadline, self.ws.send(m)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
@@ -562,20 +584,21 @@ impl<'a> Session<'a> {
                     tokio::time::timeout(Duration::from_millis(200), self.ws.next()).await
                 {
                     let (code, text) = close_text(&frame);
-                    let what = format!("server closed the socket with {text}");
-                    return Err(self.closed_failure(Some(code), &what, since));
+                    let closed = format!("server closed the socket with {text}");
+                    return Err(self.closed_failure(Some(code), &closed, since));
                 }
                 let f = wsock::read_error(&e, self.spec.max_message_bytes, since);
                 Err(Failure::new(
                     f.class,
-                    format!("cannot send {what}: {}", f.message),
+                    format!("cannot send {}: {}", what(), f.message),
                 ))
             }
             Err(_) => Err(Failure::new(
                 ErrorClass::Timeout,
                 format!(
-                    "the {} timeout hit while sending {what} (is the server reading?)",
-                    human(self.timeout)
+                    "the {} timeout hit while sending {} (is the server reading?)",
+                    human(self.timeout),
+                    what()
                 ),
             )),
         }
