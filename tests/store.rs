@@ -76,6 +76,7 @@ both!(
     rollup_merges_hours_exactly_and_prunes,
     write_is_atomic_per_operation,
     rehearsal_rows_are_kept_listed_and_reported,
+    component_slo_matches_the_runs_counted_one_by_one,
 );
 
 /// The rows of the daemon's rehearsals (`chaos::live`): running, finished with its verdict
@@ -893,6 +894,171 @@ async fn api_serves_latest_from_memory_and_reports_from_runs() {
     assert!((row.p95_ms.unwrap() - 95.0).abs() < 0.1, "{row:?}");
     assert_eq!(row.verdict, "over");
     drop(c);
+    drop(s);
+    writer.join().await;
+}
+
+/// A run of `probe` without phases or sub-checks: only its outcome counts here.
+fn outcome_run(probe: &str, ms: i64, outcome: Outcome) -> RunResult {
+    RunResult {
+        probe: probe.into(),
+        kind: "http",
+        started_at: Utc.timestamp_millis_opt(ms).unwrap(),
+        duration: Duration::from_millis(10),
+        lag: None,
+        outcome,
+        error: None,
+        phases: vec![("total".into(), Duration::from_millis(10))],
+        details: Default::default(),
+        subchecks: vec![],
+    }
+}
+
+/// The SLO read model (`slo::component_slo`, the dashboard's `/api/v1/slo`: members read
+/// together, the hourly part of the window from `hourly_outcomes`, the burn windows from
+/// the runs) against the runs counted one by one. Two components sharing members, up,
+/// degraded and down runs every 5 minutes for 50 hours rolled up and pruned by the real
+/// maintenance pass, and two maintenance windows: one on hour boundaries long rolled up, one
+/// to the minute among the newest runs (rolled up by the second check). Checked cold, with
+/// and without the hourly-sum cache, then an hour later with the cache slid.
+async fn component_slo_matches_the_runs_counted_one_by_one(b: Backend) {
+    use watchpost::slo::{self, ComponentSlo};
+    use watchpost::store::Counts;
+    const MIN: i64 = 60_000;
+    const H_MS: i64 = 3_600_000;
+    let db = Db::new(b);
+    let dir = db._dir.path();
+    std::fs::create_dir_all(dir.join("probes")).unwrap();
+    let members = ["a", "b", "c"];
+    for p in members {
+        std::fs::write(
+            dir.join(format!("probes/{p}.toml")),
+            format!("name = \"{p}\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/{p}\"\n"),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.join("watchpost.toml"),
+        "[agent]\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n\n\
+         [[component]]\nname = \"API\"\nprobes = [\"a\", \"b\", \"c\"]\nobjective = \"99%\"\nslo_window = \"2d\"\n\n\
+         [[component]]\nname = \"Web\"\nprobes = [\"b\", \"c\"]\nobjective = \"99.5%\"\nslo_window = \"2d\"\n",
+    )
+    .unwrap();
+    let cfg = watchpost::config::load(&dir.join("watchpost.toml")).unwrap();
+
+    let h = aligned(T0, HOUR);
+    let (now1, now2) = (h + 30 * MIN, h + 90 * MIN);
+    // API's maintenance: two hours long rolled up, and 15 minutes among the newest runs
+    // (from the run at h+11m, which it leaves out, to the one at h+26m, which counts).
+    let spans = [(h - 30 * H_MS, h - 28 * H_MS), (h + 11 * MIN, h + 26 * MIN)];
+    // Runs at minute 1, 6, 11, … of every hour from h−50h, none in the two hours where the
+    // 2-day windows start (an hour there is counted whole from its rollup); member b down
+    // from h−40m on (a fast burn).
+    let mut runs: Vec<(usize, i64, Outcome)> = Vec::new();
+    let mut t = h - 50 * H_MS + MIN;
+    let mut k = 0i64;
+    while t < now2 {
+        if !(h - 48 * H_MS..h - 46 * H_MS).contains(&t) {
+            for m in 0..members.len() {
+                let outcome = match (k * 7 + m as i64 * 5) % 29 {
+                    _ if m == 1 && t >= h - 40 * MIN => Outcome::Down,
+                    0 => Outcome::Down,
+                    1 | 2 => Outcome::Degraded,
+                    _ => Outcome::Up,
+                };
+                runs.push((m, t, outcome));
+            }
+        }
+        t += 5 * MIN;
+        k += 1;
+    }
+    let (s, writer) = db.start();
+    for (m, t, o) in &runs {
+        s.record(outcome_run(members[*m], *t, *o)).await;
+    }
+    s.write(move |c| {
+        for (at, kind) in [
+            (spans[0].0, "maintenance_started"),
+            (spans[0].1, "maintenance_ended"),
+            (spans[1].0, "maintenance_started"),
+            (spans[1].1, "maintenance_ended"),
+        ] {
+            c.execute(
+                "INSERT INTO incident_events (component, at, kind, from_status, to_status) VALUES ('API', ?1, ?2, 'operational', 'maintenance')",
+                watchpost::store::db::params![at, kind],
+            )?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    s.flush().await.unwrap();
+
+    // The runs of `of` in `[since, until)` outside `skip`, one by one.
+    let count = |of: &[usize], since: i64, until: i64, skip: &[(i64, i64)]| {
+        let mut c = Counts::default();
+        for (m, t, o) in &runs {
+            if of.contains(m)
+                && (since..until).contains(t)
+                && !skip.iter().any(|(a, b)| (*a..*b).contains(t))
+            {
+                match o {
+                    Outcome::Up => c.up += 1,
+                    Outcome::Degraded => c.degraded += 1,
+                    Outcome::Down => c.down += 1,
+                }
+            }
+        }
+        c
+    };
+    let expected = |comp: &watchpost::config::ComponentConfig, now: i64| {
+        let (of, skip): (&[usize], &[(i64, i64)]) = match comp.name.get_ref().as_str() {
+            "API" => (&[0, 1, 2], &spans),
+            _ => (&[1, 2], &[]),
+        };
+        let o = comp.objective().unwrap();
+        let window = comp.slo_window.0.as_millis() as i64;
+        let all = count(of, now - window, now, skip);
+        ComponentSlo {
+            component: comp.name.get_ref().clone(),
+            objective: Some(o.to_string()),
+            slo_window: watchpost::config::duration::human(comp.slo_window.0),
+            shares: all.into(),
+            error_budget_remaining_pct: slo::budget_remaining(&all, o),
+            burn_rate_1h: slo::burn_rate(&count(of, now - H_MS, now, skip), o),
+            burn_rate: slo::burn_rate(&all, o),
+            burning: slo::burn_verdict(o, |w| count(of, now - w, now, skip)).map(|v| v.0),
+        }
+    };
+
+    let cache = store::HourlySums::default();
+    let retention = retention(8 * 3600, 8 * 3600, 400 * 86400);
+    for now in [now1, now2] {
+        let stats = s.maintain(now, &retention).await.unwrap();
+        assert!(stats.pruned_runs > 0, "{stats:?}");
+        let c = s.reader().unwrap();
+        for comp in &cfg.components {
+            let want = expected(comp, now);
+            assert!(want.shares.runs > 500, "{want:?}");
+            let cold = slo::component_slo(&c, comp, now, None).unwrap();
+            assert_eq!(cold, want, "{} at {now}, no cache", want.component);
+            let cached = slo::component_slo(&c, comp, now, Some(&cache)).unwrap();
+            assert_eq!(cached, want, "{} at {now}, cached", want.component);
+        }
+        drop(c);
+    }
+    // Not trivially equal: the figures have all three outcomes, maintenance left runs out,
+    // and Web's member b burns the budget fast.
+    let api = expected(&cfg.components[0], now2);
+    let shares = api.shares;
+    assert!(
+        shares.degraded_pct > Some(0.0) && shares.down_pct > Some(0.0),
+        "{api:?}"
+    );
+    let with_maintenance = count(&[0, 1, 2], now2 - 48 * H_MS, now2, &[]);
+    assert!(with_maintenance.total() > shares.runs + 3 * 24, "{api:?}");
+    let web = expected(&cfg.components[1], now1);
+    assert_eq!(web.burning, Some(slo::BurnLevel::Page), "{web:?}");
     drop(s);
     writer.join().await;
 }

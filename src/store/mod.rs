@@ -2260,10 +2260,19 @@ fn outcomes_in(
 /// start, only whole hours inside it that are rolled up and have outcome rows
 /// (`outcomes_from`, migration 10: hours rolled by an older version have none) — so the
 /// counts are exact and an SLO window does not count a month of runs. Before the runs
-/// kept, hours are taken whole from the one holding `since_ms`.
+/// kept, hours are taken whole from the one holding `since_ms`. A window that ends inside
+/// an hour whose runs are kept reads that hour from the runs: its hourly row would count
+/// the runs after the end (a maintenance window starting mid-hour, and the rest of the
+/// hour a second time after the maintenance).
 fn hourly_span(conn: &Conn, since_ms: i64, until_ms: i64) -> db::Result<(i64, i64)> {
     let runs_from = hist::meta(conn, "runs_from")?;
-    let rolled = hist::meta(conn, "rolled_until")?.min(until_ms);
+    let until_hour = hist::floor(until_ms, HOUR);
+    let end = if until_hour >= runs_from {
+        until_hour
+    } else {
+        until_ms
+    };
+    let rolled = hist::meta(conn, "rolled_until")?.min(end);
     let outcomes_from = hist::meta(conn, "outcomes_from")?;
     let ceil_hour = |ms: i64| hist::floor(ms + HOUR_MS - 1, HOUR);
     Ok(if since_ms >= runs_from {
