@@ -863,9 +863,12 @@ pub fn render_table(r: &Report) -> String {
     if r.rows.is_empty() {
         out.push_str("no runs recorded in this window\n");
     } else {
+        let trend = format!("p95 per {}", r.bucket);
+        // One character a bucket (the sparklines are as long as the trend).
+        let tw = (r.rows.iter().map(|row| row.trend.len())).fold(trend.chars().count(), usize::max);
         let _ = writeln!(
             out,
-            "{:<32} {:<13} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {:<22} verdict",
+            "{:<32} {:<13} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {:<22} {:<tw$}  verdict",
             "series",
             "phase",
             "runs",
@@ -876,12 +879,13 @@ pub fn render_table(r: &Report) -> String {
             "p99",
             "max",
             "Δp95",
-            "budget"
+            "budget",
+            trend
         );
         for row in &r.rows {
             let _ = writeln!(
                 out,
-                "{:<32} {:<13} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {:<22} {}",
+                "{:<32} {:<13} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {:<22} {:<tw$}  {}",
                 row.series,
                 row.phase,
                 row.runs,
@@ -893,6 +897,7 @@ pub fn render_table(r: &Report) -> String {
                 cell(row.max_ms),
                 signed_pct(row.change.p95_pct),
                 budget_cell(&row.budget),
+                p95_trend(row),
                 verdict_cell(row)
             );
         }
@@ -900,7 +905,7 @@ pub fn render_table(r: &Report) -> String {
     if !r.components.is_empty() {
         let _ = writeln!(
             out,
-            "\n{:<28} {:>9} {:>6} {:>9} {:>8} {:>8} {:>7} {:>16} {:>9}",
+            "\n{:<28} {:>9} {:>6} {:>9} {:>8} {:>8} {:>7} {:>16} {:>9}  availability per {}",
             "component",
             "objective",
             "runs",
@@ -909,12 +914,13 @@ pub fn render_table(r: &Report) -> String {
             "down",
             "burn",
             "budget left",
-            "incidents"
+            "incidents",
+            r.bucket
         );
         for c in &r.components {
             let _ = writeln!(
                 out,
-                "{:<28} {:>9} {:>6} {:>9} {:>8} {:>8} {:>7} {:>16} {:>9}",
+                "{:<28} {:>9} {:>6} {:>9} {:>8} {:>8} {:>7} {:>16} {:>9}  {}",
                 c.component,
                 c.objective.as_deref().unwrap_or("-"),
                 c.window.runs,
@@ -923,7 +929,8 @@ pub fn render_table(r: &Report) -> String {
                 pct(c.window.down_pct),
                 c.burn_cell(),
                 c.budget_left_cell(&format!("of {}", c.slo_window)),
-                c.incidents
+                c.incidents,
+                availability_trend(c)
             );
         }
     }

@@ -252,9 +252,38 @@ async fn report_figures_match_the_known_runs() {
     );
     assert!(html.contains("class=\"budget\""));
     assert!(html.contains("class=\"incident\""));
+    // The component's availability bars: one per bucket with runs (not the maintenance
+    // one), the outage's bucket bad, the degraded runs' bucket a warning.
+    let bars = |class: &str| html.matches(&format!("<rect class=\"{class}\"")).count();
+    assert_eq!(
+        (bars("good"), bars("warn"), bars("bad")),
+        (17, 1, 1),
+        "{html}"
+    );
     assert!(html.contains("@media print"));
     let table = report::render(&r, Format::Table).unwrap();
     assert!(table.contains("OVER: p95"), "{table}");
+    // The terminal table has the trends too, as sparklines in aligned columns: the
+    // component's availability per bucket last, each row's p95 before its verdict.
+    let line = |start: &str, has: &str| {
+        let l = table
+            .lines()
+            .find(|l| l.starts_with(start) && l.contains(has));
+        l.unwrap_or_else(|| panic!("no line {start:?} with {has:?}: {table}"))
+    };
+    let col = |l: &str, word: &str| l.find(word).map(|b| l[..b].chars().count());
+    let comp_header = line("component ", "availability per 5m");
+    let comp_line = line("API ", "90%");
+    assert!(comp_line.ends_with("  ████████▁█████████·█"), "{table}");
+    assert_eq!(col(comp_header, "availability per"), col(comp_line, "█"));
+    let header = line("series ", "p95 per 5m");
+    let row_line = line("api ", " total ");
+    assert!(
+        row_line.contains(&format!("{}  OVER: p95", "▄".repeat(20))),
+        "{table}"
+    );
+    assert_eq!(col(header, "p95 per 5m"), col(row_line, "▄"), "{table}");
+    assert_eq!(col(header, "verdict"), col(row_line, "OVER"), "{table}");
 
     // Rehearsals the agent recorded in the window appear.
     s.write(move |c| {
