@@ -2119,49 +2119,158 @@ type SumMap = HashMap<(i64, i64), (i64, i64, Counts)>;
 pub struct HourlySums(std::sync::Mutex<SumMap>);
 
 impl HourlySums {
-    /// The sum of `[lo, hi)` for `key`, from the last one when the window only moved forward
-    /// (minus the hours that left, plus those that came), else `sum(lo, hi)` whole.
-    fn get(
+    /// The sums of `[lo, hi)` for each of `ids` (windows of length `span`): from the last
+    /// one when the window only moved forward (minus the hours that left, plus those that
+    /// came), else summed whole. `sum(ids, a, b)` sums `[a, b)` for several series at once;
+    /// it is called once per distinct range (one call when all series move together).
+    fn get_many(
         &self,
-        key: (i64, i64),
+        ids: &[i64],
+        span: i64,
         lo: i64,
         hi: i64,
-        mut sum: impl FnMut(i64, i64) -> db::Result<Counts>,
-    ) -> db::Result<Counts> {
-        let last = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .copied();
-        let c = match last {
-            Some((l, h, c)) if l <= lo && lo <= h && h <= hi => {
-                let gone = if l < lo {
-                    sum(l, lo)?
-                } else {
-                    Counts::default()
-                };
-                let came = if h < hi {
-                    sum(h, hi)?
-                } else {
-                    Counts::default()
-                };
-                Counts {
-                    up: (c.up + came.up).saturating_sub(gone.up),
-                    degraded: (c.degraded + came.degraded).saturating_sub(gone.degraded),
-                    down: (c.down + came.down).saturating_sub(gone.down),
-                }
-            }
-            _ => sum(lo, hi)?,
+        mut sum: impl FnMut(&[i64], i64, i64) -> db::Result<HashMap<i64, Counts>>,
+    ) -> db::Result<HashMap<i64, Counts>> {
+        let last: Vec<Option<(i64, i64, Counts)>> = {
+            let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            ids.iter()
+                .map(|id| map.get(&(*id, span)).copied())
+                .collect()
         };
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, (lo, hi, c));
-        Ok(c)
+        let slides =
+            |l: &Option<(i64, i64, Counts)>| l.filter(|(l, h, _)| *l <= lo && lo <= *h && *h <= hi);
+        // The ranges to read, each with the series that need it.
+        let mut need: HashMap<(i64, i64), Vec<i64>> = HashMap::new();
+        for (id, l) in ids.iter().zip(&last) {
+            match slides(l) {
+                Some((l, h, _)) => {
+                    for (a, b) in [(l, lo), (h, hi)] {
+                        if a < b {
+                            need.entry((a, b)).or_default().push(*id);
+                        }
+                    }
+                }
+                None => need.entry((lo, hi)).or_default().push(*id),
+            }
+        }
+        let mut got = HashMap::new();
+        for (range, members) in need {
+            got.insert(range, sum(&members, range.0, range.1)?);
+        }
+        let read = |a: i64, b: i64, id: &i64| {
+            got.get(&(a, b))
+                .and_then(|m| m.get(id))
+                .copied()
+                .unwrap_or_default()
+        };
+        let mut out = HashMap::with_capacity(ids.len());
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, l) in ids.iter().zip(&last) {
+            let c = match slides(l) {
+                Some((l, h, c)) => {
+                    let (gone, came) = (read(l, lo, id), read(h, hi, id));
+                    Counts {
+                        up: (c.up + came.up).saturating_sub(gone.up),
+                        degraded: (c.degraded + came.degraded).saturating_sub(gone.degraded),
+                        down: (c.down + came.down).saturating_sub(gone.down),
+                    }
+                }
+                None => read(lo, hi, id),
+            };
+            map.insert((*id, span), (lo, hi, c));
+            out.insert(*id, c);
+        }
+        Ok(out)
     }
 }
 
+/// Series ids bound per statement: an `IN` list of this many placeholders, padded by
+/// repeating an id, so a query has one text (one prepared statement) for any number of
+/// series and a component's members are read in one statement.
+const IDS_PER_QUERY: usize = 64;
+
+/// `series IN (?first, …)` with [`IDS_PER_QUERY`] placeholders.
+fn series_in(column: &str, first: usize) -> String {
+    let list: Vec<String> = (first..first + IDS_PER_QUERY)
+        .map(|i| format!("?{i}"))
+        .collect();
+    format!("{column} IN ({})", list.join(", "))
+}
+
+/// `head` followed by the values of `chunk` (at most [`IDS_PER_QUERY`]), padded with its
+/// first one.
+fn with_ids<T: db::ToSql>(head: Vec<db::Value>, chunk: &[T]) -> Vec<db::Value> {
+    let mut v = head;
+    v.extend(chunk.iter().map(db::ToSql::to_value));
+    if let Some(first) = chunk.first() {
+        v.resize(v.len() + IDS_PER_QUERY - chunk.len(), first.to_value());
+    }
+    v
+}
+
+/// Hourly outcome rows of `ids` starting in `[lo, hi)`, summed per series and bucket of
+/// `bucket_ms` counted from `origin_ms` (an hour before `since_ms` counts in the bucket of
+/// `since_ms`): `(series, bucket index, counts)`.
+fn hour_sums(
+    conn: &Conn,
+    ids: &[i64],
+    (lo, hi): (i64, i64),
+    (origin_ms, since_ms, bucket_ms): (i64, i64, i64),
+    mut f: impl FnMut(i64, i64, Counts),
+) -> db::Result<()> {
+    let sql = format!(
+        "SELECT series, (CASE WHEN bucket_start < ?3 THEN ?3 ELSE bucket_start END - ?4) / ?5,
+           CAST(sum(up) AS BIGINT), CAST(sum(degraded) AS BIGINT), CAST(sum(down) AS BIGINT)
+         FROM hourly_outcomes WHERE bucket_start >= ?1 AND bucket_start < ?2 AND {}
+         GROUP BY 1, 2",
+        series_in("series", 6)
+    );
+    for chunk in ids.chunks(IDS_PER_QUERY) {
+        let head = [lo, hi, since_ms, origin_ms, bucket_ms].map(db::Value::Int);
+        conn.query_each(&sql, with_ids(head.to_vec(), chunk), |r| {
+            let c = Counts {
+                up: r.get::<_, i64>(2)? as u64,
+                degraded: r.get::<_, i64>(3)? as u64,
+                down: r.get::<_, i64>(4)? as u64,
+            };
+            f(r.get(0)?, r.get(1)?, c);
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs of `ids` started in `[lo, hi)` counted per series, bucket of `bucket_ms` from
+/// `origin_ms`, and outcome: `(series, bucket index, outcome, count)`.
+fn run_counts(
+    conn: &Conn,
+    ids: &[i64],
+    (lo, hi): (i64, i64),
+    (origin_ms, bucket_ms): (i64, i64),
+    mut f: impl FnMut(i64, i64, Outcome, u64),
+) -> db::Result<()> {
+    let sql = format!(
+        "SELECT series, (started_at - ?1) / ?2, outcome, count(*) FROM runs
+         WHERE started_at >= ?3 AND started_at < ?4 AND {} GROUP BY 1, 2, 3",
+        series_in("series", 5)
+    );
+    for chunk in ids.chunks(IDS_PER_QUERY) {
+        let head = [origin_ms, bucket_ms, lo, hi].map(db::Value::Int);
+        conn.query_each(&sql, with_ids(head.to_vec(), chunk), |r| {
+            f(
+                r.get(0)?,
+                r.get(1)?,
+                outcome_of(r.get(2)?),
+                r.get::<_, i64>(3)? as u64,
+            );
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Every query reads all the series asked for at once, [`IDS_PER_QUERY`] at a time: one
+/// statement for the hourly rows and one per span of runs, not one per series.
 fn outcomes_in(
     conn: &Conn,
     series: Option<&[String]>,
@@ -2188,71 +2297,65 @@ fn outcomes_in(
     } else {
         vec![(since_ms, until_ms)]
     };
-    let ids = series_ids(conn, series)?;
-    let mut out: HashMap<String, Vec<Counts>> = HashMap::new();
-    let slot = |t: i64| (((t.max(since_ms) - origin_ms) / bucket_ms) as usize).min(n - 1);
-    // One bucket (an SLO window): the database sums the hours.
-    let mut hours = conn.prepare_cached(if n == 1 {
-        "SELECT min(bucket_start), CAST(sum(up) AS BIGINT), CAST(sum(degraded) AS BIGINT),
-           CAST(sum(down) AS BIGINT) FROM hourly_outcomes
-         WHERE series = ?3 AND bucket_start >= ?1 AND bucket_start < ?2 HAVING count(*) > 0"
-    } else {
-        "SELECT bucket_start, up, degraded, down FROM hourly_outcomes
-         WHERE series = ?3 AND bucket_start >= ?1 AND bucket_start < ?2"
-    })?;
-    let mut runs = conn.prepare_cached(
-        "SELECT (started_at - ?1) / ?2, outcome, count(*) FROM runs
-         WHERE series = ?3 AND started_at >= ?4 AND started_at < ?5 GROUP BY 1, 2",
-    )?;
-    for (id, name) in ids {
-        let mut v = vec![Counts::default(); n];
-        let mut any = false;
-        if h_lo < h_hi {
-            let mut read = |lo: i64, hi: i64, v: &mut Vec<Counts>| {
-                let mut found = false;
-                hours.query_each(params![lo, hi, id], |r| {
-                    let c = Counts {
-                        up: r.get::<_, i64>(1)? as u64,
-                        degraded: r.get::<_, i64>(2)? as u64,
-                        down: r.get::<_, i64>(3)? as u64,
-                    };
-                    v[slot(r.get(0)?)] += c;
-                    found = true;
-                    Ok(())
+    let names: HashMap<i64, String> = series_ids(conn, series)?.into_iter().collect();
+    let ids: Vec<i64> = names.keys().copied().collect();
+    // Series with at least one row, and their buckets.
+    let mut per: HashMap<i64, Vec<Counts>> = HashMap::new();
+    let mut add = |id: i64, i: i64, c: Counts| {
+        let v = per.entry(id).or_insert_with(|| vec![Counts::default(); n]);
+        v[(i.max(0) as usize).min(n - 1)] += c;
+    };
+    if h_lo < h_hi {
+        match hours_mode {
+            Hours::Cached(cache) if n == 1 => {
+                let span = until_ms - since_ms;
+                let sums = cache.get_many(&ids, span, h_lo, h_hi, |ids, lo, hi| {
+                    let mut m: HashMap<i64, Counts> = HashMap::new();
+                    hour_sums(
+                        conn,
+                        ids,
+                        (lo, hi),
+                        (lo, lo, (hi - lo).max(1)),
+                        |id, _, c| *m.entry(id).or_default() += c,
+                    )?;
+                    Ok(m)
                 })?;
-                Ok::<_, db::Error>(found)
-            };
-            match hours_mode {
-                Hours::Cached(cache) if n == 1 => {
-                    let c = cache.get((id, until_ms - since_ms), h_lo, h_hi, |lo, hi| {
-                        let mut one = vec![Counts::default(); 1];
-                        read(lo, hi, &mut one)?;
-                        Ok(one[0])
-                    })?;
-                    any |= c.total() > 0;
-                    v[0] += c;
+                for (id, c) in sums.into_iter().filter(|(_, c)| c.total() > 0) {
+                    add(id, 0, c);
                 }
-                _ => any |= read(h_lo, h_hi, &mut v)?,
             }
-        }
-        for (lo, hi) in run_spans.iter().copied().filter(|(lo, hi)| lo < hi) {
-            runs.query_each(params![origin_ms, bucket_ms, id, lo, hi], |r| {
-                let i = (r.get::<_, i64>(0)?.max(0) as usize).min(n - 1);
-                let k = r.get::<_, i64>(2)? as u64;
-                match outcome_of(r.get(1)?) {
-                    Outcome::Up => v[i].up += k,
-                    Outcome::Degraded => v[i].degraded += k,
-                    Outcome::Down => v[i].down += k,
-                }
-                any = true;
-                Ok(())
-            })?;
-        }
-        if any {
-            out.insert(name, v);
+            _ => hour_sums(
+                conn,
+                &ids,
+                (h_lo, h_hi),
+                (origin_ms, since_ms, bucket_ms),
+                &mut add,
+            )?,
         }
     }
-    Ok(out)
+    for span in run_spans.into_iter().filter(|(lo, hi)| lo < hi) {
+        run_counts(conn, &ids, span, (origin_ms, bucket_ms), |id, i, o, k| {
+            let c = match o {
+                Outcome::Up => Counts {
+                    up: k,
+                    ..Default::default()
+                },
+                Outcome::Degraded => Counts {
+                    degraded: k,
+                    ..Default::default()
+                },
+                Outcome::Down => Counts {
+                    down: k,
+                    ..Default::default()
+                },
+            };
+            add(id, i, c)
+        })?;
+    }
+    Ok(per
+        .into_iter()
+        .filter_map(|(id, v)| Some((names.get(&id)?.clone(), v)))
+        .collect())
 }
 
 /// The hours `[lo, hi)` of a window `[since_ms, until_ms)` read from hourly outcome rows;
@@ -2290,7 +2393,8 @@ fn hourly_span(conn: &Conn, since_ms: i64, until_ms: i64) -> db::Result<(i64, i6
 }
 
 /// Ids of the named series of this connection's location (all of them for `None`), by
-/// the unique (location, name) index: a few members never read the whole series table.
+/// the unique (location, name) index, [`IDS_PER_QUERY`] names a statement: a few members
+/// never read the whole series table.
 pub fn series_ids(conn: &Conn, series: Option<&[String]>) -> db::Result<Vec<(i64, String)>> {
     let Some(list) = series else {
         let mut st = conn.prepare_cached("SELECT id, name FROM series WHERE location = ?1")?;
@@ -2299,18 +2403,20 @@ pub fn series_ids(conn: &Conn, series: Option<&[String]>) -> db::Result<Vec<(i64
         })?;
         return rows.collect();
     };
-    let mut st = conn.prepare_cached("SELECT id FROM series WHERE location = ?1 AND name = ?2")?;
-    let mut ids = Vec::with_capacity(list.len());
-    for name in list {
-        if ids.iter().any(|(_, n)| n == name) {
-            continue;
-        }
-        let id: Option<i64> = st
-            .query_row(params![conn.location(), name], |r| r.get(0))
-            .optional()?;
-        if let Some(id) = id {
-            ids.push((id, name.clone()));
-        }
+    let mut names: Vec<&String> = list.iter().collect();
+    names.sort();
+    names.dedup();
+    let sql = format!(
+        "SELECT id, name FROM series WHERE location = ?1 AND {}",
+        series_in("name", 2)
+    );
+    let mut ids = Vec::with_capacity(names.len());
+    for chunk in names.chunks(IDS_PER_QUERY) {
+        let head = vec![db::Value::Text(conn.location().to_string())];
+        conn.query_each(&sql, with_ids(head, chunk), |r| {
+            ids.push((r.get(0)?, r.get(1)?));
+            Ok(())
+        })?;
     }
     Ok(ids)
 }
@@ -2394,31 +2500,64 @@ mod tests {
 
     #[test]
     fn hourly_sums_slide_with_the_window() {
-        // One down run per hour at hours 0..100; sums read from that.
-        let reads = std::cell::Cell::new(0);
-        let sum = |lo: i64, hi: i64| {
-            reads.set(reads.get() + (hi - lo));
-            Ok(Counts {
-                up: 0,
-                degraded: 0,
-                down: (hi - lo) as u64,
-            })
+        // One down run per hour and series at hours 0..100; sums read from that. `reads`
+        // counts hours read, `calls` the (grouped) reads.
+        let (reads, calls) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let sum = |ids: &[i64], lo: i64, hi: i64| -> db::Result<HashMap<i64, Counts>> {
+            reads.set(reads.get() + (hi - lo) * ids.len() as i64);
+            calls.set(calls.get() + 1);
+            Ok(ids
+                .iter()
+                .map(|id| {
+                    let c = Counts {
+                        up: 0,
+                        degraded: 0,
+                        down: (hi - lo) as u64,
+                    };
+                    (*id, c)
+                })
+                .collect())
         };
         let cache = HourlySums::default();
-        let key = (7, 30);
-        assert_eq!(cache.get(key, 0, 30, sum).unwrap().down, 30);
-        assert_eq!(reads.get(), 30);
-        // The window moved by two hours: four hours read, not thirty.
-        assert_eq!(cache.get(key, 2, 32, sum).unwrap().down, 30);
-        assert_eq!(reads.get(), 34);
+        let down = |m: HashMap<i64, Counts>| {
+            let mut v: Vec<(i64, u64)> = m.into_iter().map(|(id, c)| (id, c.down)).collect();
+            v.sort();
+            v
+        };
+        let (ids, span) = ([7, 8], 30);
+        assert_eq!(
+            down(cache.get_many(&ids, span, 0, 30, sum).unwrap()),
+            vec![(7, 30), (8, 30)]
+        );
+        assert_eq!(
+            (reads.get(), calls.get()),
+            (60, 1),
+            "both series in one read"
+        );
+        // The window moved by two hours: four hours read per series, not thirty, in two
+        // reads (the hours that left, those that came) for both series.
+        assert_eq!(
+            down(cache.get_many(&ids, span, 2, 32, sum).unwrap()),
+            vec![(7, 30), (8, 30)]
+        );
+        assert_eq!((reads.get(), calls.get()), (68, 3));
         // Unchanged: nothing read.
-        assert_eq!(cache.get(key, 2, 32, sum).unwrap().down, 30);
-        assert_eq!(reads.get(), 34);
+        cache.get_many(&ids, span, 2, 32, sum).unwrap();
+        assert_eq!((reads.get(), calls.get()), (68, 3));
+        // A series seen for the first time is read whole, the others slide.
+        assert_eq!(
+            down(cache.get_many(&[7, 9], span, 3, 33, sum).unwrap()),
+            vec![(7, 30), (9, 30)]
+        );
+        assert_eq!((reads.get(), calls.get()), (68 + 2 + 30, 6));
         // Backwards or jumped past the last one: read whole.
-        assert_eq!(cache.get(key, 1, 31, sum).unwrap().down, 30);
-        assert_eq!(reads.get(), 64);
-        assert_eq!(cache.get(key, 50, 80, sum).unwrap().down, 30);
-        assert_eq!(reads.get(), 94);
+        cache.get_many(&[7], span, 1, 31, sum).unwrap();
+        assert_eq!(reads.get(), 130);
+        cache.get_many(&[7], span, 50, 80, sum).unwrap();
+        assert_eq!(reads.get(), 160);
+        // Another window length is its own entry.
+        cache.get_many(&[7], 10, 70, 80, sum).unwrap();
+        assert_eq!(reads.get(), 170);
     }
 
     #[test]
