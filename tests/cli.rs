@@ -263,10 +263,15 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_drains_on_sigterm_and_report_shows_percentiles() {
-    let srv = HttpServer::json(
-        200,
-        r#"{"status":"ok","checks":{"database":{"status":"ok","latency_ms":7},"cache":"ok"}}"#,
-    )
+    // A target with a fixed delay: the report's p50 is that delay.
+    let delay = Duration::from_millis(150);
+    let srv = HttpServer::start(move |_| {
+        Reply::json(
+            200,
+            r#"{"status":"ok","checks":{"database":{"status":"ok","latency_ms":7},"cache":"ok"}}"#,
+        )
+        .delayed(delay)
+    })
     .await;
     let api = format!("127.0.0.1:{}", free_port());
     let t = TestConfig::empty();
@@ -368,6 +373,9 @@ async fn run_drains_on_sigterm_and_report_shows_percentiles() {
             r["p95_ms"].as_f64().expect("p95"),
         );
         assert!(p50 > 0.0 && p50 <= p95, "{r}");
+        // The server waits 150 ms before its first byte; loopback adds little (the upper
+        // bound leaves a loaded machine room).
+        assert!((149.5..400.0).contains(&p50), "p50 of {phase}: {r}");
     }
     // The sub-check's own latency is its own series.
     let sub = rows
