@@ -8,6 +8,10 @@
 //! there (how the screenshots in docs/ are made).
 
 mod common;
+#[path = "common/recorder.rs"]
+mod recorder;
+#[path = "common/stt.rs"]
+mod stt;
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -239,19 +243,36 @@ async fn dashboard_and_report_in_a_real_browser() {
         }
     })
     .await;
+    let hook = recorder::Recorder::start().await;
     let t = TestConfig::empty();
     t.write(
         "watchpost.toml",
-        "[agent]\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n\n\
+        &format!("[agent]\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n\n\
          [defaults]\ninterval = \"1s\"\ntimeout = \"900ms\"\nretries = 0\njitter = \"0s\"\n\n\
-         [[component]]\nname = \"Public API\"\nprobes = [\"api\"]\nfailure_threshold = 1\nobjective = \"99.5%\"\n\n\
-         [[component]]\nname = \"Database\"\nprobes = [\"api/checks.db\"]\n",
+         [notifier.hook]\nkind = \"webhook\"\nurl = \"{}/hook\"\n\n\
+         [[component]]\nname = \"Public API\"\nprobes = [\"api\"]\nfailure_threshold = 1\nobjective = \"99.5%\"\nnotify = [\"hook\"]\n\n\
+         [[component]]\nname = \"Database\"\nprobes = [\"api/checks.db\"]\n", hook.url()),
     );
     t.write(
         "probes/api.toml",
         &format!(
             "name = \"api\"\nkind = \"http\"\nurl = \"{}\"\nsubchecks = \"checks\"\n\n[budget]\ntotal = {{ p95 = \"500ms\" }}\n",
             target.url("/health")
+        ),
+    );
+    // A listen probe against a real (in-process) Deepgram-style WebSocket server.
+    let stt =
+        stt::Server::start(stt::Behavior::Deepgram(stt::Dg::new("Testing, 1 2 3 4 5."))).await;
+    let audio = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("probes/audio/testing-one-two-three.wav");
+    t.write(
+        "probes/listen.toml",
+        &format!(
+            "name = \"listen\"\nkind = \"listen\"\ndialect = \"deepgram\"\nurl = \"{}\"\n\
+             headers = {{ Authorization = \"Token test-key\" }}\naudio = \"{}\"\n\
+             interval = \"2s\"\ntimeout = \"1500ms\"\nspeed = 8.0\nfinal_timeout = \"1s\"\n",
+            stt.url("/v1/listen?model=nova-3&encoding=linear16&sample_rate=16000&channels=1&interim_results=true"),
+            audio.display()
         ),
     );
     let cfg = Arc::new(t.load_ok());
@@ -301,7 +322,7 @@ async fn dashboard_and_report_in_a_real_browser() {
     let probes = b
         .eval("[...document.querySelectorAll('.probe')].map(e => e.dataset.probe)")
         .await;
-    assert_eq!(probes, json!(["api", "api/checks.db"]));
+    assert_eq!(probes, json!(["api", "api/checks.db", "listen"]));
     b.until(
         "the latency charts' points",
         "[...document.querySelectorAll('[data-chart] polyline')].filter(p => +p.dataset.points > 0).length >= 2",
@@ -322,7 +343,35 @@ async fn dashboard_and_report_in_a_real_browser() {
             .contains("error budget 100.0% left of 99.5% over 30d"),
         "{budget}"
     );
+    // The listen probe's card: its WER, and its phases (connect, first result, final) over
+    // time instead of a single latency.
+    b.until(
+        "the listen probe's WER and phase chart",
+        "document.querySelector('[data-probe=\"listen\"]')?.textContent.includes('WER 0.0%') \
+         && [...document.querySelectorAll('[data-chart=\"listen\"] polyline')].map(p => p.getAttribute('class')).join() === 'p50 line,p95 line,p99 line' \
+         && document.querySelector('[data-chart=\"listen\"]').textContent.includes('first_result p50')",
+        STEP,
+    )
+    .await;
     b.screenshot("dashboard.png").await;
+
+    // The chart window: 24h asks the API for a day of the series and draws it.
+    b.eval("document.querySelector('#win [data-w=\"24h\"]').click()")
+        .await;
+    b.until(
+        "the 24h chart",
+        "charts['api']?.until_ms - charts['api']?.since_ms === 86400000 \
+         && +document.querySelector('[data-chart=\"api\"] polyline')?.dataset.points > 0",
+        STEP,
+    )
+    .await;
+    assert!(
+        b.requests
+            .iter()
+            .any(|u| u.contains("/api/v1/chart?series=api&window=24h")),
+        "{:?}",
+        b.requests
+    );
 
     // The outage: once the agent has recorded a down run, the page shows it within one
     // refresh (5 s), without a reload.
@@ -352,11 +401,48 @@ async fn dashboard_and_report_in_a_real_browser() {
         STEP,
     )
     .await;
+    // The incident's timeline: its transition, and the webhook's delivery of it.
+    b.until(
+        "the incident's transition and delivery",
+        "[...document.querySelectorAll('.incident .tl b')].some(b => b.textContent.length > 0) \
+         && [...document.querySelectorAll('.incident .tl .mute')].some(d => d.textContent.includes('hook') && d.textContent.includes('delivered'))",
+        STEP,
+    )
+    .await;
     b.screenshot("dashboard-outage.png").await;
     let reloads = b
         .eval("performance.getEntriesByType('navigation').length")
         .await;
     assert_eq!(reloads, json!(1), "the page was never reloaded");
+    // Dark when the system is, and usable on a phone: nothing wider than its screen.
+    let background = "getComputedStyle(document.body).backgroundColor";
+    assert_eq!(b.eval(background).await, json!("rgb(255, 255, 255)"));
+    let dark = json!({"features": [{"name": "prefers-color-scheme", "value": "dark"}]});
+    b.call("Emulation.setEmulatedMedia", dark).await;
+    assert_eq!(b.eval(background).await, json!("rgb(13, 17, 23)"));
+    b.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}),
+    )
+    .await;
+    b.until(
+        "the page to fit a 390 px screen",
+        "window.innerWidth === 390 && document.documentElement.scrollWidth <= 390",
+        STEP,
+    )
+    .await;
+    let cards = b
+        .eval("[...document.querySelectorAll('.card')].every(c => c.getBoundingClientRect().right <= 390)")
+        .await;
+    assert_eq!(cards, json!(true), "a card wider than the phone's screen");
+    b.screenshot("dashboard-phone-dark.png").await;
+    b.call("Emulation.setEmulatedMedia", json!({"features": []}))
+        .await;
+    b.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 1280, "height": 1000, "deviceScaleFactor": 1, "mobile": false}),
+    )
+    .await;
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 
     // The HTML report of the same runs, opened from a file: charts, and no request at all.
@@ -364,6 +450,12 @@ async fn dashboard_and_report_in_a_real_browser() {
     let now = chrono::Utc::now().timestamp_millis();
     let r = watchpost::report::build(&cfg, &conn, Duration::from_secs(600), now).unwrap();
     let html = t.write("report.html", &watchpost::report::render_html(&r));
+    // Leave the dashboard first: a chart refresh it started just before must not be
+    // counted as the report's (the DevTools events come in order, so once the blank page is
+    // there every request of the dashboard has been noted).
+    b.goto("about:blank").await;
+    b.until("the blank page", "location.href === 'about:blank'", STEP)
+        .await;
     b.requests.clear();
     b.goto(&format!("file://{}", html.display())).await;
     b.until(
