@@ -753,7 +753,8 @@ struct OverviewQuery {
 ///
 /// With `?since=CURSOR` (what the page asks): only the series whose newest run changed
 /// since the answer that gave the cursor (all of them when the cursor is empty or stale:
-/// `full`), each strip as one letter per run (`strip`: `u` up, `d` degraded, `x` down) with
+/// `full`), each strip as one letter per run (`strip`: `u` up, `d` degraded, `x` down, `s` a
+/// planned run skipped because the previous one was still going) with
 /// its start (`strip_t0`, ms) and each run's offset from it in seconds (`strip_dt`) instead
 /// of `recent`.
 async fn overview(State(s): State<AppState>, Query(q): Query<OverviewQuery>) -> Response {
@@ -789,6 +790,7 @@ async fn overview(State(s): State<AppState>, Query(q): Query<OverviewQuery>) -> 
                     .map(|t| match t.1 {
                         "up" => 'u',
                         "degraded" => 'd',
+                        crate::store::SKIPPED => 's',
                         _ => 'x',
                     })
                     .collect();

@@ -1062,3 +1062,85 @@ async fn component_slo_matches_the_runs_counted_one_by_one(b: Backend) {
     drop(s);
     writer.join().await;
 }
+
+/// The uptime strip marks a planned run skipped because the previous one was still going,
+/// in time order (the overrunning run lands before the mark of the slot it overran), in
+/// memory at once and again after a restart (seeded from the `skips` table); the page's
+/// compact strip spells it `s`.
+#[tokio::test]
+async fn the_uptime_strip_marks_skipped_runs_in_order_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data/watchpost.db");
+    let t0 = Utc::now().timestamp_millis() - 60_000;
+    let strip = |s: &Store| -> Vec<(i64, String)> {
+        let all = s.latest().overview();
+        let (_, recent) = all.iter().find(|(r, _)| r.probe == "slow").unwrap();
+        recent.runs.iter().map(|t| (t.0, t.1.to_string())).collect()
+    };
+    let want = vec![
+        (t0, "up".to_string()),
+        (t0 + 10_000, "up".to_string()),
+        (t0 + 20_000, "skipped".to_string()),
+        (t0 + 30_000, "down".to_string()),
+    ];
+    {
+        let (s, writer) = Store::start(&db).unwrap();
+        s.record(outcome_run("slow", t0, Outcome::Up)).await;
+        // The run of t0+10s takes 15 s: the slot at t0+20s is skipped meanwhile.
+        s.record_skip("slow", t0 + 20_000).await;
+        s.record(outcome_run("slow", t0 + 10_000, Outcome::Up))
+            .await;
+        s.record(outcome_run("slow", t0 + 30_000, Outcome::Down))
+            .await;
+        s.flush().await.unwrap();
+        assert_eq!(strip(&s), want);
+        drop(s);
+        writer.join().await;
+    }
+    let (s, writer) = Store::start(&db).unwrap();
+    assert_eq!(strip(&s), want, "seeded from the database");
+    let path = dir.path().join("watchpost.toml");
+    std::fs::create_dir_all(dir.path().join("probes")).unwrap();
+    std::fs::write(
+        dir.path().join("probes/slow.toml"),
+        "name = \"slow\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &path,
+        "[agent]\ndata_dir = \"data\"\nprobes = [\"probes/*.toml\"]\nlisten = \"\"\n",
+    )
+    .unwrap();
+    let cfg = std::sync::Arc::new(watchpost::config::load(&path).unwrap());
+    let state = watchpost::api::AppState::new(
+        cfg,
+        watchpost::metrics::Metrics::new(),
+        s.clone(),
+        watchpost::health::Health::new(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server =
+        tokio::spawn(async move { axum::serve(listener, watchpost::api::router(state)).await });
+    let page: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{addr}/api/v1/overview?since="))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let slow = page["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "slow")
+        .unwrap();
+    assert_eq!(slow["strip"], "uusx", "{page}");
+    assert_eq!(slow["strip_dt"], json!([0, 10, 20, 30]));
+    server.abort();
+    let _ = server.await;
+    drop(s);
+    writer.join().await;
+}

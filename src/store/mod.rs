@@ -435,10 +435,16 @@ pub struct Changes {
 
 /// Outcomes kept per series in memory for the dashboard's uptime strip.
 pub const RECENT_RUNS: usize = 60;
+/// Skip marks read at most when the strips are seeded at start.
+const SEED_SKIPS: i64 = 100_000;
 
-/// One run in the uptime strip: start (ms) and outcome (`up`/`degraded`/`down`).
+/// One run in the uptime strip: start (ms) and outcome (`up`/`degraded`/`down`), or a
+/// planned run that was skipped because the previous one was still going ([`SKIPPED`]).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Tick(pub i64, pub &'static str);
+
+/// The outcome word of a skipped run in the uptime strip.
+pub const SKIPPED: &str = "skipped";
 
 /// A series' recent runs and its newest failure, in memory.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -454,14 +460,31 @@ pub struct Recent {
 }
 
 impl Recent {
-    fn push(&mut self, r: &LatestRun) {
-        let outcome = Outcome::parse(&r.outcome).unwrap_or(Outcome::Down);
-        if self.runs.back().is_some_and(|t| t.0 > r.started_at) {
-            return; // a late run: the strip shows the present
+    /// Put a tick in the strip in time order (a run that took longer than its interval
+    /// lands after the skip mark of the slot it overran); one older than the whole strip is
+    /// left out.
+    fn tick(&mut self, t: Tick) {
+        let at = self
+            .runs
+            .iter()
+            .rposition(|x| x.0 <= t.0)
+            .map_or(0, |i| i + 1);
+        if at == 0 && self.runs.len() >= RECENT_RUNS {
+            return;
         }
-        self.runs.push_back(Tick(r.started_at, outcome.as_str()));
+        self.runs.insert(at, t);
         while self.runs.len() > RECENT_RUNS {
             self.runs.pop_front();
+        }
+    }
+
+    fn push(&mut self, r: &LatestRun) {
+        let outcome = Outcome::parse(&r.outcome).unwrap_or(Outcome::Down);
+        let newest = self.runs.iter().rev().find(|t| t.1 != SKIPPED);
+        let late = newest.is_some_and(|t| t.0 > r.started_at);
+        self.tick(Tick(r.started_at, outcome.as_str()));
+        if late {
+            return; // the WER line and the newest failure show the present
         }
         if let Some(w) = r.wer {
             self.wer.push_back((r.started_at, w));
@@ -537,7 +560,18 @@ impl Latest {
         }
     }
 
-    /// Seed from the database (at start): the newest runs and the strips.
+    /// A planned run of `probe` at `at_ms` was skipped: a mark in its strip.
+    fn skipped(&self, probe: &str, at_ms: i64) {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        map.version += 1;
+        let version = map.version;
+        let recent = map.recent.entry(probe.to_string()).or_default();
+        recent.tick(Tick(at_ms, SKIPPED));
+        recent.changed = version;
+    }
+
+    /// Seed from the database (at start): the newest runs and the strips, with the skip
+    /// marks of the last day among them.
     fn seed(&self, conn: &Conn, latest: Vec<LatestRun>) -> db::Result<()> {
         let mut st = conn.prepare(
             "SELECT started_at, outcome FROM runs WHERE series = ?1 ORDER BY started_at DESC LIMIT ?2",
@@ -552,6 +586,17 @@ impl Latest {
             ticks.reverse();
             map.recent.entry(s.name).or_default().runs = ticks.into();
         }
+        let day_ago = chrono::Utc::now().timestamp_millis() - 86_400_000;
+        conn.query_each(
+            "SELECT probe, planned_at FROM skips WHERE planned_at >= ?1 ORDER BY planned_at LIMIT ?2",
+            params![day_ago, SEED_SKIPS],
+            |r| {
+                if let Some(recent) = map.recent.get_mut(&r.get::<_, String>(0)?) {
+                    recent.tick(Tick(r.get(1)?, SKIPPED));
+                }
+                Ok(())
+            },
+        )?;
         for r in latest {
             if r.outcome != "up" {
                 map.recent.entry(r.probe.clone()).or_default().last_bad = Some(r.clone());
@@ -757,8 +802,10 @@ impl Store {
         }
     }
 
-    /// Record that a probe's run was skipped because the previous one was still going.
+    /// Record that a probe's run was skipped because the previous one was still going (in
+    /// its uptime strip at once, like a run whose database is away).
     pub async fn record_skip(&self, probe: &str, planned_at_ms: i64) {
+        self.latest.skipped(probe, planned_at_ms);
         let _ = self
             .tx
             .send(Op::Skip {
