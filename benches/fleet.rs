@@ -12,8 +12,16 @@
 //!   seconds; one is SIGKILLed. Measured: SIGKILL → the first run of each of its probes on
 //!   the other agent (read from the run feed in Postgres); worst and mean.
 //!
+//! - **confirmation** (`--confirm`, only this): two agents in two locations probe one target
+//!   at `--interval` seconds, the second location half an interval after the first; the
+//!   target fails for both (tests/common/confirm.rs). Measured: the first failing run → the
+//!   PagerDuty trigger, with `[agent] fleet.confirm` on and off (`failure_threshold = 2`).
+//!
 //! `cargo bench --bench fleet -- --rounds 3 --interval 10 --probes 8`
+//! `cargo bench --bench fleet -- --confirm --rounds 3 --interval 20`
 
+#[path = "../tests/common/confirm.rs"]
+mod confirm;
 #[path = "../tests/common/fleet.rs"]
 mod fleet;
 #[path = "../tests/common/pg.rs"]
@@ -181,6 +189,31 @@ async fn main() {
     let interval = arg("--interval", 10);
     let probes = arg("--probes", 8) as usize;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    if std::env::args().any(|a| a == "--confirm") {
+        println!("load average at start: {}", load.trim());
+        for r in 1..=rounds {
+            for on in [true, false] {
+                let o = confirm::outage_everywhere(
+                    interval,
+                    on,
+                    Duration::from_secs(4 * interval + 60),
+                    Duration::ZERO,
+                )
+                .await;
+                println!(
+                    "round {r} confirmation {}: interval {interval} s, first failing run from {} → page {:.1} s (confirmation run after {})",
+                    if on { "on " } else { "off" },
+                    o.first_bad.location,
+                    o.time_to_page() as f64 / 1000.0,
+                    o.confirmation
+                        .map_or("—".to_string(), |c| format!("{:.1} s", (c.at - o.first_bad.at) as f64 / 1000.0))
+                );
+            }
+        }
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!("load average at the end: {}", load.trim());
+        return;
+    }
     println!(
         "fleet timing: {TIMING}; load average at start: {}",
         load.trim()

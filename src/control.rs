@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::Shared;
-use crate::probe::{run_confirmed_gated, Probe, RunResult};
+use crate::probe::{run_confirmed_faulted, Probe, RunResult};
 use crate::schedule::{guard_run, Gate};
 use crate::store::Store;
 
@@ -312,17 +312,55 @@ impl Control {
     /// limit; the run is stored and evaluated like a scheduled one, and returned.
     pub async fn run_now(&self, probe: &str, origin: &Origin) -> Result<RunResult, CommandError> {
         let cfg = self.known_probe(probe)?;
+        tracing::info!(probe, what = "run now", who = %origin.who, "probe run requested by the API");
+        self.execute(cfg, None).await
+    }
+
+    /// Run a probe now because location `asked_by` saw it go bad (fleet mode,
+    /// `crate::fleet::confirmations`): as [`Control::run_now`], and as the scheduler runs it
+    /// (an active rehearsal fault applies), with the run marked
+    /// `details.confirmation_for = asked_by`.
+    pub async fn confirm(&self, probe: &str, asked_by: &str) -> Result<RunResult, CommandError> {
+        let cfg = self.known_probe(probe)?;
+        if !cfg.enabled {
+            return Err(CommandError::Invalid(format!("probe {probe} is disabled")));
+        }
+        tracing::info!(
+            probe,
+            asked_by,
+            "confirmation run asked for by another location"
+        );
+        self.execute(cfg, Some(asked_by)).await
+    }
+
+    /// One run of `cfg` through the gate, sent to the fan-out; a confirmation run for
+    /// location `confirmation_for` sees rehearsal faults and is marked.
+    async fn execute(
+        &self,
+        cfg: &crate::config::ProbeConfig,
+        confirmation_for: Option<&str>,
+    ) -> Result<RunResult, CommandError> {
         let built = Probe::build_with(cfg, &self.shared.http)
             .context("building the probe")
             .map_err(CommandError::Internal)?;
-        tracing::info!(probe, what = "run now", who = %origin.who, "probe run requested by the API");
         let host = cfg.spec.host().unwrap_or_default();
         let (gate, host) = (&self.gate, &host);
         let health = &self.shared.health;
-        let r = guard_run(&cfg.name, cfg.kind(), &self.metrics, health, async {
-            run_confirmed_gated(&built, cfg, move || async move { gate.pass(host).await }).await
+        let faults = confirmation_for.map(|_| &self.shared.faults);
+        let mut r = guard_run(&cfg.name, cfg.kind(), &self.metrics, health, async {
+            run_confirmed_faulted(
+                &built,
+                cfg,
+                faults,
+                move || async move { gate.pass(host).await },
+            )
+            .await
         })
         .await;
+        if let Some(location) = confirmation_for {
+            r.details
+                .insert(crate::fleet::CONFIRMATION.into(), location.into());
+        }
         let Some(tx) = self.runs.upgrade() else {
             return Err(CommandError::Unavailable(
                 "the agent is shutting down; the run was not recorded".into(),

@@ -23,6 +23,12 @@
 //! - **Outbox claims.** Before delivering a row the leader claims it (`FOR UPDATE SKIP
 //!   LOCKED`, a claim that expires after the delivery deadline, and only while it holds the
 //!   lease): two leaders never deliver one row ([`claim`]).
+//! - **Confirmation across locations.** An agent that sees a probe go bad (a run not up
+//!   after one that was) asks the other locations to confirm: a row in `confirm_requests`,
+//!   written with the run's feed row ([`ask`]). Every agent polls the open requests of other
+//!   locations once a second ([`confirmations`]) and the owner of the probe in its location
+//!   re-runs it at once through the usual path, marked [`CONFIRMATION`]; the leader then
+//!   opens the incident without waiting for `failure_threshold` (see `incident::Evaluator`).
 //!
 //! Not here: storing runs (`store`), judging components (`incident`), delivering (`notify`).
 //! Nothing here runs on the single-machine SQLite store.
@@ -81,6 +87,20 @@ ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
 ALTER TABLE outbox ADD COLUMN claim_until INTEGER;
 ";
 
+/// Migration 12: confirmation requests across locations, at most one open per probe and
+/// asking location. SQLite creates the table too (unused there).
+pub const CONFIRM_MIGRATION: &str = "
+CREATE TABLE IF NOT EXISTS confirm_requests (
+    probe TEXT NOT NULL,
+    location TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    asked_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (probe, location)
+);
+CREATE INDEX IF NOT EXISTS confirm_requests_open ON confirm_requests (expires_at);
+";
+
 /// The database's clock in ms (Postgres): every fleet time is judged by it.
 macro_rules! now_ms {
     () => {
@@ -98,6 +118,13 @@ const FEED_POLL: Duration = Duration::from_millis(200);
 const FEED_BATCH: i64 = 500;
 /// Members whose heartbeat is older than this are forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// How often an agent looks for confirmation requests of other locations.
+const CONFIRM_POLL: Duration = Duration::from_secs(1);
+/// A confirmation request stays open one probe interval, and at least this long (several
+/// polls), so that every location sees it.
+const CONFIRM_OPEN_MIN: Duration = Duration::from_secs(3);
+/// The run detail that marks a confirmation run; its value is the location that asked.
+pub const CONFIRMATION: &str = "confirmation_for";
 
 /// This agent as a member of the fleet.
 #[derive(Debug, Clone)]
@@ -107,6 +134,8 @@ pub struct Member {
     pub location: String,
     pub heartbeat: Duration,
     pub lease: Duration,
+    /// Ask for and answer confirmation re-runs (`[agent] fleet.confirm`).
+    pub confirm: bool,
 }
 
 impl Member {
@@ -122,6 +151,7 @@ impl Member {
             location: config.agent.location.clone(),
             heartbeat: config.agent.fleet.heartbeat,
             lease: config.agent.fleet.lease,
+            confirm: config.agent.fleet.confirm,
         })
     }
 
@@ -504,13 +534,16 @@ impl FeedRun {
 const FEED_WRITE_BATCH: usize = 256;
 
 /// Every run of this agent (after the store has it) into the feed, batched, until the
-/// fan-out closes `runs`. A batch that cannot be written is logged and dropped (the runs
-/// themselves are in the store; only the leader's evaluation misses them).
+/// fan-out closes `runs`; a run that sees a probe go bad also asks the other locations to
+/// confirm ([`ask`], in the same write). A batch that cannot be written is logged and
+/// dropped (the runs themselves are in the store; only the leader's evaluation misses them).
 pub async fn feed(
     mut runs: mpsc::Receiver<Located>,
     store: Store,
     member: Arc<Member>,
+    config: Arc<Config>,
 ) -> anyhow::Result<()> {
+    let mut asker = Asker::default();
     while let Some(r) = runs.recv().await {
         let mut batch = vec![r.run];
         while batch.len() < FEED_WRITE_BATCH {
@@ -531,6 +564,16 @@ pub async fn feed(
                 ))
             })
             .collect();
+        let asks: Vec<(String, Duration)> = batch
+            .iter()
+            .filter(|r| asker.wants(r) && member.confirm)
+            .map(|r| {
+                let interval = config
+                    .probe(&r.probe)
+                    .map_or(Duration::ZERO, |p| p.interval);
+                (r.probe.clone(), interval.max(CONFIRM_OPEN_MIN))
+            })
+            .collect();
         let m = member.clone();
         let n = rows.len();
         let written = store
@@ -541,13 +584,163 @@ pub async fn feed(
                         params![m.id, m.location, probe, at, outcome, json],
                     )?;
                 }
-                Ok(())
+                let mut asked = Vec::new();
+                for (probe, open) in &asks {
+                    if ask(c, probe, &m, *open)? {
+                        asked.push(probe.clone());
+                    }
+                }
+                Ok(asked)
             })
             .await;
-        if let Err(e) = written {
-            tracing::warn!(runs = n, error = %format!("{e:#}"), "runs not passed to the fleet leader");
+        match written {
+            Ok(asked) => {
+                for probe in asked {
+                    tracing::info!(probe = %probe, location = %member.location, "probe went bad here: the other locations are asked to confirm it now");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(runs = n, error = %format!("{e:#}"), "runs not passed to the fleet leader")
+            }
         }
     }
+    Ok(())
+}
+
+/// Whether a run is a confirmation run (made because another location asked).
+pub fn is_confirmation(r: &RunResult) -> bool {
+    r.details.contains_key(CONFIRMATION)
+}
+
+/// Which runs of this agent ask the other locations to confirm: a run that is not up after
+/// one of the same probe that was up (or the first this agent saw), and that is not itself
+/// a confirmation run. A probe that stays bad asks once, not at every run.
+#[derive(Default)]
+struct Asker(std::collections::HashMap<String, Outcome>);
+
+impl Asker {
+    fn wants(&mut self, r: &RunResult) -> bool {
+        let was = self.0.insert(r.probe.clone(), r.outcome);
+        r.outcome != Outcome::Up && !is_confirmation(r) && was.is_none_or(|o| o == Outcome::Up)
+    }
+}
+
+/// Ask the other locations to re-run `probe` now, on behalf of `me`'s location; the request
+/// stays open for `open`. `false` (nothing written) while this location's previous request
+/// for the probe is still open: at most one open request per probe and location. Postgres
+/// only.
+pub fn ask(conn: &Conn, probe: &str, me: &Member, open: Duration) -> db::Result<bool> {
+    let n = conn.execute(
+        concat!(
+            "INSERT INTO confirm_requests (probe, location, agent, asked_at, expires_at) VALUES (?1, ?2, ?3, ",
+            now_ms!(),
+            ", ",
+            now_ms!(),
+            " + ?4) ON CONFLICT (probe, location) DO UPDATE SET agent = excluded.agent,
+               asked_at = excluded.asked_at, expires_at = excluded.expires_at
+             WHERE confirm_requests.expires_at <= ",
+            now_ms!()
+        ),
+        params![probe, me.location, me.id, open.as_millis() as i64],
+    )?;
+    Ok(n == 1)
+}
+
+/// An open confirmation request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub probe: String,
+    /// The location that asked.
+    pub location: String,
+    /// When it asked (database ms).
+    pub asked_at: i64,
+}
+
+/// The open confirmation requests of locations other than `location`, oldest first (at most
+/// one per probe and location). Postgres only.
+pub fn open_requests(conn: &Conn, location: &str) -> db::Result<Vec<Request>> {
+    conn.query_map(
+        concat!(
+            "SELECT probe, location, asked_at FROM confirm_requests WHERE expires_at > ",
+            now_ms!(),
+            " AND location <> ?1 ORDER BY asked_at"
+        ),
+        [location],
+        |r| {
+            Ok(Request {
+                probe: r.get(0)?,
+                location: r.get(1)?,
+                asked_at: r.get(2)?,
+            })
+        },
+    )
+}
+
+/// Answer the confirmation requests of other locations until `stop`: every
+/// [`CONFIRM_POLL`], each open request not answered yet for a probe this agent runs in its
+/// location (owned, enabled, not paused) is re-run at once through `control` (concurrency
+/// cap, per-host limit, store, feed), marked [`CONFIRMATION`]. Runs still going at `stop`
+/// finish until `force`.
+pub async fn confirmations(
+    member: Arc<Member>,
+    store: Store,
+    control: crate::control::Control,
+    ownership: Ownership,
+    stop: CancellationToken,
+    force: CancellationToken,
+) -> anyhow::Result<()> {
+    let runs = tokio_util::task::TaskTracker::new();
+    // (probe, asking location) → the request answered.
+    let mut answered: std::collections::HashMap<(String, String), i64> = Default::default();
+    let mut tick = tokio::time::interval(CONFIRM_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn = None;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let location = member.location.clone();
+        let open = match off_thread(&store, &mut conn, move |c| open_requests(c, &location)).await {
+            Ok(o) => {
+                failing = false;
+                o
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(agent = %member.id, error = %format!("{e:#}"), "cannot read the confirmation requests of other locations");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        answered.retain(|(p, l), at| {
+            open.iter()
+                .any(|r| &r.probe == p && &r.location == l && r.asked_at == *at)
+        });
+        for r in open {
+            let key = (r.probe.clone(), r.location.clone());
+            if answered.get(&key) == Some(&r.asked_at)
+                || !ownership.owns(&r.probe)
+                || control.paused().contains(&r.probe)
+            {
+                continue;
+            }
+            answered.insert(key, r.asked_at);
+            let (control, force) = (control.clone(), force.clone());
+            runs.spawn(async move {
+                tokio::select! {
+                    _ = force.cancelled() => {}
+                    done = control.confirm(&r.probe, &r.location) => if let Err(e) = done {
+                        tracing::warn!(probe = %r.probe, asked_by = %r.location, error = %e, "confirmation run not made");
+                    }
+                }
+            });
+        }
+    }
+    runs.close();
+    runs.wait().await;
     Ok(())
 }
 

@@ -203,7 +203,7 @@ impl Pipeline {
                 let cursor = crate::fleet::Cursor::default();
                 tasks.push(spawn(
                     "feed",
-                    crate::fleet::feed(eval_rx, store.clone(), m.clone()),
+                    crate::fleet::feed(eval_rx, store.clone(), m.clone(), config.clone()),
                 ));
                 tasks.push(spawn(
                     "fleet",
@@ -262,6 +262,19 @@ impl Pipeline {
             cmd_tx,
         );
         tasks.push(spawn("rehearsals", control.rehearsals().clone().run()));
+        if let Some(m) = member.as_ref().filter(|m| m.confirm && opts.scheduler) {
+            tasks.push(spawn(
+                "confirm",
+                crate::fleet::confirmations(
+                    m.clone(),
+                    store.clone(),
+                    control.clone(),
+                    shared.ownership.clone(),
+                    sched_stop.clone(),
+                    force.clone(),
+                ),
+            ));
+        }
         tasks.push(spawn(
             "fan-out",
             fan_out(
@@ -402,7 +415,7 @@ impl Pipeline {
         tracing::error!(task, what = %what, "a task of the daemon stopped; stopping the daemon");
         let part = match task {
             "fan-out" | "feed" | "leader" => "evaluator",
-            "fleet" => "scheduler",
+            "fleet" | "confirm" => "scheduler",
             t => t,
         };
         self.shared
@@ -460,7 +473,14 @@ impl Pipeline {
         for (stage, then) in [
             // A drill in progress first: its fault lifted, its end hooks run, its row kept.
             (
-                &["rehearsals", "scheduler", "fan-out", "evaluator", "feed"][..],
+                &[
+                    "rehearsals",
+                    "scheduler",
+                    "confirm",
+                    "fan-out",
+                    "evaluator",
+                    "feed",
+                ][..],
                 &stop,
             ),
             (

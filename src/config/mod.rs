@@ -371,6 +371,11 @@ struct FleetFile {
     /// evaluating and notifying by then, and another agent takes over.
     #[serde(default = "default_fleet_lease")]
     lease: Dur,
+    /// Confirmation across locations: when this agent sees a probe go bad it asks the other
+    /// locations to re-run it at once, and it re-runs at once the probes other locations
+    /// ask about (those it runs in its location). `false`: neither.
+    #[serde(default = "yes")]
+    confirm: bool,
 }
 
 impl Default for FleetFile {
@@ -378,6 +383,7 @@ impl Default for FleetFile {
         FleetFile {
             heartbeat: default_fleet_heartbeat(),
             lease: default_fleet_lease(),
+            confirm: true,
         }
     }
 }
@@ -394,6 +400,8 @@ fn default_fleet_lease() -> Dur {
 pub struct FleetTiming {
     pub heartbeat: Duration,
     pub lease: Duration,
+    /// Ask for and answer confirmation re-runs across locations (`crate::fleet::confirm`).
+    pub confirm: bool,
 }
 
 impl Default for FleetTiming {
@@ -401,6 +409,7 @@ impl Default for FleetTiming {
         FleetTiming {
             heartbeat: default_fleet_heartbeat().0,
             lease: default_fleet_lease().0,
+            confirm: true,
         }
     }
 }
@@ -1744,6 +1753,7 @@ fn build_agent(a: &AgentFile, dir: &Path) -> Agent {
         fleet: FleetTiming {
             heartbeat: a.fleet.heartbeat.0,
             lease: a.fleet.lease.0,
+            confirm: a.fleet.confirm,
         },
         rehearsal: None,
     }

@@ -137,6 +137,8 @@ struct Sighting {
     outcome: Outcome,
     at: i64,
     error: Option<(String, String)>,
+    /// A confirmation run (re-run at another location's request, fleet mode).
+    confirmation: bool,
 }
 
 /// A timeline entry about locations that do not agree on a member.
@@ -175,8 +177,9 @@ pub struct Evaluator {
     drill: crate::chaos::live::Drill,
     /// Per member, the newest run from each location that reported it recently.
     sightings: HashMap<String, BTreeMap<String, Sighting>>,
-    /// Per (component, member), the disagreement of locations last put on the timeline.
-    disagreements: HashMap<(usize, String), String>,
+    /// Per (component, member), the disagreement of locations last put on the timeline
+    /// (what each location sees), and whether a confirmation run was part of it.
+    disagreements: HashMap<(usize, String), (String, bool)>,
 }
 
 /// Longest time the evaluator may go without progress before `/health` calls it wedged.
@@ -366,6 +369,7 @@ impl Evaluator {
             .config
             .probe(&run.probe)
             .map_or(120_000, |p| 2 * p.interval.as_millis() as i64);
+        let confirmation = crate::fleet::is_confirmation(run);
         let comps = self.by_probe.get(&run.probe).cloned().unwrap_or_default();
         let mut notes = Vec::new();
         for ci in comps {
@@ -374,8 +378,9 @@ impl Evaluator {
                 continue;
             }
             let rules = self.comps[ci].rules;
+            let first_note = notes.len();
             for i in inputs {
-                let i = self.judge(ci, i, &location, window, &mut notes);
+                let i = self.judge(ci, i, &location, confirmation, window, &mut notes);
                 self.comps[ci].state.apply(&rules, i);
             }
             let budgeted: Vec<String> = match self.config.probe(&run.probe) {
@@ -397,19 +402,30 @@ impl Evaluator {
             }
             let t = self.evaluate(ci, now);
             self.persist(ci, t, now).await;
+            // The notes of this run go on the timeline of the incident as it is now (one a
+            // confirmation across locations just opened, for one).
+            let c = &self.comps[ci];
+            for n in &mut notes[first_note..] {
+                n.incident = c.state.incident.as_ref().map(|i| i.id);
+                n.status = c.state.status.as_str();
+            }
         }
         Self::write_notes(self.store.clone(), notes, now).await;
     }
 
     /// A member input judged by the locations that reported the member within `window`
     /// (fleet mode): bad only when the component's `quorum` of them see it bad (then as bad
-    /// as the worst of them), else up. With one location this is the input itself. When
-    /// the locations disagree, or agree again, a note for the timeline is added to `notes`.
+    /// as the worst of them), else up. With one location this is the input itself. A bad
+    /// judgement that counts a `confirmation` run seeing it bad (another location re-ran the
+    /// probe at once when asked) is confirmed: the member is bad at once, without waiting for
+    /// `failure_threshold`. When the locations disagree, agree again, or confirm a member
+    /// bad, a note for the timeline is added to `notes`.
     fn judge(
         &mut self,
         ci: usize,
         input: Input,
         location: &str,
+        confirmation: bool,
         window: i64,
         notes: &mut Vec<LocationNote>,
     ) -> Input {
@@ -419,6 +435,7 @@ impl Evaluator {
             at,
             error,
             details,
+            ..
         } = input
         else {
             return input;
@@ -430,6 +447,7 @@ impl Evaluator {
                 outcome,
                 at,
                 error: error.clone(),
+                confirmation,
             },
         );
         seen.retain(|_, s| s.at >= at - window);
@@ -439,22 +457,56 @@ impl Evaluator {
             .filter(|(_, s)| s.outcome != Outcome::Up)
             .max_by_key(|(_, s)| s.outcome);
         let bad = seen.values().filter(|s| s.outcome != Outcome::Up).count();
-        let disagreement = (bad > 0 && bad < reporting).then(|| {
+        // What each location sees; `marked`: naming the confirmation runs.
+        let views = |marked: bool| {
             let views: Vec<String> = seen
                 .iter()
-                .map(|(l, s)| match &s.error {
-                    Some((class, msg)) if s.outcome != Outcome::Up => format!(
-                        "{l} sees it {} ({class}: {})",
-                        s.outcome.as_str(),
-                        crate::notify::event::truncate(msg, 120)
-                    ),
-                    _ => format!("{l} sees it {}", s.outcome.as_str()),
+                .map(|(l, s)| {
+                    let view = match &s.error {
+                        Some((class, msg)) if s.outcome != Outcome::Up => format!(
+                            "{l} sees it {} ({class}: {})",
+                            s.outcome.as_str(),
+                            crate::notify::event::truncate(msg, 120)
+                        ),
+                        _ => format!("{l} sees it {}", s.outcome.as_str()),
+                    };
+                    if marked && s.confirmation {
+                        format!("{view} (confirmation re-run)")
+                    } else {
+                        view
+                    }
                 })
                 .collect();
-            format!("locations disagree on {member}: {}", views.join("; "))
+            views.join("; ")
+        };
+        // (the disagreement as noted, what it is): noted when what the locations see changes,
+        // or when a confirmation run first takes part in it; not again when a scheduled run
+        // sees the same afterwards.
+        let disagreement = (bad > 0 && bad < reporting).then(|| {
+            (
+                format!("locations disagree on {member}: {}", views(true)),
+                views(false),
+            )
+        });
+        let quorum = bad >= self.comps[ci].quorum.needed(reporting);
+        let confirmed = quorum
+            && seen
+                .values()
+                .any(|s| s.confirmation && s.outcome != Outcome::Up);
+        let confirm_note = (confirmed
+            && self.comps[ci]
+                .state
+                .members
+                .get(&member)
+                .is_some_and(|m| m.level.is_none()))
+        .then(|| {
+            format!(
+                "{member} confirmed bad across locations at once (failure_threshold not awaited): {}",
+                views(true)
+            )
         });
         let judged = match worst {
-            Some((l, s)) if bad >= self.comps[ci].quorum.needed(reporting) => {
+            Some((l, s)) if quorum => {
                 if outcome != Outcome::Up {
                     Input::Run {
                         member: member.clone(),
@@ -462,6 +514,7 @@ impl Evaluator {
                         at,
                         error,
                         details,
+                        confirmed,
                     }
                 } else {
                     Input::Run {
@@ -473,6 +526,7 @@ impl Evaluator {
                             .clone()
                             .map(|(c, m)| (c, format!("{m} (seen from {l})"))),
                         details: None,
+                        confirmed,
                     }
                 }
             }
@@ -482,12 +536,18 @@ impl Evaluator {
                 at,
                 error: None,
                 details: None,
+                confirmed: false,
             },
         };
         let key = (ci, member.clone());
         let note = match disagreement {
-            Some(text) if self.disagreements.get(&key) != Some(&text) => {
-                self.disagreements.insert(key, text.clone());
+            Some((text, what))
+                if self
+                    .disagreements
+                    .get(&key)
+                    .is_none_or(|(w, re_run)| *w != what || (confirmation && !re_run)) =>
+            {
+                self.disagreements.insert(key, (what, confirmation));
                 Some(("locations_disagree", text))
             }
             None if self.disagreements.remove(&key).is_some() => Some((
@@ -496,13 +556,14 @@ impl Evaluator {
             )),
             _ => None,
         };
-        if let Some((kind, note)) = note {
+        let confirm_note = confirm_note.map(|text| ("locations_confirm", text));
+        for (kind, note) in note.into_iter().chain(confirm_note) {
             let c = &self.comps[ci];
             notes.push(LocationNote {
                 component: c.name.clone(),
                 incident: c.state.incident.as_ref().map(|i| i.id),
                 status: c.state.status.as_str(),
-                member,
+                member: member.clone(),
                 kind,
                 note,
             });
@@ -1063,6 +1124,7 @@ fn member_inputs(members: &[String], run: &RunResult, at: i64) -> Vec<Input> {
                     .as_ref()
                     .map(|e| (e.class.to_string(), e.message.clone())),
                 details: run_details(run),
+                confirmed: false,
             });
         } else if m
             .strip_prefix(run.probe.as_str())
@@ -1078,6 +1140,7 @@ fn member_inputs(members: &[String], run: &RunResult, at: i64) -> Vec<Input> {
                         .as_ref()
                         .map(|e| (e.class.to_string(), e.message.clone())),
                     details: s.latency.map(|l| json!({"latency_ms": ms(l)})),
+                    confirmed: false,
                 }),
                 None if run.outcome != Outcome::Up => out.push(Input::Run {
                     member: m.clone(),
@@ -1090,6 +1153,7 @@ fn member_inputs(members: &[String], run: &RunResult, at: i64) -> Vec<Input> {
                         )
                     }),
                     details: run_details(run),
+                    confirmed: false,
                 }),
                 None => {}
             }

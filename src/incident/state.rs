@@ -190,6 +190,10 @@ pub enum Input {
         at: i64,
         error: Option<(String, String)>,
         details: Option<Value>,
+        /// Confirmed across locations (fleet mode): a bad run counted by the location quorum
+        /// together with another location's confirmation run that sees it bad too. The member
+        /// is confirmed bad at once, without waiting for `failure_threshold` runs.
+        confirmed: bool,
     },
     /// A latency-budget verdict for a member (`None`: within budget or too few samples).
     Budget {
@@ -304,6 +308,7 @@ impl ComponentState {
                 at,
                 error,
                 details,
+                confirmed,
             } => {
                 let Some(m) = self.members.get_mut(&member) else {
                     return;
@@ -339,7 +344,7 @@ impl ComponentState {
                     };
                     // Once confirmed, the level follows the newest run (escalation and
                     // de-escalation need no second confirmation).
-                    if m.level.is_some() || m.bad_streak >= rules.failure_threshold {
+                    if m.level.is_some() || m.bad_streak >= rules.failure_threshold || confirmed {
                         m.level = Some(level);
                     }
                 }
@@ -749,6 +754,7 @@ mod tests {
             at,
             error,
             details: None,
+            confirmed: false,
         }
     }
 
@@ -866,6 +872,41 @@ mod tests {
             }
             assert_eq!(got, want, "{name}");
         }
+    }
+
+    #[test]
+    fn a_bad_run_confirmed_across_locations_opens_at_once() {
+        let confirmed = |member: &str, o: Outcome, at: i64| match run(member, o, at) {
+            Input::Run {
+                member,
+                outcome,
+                at,
+                error,
+                details,
+                ..
+            } => Input::Run {
+                member,
+                outcome,
+                at,
+                error,
+                details,
+                confirmed: true,
+            },
+            other => other,
+        };
+        // failure_threshold 2: one confirmed bad run is enough.
+        let mut sim = Sim::new(&["a", "b"], RULES);
+        let t = sim.step(Some(confirmed("a", X, 0)), 0, None);
+        assert_eq!(t.map(|t| (t.kind, t.to)), Some((Opened, PartialOutage)));
+        // It resolves by the usual rules: success_threshold good runs and recovery.
+        assert_eq!(sim.feed("a", U, 1_000), None);
+        assert_eq!(sim.feed("a", U, 2_000), None);
+        let t = sim.step(None, 181_000, None);
+        assert_eq!(t.map(|t| t.kind), Some(Resolved));
+        // An up run is never made bad by the flag alone.
+        let mut sim = Sim::new(&["a", "b"], RULES);
+        assert_eq!(sim.step(Some(confirmed("a", U, 0)), 0, None), None);
+        assert_eq!(sim.s.members["a"].level, None);
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub const MIGRATIONS: &[&str] = &[
     DASHBOARD_INDEXES,
     // 11: the last slot each scheduled review was sent for, per notifier
     crate::review::MIGRATION,
+    // 12: fleet mode: confirmation requests across locations
+    crate::fleet::CONFIRM_MIGRATION,
 ];
 
 /// Migration 10: the dashboard reads one series' hourly rows (its chart) and its members'

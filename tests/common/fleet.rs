@@ -105,24 +105,32 @@ pub fn agent_config(dir: &Path, name: &str, location: &str, timing: &str, extra:
 
 /// An HTTP probe file `<dir>/probes/<name>.toml` against `url`.
 pub fn http_probe(dir: &Path, name: &str, url: &str, interval: &str) {
+    http_probe_with(dir, name, url, interval, "");
+}
+
+/// [`http_probe`] with `extra` lines (e.g. `offset = "4s"`).
+pub fn http_probe_with(dir: &Path, name: &str, url: &str, interval: &str, extra: &str) {
     std::fs::create_dir_all(dir.join("probes")).unwrap();
     std::fs::write(
         dir.join(format!("probes/{name}.toml")),
         format!(
             "name = \"{name}\"\nkind = \"http\"\nurl = \"{url}\"\ninterval = \"{interval}\"\n\
-             timeout = \"1s\"\nretries = 0\njitter = \"0s\"\n"
+             timeout = \"1s\"\nretries = 0\njitter = \"0s\"\n{extra}"
         ),
     )
     .unwrap();
 }
 
-/// A run as the fleet recorded it: location, probe, agent, start (ms).
+/// A run as the fleet recorded it: location, probe, agent, start (ms), outcome, and for a
+/// confirmation run the location that asked for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetRun {
     pub location: String,
     pub probe: String,
     pub agent: String,
     pub at: i64,
+    pub outcome: String,
+    pub confirmation_for: Option<String>,
 }
 
 /// A reading connection to the fleet's database.
@@ -138,15 +146,21 @@ impl Db {
     pub fn runs_since(&self, since_ms: i64) -> Vec<FleetRun> {
         self.0
             .query_map(
-                "SELECT location, probe, agent, started_at FROM run_feed WHERE started_at >= ?1
-                 ORDER BY started_at",
+                "SELECT location, probe, agent, started_at, outcome, run FROM run_feed
+                 WHERE started_at >= ?1 ORDER BY started_at",
                 [since_ms],
                 |r| {
+                    let run: String = r.get(5)?;
+                    let run: serde_json::Value = serde_json::from_str(&run).unwrap_or_default();
                     Ok(FleetRun {
                         location: r.get(0)?,
                         probe: r.get(1)?,
                         agent: r.get(2)?,
                         at: r.get(3)?,
+                        outcome: r.get(4)?,
+                        confirmation_for: run["details"][watchpost::fleet::CONFIRMATION]
+                            .as_str()
+                            .map(str::to_string),
                     })
                 },
             )
