@@ -104,19 +104,22 @@ struct Busy(&'static str);
 /// Reports in the making and the ones just made.
 #[derive(Default)]
 struct Reports {
-    cache: Mutex<Vec<(Duration, Instant, Bytes)>>,
+    cache: Mutex<Vec<(ReportKey, Instant, Bytes)>>,
 }
 
+/// A report's window and location (`None`: fleet-wide).
+type ReportKey = (Duration, Option<String>);
+
 impl Reports {
-    fn get(&self, window: Duration) -> Option<Bytes> {
+    fn get(&self, window: &ReportKey) -> Option<Bytes> {
         let now = Instant::now();
         let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         c.iter()
-            .find(|(w, at, _)| *w == window && now.duration_since(*at) < REPORT_TTL)
+            .find(|(w, at, _)| w == window && now.duration_since(*at) < REPORT_TTL)
             .map(|(_, _, b)| b.clone())
     }
 
-    fn put(&self, window: Duration, body: Bytes) {
+    fn put(&self, window: ReportKey, body: Bytes) {
         let now = Instant::now();
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         c.retain(|(w, at, _)| *w != window && now.duration_since(*at) < REPORT_TTL);
@@ -146,6 +149,8 @@ pub struct AppState {
     reports: Arc<Reports>,
     /// The hourly part of each SLO window's sums, slid between `/slo` computations.
     hourly_sums: Arc<crate::store::HourlySums>,
+    /// Fleet mode: every location's newest runs, followed through the run feed.
+    fleet_view: Arc<store::view::FleetView>,
 }
 
 impl AppState {
@@ -161,7 +166,13 @@ impl AppState {
             report_turns: Arc::new(Semaphore::new(REPORTS)),
             reports: Arc::default(),
             hourly_sums: Arc::default(),
+            fleet_view: Arc::default(),
         }
+    }
+
+    /// Whether the store is a fleet's Postgres (reads cover every location).
+    fn fleet(&self) -> bool {
+        matches!(self.db, store::Target::Postgres(_))
     }
 
     /// Serve the mutating routes through `control`.
@@ -586,6 +597,13 @@ fn internal(e: anyhow::Error) -> Response {
     if let Some(b) = e.downcast_ref::<Busy>() {
         return busy(b.0);
     }
+    if e.is::<store::UnknownLocation>() {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("{e:#}")})),
+        )
+            .into_response();
+    }
     (
         StatusCode::INTERNAL_SERVER_ERROR,
         Json(json!({"error": format!("{e:#}")})),
@@ -746,31 +764,90 @@ struct OverviewQuery {
     /// The page's mode: only the series changed since this cursor (empty: all), with
     /// compact strips.
     since: Option<String>,
+    /// Fleet: one location's runs (default: every location's).
+    location: Option<String>,
 }
 
-/// Every series' newest run, its uptime strip and newest failure, from the store's memory
-/// (the dashboard's main read; no database work).
+/// A series' recent runs as JSON: with `page`, one letter per run (`strip`: `u` up, `d`
+/// degraded, `x` down, `s` a planned run skipped because the previous one was still going)
+/// with its start (`strip_t0`, ms) and each run's offset from it in seconds (`strip_dt`);
+/// else `recent`, the runs themselves.
+fn strip_json(item: &mut Value, recent: &store::Recent, page: bool) {
+    if page {
+        let t0 = recent.runs.front().map_or(0, |t| t.0);
+        let letters: String = recent
+            .runs
+            .iter()
+            .map(|t| match t.1 {
+                "up" => 'u',
+                "degraded" => 'd',
+                crate::store::SKIPPED => 's',
+                _ => 'x',
+            })
+            .collect();
+        let dt: Vec<i64> = recent.runs.iter().map(|t| (t.0 - t0) / 1000).collect();
+        item["strip"] = json!(letters);
+        item["strip_t0"] = json!(t0);
+        item["strip_dt"] = json!(dt);
+    } else {
+        item["recent"] = json!(recent.runs);
+    }
+}
+
+/// Every series' newest run, its uptime strip and newest failure: on a single machine from
+/// the store's memory (no database work); in a fleet from every location's runs, followed
+/// through the run feed (one short indexed read per refresh), fleet-wide with each
+/// location's newest run and strip under `locations`, or one location's with `?location=`.
 ///
 /// With `?since=CURSOR` (what the page asks): only the series whose newest run changed
 /// since the answer that gave the cursor (all of them when the cursor is empty or stale:
-/// `full`), each strip as one letter per run (`strip`: `u` up, `d` degraded, `x` down, `s` a
-/// planned run skipped because the previous one was still going) with
-/// its start (`strip_t0`, ms) and each run's offset from it in seconds (`strip_dt`) instead
-/// of `recent`.
+/// `full`), each strip compact (see [`strip_json`]).
 async fn overview(State(s): State<AppState>, Query(q): Query<OverviewQuery>) -> Response {
-    let mem = s.store().as_ref().map(Store::latest);
     let paused = s.paused().names();
     let page = q.since.is_some();
-    let cursor = q.since.as_deref().filter(|c| !c.is_empty());
-    let changes = mem.map(|l| l.changed_since(cursor));
-    let (next, full) = changes
-        .as_ref()
-        .map_or((String::new(), true), |c| (c.cursor.clone(), c.full));
+    let cursor = q.since.filter(|c| !c.is_empty());
+    let location = q.location.filter(|l| !l.is_empty());
+    // Fleet mode: what the view could not read is said in `stale`, and the view answers
+    // from memory (a Postgres outage does not blank the page).
+    let mut stale = None;
+    let changes = if s.fleet() {
+        let (view, cfg) = (s.fleet_view.clone(), s.config.clone());
+        if let Err(e) = read(&s, move |c| Ok(view.refresh(c, &cfg)?)).await {
+            tracing::debug!(error = %format!("{e:#}"), "the dashboard's fleet view is not up to date");
+            stale = Some(format!("{e:#}"));
+        }
+        Some(
+            s.fleet_view
+                .changed_since(location.as_deref(), cursor.as_deref()),
+        )
+    } else {
+        s.store().map(|st| {
+            let c = st.latest().changed_since(cursor.as_deref());
+            store::view::FleetChanges {
+                cursor: c.cursor,
+                full: c.full,
+                series: c
+                    .series
+                    .into_iter()
+                    .map(|(latest, recent)| store::view::SeriesView {
+                        latest,
+                        recent,
+                        locations: Vec::new(),
+                    })
+                    .collect(),
+                locations: Vec::new(),
+            }
+        })
+    };
+    let (next, full, locations) = changes.as_ref().map_or((String::new(), true, vec![]), |c| {
+        (c.cursor.clone(), c.full, c.locations.clone())
+    });
     let series: Vec<Value> = changes
         .map(|c| c.series)
         .unwrap_or_default()
         .into_iter()
-        .map(|(run, recent)| {
+        .map(|v| {
+            let run = v.latest;
             let kind = s
                 .config
                 .probe(&run.probe)
@@ -778,28 +855,23 @@ async fn overview(State(s): State<AppState>, Query(q): Query<OverviewQuery>) -> 
             let mut item = json!({
                 "name": run.probe,
                 "kind": kind,
-                "latest": run,
-                "wer": recent.wer,
-                "last_bad": recent.last_bad,
+                "wer": v.recent.wer,
+                "last_bad": v.recent.last_bad,
             });
-            if page {
-                let t0 = recent.runs.front().map_or(0, |t| t.0);
-                let letters: String = recent
-                    .runs
+            strip_json(&mut item, &v.recent, page);
+            item["latest"] = json!(run);
+            if !v.locations.is_empty() {
+                let per: Vec<Value> = v
+                    .locations
                     .iter()
-                    .map(|t| match t.1 {
-                        "up" => 'u',
-                        "degraded" => 'd',
-                        crate::store::SKIPPED => 's',
-                        _ => 'x',
+                    .map(|(l, run, recent)| {
+                        let mut x =
+                            json!({"location": l, "latest": run, "last_bad": recent.last_bad});
+                        strip_json(&mut x, recent, page);
+                        x
                     })
                     .collect();
-                let dt: Vec<i64> = recent.runs.iter().map(|t| (t.0 - t0) / 1000).collect();
-                item["strip"] = json!(letters);
-                item["strip_t0"] = json!(t0);
-                item["strip_dt"] = json!(dt);
-            } else {
-                item["recent"] = json!(recent.runs);
+                item["locations"] = json!(per);
             }
             item
         })
@@ -810,6 +882,10 @@ async fn overview(State(s): State<AppState>, Query(q): Query<OverviewQuery>) -> 
         body["cursor"] = json!(next);
         body["full"] = json!(full);
     }
+    if s.fleet() {
+        body["locations"] = json!(locations);
+        body["stale"] = json!(stale);
+    }
     no_store(Json(body).into_response())
 }
 
@@ -817,6 +893,8 @@ async fn overview(State(s): State<AppState>, Query(q): Query<OverviewQuery>) -> 
 struct ChartQuery {
     series: String,
     window: Option<String>,
+    /// Fleet: one location's chart (default: every location merged).
+    location: Option<String>,
 }
 
 /// Longest chart window.
@@ -836,8 +914,9 @@ async fn chart(State(s): State<AppState>, Query(q): Query<ChartQuery>) -> Respon
     let cfg = s.config.clone();
     let now = chrono::Utc::now().timestamp_millis();
     let r = read(&s, move |c| {
+        let location = q.location.as_deref().filter(|l| !l.is_empty());
         Ok(crate::report::series_chart(
-            &cfg, c, &q.series, window, now,
+            &cfg, c, &q.series, window, now, location,
         )?)
     })
     .await;
@@ -850,16 +929,18 @@ async fn chart(State(s): State<AppState>, Query(q): Query<ChartQuery>) -> Respon
 /// Objectives, availability, error budget and burn of every component over its SLO window;
 /// computed at most every [`REPORT_TTL`] and served from memory in between.
 async fn slo(State(s): State<AppState>) -> Response {
-    if let Some(body) = s.reports.get(SLO_KEY) {
+    if let Some(body) = s.reports.get(&(SLO_KEY, None)) {
         return json_bytes(body);
     }
     let (cfg, sums) = (s.config.clone(), s.hourly_sums.clone());
     let now = chrono::Utc::now().timestamp_millis();
     let built = read(&s, move |c| {
+        // Every location's runs count (a fleet's; a single machine has one).
+        let locations = store::locations(c)?;
         let list = cfg
             .components
             .iter()
-            .map(|comp| crate::slo::component_slo(c, comp, now, Some(&sums)))
+            .map(|comp| crate::slo::component_slo(c, comp, now, Some(&sums), &locations))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Bytes::from(serde_json::to_vec(
             &json!({"components": list}),
@@ -868,7 +949,7 @@ async fn slo(State(s): State<AppState>) -> Response {
     .await;
     match built {
         Ok(Some(body)) => {
-            s.reports.put(SLO_KEY, body.clone());
+            s.reports.put((SLO_KEY, None), body.clone());
             json_bytes(body)
         }
         Ok(None) => no_store(Json(json!({"components": []})).into_response()),
@@ -902,6 +983,8 @@ async fn incidents(State(s): State<AppState>, Query(q): Query<IncidentQuery>) ->
 #[derive(Deserialize)]
 struct ReportQuery {
     window: Option<String>,
+    /// Fleet: one location's report (default: every location merged).
+    location: Option<String>,
 }
 
 async fn report(State(s): State<AppState>, Query(q): Query<ReportQuery>) -> Response {
@@ -914,7 +997,8 @@ async fn report(State(s): State<AppState>, Query(q): Query<ReportQuery>) -> Resp
         Ok(w) => w,
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response(),
     };
-    if let Some(body) = s.reports.get(window) {
+    let key = (window, q.location.filter(|l| !l.is_empty()));
+    if let Some(body) = s.reports.get(&key) {
         return json_bytes(body);
     }
     // One report in the making at a time; the others wait a little, then 503.
@@ -922,19 +1006,20 @@ async fn report(State(s): State<AppState>, Query(q): Query<ReportQuery>) -> Resp
         return busy("a report is being computed");
     };
     // Made by the request we waited behind?
-    if let Some(body) = s.reports.get(window) {
+    if let Some(body) = s.reports.get(&key) {
         return json_bytes(body);
     }
     let cfg = s.config.clone();
     let now = chrono::Utc::now().timestamp_millis();
+    let location = key.1.clone();
     let built = read(&s, move |c| {
-        let r = crate::report::build(&cfg, c, window, now)?;
+        let r = crate::report::build_for(&cfg, c, window, now, location.as_deref())?;
         Ok(Bytes::from(serde_json::to_vec(&r)?))
     })
     .await;
     match built {
         Ok(Some(body)) => {
-            s.reports.put(window, body.clone());
+            s.reports.put(key, body.clone());
             json_bytes(body)
         }
         Ok(None) => no_store(Json(Value::Null).into_response()),

@@ -757,6 +757,58 @@ fn read_feed(conn: &Conn, after: (i64, i64)) -> db::Result<Vec<(i64, i64, String
     )
 }
 
+/// A feed row's run (its kind from this agent's config: fleet agents share it); `None`,
+/// logged, when the row cannot be read.
+fn run_of(config: &Config, id: i64, json: &str) -> Option<RunResult> {
+    match serde_json::from_str::<FeedRun>(json) {
+        Ok(f) => {
+            let kind = config.probe(&f.probe).map_or("unknown", |p| p.kind());
+            Some(f.into_run(kind))
+        }
+        Err(e) => {
+            tracing::warn!(row = id, error = %e, "unreadable run in the fleet feed; skipped");
+            None
+        }
+    }
+}
+
+/// A batch of the feed for a reader other than the leader (the dashboards' fleet view).
+pub(crate) struct FeedBatch {
+    /// (location, run), in commit order.
+    pub runs: Vec<(String, RunResult)>,
+    /// The position after the batch (unchanged when it is empty).
+    pub end: (i64, i64),
+    /// The batch was as long as a read gives: read again at once.
+    pub full: bool,
+}
+
+/// The feed after `after` (see [`read_feed`]) as runs.
+pub(crate) fn feed_runs(conn: &Conn, config: &Config, after: (i64, i64)) -> db::Result<FeedBatch> {
+    let rows = read_feed(conn, after)?;
+    let full = rows.len() as i64 >= FEED_BATCH;
+    let end = rows.last().map_or(after, |r| (r.0, r.1));
+    let runs = rows
+        .into_iter()
+        .filter_map(|(_, id, location, json)| Some((location, run_of(config, id, &json)?)))
+        .collect();
+    Ok(FeedBatch { runs, end, full })
+}
+
+/// The position of the newest feed row readable now: a reader that has everything stored so
+/// far (from the runs themselves) follows the feed from here.
+pub(crate) fn feed_head(conn: &Conn) -> db::Result<(i64, i64)> {
+    Ok(conn
+        .query_row(
+            "SELECT txid, id FROM run_feed
+             WHERE txid < CAST(pg_snapshot_xmin(pg_current_snapshot())::text AS BIGINT)
+             ORDER BY txid DESC, id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+        .unwrap_or((0, 0)))
+}
+
 /// Where a new leader starts reading: where the last one stopped, or (the first leader of
 /// this database) the start of the feed.
 fn start_of_term(conn: &Conn) -> db::Result<(i64, i64)> {
@@ -806,23 +858,17 @@ async fn poll_feed(
         let full = rows.len() as i64 >= FEED_BATCH;
         for (txid, id, location, json) in rows {
             pos = (txid, id);
-            match serde_json::from_str::<FeedRun>(&json) {
-                Ok(f) => {
-                    let kind = config.probe(&f.probe).map_or("unknown", |p| p.kind());
-                    let run = Located {
-                        run: f.into_run(kind),
-                        location: Some(location),
-                    };
-                    let sent = tokio::select! {
-                        s = runs.send(run) => s.is_ok(),
-                        _ = stop.cancelled() => false,
-                    };
-                    if !sent {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(row = id, error = %e, "unreadable run in the fleet feed; skipped")
+            if let Some(run) = run_of(&config, id, &json) {
+                let run = Located {
+                    run,
+                    location: Some(location),
+                };
+                let sent = tokio::select! {
+                    s = runs.send(run) => s.is_ok(),
+                    _ = stop.cancelled() => false,
+                };
+                if !sent {
+                    return;
                 }
             }
             cursor.set(Some(pos));

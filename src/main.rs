@@ -97,6 +97,10 @@ enum Cmd {
         /// Write to this file instead of stdout.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Fleet: only this location's runs (default: every location's histograms merged,
+        /// with each location's figures under its row).
+        #[arg(long, value_name = "NAME")]
+        location: Option<String>,
     },
     /// Incident history.
     Incidents {
@@ -646,6 +650,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             format,
             json,
             output,
+            location,
         } => {
             let c = match load_for_reading(&cli.config, cli.data_dir.as_deref()) {
                 Ok(c) => c,
@@ -660,7 +665,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             };
             let now = chrono::Utc::now().timestamp_millis();
             let r = match store::Target::of(&c)?.reader()? {
-                Some(conn) => report::build(&c, &conn, w, now)?,
+                Some(conn) => {
+                    match report::build_for(&c, &conn, w, now, location.as_deref()) {
+                        Ok(r) => r,
+                        // An unknown location is a usage error, not a failure.
+                        Err(e) if e.is::<store::UnknownLocation>() => {
+                            eprintln!("error: --location: {e:#}");
+                            return Ok(3);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
                 None => report::Report::empty(w, now),
             };
             let format = match (json, format) {

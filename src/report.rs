@@ -8,7 +8,7 @@
 //! Rendered as a terminal table, JSON, Markdown, CSV or one self-contained HTML file with
 //! inline SVG charts ([`render`]). Not here: scheduling the review (see `review`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -59,6 +59,17 @@ pub struct Row {
     pub change: Change,
     /// Buckets across the window, oldest first.
     pub trend: Vec<TrendPoint>,
+    /// Fleet-wide rows: the same figures per location (absent with one location).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub locations: Vec<LocationFigures>,
+}
+
+/// The figures of a series and phase as one location measured them.
+#[derive(Debug, Clone, Serialize)]
+pub struct LocationFigures {
+    pub location: String,
+    #[serde(flatten)]
+    pub figures: Figures,
 }
 
 /// Figures of a series and phase over one window.
@@ -176,6 +187,12 @@ pub struct IncidentRow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The one location this report covers (`--location`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// The locations whose histograms are merged in it (absent on a single machine).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub locations: Vec<String>,
     pub window: String,
     pub since: String,
     pub until: String,
@@ -193,6 +210,8 @@ impl Report {
     pub fn empty(window: Duration, now_ms: i64) -> Report {
         let since = now_ms - window.as_millis() as i64;
         Report {
+            location: None,
+            locations: vec![],
             window: human(window),
             since: secs(since),
             until: secs(now_ms),
@@ -384,21 +403,109 @@ fn budget_of<'c>(config: &'c Config, series: &str, phase: &str) -> Option<&'c Bu
     config.probe(probe)?.series_budget(series, phase)
 }
 
-/// Build the report for the window ending at `now_ms`.
+/// Outcome counts per series, in buckets.
+type CountBuckets = HashMap<String, Vec<Counts>>;
+
+/// What one location (or the fleet, merged) measured over the window and the one before.
+#[derive(Default)]
+struct Measured {
+    lat: Buckets,
+    prev_lat: Buckets,
+    counts: CountBuckets,
+    prev_counts: CountBuckets,
+}
+
+/// Add `from`'s histograms into `into`, bucket by bucket (HDR histograms merge exactly).
+fn merge_buckets(into: &mut Buckets, from: &Buckets) {
+    for (k, v) in from {
+        let t = into.entry(k.clone()).or_insert_with(|| vec![None; v.len()]);
+        for (slot, h) in t.iter_mut().zip(v) {
+            if let Some(h) = h {
+                let _ = slot.get_or_insert_with(hist::new_hist).add(h);
+            }
+        }
+    }
+}
+
+/// Add `from`'s counts into `into`, bucket by bucket.
+fn merge_counts(into: &mut CountBuckets, from: &CountBuckets) {
+    for (k, v) in from {
+        let t = into
+            .entry(k.clone())
+            .or_insert_with(|| vec![Counts::default(); v.len()]);
+        for (slot, c) in t.iter_mut().zip(v) {
+            *slot += *c;
+        }
+    }
+}
+
+impl Measured {
+    /// Every location's measurements merged into one.
+    fn merged(all: &[Measured]) -> Measured {
+        let mut m = Measured::default();
+        for x in all {
+            merge_buckets(&mut m.lat, &x.lat);
+            merge_buckets(&mut m.prev_lat, &x.prev_lat);
+            merge_counts(&mut m.counts, &x.counts);
+            merge_counts(&mut m.prev_counts, &x.prev_counts);
+        }
+        m
+    }
+}
+
+/// Build the fleet-wide report for the window ending at `now_ms` (on a single machine: its
+/// one location).
 pub fn build(
     config: &Config,
     conn: &Conn,
     window: Duration,
     now_ms: i64,
 ) -> anyhow::Result<Report> {
+    build_for(config, conn, window, now_ms, None)
+}
+
+/// Build the report of one location (`Some`), or of the fleet (`None`): per series and phase,
+/// every location's histograms merged, and the same figures per location when there are
+/// several.
+pub fn build_for(
+    config: &Config,
+    conn: &Conn,
+    window: Duration,
+    now_ms: i64,
+    location: Option<&str>,
+) -> anyhow::Result<Report> {
     let w = (window.as_millis() as i64).max(1000);
     let since = now_ms - w;
     let prev_since = since - w;
     let bucket_ms = (bucket_for(window).as_millis() as i64).max(1000);
-    let lat = latency_buckets(conn, None, since, now_ms, bucket_ms)?;
-    let prev_lat = latency_buckets(conn, None, prev_since, since, w)?;
-    let counts = store::outcomes(conn, None, since, now_ms, bucket_ms)?;
-    let prev_counts = store::outcomes(conn, None, prev_since, since, w)?;
+    let locs = store::view_locations(conn, location)?;
+    let per = store::each_location(conn, &locs, |_| {
+        Ok(Measured {
+            lat: latency_buckets(conn, None, since, now_ms, bucket_ms)?,
+            prev_lat: latency_buckets(conn, None, prev_since, since, w)?,
+            counts: store::outcomes(conn, None, since, now_ms, bucket_ms)?,
+            prev_counts: store::outcomes(conn, None, prev_since, since, w)?,
+        })
+    })?;
+    let all;
+    let fleet = match per.as_slice() {
+        [one] => one,
+        _ => {
+            all = Measured::merged(&per);
+            &all
+        }
+    };
+    let Measured {
+        lat,
+        prev_lat,
+        counts,
+        prev_counts,
+    } = fleet;
+    let by_location: Vec<(&String, &Measured)> = if per.len() > 1 {
+        locs.iter().zip(&per).collect()
+    } else {
+        Vec::new()
+    };
     let mut series: BTreeSet<String> = counts.keys().cloned().collect();
     series.extend(lat.keys().map(|(s, _)| s.clone()));
     let starts: Vec<i64> = (0..)
@@ -448,7 +555,26 @@ pub fn build(
                     }
                 })
                 .collect();
+            let locations = by_location
+                .iter()
+                .filter_map(|(l, m)| {
+                    let c = m.counts.get(&s).map(|v| sum(v));
+                    let h = key.and_then(|k| m.lat.get(k)).map(|b| merged(b));
+                    if c.is_none() && h.is_none() {
+                        return None;
+                    }
+                    Some(LocationFigures {
+                        location: l.to_string(),
+                        figures: figures(
+                            &h.unwrap_or_else(hist::new_hist),
+                            c.unwrap_or_default(),
+                            budget.as_ref(),
+                        ),
+                    })
+                })
+                .collect();
             rows.push(Row {
+                locations,
                 series: s.clone(),
                 phase: phase.to_string(),
                 runs: c.total(),
@@ -482,24 +608,29 @@ pub fn build(
         let members: Vec<String> = comp.probes.iter().map(|p| p.get_ref().clone()).collect();
         let spans = slo::maintenance_spans(conn, name, since, now_ms)?;
         let mut per = vec![Counts::default(); starts.len().max(1)];
-        for (a, b) in slo::outside(since, now_ms, &spans) {
-            // Buckets aligned with the trend: counted from `since`.
-            let parts = store::outcomes_from(conn, Some(&members), since, a, b, bucket_ms)?;
-            for v in parts.into_values() {
-                let last = per.len() - 1;
-                for (i, c) in v.into_iter().enumerate() {
-                    per[i.min(last)] += c;
+        // Every location's runs count.
+        let mut slo_c = Counts::default();
+        store::each_location(conn, &locs, |_| {
+            for (a, b) in slo::outside(since, now_ms, &spans) {
+                // Buckets aligned with the trend: counted from `since`.
+                let parts = store::outcomes_from(conn, Some(&members), since, a, b, bucket_ms)?;
+                for v in parts.into_values() {
+                    let last = per.len() - 1;
+                    for (i, c) in v.into_iter().enumerate() {
+                        per[i.min(last)] += c;
+                    }
                 }
             }
-        }
+            slo_c += slo::component_counts(
+                conn,
+                comp,
+                now_ms - comp.slo_window.0.as_millis() as i64,
+                now_ms,
+            )?;
+            Ok(())
+        })?;
         let c = sum(&per);
         let objective = comp.objective();
-        let slo_c = slo::component_counts(
-            conn,
-            comp,
-            now_ms - comp.slo_window.0.as_millis() as i64,
-            now_ms,
-        )?;
         components.push(ComponentRow {
             component: name.clone(),
             objective: objective.map(|o| o.to_string()),
@@ -523,6 +654,12 @@ pub fn build(
         });
     }
     Ok(Report {
+        location: location.map(str::to_string),
+        locations: if locs.iter().all(String::is_empty) {
+            vec![]
+        } else {
+            locs
+        },
         window: human(window),
         since: secs(since),
         until: secs(now_ms),
@@ -565,24 +702,40 @@ pub fn chart_bucket(window: Duration) -> Duration {
     Duration::from_secs(secs.div_ceil(60) * 60)
 }
 
-/// One series' chart over the window ending at `now_ms`: indexed reads of that series only.
+/// One series' chart over the window ending at `now_ms`: indexed reads of that series only,
+/// in one location (`Some`) or every location merged (`None`).
 pub fn series_chart(
     config: &Config,
     conn: &Conn,
     series: &str,
     window: Duration,
     now_ms: i64,
+    location: Option<&str>,
 ) -> db::Result<SeriesChart> {
     let w = window.as_millis() as i64;
     let bucket_ms = chart_bucket(window).as_millis() as i64;
     // Buckets on whole multiples, so a refresh moves the chart by whole buckets.
     let until = (now_ms / bucket_ms + 1) * bucket_ms;
     let since = until - w.max(bucket_ms);
-    let lat = latency_buckets(conn, Some(series), since, until, bucket_ms)?;
+    let locs = match location {
+        Some(l) => vec![l.to_string()],
+        None => store::locations(conn)?,
+    };
     let names = [series.to_string()];
-    let counts = store::outcomes(conn, Some(&names), since, until, bucket_ms)?
-        .remove(series)
-        .unwrap_or_default();
+    let mut lat = Buckets::new();
+    let mut all = CountBuckets::new();
+    store::each_location(conn, &locs, |_| {
+        merge_buckets(
+            &mut lat,
+            &latency_buckets(conn, Some(series), since, until, bucket_ms)?,
+        );
+        merge_counts(
+            &mut all,
+            &store::outcomes(conn, Some(&names), since, until, bucket_ms)?,
+        );
+        Ok(())
+    })?;
+    let counts = all.remove(series).unwrap_or_default();
     let n = ((until - since) / bucket_ms) as usize;
     let points = (0..n)
         .map(|i| {
@@ -844,6 +997,27 @@ fn verdict_cell(row: &Row) -> String {
     }
 }
 
+/// Which locations the figures cover (`None` on a single machine).
+fn scope_line(r: &Report) -> Option<String> {
+    match (&r.location, r.locations.as_slice()) {
+        (Some(l), _) => Some(format!("location {l} only")),
+        (None, []) => None,
+        (None, [one]) => Some(format!("location {one}")),
+        (None, all) => Some(format!(
+            "fleet-wide: the histograms of {} locations merged ({}), each location's figures under its row",
+            all.len(),
+            all.join(", ")
+        )),
+    }
+}
+
+/// Rows with a per-location breakdown, each with its locations.
+fn location_rows(r: &Report) -> impl Iterator<Item = (&Row, &LocationFigures)> {
+    r.rows
+        .iter()
+        .flat_map(|row| row.locations.iter().map(move |l| (row, l)))
+}
+
 /// Render in `format`.
 pub fn render(r: &Report, format: Format) -> anyhow::Result<String> {
     Ok(match format {
@@ -860,6 +1034,9 @@ pub fn render_table(r: &Report) -> String {
         "latency budget review, last {} ({} → {}), previous window for comparison\n\n",
         r.window, r.since, r.until
     );
+    if let Some(line) = scope_line(r) {
+        let _ = writeln!(out, "{line}\n");
+    }
     if r.rows.is_empty() {
         out.push_str("no runs recorded in this window\n");
     } else {
@@ -900,6 +1077,25 @@ pub fn render_table(r: &Report) -> String {
                 p95_trend(row),
                 verdict_cell(row)
             );
+            for l in &row.locations {
+                let f = &l.figures;
+                let _ = writeln!(
+                    out,
+                    "{:<32} {:<13} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {:<22} {}",
+                    format!("  @ {}", l.location),
+                    "",
+                    f.runs,
+                    pct(f.availability_pct),
+                    "",
+                    cell(f.p50_ms),
+                    cell(f.p95_ms),
+                    cell(f.p99_ms),
+                    cell(f.max_ms),
+                    "",
+                    "",
+                    f.verdict
+                );
+            }
         }
     }
     if !r.components.is_empty() {
@@ -1032,6 +1228,9 @@ pub fn render_markdown(r: &Report) -> String {
         "## Latency budget review: last {}\n\n{} → {} (compared with the {} before)\n\n",
         r.window, r.since, r.until, r.window
     );
+    if let Some(line) = scope_line(r) {
+        let _ = writeln!(out, "{}\n", md(&line));
+    }
     if !r.components.is_empty() {
         let _ = write!(out, "### Components\n\n| component | objective | availability | degraded | down | burn rate | error budget left | incidents | availability per {} |\n|---|---|---:|---:|---:|---:|---:|---:|---|\n", r.bucket);
         for c in &r.components {
@@ -1070,6 +1269,26 @@ pub fn render_markdown(r: &Report) -> String {
             p95_trend(row)
         );
     }
+    if location_rows(r).next().is_some() {
+        out.push_str("\n### Per location\n\n| series | phase | location | runs | availability | p50 | p95 | p99 | max | verdict |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n");
+        for (row, l) in location_rows(r) {
+            let f = &l.figures;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                md(&row.series),
+                md(&row.phase),
+                md(&l.location),
+                f.runs,
+                pct(f.availability_pct),
+                cell(f.p50_ms),
+                cell(f.p95_ms),
+                cell(f.p99_ms),
+                cell(f.max_ms),
+                f.verdict
+            );
+        }
+    }
     if !r.incidents.is_empty() {
         out.push_str("\n### Incidents\n\n| id | component | worst | opened | time to detect | time to page | duration | cause |\n|---:|---|---|---|---:|---:|---:|---|\n");
         for i in &r.incidents {
@@ -1104,13 +1323,17 @@ fn csv_field(s: &str) -> String {
 
 /// One line per row, raw numbers (ms, percent).
 pub fn render_csv(r: &Report) -> String {
+    // A fleet-wide report adds a `location` column: empty on the merged rows, then one
+    // line per location (a single machine's CSV is unchanged).
+    let by_location = location_rows(r).next().is_some();
     let mut out = String::from(
-        "series,phase,runs,availability_pct,up_pct,degraded_pct,down_pct,samples,p50_ms,p95_ms,p99_ms,max_ms,budget_p50_ms,budget_p95_ms,budget_p99_ms,verdict,previous_runs,previous_p95_ms,change_p95_pct,change_availability_pts\n",
+        "series,phase,runs,availability_pct,up_pct,degraded_pct,down_pct,samples,p50_ms,p95_ms,p99_ms,max_ms,budget_p50_ms,budget_p95_ms,budget_p99_ms,verdict,previous_runs,previous_p95_ms,change_p95_pct,change_availability_pts",
     );
+    out.push_str(if by_location { ",location\n" } else { "\n" });
     let n = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_default();
     for row in &r.rows {
         let b = row.budget.as_ref();
-        let _ = writeln!(
+        let _ = write!(
             out,
             "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             csv_field(&row.series),
@@ -1134,6 +1357,28 @@ pub fn render_csv(r: &Report) -> String {
             n(row.change.p95_pct),
             n(row.change.availability_pts),
         );
+        out.push_str(if by_location { ",\n" } else { "\n" });
+        for l in &row.locations {
+            let f = &l.figures;
+            let _ = writeln!(
+                out,
+                "{},{},{},{},,,,{},{},{},{},{},{},{},{},{},,,,,{}",
+                csv_field(&row.series),
+                csv_field(&row.phase),
+                f.runs,
+                n(f.availability_pct),
+                f.samples,
+                n(f.p50_ms),
+                n(f.p95_ms),
+                n(f.p99_ms),
+                n(f.max_ms),
+                n(b.and_then(|b| b.p50_ms)),
+                n(b.and_then(|b| b.p95_ms)),
+                n(b.and_then(|b| b.p99_ms)),
+                f.verdict,
+                csv_field(&l.location),
+            );
+        }
     }
     out
 }
@@ -1353,7 +1598,30 @@ pub fn render_html(r: &Report) -> String {
             html_escape(&verdict_cell(row)),
         );
     }
-    body.push_str("</table><h2>Latency over time</h2><p class=\"legend\"><span class=\"l50\">p50</span> <span class=\"l95\">p95</span> <span class=\"l99\">p99</span> <span class=\"lb\">budget</span></p>");
+    body.push_str("</table>");
+    if location_rows(r).next().is_some() {
+        body.push_str("<h2>Per location</h2><table class=\"locations\"><tr><th>series</th><th>phase</th><th>location</th><th>runs</th><th>availability</th><th>p50</th><th>p95</th><th>p99</th><th>max</th><th>verdict</th></tr>");
+        for (row, l) in location_rows(r) {
+            let f = &l.figures;
+            let _ = write!(
+                body,
+                "<tr data-location=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                html_escape(&l.location),
+                html_escape(&row.series),
+                html_escape(&row.phase),
+                html_escape(&l.location),
+                f.runs,
+                pct(f.availability_pct),
+                cell(f.p50_ms),
+                cell(f.p95_ms),
+                cell(f.p99_ms),
+                cell(f.max_ms),
+                f.verdict
+            );
+        }
+        body.push_str("</table>");
+    }
+    body.push_str("<h2>Latency over time</h2><p class=\"legend\"><span class=\"l50\">p50</span> <span class=\"l95\">p95</span> <span class=\"l99\">p99</span> <span class=\"lb\">budget</span></p>");
     for row in r.rows.iter().filter(|r| r.samples > 0) {
         let _ = write!(
             body,
@@ -1401,12 +1669,15 @@ pub fn render_html(r: &Report) -> String {
 <style>body{{font:14px system-ui,sans-serif;margin:2em;color:#1f2328;background:#fff}}table{{border-collapse:collapse;margin-bottom:1.5em}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}}td:nth-child(-n+2),th:nth-child(-n+2){{text-align:left}}tr.over td{{background:#fde2e2}}tr.ok td:last-child{{color:#1a7f37}}figure{{margin:0 0 1em;break-inside:avoid}}figcaption{{font-size:12px;color:#555}}.legend span{{padding:0 6px;border-left:12px solid}}.l50{{border-color:#2da44e!important}}.l95{{border-color:#bf8700!important}}.l99{{border-color:#8250df!important}}.lb{{border-color:#cf222e!important}}
 {CHART_CSS}
 @media print{{body{{margin:1cm;font-size:11px}}h2{{break-after:avoid}}tr{{break-inside:avoid}}}}</style>
-</head><body><h1>Latency budget review</h1><p>Last {} ({} → {}), trend per {}, compared with the {} before.</p>
+</head><body><h1>Latency budget review</h1><p>Last {} ({} → {}), trend per {}, compared with the {} before.{}</p>
 {body}</body></html>\n",
         html_escape(&r.window),
         html_escape(&r.since),
         html_escape(&r.until),
         html_escape(&r.bucket),
         html_escape(&r.window),
+        scope_line(r)
+            .map(|l| format!(" {}.", html_escape(&l)))
+            .unwrap_or_default(),
     )
 }

@@ -208,12 +208,42 @@ pub struct RecentCounts {
     /// Oldest first; `None` when maintenance overlaps the span or the runs kept do not
     /// reach back that far (each window is then read on its own).
     steps: Option<Vec<Counts>>,
+    /// The locations counted (empty: the connection's own).
+    locations: Vec<String>,
 }
 
 impl RecentCounts {
+    /// The runs of every location in `locations` together (a fleet's view).
+    pub fn read_all(
+        conn: &Conn,
+        comp: &ComponentConfig,
+        now: i64,
+        locations: &[String],
+    ) -> db::Result<RecentCounts> {
+        let each = store::each_location(conn, locations, |_| Self::read(conn, comp, now))?;
+        let mut steps = Some(vec![Counts::default(); (LONGEST / STEP) as usize]);
+        for r in each {
+            steps = steps.zip(r.steps).map(|(mut t, s)| {
+                for (a, b) in t.iter_mut().zip(s) {
+                    *a += b;
+                }
+                t
+            });
+        }
+        Ok(RecentCounts {
+            now,
+            steps,
+            locations: locations.to_vec(),
+        })
+    }
+
     pub fn read(conn: &Conn, comp: &ComponentConfig, now: i64) -> db::Result<RecentCounts> {
         let since = now - LONGEST;
-        let none = RecentCounts { now, steps: None };
+        let none = RecentCounts {
+            now,
+            steps: None,
+            locations: Vec::new(),
+        };
         if !maintenance_spans(conn, comp.name.get_ref(), since, now)?.is_empty() {
             return Ok(none);
         }
@@ -230,6 +260,7 @@ impl RecentCounts {
         Ok(RecentCounts {
             now,
             steps: Some(steps),
+            locations: Vec::new(),
         })
     }
 
@@ -245,7 +276,17 @@ impl RecentCounts {
                 }
                 Ok(t)
             }
-            _ => component_counts(conn, comp, self.now - window_ms, self.now),
+            _ if self.locations.is_empty() => {
+                component_counts(conn, comp, self.now - window_ms, self.now)
+            }
+            _ => {
+                let mut t = Counts::default();
+                store::each_location(conn, &self.locations, |_| {
+                    t += component_counts(conn, comp, self.now - window_ms, self.now)?;
+                    Ok(())
+                })?;
+                Ok(t)
+            }
         }
     }
 
@@ -319,20 +360,26 @@ pub fn budget_remaining(c: &Counts, objective: Objective) -> Option<f64> {
     burn_rate(c, objective).map(|r| 100.0 * (1.0 - r))
 }
 
-/// A component's objective figures at `now`; `cache` keeps the hourly part of the SLO
-/// window's sums between calls (the dashboard's `/slo`).
+/// A component's objective figures at `now` over the runs of every location in
+/// `locations` (one: a single machine, or one location's view); `cache` keeps the hourly
+/// part of the SLO window's sums between calls (the dashboard's `/slo`).
 pub fn component_slo(
     conn: &Conn,
     comp: &ComponentConfig,
     now: i64,
     cache: Option<&HourlySums>,
+    locations: &[String],
 ) -> db::Result<ComponentSlo> {
     let window = comp.slo_window.0.as_millis() as i64;
-    let c = counts_with(conn, comp, now - window, now, cache)?;
+    let mut c = Counts::default();
+    store::each_location(conn, locations, |_| {
+        c += counts_with(conn, comp, now - window, now, cache)?;
+        Ok(())
+    })?;
     let objective = comp.objective();
     let (remaining, rate, rate_1h, burning) = match objective {
         Some(o) => {
-            let recent = RecentCounts::read(conn, comp, now)?;
+            let recent = RecentCounts::read_all(conn, comp, now, locations)?;
             let last_hour = recent.last(conn, comp, 60 * MIN)?;
             let verdict = recent.verdict(conn, comp, o)?;
             (

@@ -238,6 +238,20 @@ pub struct ComponentView {
     pub members: Vec<MemberView>,
     /// The maintenance window active now, if any.
     pub maintenance: Option<MaintenanceView>,
+    /// Fleet: members the locations see differently now (the leader's `locations_disagree`
+    /// entries not followed by `locations_agree`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disagreements: Vec<DisagreementView>,
+}
+
+/// Locations that see a member differently.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DisagreementView {
+    pub member: String,
+    /// What each location sees (`eu sees it down (http_status: …); us sees it up`).
+    pub note: String,
+    /// When the leader last noted it (the note changes with what the locations see).
+    pub noted_at: String,
 }
 
 /// The open incident of a component.
@@ -312,6 +326,7 @@ pub fn list_components(
     if conn.table_exists("maintenance_windows")? {
         windows = crate::control::load_windows(conn, now_ms)?;
     }
+    let term = leader_since(conn)?;
     let now_dt = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
     let mut out = Vec::new();
     for c in &config.components {
@@ -373,6 +388,8 @@ pub fn list_components(
                         ends_at: Some(iso(w.ends_at)),
                     }),
             };
+        let disagreements =
+            disagreements(conn, &name, term.max(now_ms - DISAGREEMENT_LOOKBACK_MS))?;
         out.push(ComponentView {
             name,
             status: state.status.as_str().to_string(),
@@ -383,7 +400,56 @@ pub fn list_components(
             }),
             members,
             maintenance,
+            disagreements,
         });
     }
+    Ok(out)
+}
+
+/// How far back the location notes of a component are read.
+const DISAGREEMENT_LOOKBACK_MS: i64 = 24 * 3600 * 1000;
+
+/// When the current fleet leader took the lease (0 without one: a single machine). A new
+/// leader judges from scratch and notes a disagreement that goes on again, so only notes of
+/// its term are current (a disagreement that ended during the handover has no
+/// `locations_agree`).
+fn leader_since(conn: &Conn) -> anyhow::Result<i64> {
+    if !conn.table_exists("leases")? {
+        return Ok(0);
+    }
+    Ok(conn.query_row(
+        "SELECT coalesce(max(acquired_at), 0) FROM leases WHERE name = 'leader'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// The members of `component` whose newest location note since `since_ms` says the
+/// locations disagree (by the component's timeline index).
+fn disagreements(
+    conn: &Conn,
+    component: &str,
+    since_ms: i64,
+) -> anyhow::Result<Vec<DisagreementView>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    conn.prepare_cached(
+        "SELECT member, kind, note, at FROM incident_events
+         WHERE component = ?1 AND at >= ?2 AND kind IN ('locations_disagree', 'locations_agree')
+         ORDER BY at DESC, id DESC LIMIT 1000",
+    )?
+    .query_each(crate::store::db::params![component, since_ms], |r| {
+        let member: Option<String> = r.get(0)?;
+        let Some(member) = member else { return Ok(()) };
+        if seen.insert(member.clone()) && r.get::<_, String>(1)? == "locations_disagree" {
+            out.push(DisagreementView {
+                member,
+                note: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                noted_at: iso(r.get(3)?),
+            });
+        }
+        Ok(())
+    })?;
+    out.sort_by(|a, b| a.member.cmp(&b.member));
     Ok(out)
 }

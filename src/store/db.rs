@@ -460,7 +460,7 @@ impl Pg {
                 client: Arc::new(obj),
                 cache: RefCell::new(HashMap::new()),
             },
-            location: self.location.clone(),
+            location: RefCell::new(self.location.clone()),
         })
     }
 }
@@ -511,7 +511,8 @@ enum Inner {
 /// One connection to the store's database.
 pub struct Conn {
     inner: Inner,
-    location: String,
+    /// Whose series it reads and writes; a reader may switch it ([`Conn::read_as`]).
+    location: RefCell<String>,
 }
 
 impl Conn {
@@ -519,13 +520,20 @@ impl Conn {
     pub fn sqlite(c: rusqlite::Connection) -> Conn {
         Conn {
             inner: Inner::Sqlite(c),
-            location: String::new(),
+            location: RefCell::new(String::new()),
         }
     }
 
     /// The location whose series this connection reads and writes (`""` on SQLite).
-    pub fn location(&self) -> &str {
-        &self.location
+    pub fn location(&self) -> String {
+        self.location.borrow().clone()
+    }
+
+    /// Read the series (and the per-location bookkeeping) of `location` from now on: the
+    /// fleet's views read each location in turn (see `store::each_location`). Readers only;
+    /// the writer's connection stays with the agent's own location.
+    pub fn read_as(&self, location: &str) {
+        *self.location.borrow_mut() = location.to_string();
     }
 
     pub fn is_postgres(&self) -> bool {

@@ -135,7 +135,7 @@ pub fn series_names(conn: &Conn) -> db::Result<HashMap<i64, SeriesNames>> {
 /// One series' id, name and phase names (of this connection's location), by its name.
 pub fn series_named(conn: &Conn, name: &str) -> db::Result<Option<(i64, SeriesNames)>> {
     conn.prepare_cached("SELECT id, phases FROM series WHERE location = ?1 AND name = ?2")?
-        .query_row([conn.location(), name], |r| {
+        .query_row([conn.location().as_str(), name], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 SeriesNames {
@@ -256,7 +256,9 @@ pub fn series_window(
     let mut h = new_hist();
     let row: Option<(i64, String)> = conn
         .prepare_cached("SELECT id, phases FROM series WHERE location = ?1 AND name = ?2")?
-        .query_row([conn.location(), series], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row([conn.location().as_str(), series], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
     let Some((id, phases)) = row else {
         return Ok(h);

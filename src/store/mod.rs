@@ -24,6 +24,7 @@ pub mod buffer;
 pub mod codec;
 pub mod db;
 pub mod hist;
+pub mod view;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -482,6 +483,17 @@ impl Recent {
 
     fn push(&mut self, r: &LatestRun) {
         let outcome = Outcome::parse(&r.outcome).unwrap_or(Outcome::Down);
+        // A run read again (the fleet view follows the feed from before its seed) is not
+        // counted twice.
+        if self
+            .runs
+            .iter()
+            .rev()
+            .take_while(|t| t.0 >= r.started_at)
+            .any(|t| t.0 == r.started_at && t.1 != SKIPPED)
+        {
+            return;
+        }
         let newest = self.runs.iter().rev().find(|t| t.1 != SKIPPED);
         let late = newest.is_some_and(|t| t.0 > r.started_at);
         self.tick(Tick(r.started_at, outcome.as_str()));
@@ -539,6 +551,18 @@ impl Latest {
             full: since.is_none(),
             series: v,
         }
+    }
+
+    /// The named series this map has, with their recent outcomes, ordered by name.
+    fn some(&self, names: &std::collections::BTreeSet<String>) -> Vec<(LatestRun, Recent)> {
+        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        names
+            .iter()
+            .filter_map(|n| {
+                let r = map.runs.get(n)?.clone();
+                Some((r, map.recent.get(n).cloned().unwrap_or_default()))
+            })
+            .collect()
     }
 
     fn update(&self, runs: Vec<LatestRun>) {
@@ -1547,7 +1571,7 @@ fn ensure_series<'s>(
             .prepare_cached(
                 "SELECT id, kind, phases FROM series WHERE location = ?1 AND name = ?2",
             )?
-            .query_row([location, name], |r| {
+            .query_row([location.as_str(), name], |r| {
                 Ok(SeriesInfo {
                     id: r.get(0)?,
                     kind: r.get(1)?,
@@ -2461,13 +2485,71 @@ pub fn series_ids(conn: &Conn, series: Option<&[String]>) -> db::Result<Vec<(i64
     );
     let mut ids = Vec::with_capacity(names.len());
     for chunk in names.chunks(IDS_PER_QUERY) {
-        let head = vec![db::Value::Text(conn.location().to_string())];
+        let head = vec![db::Value::Text(conn.location())];
         conn.query_each(&sql, with_ids(head, chunk), |r| {
             ids.push((r.get(0)?, r.get(1)?));
             Ok(())
         })?;
     }
     Ok(ids)
+}
+
+/// The locations that recorded series, sorted (`[""]` on a single machine's SQLite store,
+/// or before anything is recorded: the connection's own).
+pub fn locations(conn: &Conn) -> db::Result<Vec<String>> {
+    let mut v: Vec<String> = conn.query_map(
+        "SELECT DISTINCT location FROM series ORDER BY location",
+        [],
+        |r| r.get(0),
+    )?;
+    if v.is_empty() {
+        v.push(conn.location());
+    }
+    Ok(v)
+}
+
+/// The locations a view covers: all of them (`None`: the fleet) or the one named, which must
+/// have recorded something.
+pub fn view_locations(conn: &Conn, only: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let all = locations(conn)?;
+    match only {
+        None => Ok(all),
+        Some(l) if all.iter().any(|x| x == l) => Ok(vec![l.to_string()]),
+        Some(l) => Err(UnknownLocation {
+            name: l.to_string(),
+            known: all.join(", "),
+        }
+        .into()),
+    }
+}
+
+/// A view asked for a location that recorded nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("no runs recorded from location {name:?} (locations: {known})")]
+pub struct UnknownLocation {
+    pub name: String,
+    pub known: String,
+}
+
+/// `f(location)` once per location, the connection reading as each in turn (per-location
+/// series and bookkeeping, see [`Conn::read_as`]); its own location is restored after.
+pub fn each_location<T>(
+    conn: &Conn,
+    locations: &[String],
+    mut f: impl FnMut(&str) -> db::Result<T>,
+) -> db::Result<Vec<T>> {
+    let own = conn.location();
+    let mut out = Vec::with_capacity(locations.len());
+    for l in locations {
+        conn.read_as(l);
+        let r = f(l);
+        if r.is_err() {
+            conn.read_as(&own);
+        }
+        out.push(r?);
+    }
+    conn.read_as(&own);
+    Ok(out)
 }
 
 /// The newest stored run of each series.
