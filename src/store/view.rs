@@ -197,3 +197,90 @@ fn merged(locations: &[(String, LatestRun, Recent)]) -> Option<(LatestRun, Recen
         .cloned();
     Some((latest, recent))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(probe: &str, at: i64, outcome: &str) -> LatestRun {
+        LatestRun {
+            probe: probe.into(),
+            kind: "http".into(),
+            started_at: at,
+            outcome: outcome.into(),
+            error_class: None,
+            error_message: None,
+            duration_ms: 1.0,
+            phases: serde_json::Value::Null,
+            wer: None,
+        }
+    }
+
+    fn view(runs: &[(&str, LatestRun)]) -> FleetView {
+        let v = FleetView::default();
+        {
+            let mut st = v.0.lock().unwrap();
+            for (l, r) in runs {
+                st.by_location
+                    .entry(l.to_string())
+                    .or_default()
+                    .update(vec![r.clone()]);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn fleet_wide_series_carry_every_location_and_a_cursor_per_location() {
+        let v = view(&[
+            ("eu", run("a", 1_000, "down")),
+            ("us", run("a", 2_000, "up")),
+            ("us", run("b", 1_500, "up")),
+        ]);
+        let all = v.changed_since(None, None);
+        assert!(all.full);
+        assert_eq!(all.locations, ["eu", "us"]);
+        let a = &all.series[0];
+        assert_eq!(a.latest.probe, "a");
+        assert_eq!(a.latest.started_at, 2_000, "the newest of any location");
+        let strip: Vec<(i64, &str)> = a.recent.runs.iter().map(|t| (t.0, t.1)).collect();
+        assert_eq!(
+            strip,
+            [(1_000, "down"), (2_000, "up")],
+            "merged in time order"
+        );
+        assert_eq!(
+            a.recent.last_bad.as_ref().map(|r| r.started_at),
+            Some(1_000)
+        );
+        let locs: Vec<&str> = a.locations.iter().map(|l| l.0.as_str()).collect();
+        assert_eq!(locs, ["eu", "us"]);
+        assert_eq!(
+            all.series[1].locations.len(),
+            1,
+            "b is measured from us only"
+        );
+
+        // Nothing new: nothing listed. A run in eu: its series comes whole.
+        let none = v.changed_since(None, Some(&all.cursor));
+        assert!(!none.full && none.series.is_empty(), "{}", none.cursor);
+        v.0.lock().unwrap().by_location["eu"].update(vec![run("a", 3_000, "up")]);
+        let one = v.changed_since(None, Some(&all.cursor));
+        assert!(!one.full);
+        assert_eq!(one.series.len(), 1);
+        assert_eq!(one.series[0].locations.len(), 2);
+        // A replayed run is not counted twice.
+        v.0.lock().unwrap().by_location["eu"].update(vec![run("a", 3_000, "up")]);
+        let again = v.changed_since(Some("eu"), None);
+        assert_eq!(again.series[0].recent.runs.len(), 2);
+
+        // One location: its series only; a fleet-wide cursor means nothing there.
+        let eu = v.changed_since(Some("eu"), Some(&all.cursor));
+        assert!(eu.full);
+        assert_eq!(eu.series.len(), 1);
+        assert_eq!(eu.series[0].latest.started_at, 3_000);
+        for bad in ["", "x", "2~", "9~1.1~2.2"] {
+            assert!(v.changed_since(None, Some(bad)).full, "{bad}");
+        }
+    }
+}
