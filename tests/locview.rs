@@ -6,7 +6,8 @@
 //! HDR histogram built here from the stored runs — with each location's own under its row;
 //! `--location` gives one location's. The dashboard of the `eu` agent, in a real headless
 //! Chromium, shows both locations' strips, a location selector, and the leader's
-//! `locations_disagree` note once `eu`'s path fails.
+//! `locations_disagree` note once `eu`'s path fails. With `WATCHPOST_SCREENSHOTS=<dir>` it
+//! saves `dashboard-locations.png` there (docs/dashboard-locations.png).
 
 #[path = "common/browser.rs"]
 mod browser;

@@ -388,8 +388,8 @@ pub fn list_components(
                         ends_at: Some(iso(w.ends_at)),
                     }),
             };
-        let disagreements =
-            disagreements(conn, &name, term.max(now_ms - DISAGREEMENT_LOOKBACK_MS))?;
+        let since = (term - CLOCK_SLACK_MS).max(now_ms - DISAGREEMENT_LOOKBACK_MS);
+        let disagreements = disagreements(conn, &name, since)?;
         out.push(ComponentView {
             name,
             status: state.status.as_str().to_string(),
@@ -408,6 +408,9 @@ pub fn list_components(
 
 /// How far back the location notes of a component are read.
 const DISAGREEMENT_LOOKBACK_MS: i64 = 24 * 3600 * 1000;
+/// Notes are stamped by the leader's clock, the lease by the database's: notes this much
+/// older than the lease still count.
+const CLOCK_SLACK_MS: i64 = 30_000;
 
 /// When the current fleet leader took the lease (0 without one: a single machine). A new
 /// leader judges from scratch and notes a disagreement that goes on again, so only notes of
