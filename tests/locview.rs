@@ -304,6 +304,18 @@ async fn fleet_wide_figures_merge_locations_and_each_location_has_its_view() {
         .collect();
     assert!(!p50s.is_empty(), "{api:#}");
     assert!(p50s.iter().all(|v| *v >= 200.0), "us chart: {p50s:?}");
+    // The report route: one location's, and 404 for one that recorded nothing.
+    let one: Value = reqwest::get(format!("{base}/api/v1/report?window=1h&location=us"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["location"], "us", "{one:#}");
+    let none = reqwest::get(format!("{base}/api/v1/report?window=1h&location=mars"))
+        .await
+        .unwrap();
+    assert_eq!(none.status(), 404);
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
     b.close().await;
     eu.stop().await.unwrap();
@@ -474,6 +486,14 @@ async fn fleet_report_merges_each_locations_histograms_exactly() {
         r["components"][0]["runs"], 200,
         "every location's runs count"
     );
+    // The dashboard's SLO figures count every location's runs too (or the ones given).
+    let comp = &cfg.components[0];
+    let locations = watchpost::store::locations(&conn).unwrap();
+    let slo = watchpost::slo::component_slo(&conn, comp, now, None, &locations).unwrap();
+    assert_eq!(slo.shares.runs, 200);
+    let eu_only = ["eu".to_string()];
+    let slo = watchpost::slo::component_slo(&conn, comp, now, None, &eu_only).unwrap();
+    assert_eq!(slo.shares.runs, 180);
     // Reading as each location left the connection reading its own.
     assert_eq!(conn.location(), "eu");
 
