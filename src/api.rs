@@ -940,7 +940,7 @@ async fn slo(State(s): State<AppState>) -> Response {
         let list = cfg
             .components
             .iter()
-            .map(|comp| crate::slo::component_slo(c, comp, now, Some(&sums), &locations))
+            .map(|comp| crate::slo::component_slo_in(c, comp, now, Some(&sums), &locations))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Bytes::from(serde_json::to_vec(
             &json!({"components": list}),

@@ -360,10 +360,19 @@ pub fn budget_remaining(c: &Counts, objective: Objective) -> Option<f64> {
     burn_rate(c, objective).map(|r| 100.0 * (1.0 - r))
 }
 
-/// A component's objective figures at `now` over the runs of every location in
-/// `locations` (one: a single machine, or one location's view); `cache` keeps the hourly
-/// part of the SLO window's sums between calls (the dashboard's `/slo`).
+/// A component's objective figures at `now` (the runs of the connection's location); `cache`
+/// keeps the hourly part of the SLO window's sums between calls (the dashboard's `/slo`).
 pub fn component_slo(
+    conn: &Conn,
+    comp: &ComponentConfig,
+    now: i64,
+    cache: Option<&HourlySums>,
+) -> db::Result<ComponentSlo> {
+    component_slo_in(conn, comp, now, cache, &[conn.location()])
+}
+
+/// [`component_slo`] over the runs of every location in `locations` (a fleet's view).
+pub fn component_slo_in(
     conn: &Conn,
     comp: &ComponentConfig,
     now: i64,

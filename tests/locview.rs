@@ -489,10 +489,10 @@ async fn fleet_report_merges_each_locations_histograms_exactly() {
     // The dashboard's SLO figures count every location's runs too (or the ones given).
     let comp = &cfg.components[0];
     let locations = watchpost::store::locations(&conn).unwrap();
-    let slo = watchpost::slo::component_slo(&conn, comp, now, None, &locations).unwrap();
+    let slo = watchpost::slo::component_slo_in(&conn, comp, now, None, &locations).unwrap();
     assert_eq!(slo.shares.runs, 200);
     let eu_only = ["eu".to_string()];
-    let slo = watchpost::slo::component_slo(&conn, comp, now, None, &eu_only).unwrap();
+    let slo = watchpost::slo::component_slo_in(&conn, comp, now, None, &eu_only).unwrap();
     assert_eq!(slo.shares.runs, 180);
     // Reading as each location left the connection reading its own.
     assert_eq!(conn.location(), "eu");
