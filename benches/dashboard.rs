@@ -102,15 +102,24 @@ async fn main() {
     let first_run_hour = watchpost::store::hist::floor_hour(now - 60 * 60_000);
     let rows = store
         .write(move |c| {
-            let mut h = watchpost::store::hist::new_hist();
-            for us in [20_000u64, 35_000, 50_000, 80_000, 95_000] {
-                watchpost::store::hist::record(&mut h, us);
-            }
-            let blob = watchpost::store::hist::encode(&h);
+            use watchpost::store::hist;
             let mut n = 0;
-            let ids: Vec<i64> = watchpost::store::series_ids(c, None)?
-                .into_iter()
-                .map(|(id, _)| id)
+            let series = hist::series_names(c)?;
+            let ids: Vec<i64> = series.keys().copied().collect();
+            // Each series' hour: the same five values in `ttfb` and `total`.
+            let blobs: std::collections::HashMap<i64, Vec<u8>> = series
+                .iter()
+                .map(|(id, s)| {
+                    let mut hour = hist::Hour::new();
+                    for phase in ["ttfb", "total"] {
+                        if let Some(i) = s.phases.iter().position(|p| p == phase) {
+                            for us in [20_000u64, 35_000, 50_000, 80_000, 95_000] {
+                                hist::record(hour.entry(i).or_insert_with(hist::new_hist), us);
+                            }
+                        }
+                    }
+                    (*id, hist::encode_hour(&hour))
+                })
                 .collect();
             let mut outcomes = c.prepare_cached(
                 "INSERT INTO hourly_outcomes (bucket_start, series, up, degraded, down) VALUES (?1, ?2, ?3, 0, ?4)",
@@ -124,15 +133,13 @@ async fn main() {
                 }
             }
             let mut hourly = c.prepare_cached(
-                "INSERT INTO hourly (bucket_start, series, phase, count, data) VALUES (?1, ?2, ?3, 5, ?4)",
+                "INSERT INTO hourly (bucket_start, series, data) VALUES (?1, ?2, ?3)",
             )?;
             for k in 1..=7 * 24i64 {
                 let hour = first_run_hour - k * 3_600_000;
-                for id in &ids {
-                    for phase in ["ttfb", "total"] {
-                        hourly.execute(params![hour, id, phase, blob])?;
-                        n += 1;
-                    }
+                for (id, blob) in &blobs {
+                    hourly.execute(params![hour, id, blob])?;
+                    n += 1;
                 }
             }
             for key in ["rolled_until", "fine_from", "runs_from"] {

@@ -290,18 +290,21 @@ fn latency_buckets(
     if since < hi {
         // One series (a chart) by its index; all of them (a report) by time.
         let mut st = conn.prepare_cached(if only_id.is_some() {
-            "SELECT series, phase, bucket_start, data FROM hourly WHERE series = ?3
+            "SELECT series, bucket_start, data FROM hourly WHERE series = ?3
              AND bucket_start >= ?1 AND bucket_start < ?2"
         } else {
-            "SELECT series, phase, bucket_start, data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2
+            "SELECT series, bucket_start, data FROM hourly WHERE bucket_start >= ?1 AND bucket_start < ?2
              AND CAST(?3 AS BIGINT) IS NULL"
         })?;
         st.query_each(params![hist::floor_hour(since), hi, only_id], |r| {
             let Some(s) = series.get(&r.get::<_, i64>(0)?) else {
                 return Ok(());
             };
-            if let Some(h) = hist::decode(r.blob(3)) {
-                add(&s.name, &r.get::<_, String>(1)?, slot(r.get(2)?), &h);
+            let i = slot(r.get(1)?);
+            for (p, h) in hist::decode_hour(r.blob(2)).unwrap_or_default() {
+                if let Some(phase) = s.phases.get(p) {
+                    add(&s.name, phase, i, &h);
+                }
             }
             Ok(())
         })?;

@@ -156,6 +156,10 @@ async fn an_incident_open_across_the_upgrade_keeps_its_old_key() {
              ALTER TABLE outbox DROP COLUMN claimed_by;
              ALTER TABLE outbox DROP COLUMN claim_until;
              UPDATE outbox SET status = 'delivered';
+             DROP TABLE hourly;
+             CREATE TABLE hourly (bucket_start INTEGER NOT NULL, series INTEGER NOT NULL,
+                 phase TEXT NOT NULL, count INTEGER NOT NULL, data BLOB NOT NULL,
+                 PRIMARY KEY (bucket_start, series, phase)) WITHOUT ROWID;
              PRAGMA user_version = 4;",
         )
         .unwrap();

@@ -15,6 +15,10 @@ use watchpost::store::{self, db::Pg, hist, Conn, Store, Target, WriterHandle, HO
 #[path = "common/pg.rs"]
 mod pg;
 
+#[path = "../benches/common/runs.rs"]
+mod runs;
+use runs::Profile;
+
 /// Where a test's store lives: the same tests run on SQLite and on a real Postgres.
 #[derive(Clone, Copy, Debug)]
 enum Backend {
@@ -73,6 +77,7 @@ macro_rules! both {
 both!(
     runs_and_latency_persist_across_reopen,
     details_are_stored_only_when_they_say_something_new,
+    listen_up_runs_leave_routine_details_out,
     rollup_merges_hours_exactly_and_prunes,
     write_is_atomic_per_operation,
     rehearsal_rows_are_kept_listed_and_reported,
@@ -229,16 +234,20 @@ fn count(c: &Conn, series: &str) -> i64 {
     .unwrap()
 }
 
+/// The hours of a series' hourly rows holding `phase`, with its sample count there.
 fn hourly(c: &Conn, series: &str, phase: &str) -> Vec<(i64, i64)> {
-    c.prepare(
-        "SELECT bucket_start, count FROM hourly WHERE series = (SELECT id FROM series WHERE name = ?1)
-         AND phase = ?2 ORDER BY bucket_start",
-    )
-    .unwrap()
-    .query_map([series, phase], |r| Ok((r.get(0)?, r.get(1)?)))
-    .unwrap()
-    .map(Result::unwrap)
-    .collect()
+    let (id, names) = hist::series_named(c, series).unwrap().unwrap();
+    let i = names.phases.iter().position(|p| p == phase).unwrap();
+    c.prepare("SELECT bucket_start, data FROM hourly WHERE series = ?1 ORDER BY bucket_start")
+        .unwrap()
+        .query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .filter_map(|(at, blob)| {
+            let h = hist::decode_hour(&blob).unwrap().remove(&i)?;
+            Some((at, h.len() as i64))
+        })
+        .collect()
 }
 
 fn quantiles(h: &hist::Hist) -> Vec<u64> {
@@ -387,6 +396,98 @@ async fn details_are_stored_only_when_they_say_something_new(b: Backend) {
     writer.join().await;
 }
 
+/// Every run's `note`, oldest first, as JSON.
+fn notes(c: &Conn) -> Vec<Option<serde_json::Value>> {
+    c.prepare("SELECT note FROM runs ORDER BY started_at")
+        .unwrap()
+        .query_map([], |r| r.get::<_, Option<String>>(0))
+        .unwrap()
+        .map(|n| n.unwrap().map(|n| serde_json::from_str(&n).unwrap()))
+        .collect()
+}
+
+/// A listen run's request id, interim result count and send lateness change on every run:
+/// an up run stores none of them, nor counts them as new — a lateness from 5 ms on is stored
+/// with its run, and only there; a run that is not up keeps them all (its request id is what
+/// the vendor asks for).
+async fn listen_up_runs_leave_routine_details_out(b: Backend) {
+    let db = Db::new(b);
+    let (s, writer) = db.start();
+    let base = aligned(T0, HOUR);
+    let listen = |minute: i64, p99: f64| {
+        let mut r = run_at("stt", base + minute * 60_000, 2_500, Outcome::Up);
+        r.kind = "listen";
+        r.subchecks.clear();
+        let details = [
+            ("dialect", json!("deepgram")),
+            ("text", json!("testing one two three")),
+            ("wer", json!(0.0)),
+            ("request_id", json!(format!("req-{minute}"))),
+            ("interim_results", json!(3 + minute % 3)),
+            ("send_lateness_p50_ms", json!(0.2)),
+            ("send_lateness_p99_ms", json!(p99)),
+            ("send_lateness_max_ms", json!(p99)),
+        ];
+        for (k, v) in details {
+            r.details.insert(k.into(), v);
+        }
+        r
+    };
+    let mut down = listen(64, 1.0);
+    down.outcome = Outcome::Down;
+    down.error = Some(ErrorInfo {
+        class: ErrorClass::WsClosed,
+        message: "server closed the socket with 1011 after 1.4 s".into(),
+    });
+    let plan = [
+        listen(0, 1.0),
+        listen(1, 1.2),
+        listen(2, 7.5),
+        listen(61, 1.1),
+        listen(63, 1.0),
+        down,
+        listen(65, 1.0),
+        listen(66, 2.0),
+    ];
+    for r in plan {
+        s.record(r).await;
+    }
+    s.flush().await.unwrap();
+    let c = s.reader().unwrap();
+    let stable = json!({"dialect": "deepgram", "text": "testing one two three", "wer": 0.0});
+    let mut late = json!({});
+    late["send_lateness_p50_ms"] = json!(0.2);
+    late["send_lateness_p99_ms"] = json!(7.5);
+    late["send_lateness_max_ms"] = json!(7.5);
+    let mut all = stable.clone();
+    all["request_id"] = json!("req-64");
+    all["interim_results"] = json!(4);
+    all["send_lateness_p50_ms"] = json!(0.2);
+    all["send_lateness_p99_ms"] = json!(1.0);
+    all["send_lateness_max_ms"] = json!(1.0);
+    assert_eq!(
+        notes(&c),
+        vec![
+            Some(json!({"details": stable})), // first run: routine details left out
+            None,
+            Some(json!({"details": late})), // a frame 7.5 ms late: with this run only
+            None,                           // an hour later, but only routine details changed
+            None,
+            Some(
+                json!({"class": "ws_closed", "message": "server closed the socket with 1011 after 1.4 s",
+                        "details": all})
+            ), // down: everything
+            Some(json!({"details": stable})), // up again: the recovered state
+            None,
+        ]
+    );
+    // The in-memory newest run still has what the dashboard shows.
+    assert_eq!(s.latest().runs()[0].wer, Some(0.0));
+    drop(c);
+    drop(s);
+    writer.join().await;
+}
+
 fn retention(runs_s: u64, minute_s: u64, hourly_s: u64) -> Retention {
     Retention {
         runs: Dur(Duration::from_secs(runs_s)),
@@ -426,8 +527,8 @@ async fn rollup_merges_hours_exactly_and_prunes(b: Backend) {
     assert_eq!(stats.rolled_hours, 3, "{stats:?}");
     assert_eq!(
         stats.hourly_rows,
-        3 * 3,
-        "api ttfb, total, api/checks.db latency"
+        3 * 2,
+        "api (ttfb and total in one row) and api/checks.db (latency)"
     );
     // runs older than now - 4 h = hour + 1 h: minutes 0..60 pruned, with their sub-check rows
     assert_eq!(stats.pruned_runs, 60 * 2);
@@ -504,7 +605,7 @@ async fn rollup_merges_hours_exactly_and_prunes(b: Backend) {
         .maintain(later, &retention(4 * 3600, 3 * 3600, 4 * 3600))
         .await
         .unwrap();
-    assert_eq!(stats.pruned_hourly, 2 * 3, "hours 0 and 1 of three series");
+    assert_eq!(stats.pruned_hourly, 2 * 2, "hours 0 and 1 of both series");
     drop(s);
     writer.join().await;
 }
@@ -631,6 +732,91 @@ async fn old_database_is_converted() {
     writer.join().await;
 }
 
+/// A database whose hourly histograms are one row per phase (migrations 3–12) is converted
+/// on open to one row per series and hour: the same figures from every reader, and a phase
+/// known only from the hourly rows joins its series' phases.
+#[tokio::test]
+async fn hourly_rows_per_phase_are_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("v11.db");
+    let hour = aligned(T0, HOUR);
+    let mut want = std::collections::BTreeMap::new();
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        // Every migration before the one that made the rows per series.
+        let before = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("RENAME TO hourly_v1"))
+            .unwrap();
+        for sql in &MIGRATIONS[..before] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", before).unwrap();
+        c.execute_batch(
+            "INSERT INTO series (id, name, kind, phases) VALUES
+               (1, 'api', 'http', '[\"ttfb\",\"total\"]'), (2, 'api/checks.db', 'subcheck', '[\"latency\"]');",
+        )
+        .unwrap();
+        let rows = [
+            (1, "api", "ttfb", 1),
+            (1, "api", "total", 2),
+            (1, "api", "tls", 3),
+            (2, "api/checks.db", "latency", 4),
+        ];
+        for (id, name, phase, k) in rows {
+            for h in 0..2i64 {
+                let mut x = hist::new_hist();
+                for v in 1..=60u64 {
+                    hist::record(&mut x, v * 997 * k + h as u64 * 31);
+                }
+                c.execute(
+                    "INSERT INTO hourly (bucket_start, series, phase, count, data) VALUES (?1, ?2, ?3, 60, ?4)",
+                    rusqlite::params![hour + h * 3_600_000, id, phase, hist::encode(&x)],
+                )
+                .unwrap();
+                want.entry((name.to_string(), phase.to_string()))
+                    .or_insert_with(hist::new_hist)
+                    .add(&x)
+                    .unwrap();
+            }
+        }
+        // Both hours are read from the hourly rows.
+        c.execute_batch(&format!(
+            "INSERT INTO meta (key, value) VALUES ('rolled_until', {end}), ('fine_from', {end}), ('runs_from', {end});",
+            end = hour + 2 * 3_600_000
+        ))
+        .unwrap();
+    }
+    let (s, writer) = Store::start(&db).unwrap();
+    let c = s.reader().unwrap();
+    let rows: i64 = c
+        .query_row("SELECT count(*) FROM hourly", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 2 * 2, "two series, two hours");
+    assert!(!c.table_exists("hourly_v1").unwrap());
+    let (_, api) = hist::series_named(&c, "api").unwrap().unwrap();
+    assert_eq!(api.phases, ["ttfb", "total", "tls"]);
+    let w = hist::window(&c, hour, hour + 2 * 3_600_000).unwrap();
+    assert_eq!(w.len(), want.len());
+    for ((series, phase), h) in &want {
+        let got = &w[&(series.clone(), phase.clone())];
+        assert_eq!(
+            (got.len(), quantiles(got)),
+            (120, quantiles(h)),
+            "{series} {phase}"
+        );
+        let one = hist::series_window(&c, series, phase, hour, hour + 2 * 3_600_000).unwrap();
+        assert_eq!(quantiles(&one), quantiles(h), "{series} {phase}");
+    }
+    assert_eq!(
+        hourly(&c, "api", "tls"),
+        [(hour, 60), (hour + 3_600_000, 60)]
+    );
+    drop(c);
+    drop(s);
+    writer.join().await;
+}
+
 /// Rollup and pruning of a large backlog run in chunks: the writer keeps committing new runs
 /// meanwhile, and no chunk holds it for more than 50 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -740,78 +926,94 @@ async fn maintenance_of_a_large_backlog_never_stalls_the_writer() {
     writer.join().await;
 }
 
-/// The storage figure: one HTTP probe at a 60 s interval for a day (1,440 runs with realistic
-/// phases and details, one in 200 down), hours rolled up as the daemon does. Target: ≤ 60 KB
-/// per probe per day (benches/storage.rs measures it for many probes over days).
-#[tokio::test]
-async fn a_day_of_one_probe_stays_under_60_kb() {
+/// Bytes per series that one simulated day of one probe adds to a fresh database: 1,440
+/// runs at a 60 s interval shaped like the real probe's (`benches/common/runs.rs`: phases,
+/// details that change every run, one in 200 down after a retry), `subchecks` sub-checks
+/// each, and every hour rolled up as the daemon does.
+async fn a_day_per_series(profile: Profile, subchecks: usize) -> i64 {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("size.db");
     let (s, writer) = Store::start(&db).unwrap();
-    let used = |s: &Store| {
-        let c = s.reader().unwrap();
-        let q = |p: &str| -> i64 {
-            c.query_row(&format!("PRAGMA {p}"), [], |r| r.get(0))
-                .unwrap()
-        };
-        (q("page_count") - q("freelist_count")) * q("page_size")
-    };
     s.flush().await.unwrap();
-    let empty = used(&s);
+    let empty = runs::used_bytes(&s.reader().unwrap());
     let start = aligned(T0, HOUR) + 17_123;
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut rnd = |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut rng = runs::Rng(0x9e37_79b9_7f4a_7c15);
     const RUNS: i64 = 1440;
+    const PROBES: i64 = 5;
+    // Stable offsets within the minute, all runs of a day in its 24 hours.
+    let offsets: Vec<i64> = (0..PROBES).map(|_| rng.below(40_000) as i64).collect();
     for i in 0..RUNS {
-        let ttfb = Duration::from_micros(18_000 + rnd(25_000));
-        let total = ttfb + Duration::from_micros(200 + rnd(3_000));
-        let mut r = RunResult {
-            probe: "api-health".into(),
-            kind: "http",
-            started_at: Utc
-                .timestamp_millis_opt(start + i * 60_000 + rnd(3) as i64)
-                .unwrap(),
-            duration: total + Duration::from_micros(40 + rnd(20)),
-            lag: Some(Duration::from_micros(400 + rnd(2_500))),
-            outcome: Outcome::Up,
-            error: None,
-            phases: vec![("ttfb".into(), ttfb), ("total".into(), total)],
-            details: Default::default(),
-            subchecks: vec![],
-        };
-        r.details.insert("status".into(), json!(200));
-        r.details.insert("bytes".into(), json!(187));
-        r.details
-            .insert("cert_days_left".into(), json!(80 - i / 1440));
-        if i % 200 == 199 {
-            r.outcome = Outcome::Down;
-            r.error = Some(ErrorInfo {
-                class: ErrorClass::HttpStatus,
-                message: "HTTP 503 Service Unavailable from https://api.example.com/health".into(),
-            });
-            r.details.insert("status".into(), json!(503));
-            r.details.insert("bytes".into(), json!(53));
+        for (p, off) in offsets.iter().enumerate() {
+            let at = start + i * 60_000 + off;
+            let r = runs::run(profile, &mut rng, &format!("probe-{p}"), at, 0, subchecks);
+            s.record(r).await;
         }
-        s.record(r).await;
     }
     let end = start + RUNS * 60_000;
     s.maintain(end + 3_600_000, &Retention::default())
         .await
         .unwrap();
     s.flush().await.unwrap();
-    let bytes = used(&s) - empty;
+    let c = s.reader().unwrap();
+    let hours: i64 = c
+        .query_row("SELECT count(*) FROM hourly", [], |r| r.get(0))
+        .unwrap();
+    let series = PROBES * (1 + subchecks as i64);
+    assert_eq!(hours, 24 * series, "every hour rolled up");
+    let bytes = (runs::used_bytes(&c) - empty) as i64;
+    let notes: i64 = c
+        .query_row("SELECT count(note) FROM runs", [], |r| r.get(0))
+        .unwrap();
+    let tables: Vec<String> = c
+        .prepare(
+            "SELECT name || ' ' || sum(pgsize) || ' (payload ' || sum(payload) || ')' FROM dbstat
+             WHERE name IN ('runs', 'hourly', 'hourly_by_series', 'hourly_outcomes') GROUP BY name",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     eprintln!(
-        "a day, {RUNS} runs: {bytes} bytes ({:.1} per run)",
-        bytes as f64 / RUNS as f64
+        "a day of {PROBES} {} probes with {subchecks} sub-checks, {RUNS} runs each: {bytes} bytes ({:.1} per run and series), {notes} notes; {}",
+        profile.name(),
+        bytes as f64 / (RUNS * series) as f64,
+        tables.join(", ")
     );
-    assert!(bytes <= 60 * 1024, "a day of one probe took {bytes} bytes");
+    drop(c);
     drop(s);
     writer.join().await;
+    bytes / series
+}
+
+/// The storage figure (issue 7): ≤ 60 KB per probe per day at a 60 s interval
+/// (benches/storage.rs measures it for many probes over days).
+#[tokio::test]
+async fn a_day_of_one_probe_stays_under_60_kb() {
+    let bytes = a_day_per_series(Profile::Http, 0).await;
+    assert!(
+        bytes <= 60 * 1024,
+        "a day of one HTTP probe took {bytes} bytes"
+    );
+}
+
+/// A listen probe: four phases of seconds, and a request id and send lateness that change
+/// on every run (kept only for runs that are not up). Measured 68 KB: over the 60 KB target
+/// (see docs/BENCHMARKS.md), held where it is so that it does not grow.
+#[tokio::test]
+async fn a_day_of_one_listen_probe_stays_under_70_kb() {
+    let bytes = a_day_per_series(Profile::Listen, 0).await;
+    assert!(
+        bytes <= 70 * 1024,
+        "a day of one listen probe took {bytes} bytes"
+    );
+}
+
+/// An HTTP probe with two sub-checks is three series: each within the figure.
+#[tokio::test]
+async fn a_day_of_a_probe_with_subchecks_stays_under_60_kb_per_series() {
+    let bytes = a_day_per_series(Profile::Http, 2).await;
+    assert!(bytes <= 60 * 1024, "a day took {bytes} bytes per series");
 }
 
 /// `GET /api/runs/latest` answers from the store's memory (the database file is moved away),

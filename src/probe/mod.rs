@@ -206,6 +206,27 @@ pub struct RunResult {
     pub subchecks: Vec<SubCheck>,
 }
 
+/// What a detail of an up run says, for the store, which keeps an up run's details only when
+/// they say something new (a run that is not up keeps them all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpDetail {
+    /// Part of the probe's state (a status, a transcript): stored when it changes.
+    State,
+    /// Changes on every run and says nothing new (a request id): not stored.
+    Routine,
+    /// A routine figure past a notable threshold (a listen run's send lateness): stored with
+    /// this run, not compared with the next.
+    Notable,
+}
+
+/// What detail `key` of an up run of `kind` says (see [`listen::up_detail`]).
+pub fn up_detail(kind: &str, key: &str, details: &Map<String, Value>) -> UpDetail {
+    match kind {
+        "listen" => listen::up_detail(key, details),
+        _ => UpDetail::State,
+    }
+}
+
 pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }

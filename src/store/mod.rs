@@ -8,9 +8,11 @@
 //! ms, outcome as 0/1/2 (up/degraded/down), lag in µs, phase times in a varint blob
 //! ([`codec`]), and a `note` (error class and message, details) only when the run has an error,
 //! is not up, or its details say something new: the series' first run since start, a change
-//! after a failure, or a change at most hourly ([`DETAILS_EVERY_MS`]). Minute-level latency comes
-//! from the runs; whole hours are rolled up into `hourly` rows ([`hist`]). Rollup and pruning
-//! run in chunks of a few milliseconds on the writer ([`Store::maintain`]).
+//! after a failure, or a change at most hourly ([`DETAILS_EVERY_MS`]); an up run's routine
+//! details (a request id, a send lateness: [`UpDetail`]) are kept only when notable.
+//! Minute-level latency comes from the runs; whole hours are rolled up into one `hourly` row
+//! per series holding every phase ([`hist`]). Rollup and pruning run in chunks of a few
+//! milliseconds on the writer ([`Store::maintain`]).
 //!
 //! In fleet mode (Postgres) the writer survives the database going away: a batch that fails
 //! because Postgres cannot be reached is kept, with every run after it, in the outage buffer
@@ -39,7 +41,7 @@ pub use db::{Conn, OptionalExtension, Target};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::probe::{ms, Outcome, RunResult};
+use crate::probe::{ms, Outcome, RunResult, UpDetail};
 pub use hist::{Hist, HIST_MAX_US};
 
 /// Migration 3: compact runs keyed by series id, hourly histograms, bookkeeping. Its rows are
@@ -140,7 +142,23 @@ pub const MIGRATIONS: &[&str] = &[
     crate::review::MIGRATION,
     // 12: fleet mode: confirmation requests across locations
     crate::fleet::CONFIRM_MIGRATION,
+    // 13: one hourly row per series and hour, every phase in one blob (old rows converted)
+    HOURLY_PER_SERIES,
 ];
+
+/// Migration 13: hourly latency as one row per series × hour holding every phase's histogram
+/// ([`hist::encode_hour`]) instead of a row per phase: the row and its index entry cost more
+/// than a phase's histogram. The old rows are converted by [`convert_hourly`] once the
+/// schema is current.
+const HOURLY_PER_SERIES: &str = "ALTER TABLE hourly RENAME TO hourly_v1;
+    DROP INDEX hourly_by_series;
+    CREATE TABLE hourly (
+        bucket_start INTEGER NOT NULL,
+        series INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (bucket_start, series)
+    ) WITHOUT ROWID;
+    CREATE INDEX hourly_by_series ON hourly (series, bucket_start);";
 
 /// Migration 10: the dashboard reads one series' hourly rows (its chart) and its members'
 /// hourly outcomes (SLO figures) by series, and a component's maintenance from its timeline.
@@ -224,8 +242,8 @@ const ROLL_DELAY_MS: i64 = 5 * 60 * 1000;
 pub const CHUNK_BUDGET: Duration = Duration::from_millis(5);
 
 /// An up run's details are stored when they differ from the last stored ones and those are
-/// this old (or were a failure's): details such as a request id or a send lateness change on
-/// every run and would otherwise cost more than the run.
+/// this old (or were a failure's). Details that change on every run (a request id, a send
+/// lateness: [`UpDetail::Routine`]) are left out of an up run's, unless notable.
 const DETAILS_EVERY_MS: i64 = HOUR_MS;
 
 /// Rows one pruning statement deletes at most.
@@ -365,8 +383,28 @@ fn migrate_locked(conn: &Conn) -> anyhow::Result<()> {
             }
         }
     }
-    // The version-1 rows are converted once the schema is current (migration 3 renamed
-    // their tables; the conversion drops them, so an interrupted one is taken up again).
+    // Old rows are converted once the schema is current (migrations 3 and 13 renamed their
+    // tables; a conversion drops them, so an interrupted one is taken up again).
+    if conn.table_exists("hourly_v1")? {
+        conn.begin()?;
+        match convert_hourly(conn) {
+            Ok(n) => {
+                conn.commit()?;
+                if n > 0 {
+                    tracing::info!(
+                        rows = n,
+                        "converted hourly histograms to one row per series and hour"
+                    );
+                }
+            }
+            Err(e) => {
+                let _ = conn.rollback();
+                return Err(
+                    anyhow::Error::from(e).context("converting hourly histograms (migration 13)")
+                );
+            }
+        }
+    }
     if conn.table_exists("runs_v1")? {
         conn.begin()?;
         match convert_v1(conn) {
@@ -1586,6 +1624,43 @@ fn ensure_series<'s>(
     }
 }
 
+/// Whether `now` holds exactly the details in `last`.
+fn same_details<'a>(
+    last: &Map<String, Value>,
+    mut now: impl Iterator<Item = (&'a String, &'a Value)>,
+) -> bool {
+    let mut n = 0;
+    now.all(|(k, v)| {
+        n += 1;
+        last.get(k) == Some(v)
+    }) && n == last.len()
+}
+
+/// The index of each of `names` in the series' phase list (what runs and hourly rows name a
+/// phase by), adding the new ones to the list and saving it.
+fn phase_indexes<'n>(
+    tx: &Conn,
+    info: &mut SeriesInfo,
+    names: impl Iterator<Item = &'n str>,
+) -> db::Result<Vec<usize>> {
+    let known = info.phases.len();
+    let idx = names
+        .map(|name| match info.phases.iter().position(|p| p == name) {
+            Some(i) => i,
+            None => {
+                info.phases.push(name.to_string());
+                info.phases.len() - 1
+            }
+        })
+        .collect();
+    if info.phases.len() > known {
+        let json = serde_json::to_string(&info.phases).unwrap_or_else(|_| "[]".into());
+        tx.prepare_cached("UPDATE series SET phases = ?2 WHERE id = ?1")?
+            .execute(params![info.id, json])?;
+    }
+    Ok(idx)
+}
+
 fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> {
     let info = ensure_series(tx, state, row.series, row.kind)?;
     if info.kind != row.kind {
@@ -1594,31 +1669,39 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
         info.kind = row.kind.to_string();
     }
     let id = info.id;
-    let mut idx: Vec<(usize, u64)> = Vec::with_capacity(row.phases.len());
-    let mut new_phase = false;
-    for (name, d) in &row.phases {
-        let i = match info.phases.iter().position(|p| p == name) {
-            Some(i) => i,
-            None => {
-                info.phases.push(name.to_string());
-                new_phase = true;
-                info.phases.len() - 1
-            }
-        };
-        idx.push((i, d.as_micros() as u64));
-    }
-    if new_phase {
-        let json = serde_json::to_string(&info.phases).unwrap_or_else(|_| "[]".into());
-        tx.prepare_cached("UPDATE series SET phases = ?2 WHERE id = ?1")?
-            .execute(params![id, json])?;
-    }
+    let idx: Vec<(usize, u64)> = phase_indexes(tx, info, row.phases.iter().map(|p| p.0))?
+        .into_iter()
+        .zip(&row.phases)
+        .map(|(i, (_, d))| (i, d.as_micros() as u64))
+        .collect();
 
-    let details = row.details.filter(|d| match state.details.get(&id) {
-        _ if row.outcome != Outcome::Up => !d.is_empty(),
-        None => !d.is_empty(),
-        Some(last) => {
-            &last.details != *d && (!last.up || row.started_ms - last.at >= DETAILS_EVERY_MS)
+    // An up run's routine details (a listen run's request id, …) are neither stored nor
+    // compared: they would make every run's details new. Notable ones are stored with it.
+    let up = row.outcome == Outcome::Up;
+    let mut state_changed = None;
+    let details = row.details.and_then(|d| {
+        let what = |k: &str| match up {
+            true => crate::probe::up_detail(row.kind, k, d),
+            false => UpDetail::State,
+        };
+        let of = |w| d.iter().filter(move |(k, _)| what(k) == w);
+        let new = match state.details.get(&id) {
+            Some(last) if up => {
+                !same_details(&last.details, of(UpDetail::State))
+                    && (!last.up || row.started_ms - last.at >= DETAILS_EVERY_MS)
+            }
+            _ => true,
+        };
+        let clone = |(k, v): (&String, &Value)| (k.clone(), v.clone());
+        let mut kept: Map<String, Value> = match new {
+            true => of(UpDetail::State).map(clone).collect(),
+            false => Map::new(),
+        };
+        if !kept.is_empty() {
+            state_changed = Some(kept.clone());
         }
+        kept.extend(of(UpDetail::Notable).map(clone));
+        (!kept.is_empty()).then_some(kept)
     });
     let note = (row.error.is_some() || details.is_some()).then(|| {
         let mut m = Map::new();
@@ -1626,16 +1709,16 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
             m.insert("class".into(), class.into());
             m.insert("message".into(), message.into());
         }
-        if let Some(d) = details {
+        if let Some(d) = &details {
             m.insert("details".into(), Value::Object(d.clone()));
         }
         Value::Object(m).to_string()
     });
-    if let Some(d) = details {
+    if let Some(details) = state_changed {
         let last = LastDetails {
-            details: d.clone(),
+            details,
             at: row.started_ms,
-            up: row.outcome == Outcome::Up,
+            up,
         };
         state.details.insert(id, last);
     }
@@ -1676,11 +1759,11 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
                down = hourly_outcomes.down + excluded.down",
         )?
         .execute(params![hour, id, (o == 0) as i64, (o == 1) as i64, (o == 2) as i64])?;
-        for (name, d) in &row.phases {
-            let mut h = hist::new_hist();
-            hist::record(&mut h, d.as_micros() as u64);
-            hist::add_hourly(tx, hour, id, name, &h)?;
+        let mut add = hist::Hour::new();
+        for &(i, us) in &idx {
+            hist::record(add.entry(i).or_insert_with(hist::new_hist), us);
         }
+        hist::add_hourly(tx, hour, id, &add)?;
     }
 
     Ok(latest_of(row))
@@ -1761,8 +1844,9 @@ fn convert_v1(tx: &Conn) -> db::Result<usize> {
         let flush = |state: &mut State, c: Option<(String, String, i64, Hist)>| -> db::Result<()> {
             if let Some((series, phase, hour, h)) = c {
                 let kind = if series.contains('/') { "subcheck" } else { "" };
-                let id = ensure_series(tx, state, &series, kind)?.id;
-                hist::add_hourly(tx, hour, id, &phase, &h)?;
+                let info = ensure_series(tx, state, &series, kind)?;
+                let i = phase_indexes(tx, info, std::iter::once(phase.as_str()))?[0];
+                hist::add_hourly(tx, hour, info.id, &hist::Hour::from([(i, h)]))?;
             }
             Ok(())
         };
@@ -1800,6 +1884,70 @@ fn convert_v1(tx: &Conn) -> db::Result<usize> {
     Ok(n)
 }
 
+/// Convert the hourly rows of migrations 3–12 (one per series, phase and hour, V2 + deflate)
+/// into one row per series and hour, and drop them. A phase known only from those rows joins
+/// its series' phase list. Every location's series at once (their ids are unique).
+fn convert_hourly(tx: &Conn) -> db::Result<usize> {
+    let mut phases: HashMap<i64, Vec<String>> = HashMap::new();
+    tx.prepare("SELECT id, phases FROM series")?
+        .query_each([], |r| {
+            phases.insert(r.get(0)?, hist::parse_phases(&r.get::<_, String>(1)?));
+            Ok(())
+        })?;
+    let mut grown = std::collections::BTreeSet::new();
+    let mut n = 0;
+    let write = |row: Option<(i64, i64, hist::Hour)>| -> db::Result<()> {
+        if let Some((hour, series, h)) = row {
+            tx.prepare_cached(
+                "INSERT INTO hourly (bucket_start, series, data) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![hour, series, hist::encode_hour(&h)])?;
+        }
+        Ok(())
+    };
+    let mut cur: Option<(i64, i64, hist::Hour)> = None;
+    tx.prepare(
+        "SELECT bucket_start, series, phase, data FROM hourly_v1 ORDER BY bucket_start, series",
+    )?
+    .query_each([], |r| {
+        let (hour, series): (i64, i64) = (r.get(0)?, r.get(1)?);
+        let phase: String = r.get(2)?;
+        // Rows of a series that no longer exists were read by nobody.
+        let (Some(names), Some(h)) = (phases.get_mut(&series), hist::decode(r.blob(3))) else {
+            return Ok(());
+        };
+        let i = match names.iter().position(|p| *p == phase) {
+            Some(i) => i,
+            None => {
+                names.push(phase);
+                grown.insert(series);
+                names.len() - 1
+            }
+        };
+        match &mut cur {
+            Some((h0, s0, acc)) if *h0 == hour && *s0 == series => {
+                let _ = acc.entry(i).or_insert_with(hist::new_hist).add(&h);
+            }
+            _ => {
+                write(cur.take())?;
+                n += 1;
+                cur = Some((hour, series, hist::Hour::from([(i, h)])));
+            }
+        }
+        Ok(())
+    })?;
+    write(cur.take())?;
+    for id in grown {
+        let json = serde_json::to_string(&phases[&id]).unwrap_or_else(|_| "[]".into());
+        tx.execute(
+            "UPDATE series SET phases = ?2 WHERE id = ?1",
+            params![id, json],
+        )?;
+    }
+    tx.execute_batch("DROP TABLE hourly_v1;")?;
+    Ok(n)
+}
+
 fn set_meta(conn: &Conn, key: &str, value: i64) -> db::Result<()> {
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -1830,7 +1978,7 @@ pub struct MaintainCursor {
 pub struct MaintainStats {
     /// Hours rolled up into hourly histograms.
     pub rolled_hours: usize,
-    /// Hourly rows written by the rollup.
+    /// Hourly rows (one per series and hour) written by the rollup.
     pub hourly_rows: usize,
     pub pruned_runs: usize,
     pub pruned_hourly: usize,
@@ -1976,8 +2124,8 @@ fn maintain_step(
             }
             let n = tx
                 .prepare_cached(
-                    "DELETE FROM hourly WHERE (bucket_start, series, phase) IN
-                     (SELECT bucket_start, series, phase FROM hourly WHERE bucket_start < ?1 LIMIT ?2)",
+                    "DELETE FROM hourly WHERE (bucket_start, series) IN
+                     (SELECT bucket_start, series FROM hourly WHERE bucket_start < ?1 LIMIT ?2)",
                 )?
                 .execute(params![cut.hourly, PRUNE_ROWS])?;
             stats.pruned_hourly += n;
@@ -2007,16 +2155,17 @@ fn maintain_step(
 const NEXT_SERIES: &str =
     "SELECT id FROM series WHERE id > ?1 AND location = ?2 ORDER BY id LIMIT 1";
 
-/// Roll one series' runs of the hour starting at `hour` into hourly rows; returns how many.
+/// Roll one series' runs of the hour starting at `hour` into its hourly row; returns how many
+/// rows that wrote (0 or 1).
 fn roll_series(tx: &Conn, id: i64, hour: i64) -> db::Result<usize> {
     let phases: String = tx
         .prepare_cached("SELECT phases FROM series WHERE id = ?1")?
         .query_row([id], |r| r.get(0))?;
     let names = hist::parse_phases(&phases);
-    let mut per: Vec<Option<Hist>> = vec![None; names.len()];
+    let mut per = hist::Hour::new();
     hist::fold_runs(tx, id, hour, hour + HOUR_MS, |i, us| {
-        if let Some(slot) = per.get_mut(i) {
-            hist::record(slot.get_or_insert_with(hist::new_hist), us);
+        if i < names.len() {
+            hist::record(per.entry(i).or_insert_with(hist::new_hist), us);
         }
     })?;
     tx.prepare_cached(
@@ -2030,14 +2179,11 @@ fn roll_series(tx: &Conn, id: i64, hour: i64) -> db::Result<usize> {
            down = excluded.down",
     )?
     .execute(params![id, hour, hour + HOUR_MS])?;
-    let mut n = 0;
-    for (name, h) in names.iter().zip(per) {
-        if let Some(h) = h {
-            hist::add_hourly(tx, hour, id, name, &h)?;
-            n += 1;
-        }
+    if per.is_empty() {
+        return Ok(0);
     }
-    Ok(n)
+    hist::add_hourly(tx, hour, id, &per)?;
+    Ok(1)
 }
 
 /// Outcome counts of one series over a window.

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 pub use self::config::{Accumulate, DeepgramEnd, DialectName, Expectation, ListenSpec};
 use super::websocket::{self as wsock, Target};
-use super::Attempt;
+use super::{Attempt, UpDetail};
 use crate::chaos::fault::Injection;
 use crate::config::ProbeConfig;
 
@@ -175,6 +175,31 @@ impl Dialect {
 // The probe
 // ---------------------------------------------------------------------------------------
 
+/// Send lateness (p99 over a run's frames) from which an up run's lateness figures are worth
+/// storing: the agent, not the service, was slow, and they say how far to trust its timings.
+/// The target for 1,000 concurrent sessions is 5 ms.
+pub const NOTABLE_LATENESS_MS: f64 = 5.0;
+
+/// How the store treats detail `key` of an up listen run (see [`crate::probe::UpDetail`]):
+/// the server's request id (what a vendor needs about a failed run) and the count of interim
+/// results change on every run and say nothing new; the send lateness neither, unless its
+/// p99 reaches [`NOTABLE_LATENESS_MS`].
+pub fn up_detail(key: &str, details: &serde_json::Map<String, serde_json::Value>) -> UpDetail {
+    match key {
+        "request_id" | "interim_results" => UpDetail::Routine,
+        "send_lateness_p50_ms" | "send_lateness_p99_ms" | "send_lateness_max_ms" => {
+            let p99 = details
+                .get("send_lateness_p99_ms")
+                .and_then(serde_json::Value::as_f64);
+            match p99 {
+                Some(v) if v >= NOTABLE_LATENESS_MS => UpDetail::Notable,
+                _ => UpDetail::Routine,
+            }
+        }
+        _ => UpDetail::State,
+    }
+}
+
 /// Timings of one session beyond what goes into details, for the benchmark.
 #[derive(Debug, Clone, Default)]
 pub struct SessionStats {
@@ -290,5 +315,44 @@ impl ListenProbe {
             }
         }
         (a, stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn up_details_table() {
+        let quiet = json!({"send_lateness_p99_ms": 4.999})
+            .as_object()
+            .cloned()
+            .unwrap();
+        let busy = json!({"send_lateness_p99_ms": 5.0})
+            .as_object()
+            .cloned()
+            .unwrap();
+        let none = serde_json::Map::new();
+        for (key, details, want) in [
+            ("request_id", &busy, UpDetail::Routine),
+            ("interim_results", &quiet, UpDetail::Routine),
+            ("send_lateness_p50_ms", &quiet, UpDetail::Routine),
+            ("send_lateness_max_ms", &quiet, UpDetail::Routine),
+            ("send_lateness_p99_ms", &none, UpDetail::Routine),
+            ("send_lateness_p50_ms", &busy, UpDetail::Notable),
+            ("send_lateness_p99_ms", &busy, UpDetail::Notable),
+            ("send_lateness_max_ms", &busy, UpDetail::Notable),
+            ("text", &busy, UpDetail::State),
+            ("wer", &quiet, UpDetail::State),
+            ("close_code", &none, UpDetail::State),
+        ] {
+            assert_eq!(up_detail(key, details), want, "{key} {details:?}");
+        }
+        assert_eq!(
+            crate::probe::up_detail("http", "request_id", &busy),
+            UpDetail::State,
+            "only listen runs have routine details"
+        );
     }
 }
