@@ -340,14 +340,17 @@ async fn details_are_stored_only_when_they_say_something_new(b: Backend) {
     let (s, writer) = db.start();
     let base = aligned(T0, HOUR);
     let mut plan = Vec::new();
-    // minutes of the runs; cert_days_left changes from the third run, run 6 fails
+    // minutes of the runs; cert_days_left changes from the third run, run 6 fails, and the
+    // certificate the service comes back with is a day older
     let at = [0i64, 1, 2, 3, 61, 62, 63, 64, 65];
     for (i, m) in at.iter().enumerate() {
         let mut r = run_at("api", base + m * 60_000, 10, Outcome::Up);
         r.subchecks.clear();
         r.details.insert("status".into(), json!(200));
-        r.details
-            .insert("cert_days_left".into(), json!(if i < 2 { 30 } else { 29 }));
+        r.details.insert(
+            "cert_days_left".into(),
+            json!([30, 30, 29, 29, 29, 29, 29, 28, 28][i]),
+        );
         if i == 6 {
             r.details.insert("status".into(), json!(503));
             r.outcome = Outcome::Down;
@@ -363,21 +366,10 @@ async fn details_are_stored_only_when_they_say_something_new(b: Backend) {
     }
     s.flush().await.unwrap();
     let c = s.reader().unwrap();
-    let notes: Vec<Option<String>> = c
-        .prepare("SELECT note FROM runs ORDER BY started_at")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let notes: Vec<Option<serde_json::Value>> = notes
-        .into_iter()
-        .map(|n| n.map(|n| serde_json::from_str(&n).unwrap()))
-        .collect();
     let d30 = json!({"status": 200, "cert_days_left": 30});
     let d29 = json!({"status": 200, "cert_days_left": 29});
     assert_eq!(
-        notes,
+        notes(&c),
         vec![
             Some(json!({"details": d30})), // first run of the series
             None,
@@ -387,7 +379,7 @@ async fn details_are_stored_only_when_they_say_something_new(b: Backend) {
             None,
             Some(json!({"class": "timeout", "message": "no answer",
                         "details": {"status": 503, "cert_days_left": 29}})), // down
-            Some(json!({"details": d29})), // up again: the recovered state
+            Some(json!({"details": {"status": 200, "cert_days_left": 28}})), // changed after a failure: at once
             None,
         ]
     );
@@ -477,7 +469,7 @@ async fn listen_up_runs_leave_routine_details_out(b: Backend) {
                 json!({"class": "ws_closed", "message": "server closed the socket with 1011 after 1.4 s",
                         "details": all})
             ), // down: everything
-            Some(json!({"details": stable})), // up again: the recovered state
+            None, // up again, as before the failure: nothing new
             None,
         ]
     );

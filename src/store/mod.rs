@@ -7,8 +7,9 @@
 //! A run is one row of about 30 bytes: the series as an integer id (`series` table), start in
 //! ms, outcome as 0/1/2 (up/degraded/down), lag in µs, phase times in a varint blob
 //! ([`codec`]), and a `note` (error class and message, details) only when the run has an error,
-//! is not up, or its details say something new: the series' first run since start, a change
-//! after a failure, or a change at most hourly ([`DETAILS_EVERY_MS`]); an up run's routine
+//! is not up, or its details say something new against the last stored up run's: the series'
+//! first run since start, a change after a failure, or a change at most hourly
+//! ([`DETAILS_EVERY_MS`]); an up run's routine
 //! details (a request id, a send lateness: [`UpDetail`]) are kept only when notable.
 //! Minute-level latency comes from the runs; whole hours are rolled up into one `hourly` row
 //! per series holding every phase ([`hist`]). Rollup and pruning run in chunks of a few
@@ -241,8 +242,8 @@ const ROLL_DELAY_MS: i64 = 5 * 60 * 1000;
 /// Work one maintenance chunk does before it yields the writer to queued runs.
 pub const CHUNK_BUDGET: Duration = Duration::from_millis(5);
 
-/// An up run's details are stored when they differ from the last stored ones and those are
-/// this old (or were a failure's). Details that change on every run (a request id, a send
+/// An up run's details are stored when they differ from the last stored up run's and those
+/// are this old (or a failure came since). Details that change on every run (a request id, a send
 /// lateness: [`UpDetail::Routine`]) are left out of an up run's, unless notable.
 const DETAILS_EVERY_MS: i64 = HOUR_MS;
 
@@ -977,10 +978,14 @@ struct SeriesInfo {
     phases: Vec<String>,
 }
 
+/// What an up run's details are compared with.
 struct LastDetails {
+    /// The details last stored for an up run: the state the notes describe.
     details: Map<String, Value>,
     at: i64,
-    up: bool,
+    /// A run that was not up came since (its note holds its own details): a change is new
+    /// at once, the same details again are not.
+    failed: bool,
 }
 
 /// What the writer keeps between batches; reloaded from the database when a batch fails.
@@ -1680,17 +1685,26 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
     let up = row.outcome == Outcome::Up;
     let mut state_changed = None;
     let details = row.details.and_then(|d| {
-        let what = |k: &str| match up {
-            true => crate::probe::up_detail(row.kind, k, d),
-            false => UpDetail::State,
-        };
-        let of = |w| d.iter().filter(move |(k, _)| what(k) == w);
-        let new = match state.details.get(&id) {
-            Some(last) if up => {
-                !same_details(&last.details, of(UpDetail::State))
-                    && (!last.up || row.started_ms - last.at >= DETAILS_EVERY_MS)
+        let last = state.details.get_mut(&id);
+        if !up {
+            if let Some(last) = last {
+                last.failed = true;
             }
-            _ => true,
+            return (!d.is_empty()).then(|| d.clone());
+        }
+        let of = |w| {
+            d.iter()
+                .filter(move |(k, _)| crate::probe::up_detail(row.kind, k, d) == w)
+        };
+        let new = match last {
+            None => true,
+            Some(last) => {
+                let same = same_details(&last.details, of(UpDetail::State));
+                if same {
+                    last.failed = false;
+                }
+                !same && (last.failed || row.started_ms - last.at >= DETAILS_EVERY_MS)
+            }
         };
         let clone = |(k, v): (&String, &Value)| (k.clone(), v.clone());
         let mut kept: Map<String, Value> = match new {
@@ -1718,7 +1732,7 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
         let last = LastDetails {
             details,
             at: row.started_ms,
-            up,
+            failed: false,
         };
         state.details.insert(id, last);
     }
