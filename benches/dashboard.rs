@@ -282,8 +282,9 @@ async fn main() {
         let sums = watchpost::store::HourlySums::default();
         let now = Utc::now().timestamp_millis();
         let t = Instant::now();
+        let locations = watchpost::store::locations(&c).unwrap();
         for comp in &cfg.components {
-            watchpost::slo::component_slo(&c, comp, now, Some(&sums)).unwrap();
+            watchpost::slo::component_slo(&c, comp, now, Some(&sums), &locations).unwrap();
         }
         cold.push(t.elapsed());
     }
