@@ -1231,13 +1231,12 @@ async fn component_slo_matches_the_runs_counted_one_by_one(b: Backend) {
         let stats = s.maintain(now, &retention).await.unwrap();
         assert!(stats.pruned_runs > 0, "{stats:?}");
         let c = s.reader().unwrap();
-        let locations = store::locations(&c).unwrap();
         for comp in &cfg.components {
             let want = expected(comp, now);
             assert!(want.shares.runs > 500, "{want:?}");
-            let cold = slo::component_slo(&c, comp, now, None, &locations).unwrap();
+            let cold = slo::component_slo(&c, comp, now, None).unwrap();
             assert_eq!(cold, want, "{} at {now}, no cache", want.component);
-            let cached = slo::component_slo(&c, comp, now, Some(&cache), &locations).unwrap();
+            let cached = slo::component_slo(&c, comp, now, Some(&cache)).unwrap();
             assert_eq!(cached, want, "{} at {now}, cached", want.component);
         }
         drop(c);
