@@ -386,42 +386,48 @@ fn migrate_locked(conn: &Conn) -> anyhow::Result<()> {
     }
     // Old rows are converted once the schema is current (migrations 3 and 13 renamed their
     // tables; a conversion drops them, so an interrupted one is taken up again).
-    if conn.table_exists("hourly_v1")? {
-        conn.begin()?;
-        match convert_hourly(conn) {
-            Ok(n) => {
-                conn.commit()?;
-                if n > 0 {
-                    tracing::info!(
-                        rows = n,
-                        "converted hourly histograms to one row per series and hour"
-                    );
-                }
-            }
-            Err(e) => {
-                let _ = conn.rollback();
-                return Err(
-                    anyhow::Error::from(e).context("converting hourly histograms (migration 13)")
-                );
-            }
-        }
-    }
-    if conn.table_exists("runs_v1")? {
-        conn.begin()?;
-        match convert_v1(conn) {
-            Ok(n) => {
-                conn.commit()?;
-                if n > 0 {
-                    tracing::info!(runs = n, "converted stored runs to the compact format");
-                }
-            }
-            Err(e) => {
-                let _ = conn.rollback();
-                return Err(anyhow::Error::from(e).context("converting stored runs (migration 3)"));
-            }
-        }
-    }
+    convert_once(
+        conn,
+        "hourly_v1",
+        convert_hourly,
+        "converting hourly histograms (migration 13)",
+        "converted hourly histograms to one row per series and hour",
+    )?;
+    convert_once(
+        conn,
+        "runs_v1",
+        convert_v1,
+        "converting stored runs (migration 3)",
+        "converted stored runs to the compact format",
+    )?;
     Ok(())
+}
+
+/// Convert the rows of a renamed old table in one transaction, when it is still there.
+fn convert_once(
+    conn: &Conn,
+    old: &str,
+    convert: fn(&Conn) -> db::Result<usize>,
+    context: &'static str,
+    done: &'static str,
+) -> anyhow::Result<()> {
+    if !conn.table_exists(old)? {
+        return Ok(());
+    }
+    conn.begin()?;
+    match convert(conn) {
+        Ok(n) => {
+            conn.commit()?;
+            if n > 0 {
+                tracing::info!(rows = n, "{done}");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = conn.rollback();
+            Err(anyhow::Error::from(e).context(context))
+        }
+    }
 }
 
 fn outcome_code(o: Outcome) -> i64 {
