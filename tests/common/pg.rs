@@ -198,9 +198,9 @@ impl PgCluster {
         self.url("postgres")
     }
 
-    /// Create a database and return its URL.
-    pub fn create_db(&self, db: &str) -> String {
-        let mut c = Command::new(self.bin.join("createdb"));
+    /// A client tool of this cluster's, pointed at it as `postgres`.
+    fn client(&self, tool: &str) -> Command {
+        let mut c = Command::new(self.bin.join(tool));
         c.args([
             "-h",
             "127.0.0.1",
@@ -208,8 +208,14 @@ impl PgCluster {
             &self.port.to_string(),
             "-U",
             "postgres",
-            db,
         ]);
+        c
+    }
+
+    /// Create a database and return its URL.
+    pub fn create_db(&self, db: &str) -> String {
+        let mut c = self.client("createdb");
+        c.arg(db);
         run(c, "createdb");
         self.url(db)
     }
@@ -220,14 +226,8 @@ impl PgCluster {
     /// lose commits the server has already acknowledged — which a real server (default on)
     /// does not; a test that stops the server and counts what was committed needs this.
     pub fn durable_commits(&self) {
-        let mut c = Command::new(self.bin.join("psql"));
+        let mut c = self.client("psql");
         c.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
             "-v",
             "ON_ERROR_STOP=1",
             "-c",
