@@ -1021,6 +1021,24 @@ fn location_rows(r: &Report) -> impl Iterator<Item = (&Row, &LocationFigures)> {
         .flat_map(|row| row.locations.iter().map(move |l| (row, l)))
 }
 
+/// The cells of a per-location line (Markdown and HTML): series, phase, location, runs,
+/// availability, p50, p95, p99, max, verdict.
+fn location_cells(row: &Row, l: &LocationFigures) -> [String; 10] {
+    let f = &l.figures;
+    [
+        row.series.clone(),
+        row.phase.clone(),
+        l.location.clone(),
+        f.runs.to_string(),
+        pct(f.availability_pct),
+        cell(f.p50_ms),
+        cell(f.p95_ms),
+        cell(f.p99_ms),
+        cell(f.max_ms),
+        f.verdict.to_string(),
+    ]
+}
+
 /// Render in `format`.
 pub fn render(r: &Report, format: Format) -> anyhow::Result<String> {
     Ok(match format {
@@ -1275,21 +1293,8 @@ pub fn render_markdown(r: &Report) -> String {
     if location_rows(r).next().is_some() {
         out.push_str("\n### Per location\n\n| series | phase | location | runs | availability | p50 | p95 | p99 | max | verdict |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n");
         for (row, l) in location_rows(r) {
-            let f = &l.figures;
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                md(&row.series),
-                md(&row.phase),
-                md(&l.location),
-                f.runs,
-                pct(f.availability_pct),
-                cell(f.p50_ms),
-                cell(f.p95_ms),
-                cell(f.p99_ms),
-                cell(f.max_ms),
-                f.verdict
-            );
+            let cells = location_cells(row, l).map(|c| md(&c));
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
         }
     }
     if !r.incidents.is_empty() {
@@ -1605,21 +1610,12 @@ pub fn render_html(r: &Report) -> String {
     if location_rows(r).next().is_some() {
         body.push_str("<h2>Per location</h2><table class=\"locations\"><tr><th>series</th><th>phase</th><th>location</th><th>runs</th><th>availability</th><th>p50</th><th>p95</th><th>p99</th><th>max</th><th>verdict</th></tr>");
         for (row, l) in location_rows(r) {
-            let f = &l.figures;
+            let cells = location_cells(row, l).map(|c| html_escape(&c));
             let _ = write!(
                 body,
-                "<tr data-location=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr data-location=\"{}\"><td>{}</td></tr>",
                 html_escape(&l.location),
-                html_escape(&row.series),
-                html_escape(&row.phase),
-                html_escape(&l.location),
-                f.runs,
-                pct(f.availability_pct),
-                cell(f.p50_ms),
-                cell(f.p95_ms),
-                cell(f.p99_ms),
-                cell(f.max_ms),
-                f.verdict
+                cells.join("</td><td>")
             );
         }
         body.push_str("</table>");
