@@ -1,6 +1,7 @@
 //! The dashboard with N probes (default 1,000): one hour of runs per probe (one a minute,
-//! written through the real store writer) on top of 30 days of hourly outcome counts and 7
-//! days of hourly latency histograms per probe (written as the hourly rollup leaves them),
+//! written through the real store writer) on top of 30 days of hourly outcome counts (and
+//! their daily sums) and 7 days of hourly latency histograms per probe (written as the
+//! hourly rollup leaves them),
 //! N/20 components with objectives, then the real API router on 127.0.0.1 answering what
 //! one dashboard refresh asks for: the page, the overview (the page's `?since=` form: all
 //! series on the first refresh, then those changed since, with new runs arriving between
@@ -132,6 +133,13 @@ async fn main() {
                     n += 1;
                 }
             }
+            // The daily sums the rollup keeps beside them (`roll_day`).
+            n += c.execute(
+                "INSERT INTO daily_outcomes (bucket_start, series, up, degraded, down)
+                 SELECT bucket_start - bucket_start % 86400000, series, sum(up), sum(degraded), sum(down)
+                 FROM hourly_outcomes GROUP BY 1, 2",
+                [],
+            )?;
             let mut hourly = c.prepare_cached(
                 "INSERT INTO hourly (bucket_start, series, data) VALUES (?1, ?2, ?3)",
             )?;

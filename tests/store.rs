@@ -809,6 +809,109 @@ async fn hourly_rows_per_phase_are_converted() {
     writer.join().await;
 }
 
+/// A database from before the daily outcome rows (migrations 1–13) gets them on open, each
+/// the sum of its day's hourly rows; a window over several days reads them and counts the
+/// same as the hours; a late run in a rolled-up day is counted once there too.
+#[tokio::test]
+async fn daily_outcome_rows_are_summed_from_the_hourly_ones() {
+    const H: i64 = 3_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("v13.db");
+    let day = aligned(T0, 86_400);
+    // Three whole days and the five hours before them.
+    let (start, end) = (day - 5 * H, day + 3 * 24 * H);
+    let mut total = store::Counts::default();
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let before = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("CREATE TABLE daily_outcomes"))
+            .unwrap();
+        for sql in &MIGRATIONS[..before] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", before).unwrap();
+        c.execute_batch(
+            "INSERT INTO series (id, name, kind, phases) VALUES (1, 'api', 'http', '[\"total\"]');",
+        )
+        .unwrap();
+        let mut hour = start;
+        let mut k = 0u64;
+        while hour < end {
+            let (degraded, down) = (k % 3, k % 5);
+            c.execute(
+                "INSERT INTO hourly_outcomes (bucket_start, series, up, degraded, down) VALUES (?1, 1, ?2, ?3, ?4)",
+                rusqlite::params![hour, 60 - degraded - down, degraded, down],
+            )
+            .unwrap();
+            total += store::Counts {
+                up: 60 - degraded - down,
+                degraded,
+                down,
+            };
+            hour += H;
+            k += 1;
+        }
+        c.execute_batch(&format!(
+            "INSERT INTO meta (key, value) VALUES ('rolled_until', {end}), ('fine_from', {end}),
+               ('runs_from', {end}), ('outcomes_from', {start})
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value;"
+        ))
+        .unwrap();
+    }
+    let (s, writer) = Store::start(&db).unwrap();
+    let c = s.reader().unwrap();
+    let days: Vec<(i64, i64)> = {
+        let mut st = c
+            .prepare("SELECT bucket_start, up + degraded + down FROM daily_outcomes ORDER BY 1")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert_eq!(
+        days,
+        [
+            (day - 24 * H, 5 * 60),
+            (day, 24 * 60),
+            (day + 24 * H, 24 * 60),
+            (day + 48 * H, 24 * 60)
+        ]
+    );
+    let api = ["api".to_string()];
+    let window =
+        |c: &Conn| store::outcomes(c, Some(&api), start, end, end - start).unwrap()["api"][0];
+    assert_eq!(window(&c), total);
+    drop(c);
+
+    // A run of a rolled-up hour arrives late (an agent's outage buffer flushed): its day
+    // counts it.
+    s.record(outcome_run("api", day + 30 * H + 17_000, Outcome::Down))
+        .await;
+    s.flush().await.unwrap();
+    total.down += 1;
+    let c = s.reader().unwrap();
+    assert_eq!(window(&c), total);
+    let daily: i64 = c
+        .query_row(
+            "SELECT down FROM daily_outcomes WHERE bucket_start = ?1",
+            [day + 24 * H],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let hourly: i64 = c
+        .query_row(
+            "SELECT sum(down) FROM hourly_outcomes WHERE bucket_start >= ?1 AND bucket_start < ?2",
+            [day + 24 * H, day + 48 * H],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(daily, hourly);
+    drop((c, s));
+    writer.join().await;
+}
+
 /// Rollup and pruning of a large backlog run in chunks: the writer keeps committing new runs
 /// meanwhile, and no chunk holds it for more than 50 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

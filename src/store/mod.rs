@@ -145,7 +145,27 @@ pub const MIGRATIONS: &[&str] = &[
     crate::fleet::CONFIRM_MIGRATION,
     // 13: one hourly row per series and hour, every phase in one blob (old rows converted)
     HOURLY_PER_SERIES,
+    // 14: outcome counts per series and day, summed from the hourly ones
+    DAILY_OUTCOMES,
 ];
+
+/// Migration 14: outcome counts per series and UTC day, each the sum of the day's hourly
+/// outcome rows (kept so by [`roll_day`]), so that an SLO window reads a row per day and
+/// series instead of 24: a cold 30-day window of 1,000 probes is 30,000 rows, not 720,000.
+/// Filled from the hourly rows already kept.
+const DAILY_OUTCOMES: &str = "CREATE TABLE daily_outcomes (
+        bucket_start INTEGER NOT NULL,
+        series INTEGER NOT NULL,
+        up INTEGER NOT NULL,
+        degraded INTEGER NOT NULL,
+        down INTEGER NOT NULL,
+        PRIMARY KEY (bucket_start, series)
+    ) WITHOUT ROWID;
+    CREATE INDEX daily_outcomes_by_series ON daily_outcomes (series, bucket_start, up, degraded, down);
+    INSERT INTO daily_outcomes (bucket_start, series, up, degraded, down)
+        SELECT bucket_start - bucket_start % 86400000, series, CAST(sum(up) AS BIGINT),
+          CAST(sum(degraded) AS BIGINT), CAST(sum(down) AS BIGINT)
+        FROM hourly_outcomes GROUP BY 1, 2;";
 
 /// Migration 13: hourly latency as one row per series × hour holding every phase's histogram
 /// ([`hist::encode_hour`]) instead of a row per phase: the row and its index entry cost more
@@ -233,6 +253,8 @@ fn pg_migration(i: usize) -> String {
 pub const MINUTE: i64 = 60;
 pub const HOUR: i64 = 3600;
 const HOUR_MS: i64 = HOUR * 1000;
+const DAY: i64 = 24 * HOUR;
+const DAY_MS: i64 = DAY * 1000;
 
 /// An hour is rolled up this long after it ends, so runs still in flight at its end (a slow
 /// probe, its confirmation retries) are in. A run that arrives later still is merged into
@@ -1779,6 +1801,7 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
                down = hourly_outcomes.down + excluded.down",
         )?
         .execute(params![hour, id, (o == 0) as i64, (o == 1) as i64, (o == 2) as i64])?;
+        roll_day(tx, id, hour)?;
         let mut add = hist::Hour::new();
         for &(i, us) in &idx {
             hist::record(add.entry(i).or_insert_with(hist::new_hist), us);
@@ -2155,12 +2178,19 @@ fn maintain_step(
                      (SELECT bucket_start, series FROM hourly_outcomes WHERE bucket_start < ?1 LIMIT ?2)",
                 )?
                 .execute(params![cut.hourly, PRUNE_ROWS])?;
+            // A day goes once all its hours have.
+            let d = tx
+                .prepare_cached(
+                    "DELETE FROM daily_outcomes WHERE (bucket_start, series) IN
+                     (SELECT bucket_start, series FROM daily_outcomes WHERE bucket_start < ?1 LIMIT ?2)",
+                )?
+                .execute(params![cut.hourly - DAY_MS + 1, PRUNE_ROWS])?;
             let s = tx
                 .prepare_cached(
                     "DELETE FROM skips WHERE (probe, planned_at) IN (SELECT probe, planned_at FROM skips WHERE planned_at < ?1 LIMIT ?2)",
                 )?
                 .execute(params![runs_from, PRUNE_ROWS])?;
-            if (n as i64) < PRUNE_ROWS && (s as i64) < PRUNE_ROWS && (o as i64) < PRUNE_ROWS {
+            if [n, o, d, s].iter().all(|k| (*k as i64) < PRUNE_ROWS) {
                 return Ok(None);
             }
         }
@@ -2199,11 +2229,29 @@ fn roll_series(tx: &Conn, id: i64, hour: i64) -> db::Result<usize> {
            down = excluded.down",
     )?
     .execute(params![id, hour, hour + HOUR_MS])?;
+    roll_day(tx, id, hour)?;
     if per.is_empty() {
         return Ok(0);
     }
     hist::add_hourly(tx, hour, id, &per)?;
     Ok(1)
+}
+
+/// Sum the hourly outcome rows of the day holding `hour` into the series' daily row: done
+/// whenever one of them changes, so a day's row always equals its hours.
+fn roll_day(tx: &Conn, id: i64, hour: i64) -> db::Result<()> {
+    let day = hist::floor(hour, DAY);
+    tx.prepare_cached(
+        "INSERT INTO daily_outcomes (bucket_start, series, up, degraded, down)
+         SELECT CAST(?2 AS BIGINT), CAST(?1 AS BIGINT), CAST(sum(up) AS BIGINT),
+           CAST(sum(degraded) AS BIGINT), CAST(sum(down) AS BIGINT)
+         FROM hourly_outcomes WHERE series = ?1 AND bucket_start >= ?2 AND bucket_start < ?3
+         HAVING count(*) > 0
+         ON CONFLICT (bucket_start, series) DO UPDATE SET up = excluded.up,
+           degraded = excluded.degraded, down = excluded.down",
+    )?
+    .execute(params![id, day, day + DAY_MS])?;
+    Ok(())
 }
 
 /// Outcome counts of one series over a window.
@@ -2457,51 +2505,112 @@ fn hour_sums(
     (origin_ms, since_ms, bucket_ms): (i64, i64, i64),
     mut f: impl FnMut(i64, i64, Counts),
 ) -> db::Result<()> {
-    let sql = format!(
-        "SELECT series, (CASE WHEN bucket_start < ?3 THEN ?3 ELSE bucket_start END - ?4) / ?5,
-           CAST(sum(up) AS BIGINT), CAST(sum(degraded) AS BIGINT), CAST(sum(down) AS BIGINT)
-         FROM hourly_outcomes WHERE bucket_start >= ?1 AND bucket_start < ?2 AND {}
-         GROUP BY 1, 2",
-        series_in("series", 6)
-    );
-    for chunk in ids.chunks(IDS_PER_QUERY) {
-        let head = [lo, hi, since_ms, origin_ms, bucket_ms].map(db::Value::Int);
-        conn.query_each(&sql, with_ids(head.to_vec(), chunk), |r| {
-            let c = Counts {
-                up: r.get::<_, i64>(2)? as u64,
-                degraded: r.get::<_, i64>(3)? as u64,
-                down: r.get::<_, i64>(4)? as u64,
-            };
-            f(r.get(0)?, r.get(1)?, c);
-            Ok(())
-        })?;
+    let one = one_bucket(hi.max(since_ms + 1), origin_ms, bucket_ms);
+    let parts = if one {
+        day_parts(lo, hi)
+    } else {
+        vec![("hourly_outcomes", lo, hi)]
+    };
+    let (bucket, extra) = if one {
+        ("0", vec![])
+    } else {
+        (
+            "(CASE WHEN bucket_start < ?3 THEN ?3 ELSE bucket_start END - ?4) / ?5",
+            vec![since_ms, origin_ms, bucket_ms],
+        )
+    };
+    for (table, lo, hi) in parts {
+        let sql = format!(
+            "SELECT series, {bucket},
+               CAST(sum(up) AS BIGINT), CAST(sum(degraded) AS BIGINT), CAST(sum(down) AS BIGINT)
+             FROM {table} WHERE bucket_start >= ?1 AND bucket_start < ?2 AND {}
+             GROUP BY {}",
+            series_in("series", 3 + extra.len()),
+            if one { "series" } else { "1, 2" }
+        );
+        let head: Vec<db::Value> = [lo, hi]
+            .iter()
+            .chain(&extra)
+            .map(|v| db::Value::Int(*v))
+            .collect();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            conn.query_each(&sql, with_ids(head.clone(), chunk), |r| {
+                let c = Counts {
+                    up: r.get::<_, i64>(2)? as u64,
+                    degraded: r.get::<_, i64>(3)? as u64,
+                    down: r.get::<_, i64>(4)? as u64,
+                };
+                f(r.get(0)?, r.get(1)?, c);
+                Ok(())
+            })?;
+        }
     }
     Ok(())
 }
 
-/// Runs of `ids` started in `[lo, hi)` counted per series, bucket of `bucket_ms` from
-/// `origin_ms`, and outcome: `(series, bucket index, outcome, count)`.
+/// The hours `[lo, hi)` (hour-aligned) as the tables to sum them from: the whole UTC days
+/// among them from `daily_outcomes`, the hours before and after from `hourly_outcomes`.
+fn day_parts(lo: i64, hi: i64) -> Vec<(&'static str, i64, i64)> {
+    let (first_day, last_day) = (hist::floor(lo + DAY_MS - 1, DAY), hist::floor(hi, DAY));
+    if first_day >= last_day {
+        return vec![("hourly_outcomes", lo, hi)];
+    }
+    [
+        ("hourly_outcomes", lo, first_day),
+        ("daily_outcomes", first_day, last_day),
+        ("hourly_outcomes", last_day, hi),
+    ]
+    .into_iter()
+    .filter(|(_, a, b)| a < b)
+    .collect()
+}
+
+/// Whether every row before `end_ms` falls in the first bucket of `bucket_ms` from
+/// `origin_ms`: then a query groups by series alone, in its index's order (a bucket
+/// expression in `GROUP BY` makes SQLite sort every row first — two thirds of a cold SLO
+/// window's read).
+fn one_bucket(end_ms: i64, origin_ms: i64, bucket_ms: i64) -> bool {
+    (end_ms - 1 - origin_ms) < bucket_ms
+}
+
+/// Runs of `ids` started in `[lo, hi)` counted per series and bucket of `bucket_ms` from
+/// `origin_ms`: `(series, bucket index, counts)`.
 fn run_counts(
     conn: &Conn,
     ids: &[i64],
     (lo, hi): (i64, i64),
     (origin_ms, bucket_ms): (i64, i64),
-    mut f: impl FnMut(i64, i64, Outcome, u64),
+    mut f: impl FnMut(i64, i64, Counts),
 ) -> db::Result<()> {
+    let one = one_bucket(hi, origin_ms, bucket_ms);
+    let (bucket, head) = if one {
+        ("0", vec![lo, hi])
+    } else {
+        ("(started_at - ?3) / ?4", vec![lo, hi, origin_ms, bucket_ms])
+    };
     let sql = format!(
-        "SELECT series, (started_at - ?1) / ?2, outcome, count(*) FROM runs
-         WHERE started_at >= ?3 AND started_at < ?4 AND {} GROUP BY 1, 2, 3",
-        series_in("series", 5)
+        "SELECT series, {bucket}, count(*),
+           CAST(sum(CASE WHEN outcome = 0 THEN 1 ELSE 0 END) AS BIGINT),
+           CAST(sum(CASE WHEN outcome = 1 THEN 1 ELSE 0 END) AS BIGINT)
+         FROM runs WHERE started_at >= ?1 AND started_at < ?2 AND {} GROUP BY {}",
+        series_in("series", head.len() + 1),
+        if one { "series" } else { "1, 2" }
     );
+    let head: Vec<db::Value> = head.into_iter().map(db::Value::Int).collect();
     for chunk in ids.chunks(IDS_PER_QUERY) {
-        let head = [origin_ms, bucket_ms, lo, hi].map(db::Value::Int);
-        conn.query_each(&sql, with_ids(head.to_vec(), chunk), |r| {
-            f(
-                r.get(0)?,
-                r.get(1)?,
-                outcome_of(r.get(2)?),
+        conn.query_each(&sql, with_ids(head.clone(), chunk), |r| {
+            let (all, up, degraded) = (
+                r.get::<_, i64>(2)? as u64,
                 r.get::<_, i64>(3)? as u64,
+                r.get::<_, i64>(4)? as u64,
             );
+            let c = Counts {
+                up,
+                degraded,
+                // Any other code reads as down (`outcome_of`).
+                down: all.saturating_sub(up + degraded),
+            };
+            f(r.get(0)?, r.get(1)?, c);
             Ok(())
         })?;
     }
@@ -2573,23 +2682,7 @@ fn outcomes_in(
         }
     }
     for span in run_spans.into_iter().filter(|(lo, hi)| lo < hi) {
-        run_counts(conn, &ids, span, (origin_ms, bucket_ms), |id, i, o, k| {
-            let c = match o {
-                Outcome::Up => Counts {
-                    up: k,
-                    ..Default::default()
-                },
-                Outcome::Degraded => Counts {
-                    degraded: k,
-                    ..Default::default()
-                },
-                Outcome::Down => Counts {
-                    down: k,
-                    ..Default::default()
-                },
-            };
-            add(id, i, c)
-        })?;
+        run_counts(conn, &ids, span, (origin_ms, bucket_ms), &mut add)?;
     }
     Ok(per
         .into_iter()
