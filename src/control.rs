@@ -309,7 +309,8 @@ impl Control {
     }
 
     /// Run a probe now (paused or not), through the scheduler's concurrency cap and per-host
-    /// limit; the run is stored and evaluated like a scheduled one, and returned.
+    /// limit, once its run in flight (if any) has ended; the run is stored and evaluated like
+    /// a scheduled one, and returned.
     pub async fn run_now(&self, probe: &str, origin: &Origin) -> Result<RunResult, CommandError> {
         let cfg = self.known_probe(probe)?;
         tracing::info!(probe, what = "run now", who = %origin.who, "probe run requested by the API");
@@ -343,6 +344,8 @@ impl Control {
         let built = Probe::build_with(cfg, &self.shared.http)
             .context("building the probe")
             .map_err(CommandError::Internal)?;
+        // A run of the probe in flight (scheduled, or asked for) ends first: never two at once.
+        let _busy = self.shared.busy.of(&cfg.name).lock_owned().await;
         let host = cfg.spec.host().unwrap_or_default();
         let (gate, host) = (&self.gate, &host);
         let health = &self.shared.health;

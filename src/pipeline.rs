@@ -60,6 +60,8 @@ pub struct Shared {
     pub ownership: crate::fleet::Ownership,
     /// This agent in the fleet (fleet mode only).
     pub member: Option<Arc<crate::fleet::Member>>,
+    /// A lock per probe held by its runs, so that none overlaps another.
+    pub busy: crate::schedule::Busy,
 }
 
 /// What to start.

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -81,23 +80,31 @@ impl Plan {
     }
 }
 
-/// Clears a probe's "still running" flag when its run ends, however it ends.
-struct Running(Arc<AtomicBool>);
+/// One lock per probe, held by every run of it however it was started (its schedule,
+/// run-now through the API, a confirmation another location asked for), so that two runs
+/// of a probe never overlap: the schedule skips a slot whose probe is busy, run-now and
+/// confirmations wait for the run in flight to end (it is bounded by the probe's timeouts).
+#[derive(Clone, Default)]
+pub struct Busy(Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>);
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+impl Busy {
+    /// The lock of `probe`.
+    pub fn of(&self, probe: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(probe.to_string()).or_default().clone()
     }
 }
 
 /// Drive one probe's schedule until `shutdown`. `run` starts a run for a slot (spawned on
-/// `tracker`); `skip` is told about slots skipped because the previous run still goes, or
-/// because the process fell more than a whole interval behind (e.g. a suspended host).
+/// `tracker`, holding the probe's `busy` lock); `skip` is told about slots skipped because
+/// a run of the probe still goes, or because the process fell more than a whole interval
+/// behind (e.g. a suspended host).
 pub async fn probe_loop<R, Fut, S>(
     plan: Plan,
     origin: Instant,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    busy: Arc<tokio::sync::Mutex<()>>,
     run: R,
     mut skip: S,
 ) where
@@ -105,7 +112,6 @@ pub async fn probe_loop<R, Fut, S>(
     Fut: Future<Output = ()> + Send + 'static,
     S: FnMut(Slot),
 {
-    let running = Arc::new(AtomicBool::new(false));
     let mut k: u64 = 0;
     loop {
         let planned = plan.planned(origin, k);
@@ -126,18 +132,17 @@ pub async fn probe_loop<R, Fut, S>(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(slot.due) => {}
         }
-        if running.load(Ordering::Acquire) {
-            skip(slot);
-        } else {
-            running.store(true, Ordering::Release);
-            let fut = run(slot);
-            // The flag is cleared by a drop guard, so even a run whose task dies leaves the
-            // probe on its schedule.
-            let guard = Running(running.clone());
-            tracker.spawn(async move {
-                let _guard = guard;
-                fut.await;
-            });
+        match busy.clone().try_lock_owned() {
+            Err(_) => skip(slot),
+            Ok(guard) => {
+                let fut = run(slot);
+                // The lock is released when the task ends, however it ends, so even a run
+                // whose task dies leaves the probe on its schedule.
+                tracker.spawn(async move {
+                    let _guard = guard;
+                    fut.await;
+                });
+            }
         }
         k += 1;
         // Fell behind by whole intervals (suspend, overload): skip those slots, don't burst.
@@ -332,7 +337,7 @@ impl Scheduler {
             };
             let skip = move |slot: Slot| {
                 skip_metrics.runs_skipped.with([&skip_name]).inc();
-                tracing::warn!(probe = %skip_name, run = slot.index, "previous run still going; this run is skipped");
+                tracing::warn!(probe = %skip_name, run = slot.index, "a run of this probe is still going; this run is skipped");
                 if let Some(store) = skip_store.clone() {
                     let planned_ms = wall_origin_ms + (slot.due - origin).as_millis() as i64;
                     let name = skip_name.clone();
@@ -344,6 +349,7 @@ impl Scheduler {
                 origin,
                 shutdown.clone(),
                 tracker.clone(),
+                self.shared.busy.of(&loop_name),
                 run,
                 skip,
             ));
@@ -394,6 +400,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
 
     #[test]
@@ -440,6 +447,7 @@ mod tests {
             origin,
             token.clone(),
             tracker.clone(),
+            Default::default(),
             run,
             |_| panic!("no skips expected"),
         ));
@@ -481,6 +489,7 @@ mod tests {
             origin,
             token.clone(),
             tracker.clone(),
+            Default::default(),
             run,
             move |s| sk.lock().unwrap().push(s.index),
         ));
@@ -490,6 +499,43 @@ mod tests {
         // Slots 0..=9: runs at 0, 3, 6, 9; skipped 1, 2, 4, 5, 7, 8.
         assert_eq!(*runs.lock().unwrap(), 4);
         assert_eq!(*skips.lock().unwrap(), vec![1, 2, 4, 5, 7, 8]);
+    }
+
+    /// A run started elsewhere (run-now, a confirmation) holds the probe: the slots it
+    /// covers are skipped, the next ones run.
+    #[tokio::test(start_paused = true)]
+    async fn slots_are_skipped_while_another_run_holds_the_probe() {
+        let origin = Instant::now();
+        let busy = Busy::default();
+        let held = busy.of("p");
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _g = held.lock_owned().await;
+            tokio::time::sleep(Duration::from_millis(2000)).await;
+        });
+        let (runs, skips) = (
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(Mutex::new(Vec::new())),
+        );
+        let (r, sk) = (runs.clone(), skips.clone());
+        let token = CancellationToken::new();
+        let h = tokio::spawn(probe_loop(
+            plan(1000),
+            origin,
+            token.clone(),
+            TaskTracker::new(),
+            busy.of("p"),
+            move |slot: Slot| {
+                let r = r.clone();
+                async move { r.lock().unwrap().push(slot.index) }
+            },
+            move |s| sk.lock().unwrap().push(s.index),
+        ));
+        tokio::time::sleep(Duration::from_millis(4_500)).await;
+        token.cancel();
+        h.await.unwrap();
+        assert_eq!(*runs.lock().unwrap(), vec![0, 3, 4]);
+        assert_eq!(*skips.lock().unwrap(), vec![1, 2]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -512,6 +558,7 @@ mod tests {
             origin,
             token.clone(),
             TaskTracker::new(),
+            Default::default(),
             run,
             |_| {},
         ));
@@ -575,6 +622,7 @@ mod tests {
             origin,
             token.clone(),
             tracker.clone(),
+            Default::default(),
             run,
             move |_| *sk.lock().unwrap() += 1,
         ));

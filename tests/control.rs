@@ -343,6 +343,37 @@ async fn run_now_returns_the_run_and_records_it() {
     p.stop().await.unwrap();
 }
 
+/// Two runs of one probe never overlap: a run-now asked while another run of the probe is in
+/// flight waits for it to end (the target sees the second request only after answering the
+/// first), and both are returned and recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_now_waits_for_the_run_in_flight() {
+    env();
+    const SLOW: Duration = Duration::from_millis(500);
+    let t = Recorder::with_default(|_| Reply::status(200).delay(SLOW)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = format!("api_token_env = \"{TOKEN_ENV}\"");
+    let cfg = write_config(dir.path(), &t.url(), "1h", &agent, None);
+    let (p, base) = start(&cfg).await;
+    let (a, b) = tokio::join!(
+        post(&base, "/api/v1/probes/target/run", None),
+        post(&base, "/api/v1/probes/target/run", None)
+    );
+    for (status, run) in [&a, &b] {
+        assert_eq!(*status, 200, "{run}");
+        assert_eq!(run["outcome"], "up", "{run}");
+    }
+    let at: Vec<Instant> = t.requests().iter().map(|r| r.at).collect();
+    assert_eq!(at.len(), 2, "one request per run");
+    assert!(
+        at[1].duration_since(at[0]) >= SLOW,
+        "the second run started {:?} after the first, which was still waiting for its answer",
+        at[1].duration_since(at[0])
+    );
+    assert_ne!(a.1["started_at"], b.1["started_at"]);
+    p.stop().await.unwrap();
+}
+
 fn pd_events(log: &[Recorded], action: &str) -> usize {
     log.iter()
         .filter(|r| (200..300).contains(&r.status))
