@@ -2505,18 +2505,14 @@ fn hour_sums(
     (origin_ms, since_ms, bucket_ms): (i64, i64, i64),
     mut f: impl FnMut(i64, i64, Counts),
 ) -> db::Result<()> {
-    let one = one_bucket(hi.max(since_ms + 1), origin_ms, bucket_ms);
-    let parts = if one {
-        day_parts(lo, hi)
-    } else {
-        vec![("hourly_outcomes", lo, hi)]
-    };
-    let (bucket, extra) = if one {
-        ("0", vec![])
+    let (parts, bucket, extra, group) = if one_bucket(hi.max(since_ms + 1), origin_ms, bucket_ms) {
+        (day_parts(lo, hi), "0", vec![], "series")
     } else {
         (
+            vec![("hourly_outcomes", lo, hi)],
             "(CASE WHEN bucket_start < ?3 THEN ?3 ELSE bucket_start END - ?4) / ?5",
             vec![since_ms, origin_ms, bucket_ms],
+            "1, 2",
         )
     };
     for (table, lo, hi) in parts {
@@ -2524,9 +2520,8 @@ fn hour_sums(
             "SELECT series, {bucket},
                CAST(sum(up) AS BIGINT), CAST(sum(degraded) AS BIGINT), CAST(sum(down) AS BIGINT)
              FROM {table} WHERE bucket_start >= ?1 AND bucket_start < ?2 AND {}
-             GROUP BY {}",
+             GROUP BY {group}",
             series_in("series", 3 + extra.len()),
-            if one { "series" } else { "1, 2" }
         );
         let head: Vec<db::Value> = [lo, hi]
             .iter()
@@ -2582,19 +2577,21 @@ fn run_counts(
     (origin_ms, bucket_ms): (i64, i64),
     mut f: impl FnMut(i64, i64, Counts),
 ) -> db::Result<()> {
-    let one = one_bucket(hi, origin_ms, bucket_ms);
-    let (bucket, head) = if one {
-        ("0", vec![lo, hi])
+    let (bucket, head, group) = if one_bucket(hi, origin_ms, bucket_ms) {
+        ("0", vec![lo, hi], "series")
     } else {
-        ("(started_at - ?3) / ?4", vec![lo, hi, origin_ms, bucket_ms])
+        (
+            "(started_at - ?3) / ?4",
+            vec![lo, hi, origin_ms, bucket_ms],
+            "1, 2",
+        )
     };
     let sql = format!(
         "SELECT series, {bucket}, count(*),
            CAST(sum(CASE WHEN outcome = 0 THEN 1 ELSE 0 END) AS BIGINT),
            CAST(sum(CASE WHEN outcome = 1 THEN 1 ELSE 0 END) AS BIGINT)
-         FROM runs WHERE started_at >= ?1 AND started_at < ?2 AND {} GROUP BY {}",
+         FROM runs WHERE started_at >= ?1 AND started_at < ?2 AND {} GROUP BY {group}",
         series_in("series", head.len() + 1),
-        if one { "series" } else { "1, 2" }
     );
     let head: Vec<db::Value> = head.into_iter().map(db::Value::Int).collect();
     for chunk in ids.chunks(IDS_PER_QUERY) {
