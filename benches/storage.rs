@@ -63,14 +63,45 @@ fn sizes(store: &Store) -> (u64, Vec<(String, u64)>) {
     let used = runs::used_bytes(&c);
     let mut per = Vec::new();
     if let Ok(mut st) = c.prepare(
-        "SELECT CASE name WHEN 'hourly_by_series' THEN 'hourly' ELSE name END, sum(pgsize)
-         FROM dbstat WHERE name IN ('runs', 'hourly', 'hourly_by_series', 'series') GROUP BY 1",
+        "SELECT CASE name WHEN 'hourly_by_series' THEN 'hourly' WHEN 'run_hours' THEN 'runs'
+           WHEN 'run_hours_by_series' THEN 'runs' ELSE name END, sum(pgsize)
+         FROM dbstat WHERE name IN ('runs', 'run_hours', 'run_hours_by_series', 'hourly',
+           'hourly_by_series', 'series') GROUP BY 1",
     ) {
         if let Ok(rows) = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))) {
             per = rows.flatten().collect();
         }
     }
     (used, per)
+}
+
+/// Where the bytes of each table and index go, from `dbstat`: payload, unused bytes in its
+/// pages, page bytes, cells.
+fn detail(store: &Store) -> Vec<String> {
+    let Ok(c) = store.reader() else {
+        return vec![];
+    };
+    let Ok(mut st) = c.prepare(
+        "SELECT name, sum(payload), sum(unused), sum(pgsize), sum(ncell) FROM dbstat
+         WHERE name IN ('runs', 'run_hours', 'run_hours_by_series', 'hourly', 'hourly_by_series',
+           'hourly_outcomes', 'hourly_outcomes_by_series')
+         GROUP BY name ORDER BY sum(pgsize) DESC",
+    ) else {
+        return vec![];
+    };
+    let Ok(rows) = st.query_map([], |r| {
+        let n = |i| r.get::<_, i64>(i);
+        let (payload, unused, pages, cells) = (n(1)?, n(2)?, n(3)?, n(4)?);
+        Ok(format!(
+            "| {} | {pages} | {payload} | {unused} ({:.0} %) | {cells} | {:.1} |",
+            r.get::<_, String>(0)?,
+            100.0 * unused as f64 / pages.max(1) as f64,
+            pages as f64 / cells.max(1) as f64,
+        ))
+    }) else {
+        return vec![];
+    };
+    rows.flatten().collect()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         a.days
     );
     println!(
-        "| day | DB bytes per probe | growth per probe that day | runs | hourly (with its index) |"
+        "| day | DB bytes per probe | growth per probe that day | runs (with packed hours) | hourly (with its index) |"
     );
     println!("|---|---|---|---|---|");
     let wall = Instant::now();
@@ -155,11 +186,21 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if let Ok(c) = store.reader() {
-        let (notes, all): (i64, i64) =
-            c.query_row("SELECT count(note), count(*) FROM runs", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
+        let ids: Vec<i64> = watchpost::store::series_ids(&c, None)?
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
+        let (mut notes, mut all) = (0u64, 0u64);
+        watchpost::store::each_run(&c, &ids, (0, i64::MAX), |_, r| {
+            all += 1;
+            notes += u64::from(r.note.is_some());
+        })?;
         println!("runs kept with a note (error or details): {notes} of {all}");
+    }
+    println!("\n| table or index | page bytes | payload | unused | cells | page bytes per cell |");
+    println!("|---|---|---|---|---|---|");
+    for line in detail(&store) {
+        println!("{line}");
     }
     if per_day.len() >= 10 {
         let last = per_day.len() - 1;

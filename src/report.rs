@@ -311,20 +311,16 @@ fn latency_buckets(
     }
     let lo = since.max(fine_from);
     if lo < until {
-        let mut st = conn.prepare_cached(
-            "SELECT started_at, data FROM runs WHERE series = ?1 AND started_at >= ?2 AND started_at < ?3",
-        )?;
         for (id, s) in &series {
             let mut per: Vec<Vec<Option<hist::Hist>>> = Vec::new();
-            st.query_each(params![id, lo, until], |r| {
-                let i = slot(r.get(0)?);
-                let _ = store::codec::decode(r.blob(1), |p, us| {
+            store::each_run(conn, &[*id], (lo, until), |_, r| {
+                let i = slot(r.started_at);
+                let _ = store::codec::decode(r.phases, |p, us| {
                     if per.len() <= p {
                         per.resize(p + 1, vec![None; n]);
                     }
                     hist::record(per[p][i].get_or_insert_with(hist::new_hist), us);
                 });
-                Ok(())
             })?;
             for (p, buckets) in per.into_iter().enumerate() {
                 let Some(phase) = s.phases.get(p) else {
@@ -873,15 +869,23 @@ fn incidents(conn: &Conn, config: &Config, since: i64, until: i64) -> db::Result
     Ok(out)
 }
 
-/// Start of the first bad run of the streak of `series` that was going on at `at`.
+/// Start of the first bad run of the streak of `series` that was going on at `at`: the
+/// runs back from `at` to the last up run before it.
 fn first_bad_run(conn: &Conn, series: &str, at: i64) -> db::Result<Option<i64>> {
-    conn.prepare_cached(
-        "SELECT min(r.started_at) FROM series s JOIN runs r ON r.series = s.id
-         WHERE s.name = ?1 AND r.outcome != 0 AND r.started_at <= ?2
-           AND r.started_at > coalesce((SELECT max(u.started_at) FROM runs u
-                                        WHERE u.series = s.id AND u.outcome = 0 AND u.started_at < ?2), -1)",
-    )?
-    .query_row(params![series, at], |r| r.get(0))
+    let ids: Vec<i64> = conn.query_map("SELECT id FROM series WHERE name = ?1", [series], |r| {
+        r.get(0)
+    })?;
+    let mut first: Option<i64> = None;
+    for id in ids {
+        store::runs_back(conn, id, at, |r| {
+            if r.outcome == 0 {
+                return r.started_at >= at;
+            }
+            first = Some(first.map_or(r.started_at, |f| f.min(r.started_at)));
+            true
+        })?;
+    }
+    Ok(first)
 }
 
 /// Rows of the `rehearsals` table (when the agent records them) that fall in the window,

@@ -147,6 +147,7 @@ async fn an_incident_open_across_the_upgrade_keeps_its_old_key() {
             "DELETE FROM meta WHERE key IN ('installation_id', 'installation_since');
              DROP TABLE hourly_outcomes;
              DROP TABLE daily_outcomes;
+             DROP TABLE run_hours;
              DROP INDEX series_location_name;
              ALTER TABLE series DROP COLUMN location;
              DROP TABLE rehearsals;

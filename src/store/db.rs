@@ -312,6 +312,14 @@ impl Row {
         T::from_value(v).map_err(|e| Error::Column(i, e))
     }
 
+    /// A text column without copying (`None` for NULL or another type).
+    pub fn text(&self, i: usize) -> Option<&str> {
+        match self.0.get(i) {
+            Some(Value::Text(t)) => Some(t),
+            _ => None,
+        }
+    }
+
     /// A blob column without copying (empty for NULL or another type).
     pub fn blob(&self, i: usize) -> &[u8] {
         match self.0.get(i) {

@@ -1,7 +1,8 @@
 //! HDR latency histograms: 1 µs .. 1 h at 3 significant digits. Two sources, never both for
 //! the same hour of a query:
 //!
-//! - the runs themselves (every run keeps its phase times, see [`super::codec`]): minute-level
+//! - the runs themselves (every run keeps its phase times, see [`super::codec`]; a rolled-up
+//!   hour's runs are packed, [`super::packed`]): minute-level
 //!   detail, used from `meta.fine_from` on — the hour at which `[retention]
 //!   minute_histograms` (or the runs retention, if shorter) ends;
 //! - `hourly` rows, one per series and hour holding every phase's histogram in one compact
@@ -231,7 +232,8 @@ fn all_series(conn: &Conn) -> db::Result<HashMap<i64, SeriesNames>> {
     rows.collect()
 }
 
-/// Call `f(phase index, µs)` for every phase of every run of `series` in `[lo, hi)`.
+/// Call `f(phase index, µs)` for every phase of every run of `series` in `[lo, hi)` (from
+/// `runs` and the packed hours).
 pub(crate) fn fold_runs(
     conn: &Conn,
     series: i64,
@@ -239,12 +241,8 @@ pub(crate) fn fold_runs(
     hi: i64,
     mut f: impl FnMut(usize, u64),
 ) -> db::Result<()> {
-    let mut st = conn.prepare_cached(
-        "SELECT data FROM runs WHERE series = ?1 AND started_at >= ?2 AND started_at < ?3",
-    )?;
-    st.query_each(params![series, lo, hi], |r| {
-        let _ = codec::decode(r.blob(0), &mut f);
-        Ok(())
+    super::each_run(conn, &[series], (lo, hi), |_, r| {
+        let _ = codec::decode(r.phases, &mut f);
     })
 }
 

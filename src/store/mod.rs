@@ -12,8 +12,9 @@
 //! ([`DETAILS_EVERY_MS`]); an up run's routine
 //! details (a request id, a send lateness: [`UpDetail`]) are kept only when notable.
 //! Minute-level latency comes from the runs; whole hours are rolled up into one `hourly` row
-//! per series holding every phase ([`hist`]). Rollup and pruning run in chunks of a few
-//! milliseconds on the writer ([`Store::maintain`]).
+//! per series holding every phase ([`hist`]), and the hour's runs into one packed
+//! `run_hours` row ([`packed`]: about half the bytes; readers read both tables). Rollup and
+//! pruning run in chunks of a few milliseconds on the writer ([`Store::maintain`]).
 //!
 //! In fleet mode (Postgres) the writer survives the database going away: a batch that fails
 //! because Postgres cannot be reached is kept, with every run after it, in the outage buffer
@@ -27,6 +28,7 @@ pub mod buffer;
 pub mod codec;
 pub mod db;
 pub mod hist;
+pub mod packed;
 pub mod view;
 
 use std::collections::HashMap;
@@ -44,6 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::probe::{ms, Outcome, RunResult, UpDetail};
 pub use hist::{Hist, HIST_MAX_US};
+pub use packed::{each_run, runs_back};
 
 /// Migration 3: compact runs keyed by series id, hourly histograms, bookkeeping. Its rows are
 /// converted from the version-1 tables by [`convert_v1`] once the schema is current.
@@ -147,6 +150,8 @@ pub const MIGRATIONS: &[&str] = &[
     HOURLY_PER_SERIES,
     // 14: outcome counts per series and day, summed from the hourly ones
     DAILY_OUTCOMES,
+    // 15: a rolled-up hour's runs packed into one row per series
+    packed::MIGRATION,
 ];
 
 /// Migration 14: outcome counts per series and UTC day, each the sum of the day's hourly
@@ -271,6 +276,9 @@ const DETAILS_EVERY_MS: i64 = HOUR_MS;
 
 /// Rows one pruning statement deletes at most.
 const PRUNE_ROWS: i64 = 200;
+/// Packed hours of runs one pruning statement deletes at most (each ~60 runs at a 60 s
+/// interval, decoded to count them).
+const PRUNE_HOURS: i64 = 8;
 
 /// Open (creating if needed) the SQLite database for writing and bring the schema up to date.
 pub fn open(path: &Path) -> anyhow::Result<Conn> {
@@ -666,16 +674,14 @@ impl Latest {
     /// Seed from the database (at start): the newest runs and the strips, with the skip
     /// marks of the last day among them.
     fn seed(&self, conn: &Conn, latest: Vec<LatestRun>) -> db::Result<()> {
-        let mut st = conn.prepare(
-            "SELECT started_at, outcome FROM runs WHERE series = ?1 ORDER BY started_at DESC LIMIT ?2",
-        )?;
         let series = hist::series_names(conn)?;
         let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
         for (id, s) in series {
-            let rows = st.query_map(params![id, RECENT_RUNS as i64], |r| {
-                Ok(Tick(r.get(0)?, outcome_of(r.get(1)?).as_str()))
+            let mut ticks = Vec::with_capacity(RECENT_RUNS);
+            runs_back(conn, id, i64::MAX, |r| {
+                ticks.push(Tick(r.started_at, outcome_of(r.outcome.into()).as_str()));
+                ticks.len() < RECENT_RUNS
             })?;
-            let mut ticks: Vec<Tick> = rows.collect::<Result<_, _>>()?;
             ticks.reverse();
             map.recent.entry(s.name).or_default().runs = ticks.into();
         }
@@ -1766,13 +1772,17 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
     }
 
     // A run already stored (flushed again from the outage buffer after a commit whose answer
-    // was lost) must not be counted twice in an hour that is already rolled up.
+    // was lost) must not be counted twice in an hour that is already rolled up: packed with
+    // its hour, it is left there as it is.
     let late = row.started_ms < state.rolled_until
         && tx
             .prepare_cached("SELECT 1 FROM runs WHERE series = ?1 AND started_at = ?2")?
             .query_row(params![id, row.started_ms], |_| Ok(()))
             .optional()?
             .is_none();
+    if late && packed::is_packed(tx, id, row.started_ms)? {
+        return Ok(latest_of(row));
+    }
 
     state.buf.clear();
     codec::encode(&mut state.buf, &idx, row.duration.as_micros() as u64);
@@ -2153,8 +2163,10 @@ fn maintain_step(
                          (SELECT started_at FROM runs WHERE series = ?1 AND started_at < ?2 ORDER BY started_at LIMIT ?3)",
                     )?
                     .execute(params![id, before, PRUNE_ROWS])?;
-                stats.pruned_runs += n;
-                if (n as i64) < PRUNE_ROWS {
+                // A packed hour goes once all of it is past the runs retention.
+                let (hours, runs) = packed::prune(tx, id, before, PRUNE_HOURS)?;
+                stats.pruned_runs += n + runs;
+                if (n as i64) < PRUNE_ROWS && hours < PRUNE_HOURS {
                     cur.after = id;
                 }
             }
@@ -2205,30 +2217,33 @@ fn maintain_step(
 const NEXT_SERIES: &str =
     "SELECT id FROM series WHERE id > ?1 AND location = ?2 ORDER BY id LIMIT 1";
 
-/// Roll one series' runs of the hour starting at `hour` into its hourly row; returns how many
-/// rows that wrote (0 or 1).
+/// Roll one series' runs of the hour starting at `hour` into its hourly rows and pack them
+/// ([`packed::pack`]); returns how many hourly rows that wrote (0 or 1).
 fn roll_series(tx: &Conn, id: i64, hour: i64) -> db::Result<usize> {
     let phases: String = tx
         .prepare_cached("SELECT phases FROM series WHERE id = ?1")?
         .query_row([id], |r| r.get(0))?;
     let names = hist::parse_phases(&phases);
+    let runs = packed::pack(tx, id, hour)?;
+    if runs.is_empty() {
+        return Ok(0);
+    }
     let mut per = hist::Hour::new();
-    hist::fold_runs(tx, id, hour, hour + HOUR_MS, |i, us| {
-        if i < names.len() {
-            hist::record(per.entry(i).or_insert_with(hist::new_hist), us);
-        }
-    })?;
+    let mut counts = [0i64; 3];
+    for r in &runs {
+        counts[usize::from(r.outcome.min(2))] += 1;
+        let _ = codec::decode(&r.phases, |i, us| {
+            if i < names.len() {
+                hist::record(per.entry(i).or_insert_with(hist::new_hist), us);
+            }
+        });
+    }
     tx.prepare_cached(
-        "INSERT INTO hourly_outcomes (bucket_start, series, up, degraded, down)
-         SELECT CAST(?2 AS BIGINT), CAST(?1 AS BIGINT),
-           coalesce(sum(CASE WHEN outcome = 0 THEN 1 ELSE 0 END), 0),
-           coalesce(sum(CASE WHEN outcome = 1 THEN 1 ELSE 0 END), 0),
-           coalesce(sum(CASE WHEN outcome = 2 THEN 1 ELSE 0 END), 0)
-         FROM runs WHERE series = ?1 AND started_at >= ?2 AND started_at < ?3 HAVING count(*) > 0
+        "INSERT INTO hourly_outcomes (bucket_start, series, up, degraded, down) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (bucket_start, series) DO UPDATE SET up = excluded.up, degraded = excluded.degraded,
            down = excluded.down",
     )?
-    .execute(params![id, hour, hour + HOUR_MS])?;
+    .execute(params![hour, id, counts[0], counts[1], counts[2]])?;
     roll_day(tx, id, hour)?;
     if per.is_empty() {
         return Ok(0);
@@ -2289,14 +2304,37 @@ pub fn counts_since(conn: &Conn, since_ms: i64) -> db::Result<HashMap<String, Co
     })?;
     for row in rows {
         let (series, outcome, n) = row?;
-        let c = out.entry(series).or_default();
-        match outcome_of(outcome) {
-            Outcome::Up => c.up += n as u64,
-            Outcome::Degraded => c.degraded += n as u64,
-            Outcome::Down => c.down += n as u64,
+        out.entry(series).or_default()[outcome_of(outcome)] += n as u64;
+    }
+    let names: HashMap<i64, String> = series_ids(conn, None)?.into_iter().collect();
+    let ids: Vec<i64> = names.keys().copied().collect();
+    packed::packed_runs(conn, &ids, (since_ms, i64::MAX), |id, r| {
+        if let Some(name) = names.get(&id) {
+            out.entry(name.clone()).or_default()[outcome_of(r.outcome.into())] += 1;
+        }
+    })?;
+    Ok(out)
+}
+
+impl std::ops::IndexMut<Outcome> for Counts {
+    fn index_mut(&mut self, o: Outcome) -> &mut u64 {
+        match o {
+            Outcome::Up => &mut self.up,
+            Outcome::Degraded => &mut self.degraded,
+            Outcome::Down => &mut self.down,
         }
     }
-    Ok(out)
+}
+
+impl std::ops::Index<Outcome> for Counts {
+    type Output = u64;
+    fn index(&self, o: Outcome) -> &u64 {
+        match o {
+            Outcome::Up => &self.up,
+            Outcome::Degraded => &self.degraded,
+            Outcome::Down => &self.down,
+        }
+    }
 }
 
 impl std::ops::AddAssign for Counts {
@@ -2611,7 +2649,11 @@ fn run_counts(
             Ok(())
         })?;
     }
-    Ok(())
+    packed::packed_runs(conn, ids, (lo, hi), |id, r| {
+        let mut c = Counts::default();
+        c[outcome_of(r.outcome.into())] = 1;
+        f(id, (r.started_at - origin_ms) / bucket_ms, c)
+    })
 }
 
 /// Every query reads all the series asked for at once, [`IDS_PER_QUERY`] at a time: one
@@ -2827,44 +2869,46 @@ pub struct LatestRun {
 /// The newest stored run of each series, from the database (the writer keeps the same in
 /// memory: [`Store::latest`]).
 pub fn latest_runs(conn: &Conn) -> db::Result<Vec<LatestRun>> {
-    let mut st = conn.prepare(
-        "SELECT s.name, s.kind, s.phases, r.started_at, r.outcome, r.data, r.note FROM series s
-         JOIN runs r ON r.series = s.id
-          AND r.started_at = (SELECT max(started_at) FROM runs WHERE series = s.id)
-         WHERE s.location = ?1 ORDER BY s.name",
+    let series: Vec<(i64, String, String, String)> = conn.query_map(
+        "SELECT id, name, kind, phases FROM series WHERE location = ?1 ORDER BY name",
+        [conn.location()],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;
-    let rows = st.query_map([conn.location()], |r| {
-        let names = hist::parse_phases(&r.get::<_, String>(2)?);
-        let mut phases = Map::new();
-        let data = r.blob(5);
-        let duration_us = codec::decode(data, |i, us| {
-            if let Some(n) = names.get(i) {
-                phases.insert(n.clone(), Value::from(us as f64 / 1000.0));
-            }
-        })
-        .unwrap_or(0);
-        let note: Option<Value> = r
-            .get::<_, Option<String>>(6)?
-            .and_then(|n| serde_json::from_str(&n).ok());
-        let text = |k: &str| {
-            note.as_ref()
-                .and_then(|n| n.get(k))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
-        Ok(LatestRun {
-            probe: r.get(0)?,
-            kind: r.get(1)?,
-            started_at: r.get(3)?,
-            outcome: outcome_of(r.get(4)?).as_str().to_string(),
-            error_class: text("class"),
-            error_message: text("message"),
-            duration_ms: duration_us as f64 / 1000.0,
-            phases: Value::Object(phases),
-            wer: None,
-        })
-    })?;
-    rows.collect()
+    let mut out = Vec::with_capacity(series.len());
+    for (id, probe, kind, phases) in series {
+        let names = hist::parse_phases(&phases);
+        let mut newest = None;
+        runs_back(conn, id, i64::MAX, |r| {
+            let mut phases = Map::new();
+            let duration_us = codec::decode(r.phases, |i, us| {
+                if let Some(n) = names.get(i) {
+                    phases.insert(n.clone(), Value::from(us as f64 / 1000.0));
+                }
+            })
+            .unwrap_or(0);
+            let note: Option<Value> = r.note.and_then(|n| serde_json::from_str(n).ok());
+            let text = |k: &str| {
+                note.as_ref()
+                    .and_then(|n| n.get(k))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            };
+            newest = Some(LatestRun {
+                probe: probe.clone(),
+                kind: kind.clone(),
+                started_at: r.started_at,
+                outcome: outcome_of(r.outcome.into()).as_str().to_string(),
+                error_class: text("class"),
+                error_message: text("message"),
+                duration_ms: duration_us as f64 / 1000.0,
+                phases: Value::Object(phases),
+                wer: None,
+            });
+            false
+        })?;
+        out.extend(newest);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
