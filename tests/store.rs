@@ -673,6 +673,19 @@ async fn packed_hours_read_back_the_same_runs(b: Backend) {
     let (_, recent) = overview.iter().find(|(r, _)| r.probe == "api").unwrap();
     let strip: Vec<(i64, &str)> = recent.runs.iter().map(|t| (t.0, t.1)).collect();
     assert_eq!(strip, ticks[ticks.len() - 60..].to_vec());
+
+    // A packed row edited into garbage (the database is a file a user can edit) is left out,
+    // never a panic: hour 1's runs and the late run are still read.
+    s.write(|c| c.execute("UPDATE run_hours SET data = ?1", [vec![0xffu8; 3]]))
+        .await
+        .unwrap();
+    let c = s.reader().unwrap();
+    assert_eq!(count(&c, "api"), 31);
+    assert_eq!(store::latest_runs(&c).unwrap().len(), 2);
+    drop(c);
+    s.maintain(hour + 3 * 3_600_000, &Retention::default())
+        .await
+        .unwrap();
     drop(s);
     writer.join().await;
 }
