@@ -3,9 +3,9 @@
 //! them.
 //!
 //! When maintenance rolls an hour of a series up, its `runs` rows move into one packed row in
-//! the same transaction ([`pack`]): a run's key, record header and cell overhead were about
-//! half of its bytes, and the packed rows of a rowid table are appended in hour order (full
-//! pages; a ~1.2 KB blob stays in-page). A run that arrives after its hour was packed stays
+//! the same transaction ([`pack`]): a run's key, record header and cell overhead go (a run
+//! costs 30–45 % fewer bytes: docs/BENCHMARKS.md), and the packed rows of a rowid table are
+//! appended in hour order (full pages; an hour's blob of 1–1.5 KB stays in-page). A run that arrives after its hour was packed stays
 //! in `runs`, as a late run always has (it is merged into the hour's rolled-up rows
 //! directly), so every reader reads both tables: [`each_run`] for sums over a span,
 //! [`runs_back`] for the newest runs first. `runs` rows written before migration 15 stay
