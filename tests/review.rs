@@ -306,6 +306,114 @@ async fn report_figures_match_the_known_runs() {
     writer.join().await;
 }
 
+/// `v` without its `trend` keys, at any depth.
+fn without_trends(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.remove("trend");
+            m.values_mut().for_each(without_trends);
+        }
+        Value::Array(a) => a.iter_mut().for_each(without_trends),
+        _ => {}
+    }
+}
+
+/// The report over hours already rolled up, whose runs are packed into `run_hours`: every
+/// figure is the one it gave from the runs before the rollup (all but the trend, where an
+/// hour read from its outcome row counts whole in the bucket it starts in), and time to
+/// detect walks back across the packed hours: one outage all inside a packed hour, one
+/// whose first bad runs are packed and the rest still in `runs`. A maintenance window
+/// inside a packed hour splits the component's window there.
+#[tokio::test]
+async fn report_reads_packed_hours_as_it_read_the_runs() {
+    const HOUR: i64 = 60 * MIN;
+    let t = config();
+    let cfg = t.load_ok();
+    let (s, writer) = Store::start(&cfg.db_path()).unwrap();
+    // A run a minute from 90 minutes before an hour boundary `b` to 10 minutes after it
+    // (`now`, in the past): at `now` the hours before `b` roll up and are packed, the last
+    // 10 runs stay in `runs`.
+    let b = Utc::now().timestamp_millis() / HOUR * HOUR - HOUR;
+    let now = b + 10 * MIN;
+    let at = move |i: i64| now - 100 * MIN + i * MIN;
+    for i in 0..100 {
+        s.record(run_at(at(i) - 100 * MIN, 60, Outcome::Up)).await;
+        let outcome = match i {
+            40..=44 | 87..=92 => Outcome::Down,
+            60..=62 => Outcome::Degraded,
+            _ => Outcome::Up,
+        };
+        s.record(run_at(at(i), 120, outcome)).await;
+    }
+    let (m0, m1) = (at(70) - 1000, at(75) - 1000);
+    s.write(move |c| {
+        for (id, opened, resolved) in [(1, at(41) + 500, at(46)), (2, at(91) + 500, at(95))] {
+            c.execute(
+                "INSERT INTO incidents (id, component, status, worst_status, opened_at, resolved_at, cause_member, cause_class, cause_message)
+                 VALUES (?1, 'API', 'resolved', 'major_outage', ?2, ?3, 'api', 'http_status', 'HTTP 503')",
+                watchpost::store::db::params![id, opened, resolved],
+            )?;
+        }
+        for (at, kind, from, to) in [
+            (m0, "maintenance_started", "operational", "maintenance"),
+            (m1, "maintenance_ended", "maintenance", "operational"),
+        ] {
+            c.execute(
+                "INSERT INTO incident_events (component, at, kind, from_status, to_status) VALUES ('API', ?1, ?2, ?3, ?4)",
+                watchpost::store::db::params![at, kind, from, to],
+            )?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    s.flush().await.unwrap();
+    let report = |s: &Store| {
+        let c = s.reader().unwrap();
+        let r = report::build(&cfg, &c, Duration::from_secs(100 * 60), now).unwrap();
+        let mut j = serde_json::to_value(&r).unwrap();
+        without_trends(&mut j);
+        (r, j)
+    };
+    let (from_runs, before) = report(&s);
+    let detect: Vec<(i64, Option<f64>)> = from_runs
+        .incidents
+        .iter()
+        .map(|i| (i.id, i.time_to_detect_s))
+        .collect();
+    // From the first bad run of each streak: run 40, and run 87 (four minutes before 91).
+    assert_eq!(detect, [(1, Some(60.5)), (2, Some(240.5))]);
+    assert_eq!(
+        from_runs.components[0].window.runs, 95,
+        "maintenance left out"
+    );
+
+    let stats = s
+        .maintain(now, &watchpost::config::Retention::default())
+        .await
+        .unwrap();
+    assert!(stats.rolled_hours >= 2, "{stats:?}");
+    let c = s.reader().unwrap();
+    let rows = |sql: &str| -> i64 { c.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        rows("SELECT count(*) FROM runs"),
+        2 * 10,
+        "runs 90-99, two series"
+    );
+    assert!(rows("SELECT count(*) FROM run_hours") >= 2 * 3);
+    drop(c);
+    let (packed, after) = report(&s);
+    assert_eq!(after, before);
+    assert_eq!(packed.rows.len(), 3, "api ttfb and total, api/checks.db");
+    assert!(
+        packed.rows.iter().all(|r| r.runs == 100),
+        "{:?}",
+        packed.rows
+    );
+    drop(s);
+    writer.join().await;
+}
+
 fn errors(t: &TestConfig) -> String {
     match t.load() {
         Ok(_) => panic!("config should be rejected"),
