@@ -85,6 +85,8 @@ both!(
     rehearsal_rows_are_kept_listed_and_reported,
     component_slo_matches_the_runs_counted_one_by_one,
     packed_hours_read_back_the_same_runs,
+    a_stopped_probe_s_newest_run_is_read_from_its_packed_hour,
+    a_day_row_equals_its_hours_across_pruning,
 );
 
 /// The rows of the daemon's rehearsals (`chaos::live`): running, finished with its verdict
@@ -687,6 +689,125 @@ async fn packed_hours_read_back_the_same_runs(b: Backend) {
         .await
         .unwrap();
     drop(s);
+    writer.join().await;
+}
+
+/// A probe stopped for over an hour: its newest run, its error and its strip come from the
+/// packed hour after a restart, with nothing of it left in `runs`.
+async fn a_stopped_probe_s_newest_run_is_read_from_its_packed_hour(b: Backend) {
+    let db = Db::new(b);
+    let (s, writer) = db.start();
+    let hour = aligned(T0, HOUR);
+    for m in 0..30i64 {
+        let mut r = run_at("api", hour + m * 60_000 + 500, 20 + m as u64, Outcome::Up);
+        if m == 29 {
+            r.outcome = Outcome::Down;
+            r.error = Some(ErrorInfo {
+                class: ErrorClass::Timeout,
+                message: "no answer in 5 s".into(),
+            });
+        }
+        s.record(r).await;
+    }
+    s.flush().await.unwrap();
+    let c = s.reader().unwrap();
+    let latest = serde_json::to_value(store::latest_runs(&c).unwrap()).unwrap();
+    drop(c);
+    s.maintain(hour + 2 * 3_600_000, &Retention::default())
+        .await
+        .unwrap();
+    drop(s);
+    writer.join().await;
+
+    let (s, writer) = db.start();
+    let c = s.reader().unwrap();
+    assert_eq!(table_rows(&c, "SELECT count(*) FROM runs"), 0);
+    assert_eq!(table_rows(&c, "SELECT count(*) FROM run_hours"), 2);
+    assert_eq!(
+        serde_json::to_value(store::latest_runs(&c).unwrap()).unwrap(),
+        latest
+    );
+    let newest = s
+        .latest()
+        .runs()
+        .into_iter()
+        .find(|r| r.probe == "api")
+        .unwrap();
+    assert_eq!(newest.started_at, hour + 29 * 60_000 + 500);
+    assert_eq!(newest.outcome, "down");
+    assert_eq!(newest.error_message.as_deref(), Some("no answer in 5 s"));
+    assert_eq!(newest.duration_ms, 49.0);
+    let overview = s.latest().overview();
+    let (_, recent) = overview.iter().find(|(r, _)| r.probe == "api").unwrap();
+    assert_eq!(recent.runs.len(), 30);
+    assert_eq!(recent.runs.back().map(|t| t.1), Some("down"));
+    drop((c, s));
+    writer.join().await;
+}
+
+/// The hourly outcome rows of every series summed per UTC day, and the daily rows, as
+/// `(day, series) -> (up, degraded, down)`.
+fn days_and_hours(c: &Conn) -> [std::collections::BTreeMap<(i64, i64), [i64; 3]>; 2] {
+    let read = |sql: &str| {
+        let mut m = std::collections::BTreeMap::new();
+        c.query_each(sql, [], |r| {
+            let day = aligned(r.get(0)?, 86_400);
+            let e: &mut [i64; 3] = m.entry((day, r.get(1)?)).or_default();
+            for (i, v) in e.iter_mut().enumerate() {
+                *v += r.get::<_, i64>(2 + i)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        m
+    };
+    [
+        read("SELECT bucket_start, series, up, degraded, down FROM daily_outcomes"),
+        read("SELECT bucket_start, series, up, degraded, down FROM hourly_outcomes"),
+    ]
+}
+
+/// Pruning at `retention.hourly_histograms` cuts into a day: the day's row still equals the
+/// hours kept, and a window over that day counts the same from the daily row as hour by
+/// hour.
+async fn a_day_row_equals_its_hours_across_pruning(b: Backend) {
+    const H: i64 = 3_600_000;
+    let db = Db::new(b);
+    let (s, writer) = db.start();
+    let day = aligned(T0, 86_400);
+    // A run every 10 minutes from 6 hours before midnight to 6 hours after it.
+    for k in 0..72i64 {
+        let outcome = match k % 4 {
+            0 => Outcome::Down,
+            1 => Outcome::Degraded,
+            _ => Outcome::Up,
+        };
+        s.record(outcome_run(
+            "api",
+            day - 6 * H + k * 600_000 + 1_000,
+            outcome,
+        ))
+        .await;
+    }
+    s.flush().await.unwrap();
+    // Rolled up to `day + 6h`; the hourly retention ends at `day - 3h`, inside the first day.
+    let now = day + 7 * H;
+    s.maintain(now, &retention(2 * 3600, 2 * 3600, 10 * 3600))
+        .await
+        .unwrap();
+    let c = s.reader().unwrap();
+    let [days, hours] = days_and_hours(&c);
+    assert_eq!(days.len(), 2, "{days:?}");
+    assert_eq!(days, hours, "a day row is the sum of its hours");
+    let api = ["api".to_string()];
+    let (lo, hi) = (day - 24 * H, day + 6 * H);
+    let whole = store::outcomes(&c, Some(&api), lo, hi, hi - lo).unwrap()["api"][0];
+    let mut by_hour = store::Counts::default();
+    for c in &store::outcomes(&c, Some(&api), lo, hi, H).unwrap()["api"] {
+        by_hour += *c;
+    }
+    assert_eq!(whole, by_hour);
+    drop((c, s));
     writer.join().await;
 }
 

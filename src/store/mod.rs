@@ -2174,6 +2174,10 @@ fn maintain_step(
             cur = MaintainCursor { stage: 3, after: 0 };
         }
         let runs_from = hist::meta(tx, "runs_from")?;
+        // Outcome rows go a whole UTC day at a time, hourly and daily together, so a day's
+        // row always equals its hours (a window reads a whole day from it): an hour's outcome
+        // row is kept up to a day past `retention.hourly_histograms`.
+        let outcomes_before = hist::floor(cut.hourly, DAY);
         loop {
             if t0.elapsed() >= budget {
                 return more(cur);
@@ -2190,14 +2194,13 @@ fn maintain_step(
                     "DELETE FROM hourly_outcomes WHERE (bucket_start, series) IN
                      (SELECT bucket_start, series FROM hourly_outcomes WHERE bucket_start < ?1 LIMIT ?2)",
                 )?
-                .execute(params![cut.hourly, PRUNE_ROWS])?;
-            // A day goes once all its hours have.
+                .execute(params![outcomes_before, PRUNE_ROWS])?;
             let d = tx
                 .prepare_cached(
                     "DELETE FROM daily_outcomes WHERE (bucket_start, series) IN
                      (SELECT bucket_start, series FROM daily_outcomes WHERE bucket_start < ?1 LIMIT ?2)",
                 )?
-                .execute(params![cut.hourly - DAY_MS + 1, PRUNE_ROWS])?;
+                .execute(params![outcomes_before, PRUNE_ROWS])?;
             let s = tx
                 .prepare_cached(
                     "DELETE FROM skips WHERE (probe, planned_at) IN (SELECT probe, planned_at FROM skips WHERE planned_at < ?1 LIMIT ?2)",
