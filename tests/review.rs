@@ -404,6 +404,25 @@ async fn report_reads_packed_hours_as_it_read_the_runs() {
     drop(c);
     let (packed, after) = report(&s);
     assert_eq!(after, before);
+    // The trend's 5-minute buckets count the runs of a rolled-up hour one by one.
+    let trends = |r: &report::Report| -> Vec<Vec<(u64, Option<f64>)>> {
+        r.rows
+            .iter()
+            .map(|row| {
+                row.trend
+                    .iter()
+                    .map(|p| (p.runs, p.availability_pct))
+                    .collect()
+            })
+            .chain(r.components.iter().map(|c| {
+                c.trend
+                    .iter()
+                    .map(|p| (p.runs, p.availability_pct))
+                    .collect()
+            }))
+            .collect()
+    };
+    assert_eq!(trends(&packed), trends(&from_runs));
     assert_eq!(packed.rows.len(), 3, "api ttfb and total, api/checks.db");
     assert!(
         packed.rows.iter().all(|r| r.runs == 100),

@@ -2675,10 +2675,16 @@ fn outcomes_in(
     let origin_ms = origin_ms.min(since_ms);
     let n = ((until_ms - origin_ms).max(0) + bucket_ms - 1) / bucket_ms;
     let n = n.clamp(1, 10_000) as usize;
-    let (h_lo, h_hi) = match hours_mode {
+    let (h_lo, mut h_hi) = match hours_mode {
         Hours::Skip => (since_ms, since_ms),
         _ => hourly_span(conn, since_ms, until_ms)?,
     };
+    if n > 1 && bucket_ms < HOUR_MS {
+        // An hour's outcome row cannot be split across buckets shorter than it (it would
+        // count whole in one and leave the others empty): the runs, where they are kept.
+        let runs_hour = hist::floor(hist::meta(conn, "runs_from")? + HOUR_MS - 1, HOUR);
+        h_hi = h_hi.min(runs_hour.max(h_lo));
+    }
     // Runs before and after the hourly rows.
     let run_spans = if h_lo < h_hi {
         vec![
