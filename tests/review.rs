@@ -65,6 +65,20 @@ fn config() -> TestConfig {
     t
 }
 
+/// Component API in maintenance over `[m0, m1)`, on its timeline.
+fn maintenance(c: &watchpost::store::Conn, m0: i64, m1: i64) -> watchpost::store::db::Result<()> {
+    for (at, kind, from, to) in [
+        (m0, "maintenance_started", "operational", "maintenance"),
+        (m1, "maintenance_ended", "maintenance", "operational"),
+    ] {
+        c.execute(
+            "INSERT INTO incident_events (component, at, kind, from_status, to_status) VALUES ('API', ?1, ?2, ?3, ?4)",
+            watchpost::store::db::params![at, kind, from, to],
+        )?;
+    }
+    Ok(())
+}
+
 fn close(a: Option<f64>, b: f64, tol: f64) -> bool {
     a.is_some_and(|a| (a - b).abs() <= tol)
 }
@@ -103,15 +117,7 @@ async fn report_figures_match_the_known_runs() {
              VALUES ('pager', 'API', 1, 'opened', '{}', ?1, 'delivered', 1, ?1, ?2)",
             [opened, paged],
         )?;
-        for (at, kind, from, to) in [
-            (m0, "maintenance_started", "operational", "maintenance"),
-            (m1, "maintenance_ended", "maintenance", "operational"),
-        ] {
-            c.execute(
-                "INSERT INTO incident_events (component, at, kind, from_status, to_status) VALUES ('API', ?1, ?2, ?3, ?4)",
-                watchpost::store::db::params![at, kind, from, to],
-            )?;
-        }
+        maintenance(c, m0, m1)?;
         Ok(())
     })
     .await
@@ -354,15 +360,7 @@ async fn report_reads_packed_hours_as_it_read_the_runs() {
                 watchpost::store::db::params![id, opened, resolved],
             )?;
         }
-        for (at, kind, from, to) in [
-            (m0, "maintenance_started", "operational", "maintenance"),
-            (m1, "maintenance_ended", "maintenance", "operational"),
-        ] {
-            c.execute(
-                "INSERT INTO incident_events (component, at, kind, from_status, to_status) VALUES ('API', ?1, ?2, ?3, ?4)",
-                watchpost::store::db::params![at, kind, from, to],
-            )?;
-        }
+        maintenance(c, m0, m1)?;
         Ok(())
     })
     .await
