@@ -2675,16 +2675,10 @@ fn outcomes_in(
     let origin_ms = origin_ms.min(since_ms);
     let n = ((until_ms - origin_ms).max(0) + bucket_ms - 1) / bucket_ms;
     let n = n.clamp(1, 10_000) as usize;
-    let (h_lo, mut h_hi) = match hours_mode {
+    let (h_lo, h_hi) = match hours_mode {
         Hours::Skip => (since_ms, since_ms),
-        _ => hourly_span(conn, since_ms, until_ms)?,
+        _ => hourly_span(conn, since_ms, until_ms, n == 1 || bucket_ms >= HOUR_MS)?,
     };
-    if n > 1 && bucket_ms < HOUR_MS {
-        // An hour's outcome row cannot be split across buckets shorter than it (it would
-        // count whole in one and leave the others empty): the runs, where they are kept.
-        let runs_hour = hist::floor(hist::meta(conn, "runs_from")? + HOUR_MS - 1, HOUR);
-        h_hi = h_hi.min(runs_hour.max(h_lo));
-    }
     // Runs before and after the hourly rows.
     let run_spans = if h_lo < h_hi {
         vec![
@@ -2748,7 +2742,16 @@ fn outcomes_in(
 /// an hour whose runs are kept reads that hour from the runs: its hourly row would count
 /// the runs after the end (a maintenance window starting mid-hour, and the rest of the
 /// hour a second time after the maintenance).
-fn hourly_span(conn: &Conn, since_ms: i64, until_ms: i64) -> db::Result<(i64, i64)> {
+///
+/// `whole_hours` is false for buckets shorter than an hour: an hour's outcome row cannot be
+/// split across them (it would count whole in one and leave the others empty), so the hours
+/// whose runs are kept are read from the runs.
+fn hourly_span(
+    conn: &Conn,
+    since_ms: i64,
+    until_ms: i64,
+    whole_hours: bool,
+) -> db::Result<(i64, i64)> {
     let runs_from = hist::meta(conn, "runs_from")?;
     let until_hour = hist::floor(until_ms, HOUR);
     let end = if until_hour >= runs_from {
@@ -2761,10 +2764,17 @@ fn hourly_span(conn: &Conn, since_ms: i64, until_ms: i64) -> db::Result<(i64, i6
     let ceil_hour = |ms: i64| hist::floor(ms + HOUR_MS - 1, HOUR);
     Ok(if since_ms >= runs_from {
         let lo = ceil_hour(since_ms);
-        (lo, if outcomes_from <= lo { rolled } else { lo })
+        (
+            lo,
+            if whole_hours && outcomes_from <= lo {
+                rolled
+            } else {
+                lo
+            },
+        )
     } else {
         let runs_hour = ceil_hour(runs_from);
-        let hi = if outcomes_from <= runs_hour {
+        let hi = if whole_hours && outcomes_from <= runs_hour {
             rolled
         } else {
             runs_hour.min(rolled)
