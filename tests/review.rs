@@ -65,6 +65,21 @@ fn config() -> TestConfig {
     t
 }
 
+/// 200 runs a minute apart: 100 up at 60 ms (the previous window), then 100 at 120 ms
+/// (`at(0..100)`), down for runs 40–44 and `second`, degraded for 60–62.
+async fn record_200(s: &Store, at: impl Fn(i64) -> i64, second: std::ops::RangeInclusive<i64>) {
+    for i in 0..100 {
+        s.record(run_at(at(i) - 100 * MIN, 60, Outcome::Up)).await;
+        let outcome = match i {
+            40..=44 => Outcome::Down,
+            _ if second.contains(&i) => Outcome::Down,
+            60..=62 => Outcome::Degraded,
+            _ => Outcome::Up,
+        };
+        s.record(run_at(at(i), 120, outcome)).await;
+    }
+}
+
 /// Component API in maintenance over `[m0, m1)`, on its timeline.
 fn maintenance(c: &watchpost::store::Conn, m0: i64, m1: i64) -> watchpost::store::db::Result<()> {
     for (at, kind, from, to) in [
@@ -93,15 +108,7 @@ async fn report_figures_match_the_known_runs() {
     let now = Utc::now().timestamp_millis() / MIN * MIN;
     let start = now - 100 * MIN;
     let at = |i: i64| start + i * MIN;
-    for i in 0..100 {
-        s.record(run_at(at(i) - 100 * MIN, 60, Outcome::Up)).await;
-        let outcome = match i {
-            40..=44 | 90..=94 => Outcome::Down,
-            60..=62 => Outcome::Degraded,
-            _ => Outcome::Up,
-        };
-        s.record(run_at(at(i), 120, outcome)).await;
-    }
+    record_200(&s, at, 90..=94).await;
     // The incident the outage opened (second bad run + 0.5 s), paged 2 s later, resolved
     // after two good runs; the maintenance window around runs 90–94.
     let (opened, paged, resolved) = (at(41) + 500, at(41) + 2500, at(46) + 1000);
@@ -342,15 +349,7 @@ async fn report_reads_packed_hours_as_it_read_the_runs() {
     let b = Utc::now().timestamp_millis() / HOUR * HOUR - HOUR;
     let now = b + 10 * MIN;
     let at = move |i: i64| now - 100 * MIN + i * MIN;
-    for i in 0..100 {
-        s.record(run_at(at(i) - 100 * MIN, 60, Outcome::Up)).await;
-        let outcome = match i {
-            40..=44 | 87..=92 => Outcome::Down,
-            60..=62 => Outcome::Degraded,
-            _ => Outcome::Up,
-        };
-        s.record(run_at(at(i), 120, outcome)).await;
-    }
+    record_200(&s, at, 87..=92).await;
     let (m0, m1) = (at(70) - 1000, at(75) - 1000);
     s.write(move |c| {
         for (id, opened, resolved) in [(1, at(41) + 500, at(46)), (2, at(91) + 500, at(95))] {
