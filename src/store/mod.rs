@@ -2935,7 +2935,8 @@ pub fn latest_runs(conn: &Conn) -> db::Result<Vec<LatestRun>> {
 mod tests {
     use super::*;
 
-    fn run(probe: &str, at: i64, outcome: &str) -> LatestRun {
+    /// A newest run of `probe` (also for the tests of [`super::view`]).
+    pub(super) fn run(probe: &str, at: i64, outcome: &str) -> LatestRun {
         LatestRun {
             probe: probe.into(),
             kind: "http".into(),

@@ -200,21 +200,8 @@ fn merged(locations: &[(String, LatestRun, Recent)]) -> Option<(LatestRun, Recen
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::run;
     use super::*;
-
-    fn run(probe: &str, at: i64, outcome: &str) -> LatestRun {
-        LatestRun {
-            probe: probe.into(),
-            kind: "http".into(),
-            started_at: at,
-            outcome: outcome.into(),
-            error_class: None,
-            error_message: None,
-            duration_ms: 1.0,
-            phases: serde_json::Value::Null,
-            wer: None,
-        }
-    }
 
     fn view(runs: &[(&str, LatestRun)]) -> FleetView {
         let v = FleetView::default();
