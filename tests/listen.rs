@@ -320,6 +320,27 @@ async fn slow_final_over_timeout_and_over_budget() {
     assert!(phase(&a, "final").unwrap() >= Duration::from_millis(1500));
 }
 
+/// The `final` phase is the service's time, not the agent's: a final that arrives while the
+/// agent's only runtime thread is busy elsewhere is timed by when it reached the socket.
+#[test]
+fn a_final_read_late_is_timed_by_its_arrival() {
+    let server = tokio::runtime::Runtime::new().expect("server runtime");
+    let cue = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut dg = Dg::new(UTTERANCE);
+    dg.final_delay = Duration::from_millis(50);
+    dg.hold_final = Some(cue.clone());
+    let srv = server.block_on(Server::start(Behavior::Deepgram(dg)));
+    let probe = deepgram_probe(&srv.url(DG_QUERY), "");
+    let busy = Duration::from_millis(600);
+    let a = stt::attempt_while_busy(srv, "CloseStream", cue, busy, run(&probe));
+    assert_eq!(a.outcome, Outcome::Up, "{a:?}");
+    let fin = phase(&a, "final").expect("final phase");
+    assert!(
+        fin >= Duration::from_millis(50) && fin < Duration::from_millis(300),
+        "final {fin:?}: the agent was busy for {busy:?} from the server's cue"
+    );
+}
+
 #[tokio::test]
 async fn interim_only_is_degraded() {
     let mut dg = Dg::new(UTTERANCE);

@@ -240,3 +240,33 @@ fn step_config_errors() {
     let e = load(&head("https://h/x")).unwrap_err();
     assert!(e.contains("url scheme \"https\" is not ws or wss"), "{e}");
 }
+
+/// An `expect` step ends when its message reached the socket: a reply that arrives while
+/// the agent's one thread is busy is not timed by the agent's wait.
+#[test]
+fn an_expect_step_is_timed_by_the_reply_s_arrival() {
+    let server = tokio::runtime::Runtime::new().unwrap();
+    let cue = std::sync::Arc::new(tokio::sync::Notify::new());
+    let srv = server.block_on(Server::start(Behavior::EchoHeld(cue.clone())));
+    let probe = head(&srv.url("/ws"))
+        + "[[step]]\nexpect = { contains = \"hello\" }\n\n\
+           [[step]]\nwait = \"100ms\"\n\n\
+           [[step]]\nsend = \"ping\"\n\n\
+           [[step]]\nname = \"reply\"\nexpect = { contains = \"ping\" }\n";
+    // (The wait gives the kernel time to turn receive stamps on, see `Arrival::kernel`.)
+    let busy = Duration::from_millis(600);
+    let t0 = std::time::Instant::now();
+    let a = stt::attempt_while_busy(srv, "ping", cue, busy, run(&probe));
+    assert_eq!(a.outcome, Outcome::Up, "{a:?}");
+    assert!(t0.elapsed() >= busy, "the agent was kept busy");
+    let reply = a
+        .phases
+        .iter()
+        .find(|(n, _)| n == "reply")
+        .expect("reply")
+        .1;
+    assert!(
+        reply < Duration::from_millis(250),
+        "reply {reply:?}: the agent was busy for {busy:?} from the server's cue"
+    );
+}

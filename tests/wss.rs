@@ -129,6 +129,18 @@ fn ws_probe(port: u16, trust: bool) -> String {
     )
 }
 
+/// A Deepgram listen probe on `wss://127.0.0.1:{port}`, trusting `ca.pem`.
+fn listen_probe(port: u16) -> String {
+    let audio =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/audio/testing-one-two-three.wav");
+    format!(
+        "name = \"listen-wss\"\nkind = \"listen\"\ndialect = \"deepgram\"\n\
+         url = \"wss://127.0.0.1:{port}/v1/listen?model=nova-3&encoding=linear16&sample_rate=16000&channels=1&interim_results=true\"\n\
+         headers = {{ Authorization = \"Token test-key\" }}\naudio = \"{}\"\nspeed = 4.0\nretries = 0\nfinal_timeout = \"2s\"\nca_file = \"ca.pem\"\n",
+        audio.display()
+    )
+}
+
 fn class(a: &Attempt) -> &str {
     a.error.as_ref().map(|e| e.class.as_str()).unwrap_or("")
 }
@@ -206,14 +218,7 @@ async fn listen_probe_over_wss_with_ca_file_is_up() {
     let ca = TestCa::new("watchpost test CA");
     let srv = Server::start(Behavior::Deepgram(Dg::new("Testing, 1 2 3 4 5."))).await;
     let port = tls_front(&ca.leaf(&["127.0.0.1"]), After::Relay(srv.port)).await;
-    let audio =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/audio/testing-one-two-three.wav");
-    let probe = format!(
-        "name = \"listen-wss\"\nkind = \"listen\"\ndialect = \"deepgram\"\n\
-         url = \"wss://127.0.0.1:{port}/v1/listen?model=nova-3&encoding=linear16&sample_rate=16000&channels=1&interim_results=true\"\n\
-         headers = {{ Authorization = \"Token test-key\" }}\naudio = \"{}\"\nspeed = 4.0\nretries = 0\nfinal_timeout = \"2s\"\nca_file = \"ca.pem\"\n",
-        audio.display()
-    );
+    let probe = listen_probe(port);
     let a = run(&probe, Some(&ca)).await;
     assert_eq!(a.outcome, Outcome::Up, "{a:?}");
     assert_eq!(a.details["wer"], serde_json::Value::from(0.0));
@@ -221,4 +226,32 @@ async fn listen_probe_over_wss_with_ca_file_is_up() {
     // Without the CA: the same server is a TLS failure.
     let a = run(&probe.replace("ca_file = \"ca.pem\"\n", ""), None).await;
     assert_eq!(class(&a), "tls", "{a:?}");
+}
+
+/// Under TLS too, a final that arrives while the agent is busy is timed by its arrival at
+/// the socket: the stamp is the TCP stream's, below rustls.
+#[test]
+fn a_final_read_late_over_wss_is_timed_by_its_arrival() {
+    let server = tokio::runtime::Runtime::new().unwrap();
+    let ca = TestCa::new("watchpost test CA");
+    let cue = Arc::new(tokio::sync::Notify::new());
+    let mut dg = Dg::new("Testing, 1 2 3 4 5.");
+    dg.final_delay = Duration::from_millis(50);
+    dg.hold_final = Some(cue.clone());
+    let srv = server.block_on(Server::start(Behavior::Deepgram(dg)));
+    let port = server.block_on(tls_front(&ca.leaf(&["127.0.0.1"]), After::Relay(srv.port)));
+    let probe = listen_probe(port);
+    let busy = Duration::from_millis(600);
+    let a = stt::attempt_while_busy(srv, "CloseStream", cue, busy, run(&probe, Some(&ca)));
+    assert_eq!(a.outcome, Outcome::Up, "{a:?}");
+    let fin = a
+        .phases
+        .iter()
+        .find(|(n, _)| n == "final")
+        .expect("final")
+        .1;
+    assert!(
+        fin >= Duration::from_millis(50) && fin < Duration::from_millis(300),
+        "final {fin:?}: the agent was busy for {busy:?} from the server's cue"
+    );
 }

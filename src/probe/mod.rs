@@ -10,6 +10,7 @@ pub mod assert;
 pub mod class;
 pub mod http;
 pub mod listen;
+pub mod stamp;
 pub mod websocket;
 
 use std::ops::Range;

@@ -26,12 +26,25 @@ use tokio_tungstenite::tungstenite::{self, Bytes, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::assert::{excerpt, JsonAssert, Re};
+use super::stamp::Stamped;
 use super::{Attempt, ErrorClass};
 use crate::chaos::fault::{Injection, Mode};
 use crate::config::{duration::human, interp, Dur, Errors, Interp, ProbeConfig, Rest, SpanError};
 
-/// The connected socket type both WebSocket-based kinds use.
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// The connected socket type both WebSocket-based kinds use: its reads carry the bytes'
+/// arrival ([`arrived`]).
+pub type Ws = WebSocketStream<MaybeTlsStream<Stamped>>;
+
+/// When the latest bytes read from `ws` reached the socket (the kernel's stamp, under TLS
+/// too): the time a message that read completed arrived, however late the agent read it.
+pub fn arrived(ws: &Ws) -> Option<tokio::time::Instant> {
+    let s = match ws.get_ref() {
+        MaybeTlsStream::Plain(s) => s,
+        MaybeTlsStream::Rustls(t) => t.get_ref().0,
+        _ => return None,
+    };
+    s.arrived().map(|a| a.at)
+}
 
 /// Default cap on one received frame and one received message (1 MiB): a broken or hostile
 /// server must not make the agent allocate without bound.
@@ -233,28 +246,28 @@ pub async fn connect_via(
     let connector = Connector::Rustls(t.tls.clone());
     let t0 = Instant::now();
     let fut = async move {
-        match via {
+        let sock = match via {
+            Some(addr) => TcpStream::connect(addr).await?,
             None => {
-                tokio_tungstenite::connect_async_tls_with_config(
-                    req,
-                    Some(cfg),
-                    true,
-                    Some(connector),
-                )
-                .await
+                let uri = req.uri();
+                // rustls and the resolver take an IPv6 literal without its brackets.
+                let host = uri.host().unwrap_or_default();
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                    Some("wss") => 443,
+                    _ => 80,
+                });
+                TcpStream::connect((host, port)).await?
             }
-            Some(addr) => {
-                let sock = TcpStream::connect(addr).await?;
-                let _ = sock.set_nodelay(true);
-                tokio_tungstenite::client_async_tls_with_config(
-                    req,
-                    sock,
-                    Some(cfg),
-                    Some(connector),
-                )
-                .await
-            }
-        }
+        };
+        let _ = sock.set_nodelay(true);
+        tokio_tungstenite::client_async_tls_with_config(
+            req,
+            Stamped::new(sock),
+            Some(cfg),
+            Some(connector),
+        )
+        .await
     };
     match tokio::time::timeout(timeout, fut).await {
         Err(_) => Err(Failure::new(
@@ -831,27 +844,26 @@ impl WsProbe {
         for (i, step) in self.spec.steps.iter().enumerate() {
             let st = Instant::now();
             let label = format!("step {} ({})", i + 1, step.name);
+            // Ok(when the step ended).
             let r = match &step.action {
-                Action::SendText(t) => {
-                    send(
-                        &mut ws,
-                        Message::text(t.clone()),
-                        deadline,
-                        &label,
-                        connected_at,
-                    )
-                    .await
-                }
-                Action::SendBinary(b) => {
-                    send(
-                        &mut ws,
-                        Message::Binary(b.clone()),
-                        deadline,
-                        &label,
-                        connected_at,
-                    )
-                    .await
-                }
+                Action::SendText(t) => send(
+                    &mut ws,
+                    Message::text(t.clone()),
+                    deadline,
+                    &label,
+                    connected_at,
+                )
+                .await
+                .map(|()| Instant::now()),
+                Action::SendBinary(b) => send(
+                    &mut ws,
+                    Message::Binary(b.clone()),
+                    deadline,
+                    &label,
+                    connected_at,
+                )
+                .await
+                .map(|()| Instant::now()),
                 Action::Wait(d) => {
                     let until = (st + *d).min(deadline);
                     tokio::time::sleep_until(until.into()).await;
@@ -861,13 +873,13 @@ impl WsProbe {
                             format!("the {} timeout hit during {label}", human(self.timeout)),
                         ))
                     } else {
-                        Ok(())
+                        Ok(Instant::now())
                     }
                 }
                 Action::Close(code) => {
                     closed = true;
                     close_quietly(&mut ws, *code).await;
-                    Ok(())
+                    Ok(Instant::now())
                 }
                 Action::Expect(e) => {
                     expect(
@@ -882,17 +894,20 @@ impl WsProbe {
                     .await
                 }
             };
-            if let Err(f) = r {
-                a.detail("failed_step", step.name.clone());
-                a.detail("messages_received", received);
-                f.apply(&mut a);
-                a.phase("total", t0.elapsed());
-                if !closed {
-                    close_quietly(&mut ws, 1000).await;
+            let ended = match r {
+                Ok(ended) => ended,
+                Err(f) => {
+                    a.detail("failed_step", step.name.clone());
+                    a.detail("messages_received", received);
+                    f.apply(&mut a);
+                    a.phase("total", t0.elapsed());
+                    if !closed {
+                        close_quietly(&mut ws, 1000).await;
+                    }
+                    return a;
                 }
-                return a;
-            }
-            a.phase(&step.name, st.elapsed());
+            };
+            a.phase(&step.name, ended.saturating_duration_since(st));
         }
         a.phase("total", t0.elapsed());
         a.detail("messages_received", received);
@@ -958,7 +973,7 @@ async fn expect(
     label: &str,
     since: Instant,
     received: &mut u64,
-) -> Result<(), Failure> {
+) -> Result<Instant, Failure> {
     let st = Instant::now();
     let own = st + e.within.0;
     let deadline = own.min(run_deadline);
@@ -1014,7 +1029,8 @@ async fn expect(
         };
         *received += 1;
         match mismatch(e, &text) {
-            None => return Ok(()),
+            // The step ends when the matching message arrived, not when it was read.
+            None => return Ok(arrived(ws).map_or_else(Instant::now, |t| t.into_std())),
             Some(reason) if !e.skip_others => {
                 return Err(Failure::new(
                     ErrorClass::Assertion,

@@ -37,6 +37,8 @@ pub struct Dg {
     pub close_after: Option<(usize, u16, &'static str)>,
     /// Require `Authorization: Token …`; otherwise answer 401.
     pub require_token: bool,
+    /// Before the final's delay starts, wait for this cue from the test.
+    pub hold_final: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Dg {
@@ -50,6 +52,7 @@ impl Dg {
             pings: false,
             close_after: None,
             require_token: false,
+            hold_final: None,
         }
     }
 }
@@ -147,6 +150,39 @@ pub enum Behavior {
     Trickle,
     /// WebSocket echo: greets with `{"hello":"watchpost-test"}`, echoes text and binary.
     Echo,
+    /// [`Behavior::Echo`], each text echoed only once the test's cue comes.
+    EchoHeld(Arc<tokio::sync::Notify>),
+}
+
+/// Run `attempt` on a runtime of one thread that is kept busy as a loaded agent's would be:
+/// once `srv`'s first connection has received a text containing `mark`, `cue` (which the
+/// server waits for before it answers) is given and the thread blocks for `busy`. So the
+/// answer reaches the agent's socket while the agent cannot read it. `srv` must run on
+/// another runtime.
+pub fn attempt_while_busy<F: std::future::Future>(
+    srv: Server,
+    mark: &'static str,
+    cue: Arc<tokio::sync::Notify>,
+    busy: Duration,
+    attempt: F,
+) -> F::Output {
+    let agent = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("agent runtime");
+    agent.block_on(async {
+        let hog = tokio::spawn(async move {
+            while !(srv.connections() > 0 && srv.log(0).texts.iter().any(|t| t.contains(mark))) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            cue.notify_one();
+            std::thread::sleep(busy);
+            srv
+        });
+        let out = attempt.await;
+        drop(hog.await.expect("hog"));
+        out
+    })
 }
 
 /// What one connection saw.
@@ -532,7 +568,11 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                 }
             }
         }
-        Behavior::Echo => {
+        Behavior::Echo | Behavior::EchoHeld(_) => {
+            let held = match b {
+                Behavior::EchoHeld(cue) => Some(cue),
+                _ => None,
+            };
             let Some(mut ws) = accept(sock, &log, false).await else {
                 return;
             };
@@ -546,6 +586,9 @@ async fn handle(mut sock: TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                         if t.as_str() == "close-me" {
                             close(&mut ws, 4000, "asked to").await;
                             continue;
+                        }
+                        if let Some(cue) = &held {
+                            cue.notified().await;
                         }
                         let _ = ws
                             .send(Message::text(format!(
@@ -665,6 +708,9 @@ async fn deepgram(ws: &mut WebSocketStream<TcpStream>, dg: &Dg, log: &Arc<Mutex<
                         if dg.only_interim {
                             let _ = ws.send(results(&dg.transcript, false)).await;
                             continue;
+                        }
+                        if let Some(cue) = &dg.hold_final {
+                            cue.notified().await;
                         }
                         tokio::time::sleep(dg.final_delay).await;
                         if dg.pings {

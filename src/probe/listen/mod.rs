@@ -205,9 +205,9 @@ pub fn up_detail(key: &str, details: &serde_json::Map<String, serde_json::Value>
 pub struct SessionStats {
     /// Per frame: sent (write returned) minus its absolute deadline.
     pub lateness: Vec<Duration>,
-    /// When the last audio frame was sent.
+    /// When the write of the last audio frame began (where the `final` phase starts).
     pub last_frame_at: Option<Instant>,
-    /// When the final transcript was known.
+    /// When the final transcript reached the socket (where the `final` phase ends).
     pub final_at: Option<Instant>,
     /// The server's request id, if it gave one.
     pub request_id: Option<String>,

@@ -230,6 +230,11 @@ impl<'a> Session<'a> {
             _ => spec.frames[self.next].clone(),
         };
         let next = self.next;
+        // The phases start when a frame is handed to the socket. Read the clock before the
+        // write, not after: on loopback or a busy host the write wakes the reader, which may
+        // take this CPU the moment the write returns, and a clock read after that wait would
+        // shorten the phases (understate the service's latency).
+        let sending = Instant::now();
         self.send(Message::Binary(frame), || {
             format!("audio frame {} of {n}", next + 1)
         })
@@ -239,10 +244,10 @@ impl<'a> Session<'a> {
             .lateness
             .push(sent.saturating_duration_since(due));
         self.last_sent = sent;
-        self.first_frame_at.get_or_insert(sent);
+        self.first_frame_at.get_or_insert(sending);
         self.next += 1;
         if self.next == n {
-            self.stats.last_frame_at = Some(sent);
+            self.stats.last_frame_at = Some(sending);
             for m in self.wire.end_messages() {
                 self.send(Message::text(m.to_string()), || {
                     "the end-of-stream message".into()
@@ -301,7 +306,9 @@ impl<'a> Session<'a> {
         &mut self,
         msg: Option<Result<Message, tungstenite::Error>>,
     ) -> Result<Option<Ending>, Failure> {
-        let at = Instant::now();
+        // When the message reached the socket, not when this task got to read it: a busy
+        // agent's own wait is not the service's latency.
+        let at = wsock::arrived(self.ws).unwrap_or_else(Instant::now);
         let since = self.since_connect(at);
         let msg = match msg {
             None => {
