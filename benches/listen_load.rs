@@ -88,6 +88,23 @@ fn load1() -> String {
         .unwrap_or_default()
 }
 
+/// Seconds of CPU time the hypervisor gave to others while this machine's CPUs wanted it
+/// (`steal` in /proc/stat, all CPUs): a virtual machine's noise no program on it can avoid.
+fn stolen() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("cpu "))
+                .and_then(|l| l.split_whitespace().nth(8))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
 /// Wall-clock microseconds: both processes read the same system clock, so the server's and
 /// the agent's instants can be put on one time line (µs precision, no NTP step in 10 s).
 fn wall_us() -> i64 {
@@ -306,6 +323,7 @@ retries = 0
     let (cpu0, _) = rusage();
     let server_cpu0 = cpu_seconds(Some(child.id()));
     let load_before = load1();
+    let stolen0 = stolen();
     let wall = Instant::now();
     let wall0 = wall_us();
     let on_wall = |i: Instant| wall0 + i.saturating_duration_since(wall).as_micros() as i64;
@@ -337,6 +355,7 @@ retries = 0
     let (cpu1, rss) = rusage();
     let server_cpu = cpu_seconds(Some(child.id())) - server_cpu0;
     let load_after = load1();
+    let stolen = stolen() - stolen0;
     // Let the last GAP lines arrive.
     std::thread::sleep(Duration::from_millis(300));
     let _ = child.kill();
@@ -442,6 +461,10 @@ retries = 0
     println!(
         "  server child CPU {server_cpu:.2} s ({:.0}% of one core); load average 1 min {load_before} before, {load_after} after",
         server_cpu / elapsed.as_secs_f64() * 100.0
+    );
+    println!(
+        "  CPU time stolen by the hypervisor during the run: {stolen:.2} s ({:.0}% of the machine's)",
+        stolen / (elapsed.as_secs_f64() * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64) * 100.0
     );
     let ok_late = pct(&late, 99.0) <= Duration::from_millis(5);
     let ok_over = pct(&overhead, 99.0) <= Duration::from_millis(2);
