@@ -87,6 +87,7 @@ both!(
     packed_hours_read_back_the_same_runs,
     a_stopped_probe_s_newest_run_is_read_from_its_packed_hour,
     a_day_row_equals_its_hours_across_pruning,
+    a_late_run_reaches_a_window_summed_before,
 );
 
 /// The rows of the daemon's rehearsals (`chaos::live`): running, finished with its verdict
@@ -809,6 +810,71 @@ async fn a_day_row_equals_its_hours_across_pruning(b: Backend) {
     assert_eq!(whole, by_hour);
     drop((c, s));
     writer.join().await;
+}
+
+/// Five hours of `api` runs, one up run every 10 minutes from `h0`, rolled up.
+async fn five_rolled_hours(s: &Store, h0: i64) {
+    for k in 0..30i64 {
+        s.record(outcome_run("api", h0 + k * 600_000 + 1_000, Outcome::Up))
+            .await;
+    }
+    s.flush().await.unwrap();
+    let long = 30 * 86_400;
+    s.maintain(h0 + 6 * 3_600_000, &retention(long, long, long))
+        .await
+        .unwrap();
+}
+
+/// A run that arrives after its hour was rolled up is merged into that hour, and an SLO
+/// window whose hourly sums were cached before it counts it.
+async fn a_late_run_reaches_a_window_summed_before(b: Backend) {
+    const H: i64 = 3_600_000;
+    let db = Db::new(b);
+    let (s, writer) = db.start();
+    let h0 = aligned(T0, 3600);
+    five_rolled_hours(&s, h0).await;
+    let c = s.reader().unwrap();
+    let api = ["api".to_string()];
+    let window = |cache: &store::HourlySums| {
+        store::window_outcomes(&c, Some(&api), h0, h0 + 5 * H, cache).unwrap()["api"][0]
+    };
+    let cache = store::HourlySums::default();
+    assert_eq!(window(&cache).up, 30);
+    // A down run of the second hour, late.
+    s.record(outcome_run("api", h0 + H + 300_000, Outcome::Down))
+        .await;
+    s.flush().await.unwrap();
+    let after = window(&cache);
+    assert_eq!((after.up, after.down), (30, 1), "{after:?}");
+    assert_eq!(
+        after,
+        window(&store::HourlySums::default()),
+        "as read afresh"
+    );
+    drop((c, s));
+    writer.join().await;
+}
+
+/// In a fleet, agents of one location take turns at maintenance: a late run written by an
+/// agent that did not roll its hour up is still merged into that hour, so windows count it.
+#[tokio::test]
+async fn a_late_run_into_an_hour_another_agent_rolled_is_counted() {
+    const H: i64 = 3_600_000;
+    let db = Db::new(Backend::Postgres);
+    let (one, w1) = db.start();
+    let (two, w2) = db.start();
+    let h0 = aligned(T0, 3600);
+    five_rolled_hours(&one, h0).await;
+    two.record(outcome_run("api", h0 + H + 300_000, Outcome::Down))
+        .await;
+    two.flush().await.unwrap();
+    let c = one.reader().unwrap();
+    let api = ["api".to_string()];
+    let counts = store::outcomes(&c, Some(&api), h0, h0 + 5 * H, 5 * H).unwrap()["api"][0];
+    assert_eq!((counts.up, counts.down), (30, 1), "{counts:?}");
+    drop((c, one, two));
+    w1.join().await;
+    w2.join().await;
 }
 
 fn retention(runs_s: u64, minute_s: u64, hourly_s: u64) -> Retention {

@@ -1508,7 +1508,17 @@ fn apply_ops(
     fresh: &mut Vec<LatestRun>,
 ) -> anyhow::Result<()> {
     conn.begin()?;
-    let r = apply_each(conn, state, batch, replies, fresh).and_then(|()| Ok(conn.commit()?));
+    let r = (|| {
+        if conn.is_postgres() {
+            // Another agent of this location may have rolled hours up since this writer
+            // last looked (it learns only on the passes it wins): a late run of ours into
+            // such an hour must be merged into it, not left in `runs` where no count reads.
+            let rolled = hist::meta(conn, "rolled_until")?;
+            state.rolled_until = state.rolled_until.max(rolled);
+        }
+        apply_each(conn, state, batch, replies, fresh)
+    })()
+    .and_then(|()| Ok(conn.commit()?));
     if r.is_err() {
         let _ = conn.rollback();
     }
@@ -1813,6 +1823,7 @@ fn insert_row(tx: &Conn, state: &mut State, row: &Row) -> db::Result<LatestRun> 
         )?
         .execute(params![hour, id, (o == 0) as i64, (o == 1) as i64, (o == 2) as i64])?;
         roll_day(tx, id, hour)?;
+        outcome_rows_changed(tx)?;
         let mut add = hist::Hour::new();
         for &(i, us) in &idx {
             hist::record(add.entry(i).or_insert_with(hist::new_hist), us);
@@ -2002,6 +2013,18 @@ fn convert_hourly(tx: &Conn) -> db::Result<usize> {
     Ok(n)
 }
 
+/// Count a change of outcome rows other than a new hour at the end (a late run merged into
+/// a rolled hour, another agent's rollup, pruning): [`HourlySums`] drops its sums when the
+/// count moves. One count for every location (they read each other's series).
+fn outcome_rows_changed(tx: &Conn) -> db::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES ('outcome_rows', 1)
+         ON CONFLICT (key) DO UPDATE SET value = meta.value + 1",
+    )?
+    .execute(params![])?;
+    Ok(())
+}
+
 fn set_meta(conn: &Conn, key: &str, value: i64) -> db::Result<()> {
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -2090,6 +2113,8 @@ fn maintain_step(
         state.roll_cursor = hist::meta(tx, "roll_cursor")?;
     }
     let more = |cur| Ok(Some(cur));
+    // Outcome rows written or pruned in this step (cached window sums are then stale).
+    let mut outcomes_changed = false;
     let r: db::Result<Option<MaintainCursor>> = (|| {
         if cur.stage == 0 {
             loop {
@@ -2123,6 +2148,7 @@ fn maintain_step(
                     Some(id) => {
                         stats.hourly_rows += roll_series(tx, id, hour)?;
                         state.roll_cursor = id;
+                        outcomes_changed = true;
                     }
                     None => {
                         state.rolled_until = hour + HOUR_MS;
@@ -2201,6 +2227,7 @@ fn maintain_step(
                      (SELECT bucket_start, series FROM daily_outcomes WHERE bucket_start < ?1 LIMIT ?2)",
                 )?
                 .execute(params![outcomes_before, PRUNE_ROWS])?;
+            outcomes_changed |= o + d > 0;
             let s = tx
                 .prepare_cached(
                     "DELETE FROM skips WHERE (probe, planned_at) IN (SELECT probe, planned_at FROM skips WHERE planned_at < ?1 LIMIT ?2)",
@@ -2212,6 +2239,9 @@ fn maintain_step(
         }
     })();
     let next = r?;
+    if outcomes_changed {
+        outcome_rows_changed(tx)?;
+    }
     set_meta(tx, "rolled_until", state.rolled_until)?;
     set_meta(tx, "roll_cursor", state.roll_cursor)?;
     Ok((stats, next))
@@ -2443,25 +2473,34 @@ enum Hours<'a> {
 /// (series id, window length) → the hours `[lo, hi)` last summed and their sum.
 type SumMap = HashMap<(i64, i64), (i64, i64, Counts)>;
 
-/// Per series and window length: the hours `[lo, hi)` last summed and their sum.
+/// Per series and window length: the hours `[lo, hi)` last summed and their sum, valid while
+/// the store's count of outcome-row changes (`outcome_rows` in `meta`) stays as it was.
 #[derive(Default)]
-pub struct HourlySums(std::sync::Mutex<SumMap>);
+pub struct HourlySums(std::sync::Mutex<(i64, SumMap)>);
 
 impl HourlySums {
     /// The sums of `[lo, hi)` for each of `ids` (windows of length `span`): from the last
     /// one when the window only moved forward (minus the hours that left, plus those that
     /// came), else summed whole. `sum(ids, a, b)` sums `[a, b)` for several series at once;
     /// it is called once per distinct range (one call when all series move together).
+    ///
+    /// `changes` is the store's count of outcome-row changes: when it moved since the last
+    /// call, every sum is dropped and read whole.
     fn get_many(
         &self,
         ids: &[i64],
         span: i64,
-        lo: i64,
-        hi: i64,
+        (lo, hi): (i64, i64),
+        changes: i64,
         mut sum: impl FnMut(&[i64], i64, i64) -> db::Result<HashMap<i64, Counts>>,
     ) -> db::Result<HashMap<i64, Counts>> {
         let last: Vec<Option<(i64, i64, Counts)>> = {
-            let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let (seen, map) = &mut *guard;
+            if *seen != changes {
+                map.clear();
+                *seen = changes;
+            }
             ids.iter()
                 .map(|id| map.get(&(*id, span)).copied())
                 .collect()
@@ -2493,7 +2532,10 @@ impl HourlySums {
                 .unwrap_or_default()
         };
         let mut out = HashMap::with_capacity(ids.len());
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Sums read before a change another call has seen since are not kept.
+        let keep = guard.0 == changes;
+        let map = &mut guard.1;
         for (id, l) in ids.iter().zip(&last) {
             let c = match slides(l) {
                 Some((l, h, c)) => {
@@ -2506,7 +2548,9 @@ impl HourlySums {
                 }
                 None => read(lo, hi, id),
             };
-            map.insert((*id, span), (lo, hi, c));
+            if keep {
+                map.insert((*id, span), (lo, hi, c));
+            }
             out.insert(*id, c);
         }
         Ok(out)
@@ -2700,7 +2744,8 @@ fn outcomes_in(
         match hours_mode {
             Hours::Cached(cache) if n == 1 => {
                 let span = until_ms - since_ms;
-                let sums = cache.get_many(&ids, span, h_lo, h_hi, |ids, lo, hi| {
+                let changes = hist::meta(conn, "outcome_rows")?;
+                let sums = cache.get_many(&ids, span, (h_lo, h_hi), changes, |ids, lo, hi| {
                     let mut m: HashMap<i64, Counts> = HashMap::new();
                     hour_sums(
                         conn,
@@ -2978,7 +3023,7 @@ mod tests {
         };
         let (ids, span) = ([7, 8], 30);
         assert_eq!(
-            down(cache.get_many(&ids, span, 0, 30, sum).unwrap()),
+            down(cache.get_many(&ids, span, (0, 30), 0, sum).unwrap()),
             vec![(7, 30), (8, 30)]
         );
         assert_eq!(
@@ -2989,27 +3034,34 @@ mod tests {
         // The window moved by two hours: four hours read per series, not thirty, in two
         // reads (the hours that left, those that came) for both series.
         assert_eq!(
-            down(cache.get_many(&ids, span, 2, 32, sum).unwrap()),
+            down(cache.get_many(&ids, span, (2, 32), 0, sum).unwrap()),
             vec![(7, 30), (8, 30)]
         );
         assert_eq!((reads.get(), calls.get()), (68, 3));
         // Unchanged: nothing read.
-        cache.get_many(&ids, span, 2, 32, sum).unwrap();
+        cache.get_many(&ids, span, (2, 32), 0, sum).unwrap();
         assert_eq!((reads.get(), calls.get()), (68, 3));
         // A series seen for the first time is read whole, the others slide.
         assert_eq!(
-            down(cache.get_many(&[7, 9], span, 3, 33, sum).unwrap()),
+            down(cache.get_many(&[7, 9], span, (3, 33), 0, sum).unwrap()),
             vec![(7, 30), (9, 30)]
         );
         assert_eq!((reads.get(), calls.get()), (68 + 2 + 30, 6));
         // Backwards or jumped past the last one: read whole.
-        cache.get_many(&[7], span, 1, 31, sum).unwrap();
+        cache.get_many(&[7], span, (1, 31), 0, sum).unwrap();
         assert_eq!(reads.get(), 130);
-        cache.get_many(&[7], span, 50, 80, sum).unwrap();
+        cache.get_many(&[7], span, (50, 80), 0, sum).unwrap();
         assert_eq!(reads.get(), 160);
         // Another window length is its own entry.
-        cache.get_many(&[7], 10, 70, 80, sum).unwrap();
+        cache.get_many(&[7], 10, (70, 80), 0, sum).unwrap();
         assert_eq!(reads.get(), 170);
+        // The store's outcome rows changed (a late run, pruning): everything is read whole.
+        cache.get_many(&[7], 10, (70, 80), 1, sum).unwrap();
+        assert_eq!(reads.get(), 180);
+        cache.get_many(&[7], span, (50, 80), 1, sum).unwrap();
+        assert_eq!(reads.get(), 210);
+        cache.get_many(&[7], span, (50, 80), 1, sum).unwrap();
+        assert_eq!(reads.get(), 210, "and kept again until the next change");
     }
 
     #[test]
