@@ -270,3 +270,28 @@ fn an_expect_step_is_timed_by_the_reply_s_arrival() {
         "reply {reply:?}: the agent was busy for {busy:?} from the server's cue"
     );
 }
+
+/// A URL naming the host by an IPv6 literal (`ws://[::1]:port`) connects there: the agent
+/// opens the TCP connection itself (to stamp its reads) and strips the brackets.
+#[tokio::test]
+async fn an_ipv6_literal_host_connects() {
+    use futures_util::SinkExt as _;
+    let l = tokio::net::TcpListener::bind("[::1]:0")
+        .await
+        .expect("bind ::1");
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (sock, _) = l.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(sock).await.unwrap();
+        ws.send(tokio_tungstenite::tungstenite::Message::text("hello"))
+            .await
+            .unwrap();
+        ws.close(None).await.ok();
+    });
+    let probe = format!(
+        "name = \"v6\"\nkind = \"websocket\"\nurl = \"ws://[::1]:{port}/\"\ntimeout = \"3s\"\nretries = 0\n\n\
+         [[step]]\nexpect = {{ contains = \"hello\" }}\n"
+    );
+    let a = run(&probe).await;
+    assert_eq!(a.outcome, Outcome::Up, "{a:?}");
+}

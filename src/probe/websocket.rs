@@ -250,7 +250,7 @@ pub async fn connect_via(
             Some(addr) => TcpStream::connect(addr).await?,
             None => {
                 let uri = req.uri();
-                // rustls and the resolver take an IPv6 literal without its brackets.
+                // The resolver takes an IPv6 literal without its brackets.
                 let host = uri.host().unwrap_or_default();
                 let host = host.trim_start_matches('[').trim_end_matches(']');
                 let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
