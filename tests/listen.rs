@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use stt::{Behavior, Dg, Server};
+use stt::{phase, Behavior, Dg, Server};
 use watchpost::probe::{attempt_once, Attempt, Outcome, Probe};
 
 const UTTERANCE: &str = "testing one two three four five";
@@ -76,10 +76,6 @@ fn class(a: &Attempt) -> &str {
 
 fn message(a: &Attempt) -> &str {
     a.error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
-}
-
-fn phase(a: &Attempt, name: &str) -> Option<Duration> {
-    a.phases.iter().find(|(n, _)| n == name).map(|(_, d)| *d)
 }
 
 #[tokio::test]

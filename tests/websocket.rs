@@ -259,12 +259,7 @@ fn an_expect_step_is_timed_by_the_reply_s_arrival() {
     let a = stt::attempt_while_busy(srv, "ping", cue, busy, run(&probe));
     assert_eq!(a.outcome, Outcome::Up, "{a:?}");
     assert!(t0.elapsed() >= busy, "the agent was kept busy");
-    let reply = a
-        .phases
-        .iter()
-        .find(|(n, _)| n == "reply")
-        .expect("reply")
-        .1;
+    let reply = stt::phase(&a, "reply").expect("reply");
     assert!(
         reply < Duration::from_millis(250),
         "reply {reply:?}: the agent was busy for {busy:?} from the server's cue"

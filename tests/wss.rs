@@ -244,12 +244,7 @@ fn a_final_read_late_over_wss_is_timed_by_its_arrival() {
     let busy = Duration::from_millis(600);
     let a = stt::attempt_while_busy(srv, "CloseStream", cue, busy, run(&probe, Some(&ca)));
     assert_eq!(a.outcome, Outcome::Up, "{a:?}");
-    let fin = a
-        .phases
-        .iter()
-        .find(|(n, _)| n == "final")
-        .expect("final")
-        .1;
+    let fin = stt::phase(&a, "final").expect("final");
     assert!(
         fin >= Duration::from_millis(50) && fin < Duration::from_millis(300),
         "final {fin:?}: the agent was busy for {busy:?} from the server's cue"

@@ -65,10 +65,6 @@ impl Stamped {
         self.arrived
     }
 
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.io
-    }
-
     /// Put the kernel's stamp (a system-clock time) on the monotonic clock, by the two
     /// clocks' readings now. A stamp "from the future" (the system clock stepped back) is
     /// taken as now; one from before the stream opened as the opening.

@@ -2570,15 +2570,22 @@ fn series_in(column: &str, first: usize) -> String {
     format!("{column} IN ({})", list.join(", "))
 }
 
-/// `head` followed by the values of `chunk` (at most [`IDS_PER_QUERY`]), padded with its
-/// first one.
-fn with_ids<T: db::ToSql>(head: Vec<db::Value>, chunk: &[T]) -> Vec<db::Value> {
-    let mut v = head;
-    v.extend(chunk.iter().map(db::ToSql::to_value));
-    if let Some(first) = chunk.first() {
-        v.resize(v.len() + IDS_PER_QUERY - chunk.len(), first.to_value());
+/// Run `sql` (whose `IN` list is [`series_in`]) for `ids`, [`IDS_PER_QUERY`] at a time: each
+/// statement binds `head`, then a chunk of ids padded with its first one; `f` sees every row.
+fn query_ids<T: db::ToSql>(
+    conn: &Conn,
+    sql: &str,
+    head: &[db::Value],
+    ids: &[T],
+    mut f: impl FnMut(&db::Row) -> db::Result<()>,
+) -> db::Result<()> {
+    for chunk in ids.chunks(IDS_PER_QUERY) {
+        let mut v = head.to_vec();
+        v.extend(chunk.iter().map(db::ToSql::to_value));
+        v.resize(v.len() + IDS_PER_QUERY - chunk.len(), chunk[0].to_value());
+        conn.query_each(sql, v, &mut f)?;
     }
-    v
+    Ok(())
 }
 
 /// Hourly outcome rows of `ids` starting in `[lo, hi)`, summed per series and bucket of
@@ -2614,17 +2621,15 @@ fn hour_sums(
             .chain(&extra)
             .map(|v| db::Value::Int(*v))
             .collect();
-        for chunk in ids.chunks(IDS_PER_QUERY) {
-            conn.query_each(&sql, with_ids(head.clone(), chunk), |r| {
-                let c = Counts {
-                    up: r.get::<_, i64>(2)? as u64,
-                    degraded: r.get::<_, i64>(3)? as u64,
-                    down: r.get::<_, i64>(4)? as u64,
-                };
-                f(r.get(0)?, r.get(1)?, c);
-                Ok(())
-            })?;
-        }
+        query_ids(conn, &sql, &head, ids, |r| {
+            let c = Counts {
+                up: r.get::<_, i64>(2)? as u64,
+                degraded: r.get::<_, i64>(3)? as u64,
+                down: r.get::<_, i64>(4)? as u64,
+            };
+            f(r.get(0)?, r.get(1)?, c);
+            Ok(())
+        })?;
     }
     Ok(())
 }
@@ -2680,23 +2685,21 @@ fn run_counts(
         series_in("series", head.len() + 1),
     );
     let head: Vec<db::Value> = head.into_iter().map(db::Value::Int).collect();
-    for chunk in ids.chunks(IDS_PER_QUERY) {
-        conn.query_each(&sql, with_ids(head.clone(), chunk), |r| {
-            let (all, up, degraded) = (
-                r.get::<_, i64>(2)? as u64,
-                r.get::<_, i64>(3)? as u64,
-                r.get::<_, i64>(4)? as u64,
-            );
-            let c = Counts {
-                up,
-                degraded,
-                // Any other code reads as down (`outcome_of`).
-                down: all.saturating_sub(up + degraded),
-            };
-            f(r.get(0)?, r.get(1)?, c);
-            Ok(())
-        })?;
-    }
+    query_ids(conn, &sql, &head, ids, |r| {
+        let (all, up, degraded) = (
+            r.get::<_, i64>(2)? as u64,
+            r.get::<_, i64>(3)? as u64,
+            r.get::<_, i64>(4)? as u64,
+        );
+        let c = Counts {
+            up,
+            degraded,
+            // Any other code reads as down (`outcome_of`).
+            down: all.saturating_sub(up + degraded),
+        };
+        f(r.get(0)?, r.get(1)?, c);
+        Ok(())
+    })?;
     packed::packed_runs(conn, ids, (lo, hi), |id, r| {
         let mut c = Counts::default();
         c[outcome_of(r.outcome.into())] = 1;
@@ -2847,13 +2850,11 @@ pub fn series_ids(conn: &Conn, series: Option<&[String]>) -> db::Result<Vec<(i64
         series_in("name", 2)
     );
     let mut ids = Vec::with_capacity(names.len());
-    for chunk in names.chunks(IDS_PER_QUERY) {
-        let head = vec![db::Value::Text(conn.location())];
-        conn.query_each(&sql, with_ids(head, chunk), |r| {
-            ids.push((r.get(0)?, r.get(1)?));
-            Ok(())
-        })?;
-    }
+    let head = [db::Value::Text(conn.location())];
+    query_ids(conn, &sql, &head, &names, |r| {
+        ids.push((r.get(0)?, r.get(1)?));
+        Ok(())
+    })?;
     Ok(ids)
 }
 

@@ -15,7 +15,7 @@
 
 use super::codec::{self, PackedRun};
 use super::db::{self, params, Conn, OptionalExtension};
-use super::{hist, series_in, with_ids, HOUR, HOUR_MS, IDS_PER_QUERY};
+use super::{hist, query_ids, series_in, HOUR, HOUR_MS};
 
 /// Migration 15: packed hours of runs. A rowid table on purpose (see the module docs); the
 /// unique index finds a series' hours. On Postgres ([`db::pg_ddl`]) `id` becomes a `BIGINT`
@@ -105,13 +105,16 @@ pub fn each_run(
         "SELECT series, {RUN_COLUMNS} FROM runs WHERE started_at >= ?1 AND started_at < ?2 AND {}",
         series_in("series", 3)
     );
-    for chunk in ids.chunks(IDS_PER_QUERY) {
-        let head = vec![db::Value::Int(lo), db::Value::Int(hi)];
-        conn.query_each(&sql, with_ids(head, chunk), |r| {
+    query_ids(
+        conn,
+        &sql,
+        &[db::Value::Int(lo), db::Value::Int(hi)],
+        ids,
+        |r| {
             f(r.get(0)?, &loose(r, 1)?);
             Ok(())
-        })?;
-    }
+        },
+    )?;
     packed_runs(conn, ids, (lo, hi), f)
 }
 
@@ -127,22 +130,19 @@ pub fn packed_runs(
          WHERE bucket_start >= ?1 AND bucket_start < ?2 AND {}",
         series_in("series", 3)
     );
-    for chunk in ids.chunks(IDS_PER_QUERY) {
-        let head = vec![
-            db::Value::Int(lo.saturating_sub(lo.rem_euclid(HOUR_MS))),
-            db::Value::Int(hi),
-        ];
-        conn.query_each(&sql, with_ids(head, chunk), |r| {
-            let series = r.get(0)?;
-            for run in unpack(series, r.get(1)?, r.blob(2)) {
-                if lo <= run.started_at && run.started_at < hi {
-                    f(series, &run);
-                }
+    let head = [
+        db::Value::Int(lo.saturating_sub(lo.rem_euclid(HOUR_MS))),
+        db::Value::Int(hi),
+    ];
+    query_ids(conn, &sql, &head, ids, |r| {
+        let series = r.get(0)?;
+        for run in unpack(series, r.get(1)?, r.blob(2)) {
+            if lo <= run.started_at && run.started_at < hi {
+                f(series, &run);
             }
-            Ok(())
-        })?;
-    }
-    Ok(())
+        }
+        Ok(())
+    })
 }
 
 /// The runs of `series` started at or before `at`, newest first, for as long as `f` returns

@@ -154,6 +154,11 @@ pub enum Behavior {
     EchoHeld(Arc<tokio::sync::Notify>),
 }
 
+/// The duration of an attempt's phase `name`.
+pub fn phase(a: &watchpost::probe::Attempt, name: &str) -> Option<Duration> {
+    a.phases.iter().find(|(n, _)| n == name).map(|(_, d)| *d)
+}
+
 /// Run `attempt` on a runtime of one thread that is kept busy as a loaded agent's would be:
 /// once `srv`'s first connection has received a text containing `mark`, `cue` (which the
 /// server waits for before it answers) is given and the thread blocks for `busy`. So the
